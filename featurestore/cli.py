@@ -1,0 +1,187 @@
+"""The ``featurestore`` command: one subcommand per pipeline stage, plus inspection helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from .errors import FeaturestoreError
+
+log = logging.getLogger("featurestore")
+
+
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbones import list_backbones
+    from .backbones.torchvision_models import cached_weights_path, default_weights, torchvision_names
+
+    if args.torchvision:
+        rows = []
+        for name in torchvision_names():
+            weights = default_weights(name)
+            cached = cached_weights_path(weights).is_file()
+            rows.append({"name": f"tv:{name}", "weights": str(weights), "cached": cached})
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            for row in rows:
+                print(f"{row['name']:32s} {row['weights']:48s} {'cached' if row['cached'] else 'not cached'}")
+        return 0
+    rows = [
+        {
+            "name": spec.name,
+            "feature_dim": spec.feature_dim,
+            "weights_source": spec.weights_source,
+            "preprocessing": spec.preprocessing.as_dict(),
+            "description": spec.description,
+        }
+        for spec in list_backbones()
+    ]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        pre = row["preprocessing"]
+        print(
+            f"{row['name']:22s} dim={row['feature_dim']:<5d} input={pre['image_size']}px "
+            f"resize={pre['resize_size']} crop=center {pre['interpolation']} "
+            f"mean={[round(v, 3) for v in pre['mean']]} std={[round(v, 3) for v in pre['std']]}\n"
+            f"{'':22s} weights: {row['weights_source']}"
+        )
+    print("tv:<model>             any torchvision classification model with its default weights "
+          "(`featurestore backbones --torchvision` lists them)")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare_fashion_mnist
+
+    counts = prepare_fashion_mnist(
+        args.out, args.labels_per_class, args.val_per_class, args.test_per_class, args.seed, args.source,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({"train": counts.train, "val": counts.val, "test": counts.test}))
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import extract_features
+
+    summary = extract_features(
+        args.data,
+        args.out,
+        args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        crop_pct=args.crop_pct,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        dtype=args.dtype,
+        on_error=args.on_error,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print(summary.to_json())
+    else:
+        print(
+            f"{summary.out}: {summary.extracted} extracted, {summary.resumed} resumed, {summary.reused} reused, "
+            f"{len(summary.skipped)} skipped in {summary.seconds:.1f} s on {summary.device} "
+            f"(fingerprint {summary.fingerprint_hash})"
+        )
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .store import FeatureStore
+
+    info = FeatureStore(args.store).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    fp = info["fingerprint"]
+    pre = fp["preprocessing"]
+    print(f"{info['path']} ({info['size_bytes'] / 1e6:.1f} MB, schema {info['schema_version']})")
+    print(f"  fingerprint   {info['fingerprint_hash']}")
+    print(f"  backbone      {fp['backbone']}  weights sha256 {fp['weights_sha256'][:16]}…")
+    print(f"  layer         {fp['layer']}")
+    print(f"  features      {info['feature_dim']} × {info['dtype']} (computed in {fp['compute']})")
+    print(f"  preprocessing {pre['image_size']}px, resize {pre['resize_size']} {pre['interpolation']}, "
+          f"centre crop, mean {[round(v, 3) for v in pre['mean']]}, std {[round(v, 3) for v in pre['std']]}")
+    print(f"  classes       {len(info['class_names'])}: {', '.join(info['class_names'])}")
+    for name, split in info["splits"].items():
+        print(f"  split {name:8s}{split['count']:>7d} images, chunks of {split['chunk_rows']} rows")
+    if info["skipped"]:
+        print(f"  skipped       {len(info['skipped'])} files:")
+        for item in info["skipped"]:
+            print(f"    {item['path']}: {item['reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featurestore", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"featurestore {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("backbones", help="list the backbone registry", description="List the backbone registry.")
+    p.add_argument("--torchvision", action="store_true", help="list every tv:<model>, with its weights cache state")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_backbones)
+
+    p = sub.add_parser(
+        "prepare", help="write Fashion-MNIST as an ImageFolder of PNGs",
+        description="Materialise Fashion-MNIST into OUT/{train,val,test}/<class>/*.png.",
+    )
+    p.add_argument("--out", required=True, help="output folder (replaced)")
+    p.add_argument("--labels-per-class", type=int, default=100, help="training images per class")
+    p.add_argument("--val-per-class", type=int, default=50, help="validation images per class")
+    p.add_argument("--test-per-class", type=int, default=200, help="test images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="folder of the IDX .gz files")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser(
+        "extract", help="run a frozen backbone over images into an HDF5 feature cache",
+        description="Extract pooled features of every image into FILE.h5, reusing unchanged images.",
+    )
+    p.add_argument("--data", required=True, help="ImageFolder root (train/val/test/<class>/...) or a CSV manifest")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name, or tv:<torchvision model>")
+    p.add_argument("--out", required=True, help="the HDF5 store to create or update")
+    p.add_argument("--weights", help="a local checkpoint instead of the backbone's default weights")
+    p.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's own)")
+    p.add_argument("--crop-pct", type=float, help="centre-crop fraction of the resized image (1.0 = no crop)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1, help="DataLoader processes that decode images")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored feature dtype")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="what a bad image does")
+    p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("info", help="describe a feature store", description="Print a feature store's metadata.")
+    p.add_argument("store", help="an HDF5 file written by `featurestore extract`")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except FeaturestoreError as exc:
+        print(f"featurestore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished batches are kept and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from featurestore import FeatureStore
+from featurestore.data import load_rgb
+from featurestore.errors import ImageDecodeError
+from featurestore.extract import extract_features
+
+from .conftest import TEST_IMAGE_SIZE
+
+
+def run_cli(*args, check=False):
+    return subprocess.run([sys.executable, "-m", "featurestore.cli", *map(str, args)], capture_output=True, text=True,
+                          check=check)
+
+
+def extract(folder, out, model, **kwargs):
+    return extract_features(folder, out, model=model, batch_size=8, workers=0, progress=False, **kwargs)
+
+
+def test_store_holds_what_the_model_computes(fashion_folder, tmp_path, lite0_small):
+    out = tmp_path / "f.h5"
+    summary = extract(fashion_folder, out, lite0_small)
+    assert (summary.extracted, summary.reused, summary.skipped) == (40, 0, [])
+    store = FeatureStore(out)
+    assert store.splits == ["train", "val", "test"]
+    X, y, ids = store.load("train")
+    assert X.shape == (20, 1280) and X.dtype == np.float32
+    paths = store.paths("train")
+    first = fashion_folder / paths[0]
+    assert ids[0] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert store.class_names[y[0]] == first.parent.name
+    with torch.inference_mode():
+        direct = lite0_small(lite0_small.preprocessing(load_rgb(first)).unsqueeze(0))[0].numpy()
+    np.testing.assert_allclose(X[0], direct, rtol=1e-4, atol=1e-4)
+    fp = store.fingerprint
+    assert fp["backbone"] == "efficientnet_lite0" and fp["weights_sha256"] == lite0_small.weights_sha256
+    assert fp["preprocessing"]["image_size"] == TEST_IMAGE_SIZE and fp["dtype"] == "float32"
+    assert {"layer", "schema_version", "compute", "rgb_conversion"} <= set(fp)
+
+
+def test_rerun_is_incremental(fashion_folder, tmp_path, lite0_small, count_model_images):
+    out = tmp_path / "f.h5"
+    extract(fashion_folder, out, lite0_small)
+    first_train = FeatureStore(out).load("train")
+    assert sum(count_model_images) == 40
+    count_model_images.clear()
+
+    mtime = out.stat().st_mtime_ns
+    again = extract(fashion_folder, out, lite0_small)
+    assert (again.extracted, again.reused, again.written) == (0, 40, False)
+    assert count_model_images == [] and out.stat().st_mtime_ns == mtime
+
+    train = sorted((fashion_folder / "train").rglob("*.png"))
+    removed = train[0]
+    removed.unlink()
+    shutil.copy(fashion_folder / "test" / train[5].parent.name / next(
+        (fashion_folder / "test" / train[5].parent.name).iterdir()).name, train[5].parent / "copy_of_test.png")
+    other_class = fashion_folder / "val" / train[9].parent.name
+    new_image = other_class / "new.png"
+    img = load_rgb(train[9]).convert("L").transpose(0)  # a mirrored image: new content
+    img.save(new_image)
+    third = extract(fashion_folder, out, lite0_small)
+    assert sum(count_model_images) == 1  # only the mirrored image is new content; the copy reuses its twin
+    assert (third.extracted, third.reused) == (1, 40)
+    store = FeatureStore(out)
+    assert removed.relative_to(fashion_folder).as_posix() not in list(store.paths("train"))
+    X, _, ids = store.load("train")
+    kept = dict(zip(first_train[2], first_train[0], strict=True))
+    for row, cid in zip(X, ids, strict=True):
+        if cid in kept:
+            assert np.array_equal(row, kept[cid])
+
+
+def test_another_fingerprint_never_mixes(fashion_folder, tmp_path, lite0_small, count_model_images):
+    from featurestore.backbones import load_backbone
+
+    out = tmp_path / "f.h5"
+    extract(fashion_folder, out, lite0_small)
+    old = FeatureStore(out)
+    bigger = load_backbone("efficientnet_lite0", image_size=TEST_IMAGE_SIZE + 16, crop_pct=1.0)
+    summary = extract(fashion_folder, out, bigger)
+    assert (summary.extracted, summary.reused) == (40, 0)
+    new = FeatureStore(out)
+    assert new.fingerprint_hash != old.fingerprint_hash
+    assert new.fingerprint["preprocessing"]["image_size"] == TEST_IMAGE_SIZE + 16
+    half = extract(fashion_folder, out, lite0_small, dtype="float16")
+    assert (half.extracted, half.reused) == (40, 0)
+    assert FeatureStore(out).load("val")[0].dtype == np.float16
+
+
+def test_bad_files_are_skipped_with_reasons(fashion_folder, tmp_path, lite0_small):
+    cls = fashion_folder / "train" / "Bag"
+    (cls / "empty.png").write_bytes(b"")
+    (cls / "notes.png").write_text("not an image")
+    good = next(cls.glob("train_*.png")).read_bytes()
+    (cls / "truncated.png").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "f.h5"
+    summary = extract(fashion_folder, out, lite0_small)
+    reasons = {item["path"]: item["reason"] for item in summary.skipped}
+    assert set(reasons) == {"train/Bag/empty.png", "train/Bag/notes.png", "train/Bag/truncated.png"}
+    assert "empty" in reasons["train/Bag/empty.png"] and "not an image" in reasons["train/Bag/notes.png"]
+    assert summary.extracted == 40
+    store = FeatureStore(out)
+    assert store.skipped == summary.skipped and len(store.paths("train")) == 20
+
+
+def test_on_error_fail_stops_and_keeps_finished_batches(fashion_folder, tmp_path, lite0_small, count_model_images):
+    bad = fashion_folder / "val" / "Trouser" / "zz_broken.png"
+    bad.write_text("garbage")
+    out = tmp_path / "f.h5"
+    with pytest.raises(ImageDecodeError) as info:
+        extract(fashion_folder, out, lite0_small, on_error="fail")
+    assert info.value.path == str(bad)
+    assert not out.exists()
+    done = sum(count_model_images)
+    assert done >= 8  # at least the train batches before the bad image
+    bad.unlink()
+    count_model_images.clear()
+    summary = extract(fashion_folder, out, lite0_small)
+    assert summary.resumed == done and summary.extracted == 40 - done
+    assert sum(count_model_images) == 40 - done
+    assert not (tmp_path / "f.h5.partial").exists()
+
+
+def test_cli_extract_json_and_info(fashion_folder, tmp_path):
+    out = tmp_path / "cli.h5"
+    result = run_cli("extract", "--data", fashion_folder, "--out", out, "--image-size", 32, "--crop-pct", 1.0,
+                     "--batch-size", 16, "--workers", 2, "--device", "cpu", "--json", check=True)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"extracted", "reused", "skipped", "seconds"} <= set(summary)
+    assert summary["extracted"] == 40 and summary["skipped"] == []
+    assert "img/s" in result.stderr  # the progress bar shows a rate
+    info = json.loads(run_cli("info", out, "--json", check=True).stdout)
+    assert info["splits"]["test"]["count"] == 10 and info["fingerprint"]["preprocessing"]["image_size"] == 32
+    text = run_cli("info", out, check=True).stdout
+    assert "fingerprint" in text and "efficientnet_lite0" in text
+
+
+def test_cli_errors_are_clear(tmp_path, fashion_folder):
+    missing = run_cli("extract", "--data", tmp_path / "nope", "--out", tmp_path / "x.h5")
+    assert missing.returncode == 2 and "nope: data folder or manifest not found" in missing.stderr
+    (fashion_folder / "test" / "Empty").mkdir()
+    empty = run_cli("extract", "--data", fashion_folder, "--out", tmp_path / "x.h5")
+    assert empty.returncode == 2 and "Empty: class folder is empty" in empty.stderr
+    (fashion_folder / "test" / "Empty").rmdir()
+    unknown = run_cli("extract", "--data", fashion_folder, "--out", tmp_path / "x.h5", "--backbone", "resnet")
+    assert unknown.returncode == 2 and "efficientnet_lite0" in unknown.stderr
+    for item in (unknown, empty, missing):
+        assert "Traceback" not in item.stderr
+
+
+@pytest.mark.parametrize("command", ["backbones", "prepare", "extract", "info"])
+def test_every_subcommand_has_help(command):
+    result = run_cli(command, "--help", check=True)
+    assert "usage: featurestore " + command in result.stdout
+
+
+def test_csv_manifest_source(fashion_folder, tmp_path, lite0_small):
+    rows = ["path,label,split"]
+    for path in sorted(fashion_folder.rglob("*.png"))[:6]:
+        rows.append(f"{path},{path.parent.name},{path.parent.parent.name}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    summary = extract(manifest, tmp_path / "m.h5", lite0_small)
+    assert summary.extracted == 6
+    assert os.path.isabs(FeatureStore(tmp_path / "m.h5").paths(FeatureStore(tmp_path / "m.h5").splits[0])[0])

@@ -1,0 +1,61 @@
+"""The real DVC pipeline on a tiny configuration, in a throwaway copy of the project."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from featurestore import FeatureStore
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    copy = tmp_path / "project"
+    copy.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "pipelines", "featurestore", ".dvc"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+        else:
+            shutil.copy(source, copy / name)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["prepare"].update(labels_per_class=2, val_per_class=1, test_per_class=1)
+    params["extract"].update(image_size=32, batch_size=16)
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    return copy
+
+
+def dvc(project: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_dvc_repro_builds_the_store_then_does_nothing(project):
+    dvc(project, "repro")
+    store_path = project / "data" / "features" / "efficientnet_lite0.h5"
+    store = FeatureStore(store_path)
+    assert {split: len(store.paths(split)) for split in store.splits} == {"train": 20, "val": 10, "test": 10}
+    assert store.fingerprint["preprocessing"]["image_size"] == 32
+    mtime = store_path.stat().st_mtime_ns
+
+    second = dvc(project, "repro")
+    assert "Running stage" not in second and "up to date" in second
+    assert store_path.stat().st_mtime_ns == mtime
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["extract"]["dtype"] = "float16"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = dvc(project, "repro")
+    assert "Running stage 'prepare'" not in third and "Running stage 'extract@efficientnet_lite0'" in third
+    assert FeatureStore(store_path).dtype == "float16"

@@ -1,0 +1,34 @@
+import numpy as np
+from PIL import Image
+
+from featurestore.prepare import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, prepare_fashion_mnist, read_idx
+
+
+def test_prepare_writes_balanced_disjoint_splits(tmp_path):
+    out = tmp_path / "prepared"
+    counts = prepare_fashion_mnist(out, labels_per_class=3, val_per_class=2, test_per_class=1, seed=5, progress=False)
+    assert (counts.train, counts.val, counts.test) == (30, 20, 10)
+    for split, per_class in (("train", 3), ("val", 2), ("test", 1)):
+        for name in FASHION_MNIST_CLASSES:
+            files = sorted((out / split / name).glob("*.png"))
+            assert len(files) == per_class, (split, name)
+    train_names = {p.name for p in (out / "train").rglob("*.png")}
+    val_names = {p.name for p in (out / "val").rglob("*.png")}
+    assert not train_names & val_names
+    image = Image.open(next((out / "test").rglob("*.png")))
+    assert image.size == (28, 28) and image.mode == "L"
+
+
+def test_prepare_is_deterministic_and_matches_the_idx_source(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    prepare_fashion_mnist(a, 2, 1, 1, seed=3, progress=False)
+    prepare_fashion_mnist(b, 2, 1, 1, seed=3, progress=False)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+    images = read_idx(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz")
+    assert images.shape == (60000, 28, 28) and labels.shape == (60000,)
+    sample = next(p for p in files_a if p.parts[0] == "train")
+    index = int(sample.stem.split("_")[1])
+    assert FASHION_MNIST_CLASSES[labels[index]] == sample.parts[1]
+    assert np.array_equal(np.asarray(Image.open(a / sample)), images[index])
