@@ -79,6 +79,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         device=args.device,
+        engine=args.engine,
         dtype=args.dtype,
         on_error=args.on_error,
         progress=not args.no_progress,
@@ -88,7 +89,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     else:
         print(
             f"{summary.out}: {summary.extracted} extracted, {summary.resumed} resumed, {summary.reused} reused, "
-            f"{len(summary.skipped)} skipped in {summary.seconds:.1f} s on {summary.device} "
+            f"{len(summary.skipped)} skipped in {summary.seconds:.1f} s on {summary.device} ({summary.engine}) "
             f"(fingerprint {summary.fingerprint_hash})"
         )
     return 0
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="DataLoader processes that decode images")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="auto: onnxruntime on the CPU (exported once, cached), torch on CUDA")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored feature dtype")
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="what a bad image does")
     p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout")

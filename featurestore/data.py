@@ -135,15 +135,16 @@ def content_id(path: Path) -> str:
     return digest.hexdigest()
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode → 8-bit RGB. 16-bit data is scaled (not clipped); transparency is laid on white."""
-    if image.mode == "RGB":
+def to_rgb_or_gray(image: Image.Image) -> Image.Image:
+    """Any PIL mode → 8-bit "RGB", or "L" for single-channel images (cheaper to resize; the
+    preprocessing replicates it to three equal channels, which is what RGB conversion gives).
+    16-bit data is scaled (not clipped); transparency is laid on white."""
+    if image.mode in ("RGB", "L"):
         return image
     if image.mode.startswith("I") or image.mode == "F":
         # 16-bit grayscale (I;16*, or I holding 16-bit values): scale 0..65535 to 0..255.
         values = np.asarray(image, dtype=np.float64)
-        scaled = np.clip(np.round(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled, mode="L").convert("RGB")
+        return Image.fromarray(np.clip(np.round(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8), mode="L")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode == "P" and "transparency" in image.info
     )
@@ -151,17 +152,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "1":
+        return image.convert("L")
     return image.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file fully and return it as RGB; raise :class:`ImageDecodeError` with the reason."""
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file fully, as "RGB" or (single-channel sources) "L".
+
+    Raises :class:`ImageDecodeError` with the path and the reason.
+    """
     try:
         if path.stat().st_size == 0:
             raise ImageDecodeError(str(path), "empty file (0 bytes)")
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
+            return to_rgb_or_gray(image)
     except ImageDecodeError:
         raise
     except FileNotFoundError:
@@ -170,3 +176,8 @@ def load_rgb(path: Path) -> Image.Image:
         raise ImageDecodeError(str(path), "not an image (format not recognised)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(str(path), f"corrupt or truncated image ({exc})") from None
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image file as 8-bit RGB (see :func:`load_image` for errors)."""
+    return load_image(path).convert("RGB")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,8 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import DEFAULT_BACKBONE, FeatureModel, get_spec, load_backbone
-from .data import RGB_CONVERSION, ImageRecord, ImageSource, content_id, load_rgb, scan_source
+from .data import RGB_CONVERSION, ImageRecord, ImageSource, content_id, load_image, scan_source
 from .devices import resolve_device
+from .engines import make_engine
 from .errors import ImageDecodeError, StoreError
 from .journal import ExtractionJournal
 from .preprocess import Preprocessing
@@ -46,6 +48,7 @@ class ExtractSummary:
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     written: bool = False
+    engine: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -81,11 +84,27 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return index, self.preprocessing(load_rgb(self.paths[index])), None
+            return index, self.preprocessing(load_image(self.paths[index])), None
         except ImageDecodeError as exc:
             return index, None, exc.reason
         except Exception as exc:  # a decoder bug must cost one image, not the run
             return index, None, f"cannot preprocess ({type(exc).__name__}: {exc})"
+
+
+def _lower_worker_priority(worker_id: int) -> None:
+    """Run decoding only on CPU time the model leaves idle.
+
+    Decoding is cheap next to the model, but on a small CPU a decoder competing with the model's
+    threads stalls them (each parallel step waits for its slowest thread). SCHED_IDLE lets the
+    worker fill the model's gaps; the prefetch queue absorbs the timing.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not permitted
+        try:
+            os.nice(19)
+        except OSError:
+            pass
 
 
 def collate_decoded(items):
@@ -157,6 +176,7 @@ def extract_features(
     batch_size: int = 64,
     workers: int = 1,
     device: str = "auto",
+    engine: str = "auto",
     dtype: str = "float32",
     on_error: str = "skip",
     progress: bool = True,
@@ -165,7 +185,8 @@ def extract_features(
     """Extract features of every image in ``data`` into the store ``out``.
 
     ``model`` may be passed to reuse a loaded backbone (``backbone``/``weights``/``image_size``/
-    ``crop_pct`` are then ignored). Raises :class:`ImageDecodeError` on the first bad image when
+    ``crop_pct`` are then ignored). ``engine`` is ``auto``, ``torch`` or ``onnxruntime`` (see
+    :mod:`featurestore.engines`). Raises :class:`ImageDecodeError` on the first bad image when
     ``on_error="fail"``, after saving every finished batch in the journal.
     """
     started = time.perf_counter()
@@ -181,8 +202,7 @@ def extract_features(
     source = data if isinstance(data, ImageSource) else scan_source(data)
     torch_device = resolve_device(device)
     model = model or load_backbone(backbone, weights=weights, image_size=image_size, crop_pct=crop_pct)
-    model = model.to(torch_device)
-    autocast = torch_device.type == "cuda"
+    autocast = torch_device.type == "cuda" and engine != "onnxruntime"
     fingerprint = fingerprint_for(model, dtype, autocast)
     fp_hash = fingerprint_hash(fingerprint)
     summary = ExtractSummary(out=str(out), backbone=model.name, fingerprint_hash=fp_hash, device=str(torch_device))
@@ -203,7 +223,10 @@ def extract_features(
     new: dict[str, np.ndarray] = {}
     decode_failures: dict[str, str] = {}
     if todo:
-        _run_model(model, todo, journal, new, decode_failures, torch_device, batch_size, workers, on_error, progress)
+        summary.engine = _run_model(
+            lambda: make_engine(model, torch_device, engine),
+            model, todo, journal, new, decode_failures, batch_size, workers, on_error, progress,
+        )
     summary.model_images = len(new)
 
     splits: dict[str, SplitArrays] = {}
@@ -240,48 +263,45 @@ def extract_features(
 
 
 def _run_model(
+    make_runner,
     model: FeatureModel,
     todo: dict[str, Path],
     journal: ExtractionJournal,
     new: dict[str, np.ndarray],
     decode_failures: dict[str, str],
-    device: torch.device,
     batch_size: int,
     workers: int,
     on_error: str,
     progress: bool,
-) -> None:
-    """Decode in workers, run the model batch by batch, journal each batch as soon as it is done."""
+) -> str:
+    """Decode in workers, run the engine batch by batch, journal each batch as soon as it is done.
+
+    Returns the engine's name.
+    """
     todo_ids = list(todo)
     loader = DataLoader(
         DecodedImages(list(todo.values()), model.preprocessing),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate_decoded,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_lower_worker_priority,
     )
-    bar = progress_bar(len(todo_ids), f"extract {model.name}", enabled=progress)
-    try:
-        with torch.inference_mode():
-            for indices, batch, failed in loader:
-                for index, reason in failed:
-                    if on_error == "fail":
-                        raise ImageDecodeError(str(todo[todo_ids[index]]), reason)
-                    decode_failures[todo_ids[index]] = reason
-                if batch is not None:
-                    batch = batch.to(device, non_blocking=True)
-                    if device.type == "cuda":
-                        batch = batch.contiguous(memory_format=torch.channels_last)
-                        with torch.autocast("cuda", dtype=torch.float16):
-                            features = model(batch)
-                    else:
-                        features = model(batch)
-                    features = features.float().cpu().numpy()
-                    batch_ids = [todo_ids[i] for i in indices]
-                    journal.append(batch_ids, features)
-                    new.update(zip(batch_ids, features, strict=True))
-                bar.update(len(indices) + len(failed))
-    finally:
-        bar.close()
+    batches = iter(loader)
+    # Workers are forked before the engine allocates its memory: forked after, they made the
+    # onnxruntime session measurably slower (copy-on-write faults) for as long as they lived.
+    runner = make_runner()
+    with progress_bar(len(todo_ids), f"extract {model.name}", enabled=progress) as bar:
+        for indices, batch, failed in batches:
+            for index, reason in failed:
+                if on_error == "fail":
+                    raise ImageDecodeError(str(todo[todo_ids[index]]), reason)
+                decode_failures[todo_ids[index]] = reason
+            if batch is not None:
+                features = runner(batch)
+                batch_ids = [todo_ids[i] for i in indices]
+                journal.append(batch_ids, features)
+                new.update(zip(batch_ids, features, strict=True))
+            bar.update(len(indices) + len(failed))
+    return runner.name

@@ -6,6 +6,7 @@ ship compact uint8 tensors and an exported graph can take raw pixels.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -61,16 +62,22 @@ class Preprocessing:
         d["crop"] = "center"
         return d
 
+    def as_json(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=True)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image → uint8 tensor (3, image_size, image_size)."""
+        """RGB or L PIL image → uint8 tensor (3, image_size, image_size); L becomes 3 equal channels."""
         width, height = image.size
         scale = self.resize_size / min(width, height)
         new_w = max(self.image_size, int(round(width * scale)))
         new_h = max(self.image_size, int(round(height * scale)))
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), INTERPOLATIONS[self.interpolation])
-        left = (new_w - self.image_size) // 2
-        top = (new_h - self.image_size) // 2
-        image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        if (new_w, new_h) != (self.image_size, self.image_size):
+            left = (new_w - self.image_size) // 2
+            top = (new_h - self.image_size) // 2
+            image = image.crop((left, top, left + self.image_size, top + self.image_size))
         array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(array, (3, *array.shape))))
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

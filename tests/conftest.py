@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,19 @@ from featurestore.prepare import FASHION_MNIST_DIR, prepare_fashion_mnist
 # Small input keeps the real EfficientNet-Lite0 fast on 2 cores; correctness tests that need the
 # native resolution (ImageNet top-5) build their own.
 TEST_IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """Exported ONNX graphs go to a per-session folder (subprocesses inherit it), not ~/.cache."""
+    folder = tmp_path_factory.mktemp("featurestore-cache")
+    previous = os.environ.get("FEATURESTORE_CACHE")
+    os.environ["FEATURESTORE_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("FEATURESTORE_CACHE", None)
+    else:
+        os.environ["FEATURESTORE_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +56,7 @@ def lite0_small():
 
 @pytest.fixture
 def count_model_images(lite0_small):
-    """Counts the images that go through the model's forward pass during a test."""
+    """Counts the images that go through the model's forward pass (torch engine) during a test."""
     seen: list[int] = []
     handle = lite0_small.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
     yield seen

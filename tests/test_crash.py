@@ -17,8 +17,9 @@ from featurestore.extract import extract_features
 
 pytestmark = pytest.mark.slow
 
-# Native resolution and small batches make each batch take long enough to kill between batches.
-ARGS = ["--image-size", "224", "--crop-pct", "1.0", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
+# Eager torch at native resolution with small batches: each batch takes long enough to kill between.
+ARGS = ["--image-size", "224", "--crop-pct", "1.0", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+        "--engine", "torch"]
 
 
 def cli(folder, out, *extra):
@@ -79,7 +80,7 @@ def test_kill_minus_nine_keeps_the_last_store_and_the_rerun_resumes(fashion_fold
 
     reference = tmp_path / "reference.h5"
     model = load_backbone("efficientnet_lite0", image_size=224, crop_pct=1.0)
-    extract_features(fashion_folder, reference, model=model, batch_size=4, workers=0, progress=False)
+    extract_features(fashion_folder, reference, model=model, batch_size=4, workers=0, progress=False, engine="torch")
     fp_resumed, resumed_rows = store_rows(out)
     fp_reference, reference_rows = store_rows(reference)
     assert fp_resumed == fp_reference and resumed_rows.keys() == reference_rows.keys()

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featurestore.data import content_id, load_rgb, scan_source
+from featurestore.data import content_id, load_image, load_rgb, scan_source
 from featurestore.errors import DataError, ImageDecodeError
+from featurestore.preprocess import Preprocessing
 
 
 def save(image: Image.Image, path, **kwargs):
@@ -112,3 +113,12 @@ def test_content_id_follows_bytes_not_name(tmp_path):
     c = save(Image.new("L", (4, 4), 2), tmp_path / "c.png")
     assert content_id(a) == content_id(b) != content_id(c)
     assert len(content_id(a)) == 64
+
+
+def test_grayscale_fast_path_equals_rgb_conversion(fashion_folder):
+    pre = Preprocessing(image_size=50, crop_pct=0.9, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    path = next(fashion_folder.rglob("*.png"))
+    assert load_image(path).mode == "L"
+    fast, slow = pre(load_image(path)), pre(load_rgb(path))
+    assert fast.shape == (3, 50, 50) and fast.dtype == slow.dtype
+    assert bool((fast == slow).all())

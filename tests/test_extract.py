@@ -22,8 +22,10 @@ def run_cli(*args, check=False):
                           check=check)
 
 
-def extract(folder, out, model, **kwargs):
-    return extract_features(folder, out, model=model, batch_size=8, workers=0, progress=False, **kwargs)
+def extract(folder, out, model, engine="torch", **kwargs):
+    """The torch engine, so that a forward hook can count the images the model sees."""
+    options = {"batch_size": 8, "workers": 0, "progress": False, "engine": engine, **kwargs}
+    return extract_features(folder, out, model=model, **options)
 
 
 def test_store_holds_what_the_model_computes(fashion_folder, tmp_path, lite0_small):
@@ -138,6 +140,7 @@ def test_cli_extract_json_and_info(fashion_folder, tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"extracted", "reused", "skipped", "seconds"} <= set(summary)
     assert summary["extracted"] == 40 and summary["skipped"] == []
+    assert summary["engine"] == "onnxruntime"  # auto on the CPU
     assert "img/s" in result.stderr  # the progress bar shows a rate
     info = json.loads(run_cli("info", out, "--json", check=True).stdout)
     assert info["splits"]["test"]["count"] == 10 and info["fingerprint"]["preprocessing"]["image_size"] == 32
@@ -173,3 +176,16 @@ def test_csv_manifest_source(fashion_folder, tmp_path, lite0_small):
     summary = extract(manifest, tmp_path / "m.h5", lite0_small)
     assert summary.extracted == 6
     assert os.path.isabs(FeatureStore(tmp_path / "m.h5").paths(FeatureStore(tmp_path / "m.h5").splits[0])[0])
+
+
+def test_onnxruntime_engine_agrees_with_torch_and_shares_the_cache(fashion_folder, tmp_path, lite0_small, onnx_cache):
+    torch_store, ort_store = tmp_path / "torch.h5", tmp_path / "ort.h5"
+    extract(fashion_folder, torch_store, lite0_small, engine="torch")
+    summary = extract(fashion_folder, ort_store, lite0_small, engine="onnxruntime", workers=1)
+    assert summary.engine == "onnxruntime" and list(onnx_cache.rglob("*.onnx"))
+    a, b = FeatureStore(torch_store), FeatureStore(ort_store)
+    assert a.fingerprint_hash == b.fingerprint_hash
+    for split in a.splits:
+        np.testing.assert_allclose(b.load(split)[0], a.load(split)[0], rtol=1e-4, atol=1e-4)
+    again = extract(fashion_folder, ort_store, lite0_small, engine="onnxruntime")
+    assert (again.extracted, again.reused, again.model_images) == (0, 40, 0)

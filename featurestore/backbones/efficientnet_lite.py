@@ -71,12 +71,15 @@ class SameConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel, stride = self.kernel_size[0], self.stride[0]
+        padding: tuple[int, int] = (0, 0)
         if kernel > 1 or stride > 1:
             top, bottom = same_padding(x.shape[-2], kernel, stride)
             left, right = same_padding(x.shape[-1], kernel, stride)
-            if top or bottom or left or right:
+            if top == bottom and left == right:
+                padding = (top, left)  # symmetric: let the convolution pad, no copy
+            else:
                 x = F.pad(x, (left, right, top, bottom))
-        return F.conv2d(x, self.weight, None, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, self.weight, None, self.stride, padding, self.dilation, self.groups)
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
