@@ -8,9 +8,8 @@ import logging
 import sys
 
 from . import __version__
+from .console import setup_logging
 from .errors import FeaturestoreError
-
-log = logging.getLogger("featurestore")
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
@@ -175,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
     except FeaturestoreError as exc:

@@ -19,13 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import DEFAULT_BACKBONE, FeatureModel, get_spec, load_backbone
+from .console import progress_bar
 from .data import RGB_CONVERSION, ImageRecord, ImageSource, content_id, load_image, scan_source
 from .devices import resolve_device
 from .engines import make_engine
 from .errors import ImageDecodeError, StoreError
 from .journal import ExtractionJournal
 from .preprocess import Preprocessing
-from .progress import progress_bar
 from .store import DTYPES, SCHEMA_VERSION, FeatureStore, SplitArrays, fingerprint_hash, write_store
 
 log = logging.getLogger("featurestore")

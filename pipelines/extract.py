@@ -1,14 +1,14 @@
 """DVC stage `extract@<backbone>`: data/prepared → data/features/<backbone>.h5 (+ a summary JSON)."""
 
-import logging
 import sys
 
 from _params import ROOT, load_params
 
+from featurestore.console import setup_logging
 from featurestore.extract import extract_features
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    setup_logging()
     backbone = sys.argv[1]
     p = load_params("extract")
     out = ROOT / "data" / "features" / f"{backbone}.h5"
