@@ -30,7 +30,7 @@ repro: install data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 lint: install
-	$(BIN)/ruff check featurestore pipelines tests benchmarks
+	$(BIN)/ruff check featurestore pipelines tests benchmarks notebooks
 
 test: install data lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -120,6 +120,42 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_head(args: argparse.Namespace) -> int:
+    from .heads import HeadConfig, train_head
+
+    config = HeadConfig(
+        head=args.head, normalize=args.normalize, c_min=args.c_min, c_max=args.c_max, c_points=args.c_points,
+        max_iter=args.max_iter, n_jobs=args.n_jobs, seed=args.seed,
+    )
+    head = train_head(args.features, config, progress=not args.no_progress)
+    head.save(args.out)
+    summary = {**head.summary(), "out": str(args.out)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{args.out}: {head.name}, C={head.C:.3g} (best validation accuracy {summary['best_val_accuracy']:.4f} "
+              f"over {len(head.sweep)} values of C), trained in {head.train_seconds:.1f} s")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .heads import load_head
+    from .reports import comparison_table, write_reports
+    from .store import FeatureStore
+
+    heads = [load_head(path) for path in args.heads]
+    stores: dict[str, FeatureStore] = {}
+    for path in args.features or []:
+        store = FeatureStore(path)
+        stores[store.fingerprint["backbone"]] = store
+    for head in heads:
+        if head.backbone not in stores:
+            stores[head.backbone] = FeatureStore(head.store_path)
+    results = write_reports(heads, stores, args.out, split=args.split)
+    print(json.dumps(results, indent=2) if args.json else comparison_table(results), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurestore", description=__doc__)
     parser.add_argument("--version", action="version", version=f"featurestore {__version__}")
@@ -164,6 +200,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON summary line on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser(
+        "train-head", help="train a scikit-learn head on a feature cache, C chosen on val",
+        description="Sweep C on train→val, refit the best C on train+val, save the head with joblib.",
+    )
+    p.add_argument("--features", required=True, help="an HDF5 store with train and val splits")
+    p.add_argument("--head", choices=("logreg", "linear_svm", "svm_rbf"), default="logreg")
+    p.add_argument("--out", required=True, help="where to write HEAD.joblib")
+    p.add_argument("--normalize", choices=("standard", "l2", "none"), default="standard",
+                   help="feature standardisation, L2 normalisation, or none")
+    p.add_argument("--c-min", type=float, default=1e-6)
+    p.add_argument("--c-max", type=float, default=1e5)
+    p.add_argument("--c-points", type=int, default=34, help="log-spaced values of C in the sweep")
+    p.add_argument("--max-iter", type=int, default=300)
+    p.add_argument("--n-jobs", type=int, default=-1, help="parallel segments of the sweep (-1: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON summary line")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train_head)
+
+    p = sub.add_parser(
+        "evaluate", help="score heads on the test split; metrics, confusion matrices, plots",
+        description="Evaluate heads and write metrics.json, confusion CSV/PNG, C-sweep plots and a comparison table.",
+    )
+    p.add_argument("--heads", nargs="+", required=True, help="HEAD.joblib files")
+    p.add_argument("--features", nargs="*", help="stores to use (default: the store each head was trained on)")
+    p.add_argument("--out", default="data/reports", help="report folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("info", help="describe a feature store", description="Print a feature store's metadata.")
     p.add_argument("store", help="an HDF5 file written by `featurestore extract`")

@@ -1,5 +1,6 @@
 """The real DVC pipeline on a tiny configuration, in a throwaway copy of the project."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from featurestore import FeatureStore
+from featurestore.heads import load_head
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +31,7 @@ def project(tmp_path) -> Path:
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["prepare"].update(labels_per_class=2, val_per_class=1, test_per_class=1)
     params["extract"].update(image_size=32, batch_size=16)
+    params["train_head"].update(heads=["logreg", "svm_rbf"], c_points=6, c_min=1e-3, c_max=1e2, n_jobs=1)
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
     return copy
@@ -41,8 +44,11 @@ def dvc(project: Path, *args: str) -> str:
     return result.stdout + result.stderr
 
 
-def test_dvc_repro_builds_the_store_then_does_nothing(project):
-    dvc(project, "repro")
+def test_dvc_repro_builds_everything_then_does_nothing_and_head_params_rerun_only_heads(project):
+    first = dvc(project, "repro")
+    for stage in ("prepare", "extract@efficientnet_lite0", "train_head@efficientnet_lite0-logreg",
+                  "train_head@efficientnet_lite0-svm_rbf", "evaluate"):
+        assert f"Running stage '{stage}'" in first
     store_path = project / "data" / "features" / "efficientnet_lite0.h5"
     store = FeatureStore(store_path)
     assert {split: len(store.paths(split)) for split in store.splits} == {"train": 20, "val": 10, "test": 10}
@@ -53,9 +59,23 @@ def test_dvc_repro_builds_the_store_then_does_nothing(project):
     assert "Running stage" not in second and "up to date" in second
     assert store_path.stat().st_mtime_ns == mtime
 
+    metrics = json.loads((project / "data" / "reports" / "metrics.json").read_text())
+    assert set(metrics) == {"efficientnet_lite0__logreg", "efficientnet_lite0__svm_rbf"}
+    assert (project / "data" / "reports" / "figures" / "efficientnet_lite0__logreg_confusion.png").is_file()
+
     params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train_head"]["normalize"] = "l2"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    heads_only = dvc(project, "repro")
+    assert "Running stage 'extract" not in heads_only and "Running stage 'prepare'" not in heads_only
+    assert "Running stage 'train_head@efficientnet_lite0-logreg'" in heads_only
+    assert "Running stage 'evaluate'" in heads_only
+    assert store_path.stat().st_mtime_ns == mtime  # no image was decoded, the cache was not touched
+    assert load_head(project / "data" / "heads" / "efficientnet_lite0__logreg.joblib").config.normalize == "l2"
+
     params["extract"]["dtype"] = "float16"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc(project, "repro")
     assert "Running stage 'prepare'" not in third and "Running stage 'extract@efficientnet_lite0'" in third
+    assert "Running stage 'evaluate'" in third  # a new cache means new heads and a new report
     assert FeatureStore(store_path).dtype == "float16"

@@ -1,0 +1,272 @@
+"""scikit-learn heads on cached features, with C chosen on the validation split.
+
+A sweep fits the head at every C of a log grid on ``train`` and scores it on ``val``. Logistic
+regression is warm-started along the grid; the grid is cut into contiguous segments that run in
+parallel with joblib. The chosen C is refitted on train+val. The saved head carries the cache's
+fingerprint, so it refuses features it was not trained on.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import joblib
+import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+
+from .console import progress_bar
+from .errors import FeaturestoreError, StoreError
+from .store import FeatureStore
+
+HEADS = ("logreg", "linear_svm", "svm_rbf")
+NORMALIZATIONS = ("standard", "l2", "none")
+HEAD_FORMAT = 1
+
+
+class HeadMismatchError(FeaturestoreError):
+    """A head was asked to score features it was not trained on."""
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """How to train a head. The C grid is ``c_points`` values from ``c_min`` to ``c_max`` (log-spaced)."""
+
+    head: str = "logreg"
+    normalize: str = "standard"
+    c_min: float = 1e-6
+    c_max: float = 1e5
+    c_points: int = 34
+    max_iter: int = 300
+    n_jobs: int = -1
+    calibration_folds: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise FeaturestoreError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise FeaturestoreError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        if not (0 < self.c_min <= self.c_max) or self.c_points < 1:
+            raise FeaturestoreError("need 0 < c_min <= c_max and c_points >= 1")
+
+    def c_grid(self) -> np.ndarray:
+        return np.logspace(np.log10(self.c_min), np.log10(self.c_max), self.c_points)
+
+
+def _scaler(normalize: str):
+    return {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[normalize]
+
+
+def _classifier(config: HeadConfig, C: float, warm_start: bool = False):
+    if config.head == "logreg":
+        return LogisticRegression(C=C, max_iter=config.max_iter, warm_start=warm_start, random_state=config.seed)
+    if config.head == "linear_svm":
+        return LinearSVC(C=C, max_iter=config.max_iter, random_state=config.seed)
+    return SVC(C=C, kernel="rbf", gamma="scale", random_state=config.seed)
+
+
+# Above this many training rows the (N, N) kernel matrix is too large to precompute for the sweep.
+PRECOMPUTED_KERNEL_MAX_ROWS = 8000
+
+
+def _rbf_kernels(X: np.ndarray, Xv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RBF kernels (N, N) and (M, N) float64 with sklearn's gamma="scale" = 1 / (D * X.var())."""
+    from sklearn.metrics.pairwise import rbf_kernel
+
+    X64, Xv64 = X.astype(np.float64), Xv.astype(np.float64)
+    gamma = 1.0 / (X.shape[1] * X64.var())
+    return rbf_kernel(X64, X64, gamma=gamma), rbf_kernel(Xv64, X64, gamma=gamma)
+
+
+def _sweep_segment(config: HeadConfig, Cs: np.ndarray, X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray):
+    """Fit along increasing C (warm-started for logreg); return [(C, val accuracy, seconds)].
+
+    For svm_rbf on up to PRECOMPUTED_KERNEL_MAX_ROWS rows, X and Xv are the precomputed kernels.
+    """
+    points = []
+    classifier = _classifier(config, float(Cs[0]), warm_start=True)
+    precomputed = config.head == "svm_rbf" and X.shape[0] == X.shape[1] == Xv.shape[1] and Xv.shape[0] == len(yv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for C in Cs:
+            started = time.perf_counter()
+            if config.head == "logreg":
+                classifier.set_params(C=float(C))
+            elif precomputed:
+                classifier = SVC(C=float(C), kernel="precomputed", random_state=config.seed)
+            else:
+                classifier = _classifier(config, float(C))
+            classifier.fit(X, y)
+            points.append((float(C), float(classifier.score(Xv, yv)), time.perf_counter() - started))
+    return points
+
+
+def sweep_c(config: HeadConfig, X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray,
+            progress: bool = False) -> list[dict]:
+    """Validation accuracy at every C of the grid: ``[{"C", "val_accuracy", "seconds"}]`` sorted by C.
+
+    X (N, D) and Xv (M, D) float arrays, y (N,) and yv (M,) int labels. The scaler is fitted on X.
+    """
+    scaler = _scaler(config.normalize)
+    if scaler != "passthrough":
+        scaler.fit(X)
+        X, Xv = scaler.transform(X), scaler.transform(Xv)
+    if config.head == "svm_rbf" and len(X) <= PRECOMPUTED_KERNEL_MAX_ROWS:
+        X, Xv = _rbf_kernels(X, Xv)  # the same kernel for every C: compute it once
+    n_jobs = joblib.cpu_count() if config.n_jobs in (-1, 0) else config.n_jobs
+    segments = [s for s in np.array_split(config.c_grid(), max(1, min(n_jobs, config.c_points))) if len(s)]
+    with progress_bar(len(segments), f"sweep C ({config.head})", unit="segment", enabled=progress, leave=False) as bar:
+        results = []
+        parallel = joblib.Parallel(n_jobs=len(segments), return_as="generator")
+        for points in parallel(joblib.delayed(_sweep_segment)(config, s, X, y, Xv, yv) for s in segments):
+            results.extend(points)
+            bar.update(1)
+    return [{"C": C, "val_accuracy": acc, "seconds": round(sec, 4)} for C, acc, sec in sorted(results)]
+
+
+def choose_c(sweep: list[dict]) -> float:
+    """The C with the best validation accuracy; among ties, the smallest (most regularised)."""
+    best = max(point["val_accuracy"] for point in sweep)
+    return min(point["C"] for point in sweep if point["val_accuracy"] == best)
+
+
+def build_estimator(config: HeadConfig, C: float) -> Pipeline:
+    """Scaler + classifier; the SVMs get probabilities from sigmoid calibration (CalibratedClassifierCV)."""
+    classifier = _classifier(config, C)
+    if config.head != "logreg":
+        classifier = CalibratedClassifierCV(classifier, method="sigmoid", cv=config.calibration_folds)
+    return Pipeline([("scale", _scaler(config.normalize)), ("classify", classifier)])
+
+
+def describe(fingerprint: dict) -> str:
+    """A short human description of a store fingerprint, e.g. ``efficientnet_lite0, 112 px, float32``."""
+    size = fingerprint.get("preprocessing", {}).get("image_size")
+    return f"{fingerprint.get('backbone')}, {size} px, {fingerprint.get('dtype')}"
+
+
+@dataclass
+class TrainedHead:
+    """A fitted head and everything needed to use it safely.
+
+    ``estimator`` maps features (N, feature_dim) float32 to class probabilities (N, K).
+    """
+
+    estimator: Pipeline
+    config: HeadConfig
+    C: float
+    class_names: list[str]
+    feature_dim: int
+    fingerprint_hash: str
+    fingerprint: dict
+    store_path: str
+    sweep: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    n_train: int = 0
+    format_version: int = HEAD_FORMAT
+
+    @property
+    def backbone(self) -> str:
+        return str(self.fingerprint.get("backbone", "unknown"))
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone}__{self.config.head}"
+
+    def check_store(self, store: FeatureStore) -> None:
+        """Refuse a store whose fingerprint differs from the one this head was trained on."""
+        if store.fingerprint_hash != self.fingerprint_hash:
+            raise HeadMismatchError(
+                f"{store.path}: features have fingerprint {store.fingerprint_hash} ({describe(store.fingerprint)}) "
+                f"but head {self.name} was trained on {self.fingerprint_hash} ({describe(self.fingerprint)}): "
+                f"retrain the head on this cache"
+            )
+        if store.class_names != self.class_names:
+            raise HeadMismatchError(
+                f"{store.path}: classes {store.class_names} differ from the head's {self.class_names}"
+            )
+
+    def _check_features(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.feature_dim:
+            raise HeadMismatchError(
+                f"head {self.name} expects features of shape (N, {self.feature_dim}), got {X.shape}"
+            )
+        return X.astype(np.float32, copy=False)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, K) float64 for features X (N, feature_dim)."""
+        return self.estimator.predict_proba(self._check_features(X))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Class indices (N,) int64."""
+        return np.asarray(self.estimator.predict(self._check_features(X)), dtype=np.int64)
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name, "head": self.config.head, "backbone": self.backbone, "C": self.C,
+            "normalize": self.config.normalize, "feature_dim": self.feature_dim,
+            "fingerprint_hash": self.fingerprint_hash, "train_seconds": round(self.train_seconds, 3),
+            "n_train": self.n_train, "classes": len(self.class_names),
+            "best_val_accuracy": max((p["val_accuracy"] for p in self.sweep), default=None),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        joblib.dump(self, tmp)
+        tmp.replace(path)
+        return path
+
+
+def load_head(path: str | Path) -> TrainedHead:
+    path = Path(path)
+    if not path.is_file():
+        raise FeaturestoreError(f"{path}: head file not found (run `featurestore train-head` first)")
+    head = joblib.load(path)
+    if not isinstance(head, TrainedHead) or head.format_version != HEAD_FORMAT:
+        raise FeaturestoreError(f"{path}: not a featurestore head (format {HEAD_FORMAT})")
+    return head
+
+
+def train_head(features: str | Path | FeatureStore, config: HeadConfig = HeadConfig(),
+               progress: bool = False) -> TrainedHead:
+    """Sweep C on train → val, refit the best C on train+val, return the :class:`TrainedHead`."""
+    store = features if isinstance(features, FeatureStore) else FeatureStore(features)
+    for split in ("train", "val"):
+        if split not in store.splits:
+            raise StoreError(f"{store.path}: a head needs 'train' and 'val' splits (C is chosen on val); "
+                             f"found {store.splits}")
+    started = time.perf_counter()
+    X, y, _ = store.load("train")
+    Xv, yv, _ = store.load("val")
+    X, Xv = X.astype(np.float32, copy=False), Xv.astype(np.float32, copy=False)
+    sweep = sweep_c(config, X, y, Xv, yv, progress=progress)
+    C = choose_c(sweep)
+    estimator = build_estimator(config, C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        estimator.fit(np.concatenate([X, Xv]), np.concatenate([y, yv]))
+    return TrainedHead(
+        estimator=estimator, config=config, C=C, class_names=store.class_names, feature_dim=store.feature_dim,
+        fingerprint_hash=store.fingerprint_hash, fingerprint=store.fingerprint, store_path=str(store.path),
+        sweep=sweep, train_seconds=time.perf_counter() - started, n_train=len(y) + len(yv),
+    )
+
+
+def config_from_params(params: dict, head: str) -> HeadConfig:
+    """A :class:`HeadConfig` from a params.yaml ``train_head`` section (unknown keys are errors)."""
+    allowed = set(asdict(HeadConfig()))
+    options = {k: v for k, v in params.items() if k != "heads"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise FeaturestoreError(f"unknown train_head params {sorted(unknown)}; known: {sorted(allowed)}")
+    return HeadConfig(head=head, **{k: (float(v) if k in ("c_min", "c_max") else v) for k, v in options.items()})

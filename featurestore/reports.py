@@ -1,0 +1,148 @@
+"""Evaluation of heads on a held-out split: metrics, confusion matrices, C-sweep curves, a table.
+
+Files written under ``out`` (the DVC ``evaluate`` stage's outputs)::
+
+    metrics.json                    {"<backbone>__<head>": {top1, top5, mean_per_class_accuracy, macro_f1, n, C, ...}}
+    comparison.md                   every backbone × head as a markdown table
+    confusion/<name>.csv            one row per test image: actual,predicted (for `dvc plots`)
+    sweep/<name>.csv                C,log10_C,val_accuracy (for `dvc plots`)
+    figures/<name>_confusion.png    row-normalised confusion matrix with counts
+    figures/<name>_sweep.png        validation accuracy against C, chosen C marked
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
+
+from .heads import TrainedHead
+from .store import FeatureStore
+
+
+def evaluate_head(head: TrainedHead, store: FeatureStore, split: str = "test") -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics of ``head`` on ``split`` of ``store``, with the true and predicted labels (N,) int64."""
+    head.check_store(store)
+    X, y, _ = store.load(split)
+    proba = head.predict_proba(X)
+    predicted = np.argmax(proba, axis=1)
+    k = len(head.class_names)
+    labels = np.arange(k)
+    metrics = {
+        "backbone": head.backbone,
+        "head": head.config.head,
+        "split": split,
+        "n": int(len(y)),
+        "top1": float(np.mean(predicted == y)),
+        "top5": float(top_k_accuracy_score(y, proba, k=min(5, k), labels=labels)) if k > 2 else None,
+        "mean_per_class_accuracy": float(balanced_accuracy_score(y, predicted)),
+        "macro_f1": float(f1_score(y, predicted, average="macro", labels=labels, zero_division=0)),
+        "C": head.C,
+        "normalize": head.config.normalize,
+        "train_seconds": round(head.train_seconds, 3),
+        "n_train": head.n_train,
+        "fingerprint_hash": head.fingerprint_hash,
+    }
+    return metrics, y, predicted
+
+
+def plot_confusion(y: np.ndarray, predicted: np.ndarray, class_names: list[str], title: str, path: Path) -> Path:
+    """Row-normalised confusion matrix (colour) with raw counts (text), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = confusion_matrix(y, predicted, labels=np.arange(len(class_names)))
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.55 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    if len(class_names) <= 30:
+        for i in range(len(class_names)):
+            for j in range(len(class_names)):
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the actual class")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(head: TrainedHead, path: Path) -> Path:
+    """Validation accuracy against C (log scale) with the chosen C marked, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Cs = [p["C"] for p in head.sweep]
+    accuracy = [p["val_accuracy"] for p in head.sweep]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.semilogx(Cs, accuracy, marker="o", markersize=3)
+    ax.axvline(head.C, color="tab:red", linestyle="--", label=f"chosen C = {head.C:.3g}")
+    ax.set_xlabel("C (inverse regularisation)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"{head.name}: C sweep")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def comparison_table(results: dict[str, dict]) -> str:
+    """Markdown table of every backbone × head, best top-1 first."""
+    lines = [
+        "| backbone | head | top-1 | top-5 | mean per-class acc. | macro-F1 | n | C | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in sorted(results.values(), key=lambda m: -m["top1"]):
+        top5 = "–" if m["top5"] is None else f"{m['top5']:.4f}"
+        lines.append(
+            f"| {m['backbone']} | {m['head']} | {m['top1']:.4f} | {top5} | {m['mean_per_class_accuracy']:.4f} | "
+            f"{m['macro_f1']:.4f} | {m['n']} | {m['C']:.3g} | {m['train_seconds']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(heads: list[TrainedHead], stores: dict[str, FeatureStore], out: str | Path,
+                  split: str = "test") -> dict[str, dict]:
+    """Evaluate each head on the store it was trained on (``stores`` maps backbone → store) and
+    write every report file under ``out``; returns the metrics by ``<backbone>__<head>``."""
+    out = Path(out)
+    results: dict[str, dict] = {}
+    for head in heads:
+        store = stores[head.backbone]
+        metrics, y, predicted = evaluate_head(head, store, split)
+        results[head.name] = metrics
+        names = head.class_names
+        (out / "confusion").mkdir(parents=True, exist_ok=True)
+        with open(out / "confusion" / f"{head.name}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["actual", "predicted"])
+            writer.writerows((names[a], names[p]) for a, p in zip(y, predicted, strict=True))
+        (out / "sweep").mkdir(parents=True, exist_ok=True)
+        with open(out / "sweep" / f"{head.name}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["C", "log10_C", "val_accuracy"])
+            writer.writerows((p["C"], round(float(np.log10(p["C"])), 4), p["val_accuracy"]) for p in head.sweep)
+        plot_confusion(y, predicted, names, f"{head.name} on {split} (top-1 {metrics['top1']:.3f})",
+                       out / "figures" / f"{head.name}_confusion.png")
+        plot_sweep(head, out / "figures" / f"{head.name}_sweep.png")
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / "comparison.md").write_text(comparison_table(results))
+    return results

@@ -1,0 +1,15 @@
+"""DVC stage `evaluate`: every head of params.yaml on the test split → data/reports/."""
+
+from _params import ROOT, load_params
+
+from featurestore.heads import load_head
+from featurestore.reports import comparison_table, write_reports
+from featurestore.store import FeatureStore
+
+if __name__ == "__main__":
+    backbones = load_params("extract")["backbones"]
+    heads = load_params("train_head")["heads"]
+    stores = {b: FeatureStore(ROOT / "data" / "features" / f"{b}.h5") for b in backbones}
+    trained = [load_head(ROOT / "data" / "heads" / f"{b}__{h}.joblib") for b in backbones for h in heads]
+    results = write_reports(trained, stores, ROOT / "data" / "reports", split=load_params("evaluate")["split"])
+    print(comparison_table(results), end="")

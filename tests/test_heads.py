@@ -1,0 +1,139 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.calibration import CalibratedClassifierCV
+
+from featurestore import FeatureStore
+from featurestore.extract import extract_features
+from featurestore.heads import HeadConfig, HeadMismatchError, choose_c, load_head, sweep_c, train_head
+from featurestore.prepare import prepare_fashion_mnist
+from featurestore.reports import write_reports
+
+SMALL_GRID = {"c_min": 1e-4, "c_max": 1e2, "c_points": 7, "n_jobs": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_store(fashion_folder_master, tmp_path_factory, lite0_small):
+    out = tmp_path_factory.mktemp("heads") / "lite0.h5"
+    extract_features(fashion_folder_master, out, model=lite0_small, batch_size=16, workers=0, progress=False)
+    return FeatureStore(out)
+
+
+@pytest.mark.parametrize("head", ["logreg", "linear_svm", "svm_rbf"])
+def test_train_head_sweeps_on_val_and_refits_on_train_plus_val(tiny_store, head, tmp_path, monkeypatch):
+    loaded = []
+    original = FeatureStore.load
+    monkeypatch.setattr(FeatureStore, "load", lambda self, split: loaded.append(split) or original(self, split))
+    trained = train_head(tiny_store, HeadConfig(head=head, **SMALL_GRID))
+    assert "test" not in loaded  # C is never chosen on test
+    assert [p["C"] for p in trained.sweep] == pytest.approx(np.logspace(-4, 2, 7).tolist())
+    assert trained.C == choose_c(trained.sweep)
+    assert trained.n_train == 30  # refitted on train (20) + val (10)
+    assert trained.feature_dim == 1280 and trained.fingerprint_hash == tiny_store.fingerprint_hash
+    assert trained.class_names == tiny_store.class_names
+    if head != "logreg":
+        assert isinstance(trained.estimator.named_steps["classify"], CalibratedClassifierCV)
+    X, _, _ = tiny_store.load("test")
+    proba = trained.predict_proba(X)
+    assert proba.shape == (10, 10) and np.allclose(proba.sum(axis=1), 1)
+    path = trained.save(tmp_path / f"{head}.joblib")
+    again = load_head(path)
+    assert np.array_equal(again.predict(X), trained.predict(X)) and again.C == trained.C
+
+
+def test_choose_c_prefers_the_most_regularised_among_ties():
+    sweep = [{"C": 0.01, "val_accuracy": 0.5}, {"C": 0.1, "val_accuracy": 0.9}, {"C": 1.0, "val_accuracy": 0.9}]
+    assert choose_c(sweep) == 0.1
+
+
+def test_precomputed_kernel_sweep_equals_plain_rbf_svc(tiny_store):
+    X, y, _ = tiny_store.load("train")
+    Xv, yv, _ = tiny_store.load("val")
+    config = HeadConfig(head="svm_rbf", **SMALL_GRID)
+    fast = sweep_c(config, X, y, Xv, yv)
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    scaler = StandardScaler().fit(X)
+    for point in fast:
+        plain = SVC(C=point["C"], kernel="rbf", gamma="scale").fit(scaler.transform(X), y)
+        assert plain.score(scaler.transform(Xv), yv) == point["val_accuracy"]
+
+
+def test_logreg_warm_started_sweep_matches_cold_fits(tiny_store):
+    X, y, _ = tiny_store.load("train")
+    Xv, yv, _ = tiny_store.load("val")
+    # Where regularisation shapes the optimum (C <= 1), starting from the previous C must not change the
+    # answer. Above that, 20 images in 1280 dimensions are separable and the loss is flat near its minimum.
+    warm = [p for p in sweep_c(HeadConfig(head="logreg", **SMALL_GRID), X, y, Xv, yv) if p["C"] <= 1]
+    cold = [sweep_c(HeadConfig(head="logreg", c_min=p["C"], c_max=p["C"], c_points=1), X, y, Xv, yv)[0] for p in warm]
+    assert len(warm) == 5
+    assert [p["val_accuracy"] for p in warm] == [p["val_accuracy"] for p in cold]
+
+
+def test_head_refuses_features_from_another_cache(tiny_store, fashion_folder_master, tmp_path):
+    from featurestore.backbones import load_backbone
+
+    trained = train_head(tiny_store, HeadConfig(**SMALL_GRID))
+    other_model = load_backbone("efficientnet_lite0", image_size=48, crop_pct=1.0)
+    other = tmp_path / "other.h5"
+    extract_features(fashion_folder_master, other, model=other_model, workers=0, progress=False)
+    with pytest.raises(HeadMismatchError, match="48 px"):
+        write_reports([trained], {"efficientnet_lite0": FeatureStore(other)}, tmp_path / "reports")
+    with pytest.raises(HeadMismatchError, match=r"\(N, 1280\)"):
+        trained.predict(np.zeros((3, 512), dtype=np.float32))
+
+
+def test_reports_files_and_metrics(tiny_store, tmp_path):
+    heads = [train_head(tiny_store, HeadConfig(head=h, **SMALL_GRID)) for h in ("logreg", "svm_rbf")]
+    results = write_reports(heads, {"efficientnet_lite0": tiny_store}, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == {"efficientnet_lite0__logreg", "efficientnet_lite0__svm_rbf"} == set(results)
+    m = metrics["efficientnet_lite0__logreg"]
+    X, y, _ = tiny_store.load("test")
+    assert m["top1"] == pytest.approx(float(np.mean(heads[0].predict(X) == y)))
+    assert m["n"] == 10 and m["top5"] >= m["top1"] and m["C"] == heads[0].C
+    assert {"mean_per_class_accuracy", "macro_f1", "train_seconds"} <= set(m)
+    rows = (tmp_path / "confusion" / "efficientnet_lite0__logreg.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 11
+    sweep_rows = (tmp_path / "sweep" / "efficientnet_lite0__svm_rbf.csv").read_text().splitlines()
+    assert sweep_rows[0] == "C,log10_C,val_accuracy" and len(sweep_rows) == 8
+    for name in ("efficientnet_lite0__logreg_confusion.png", "efficientnet_lite0__svm_rbf_sweep.png"):
+        with Image.open(tmp_path / "figures" / name) as image:
+            assert image.size[0] > 300
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| efficientnet_lite0 | logreg |" in table and "| efficientnet_lite0 | svm_rbf |" in table
+
+
+def test_cli_train_head_and_evaluate(tiny_store, tmp_path):
+    head_path = tmp_path / "h.joblib"
+    out = subprocess.run(
+        [sys.executable, "-m", "featurestore.cli", "train-head", "--features", str(tiny_store.path), "--head",
+         "logreg", "--out", str(head_path), "--c-points", "5", "--json", "--no-progress"],
+        capture_output=True, text=True, check=True,
+    )
+    summary = json.loads(out.stdout)
+    assert summary["head"] == "logreg" and head_path.is_file()
+    report = subprocess.run(
+        [sys.executable, "-m", "featurestore.cli", "evaluate", "--heads", str(head_path), "--out",
+         str(tmp_path / "reports")],
+        capture_output=True, text=True, check=True,
+    )
+    assert "| efficientnet_lite0 | logreg |" in report.stdout
+    assert (tmp_path / "reports" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_linear_probe_on_real_features_is_accurate(tmp_path, lite0_small):
+    """500 real Fashion-MNIST images: a misaligned label or feature would fall to chance (0.1)."""
+    root = tmp_path / "images"
+    prepare_fashion_mnist(root, labels_per_class=20, val_per_class=10, test_per_class=20, seed=2, progress=False)
+    store_path = tmp_path / "f.h5"
+    extract_features(root, store_path, model=lite0_small, workers=1, progress=False)
+    trained = train_head(store_path, HeadConfig(c_points=12, n_jobs=2))
+    X, y, _ = FeatureStore(store_path).load("test")
+    assert float(np.mean(trained.predict(X) == y)) > 0.65
