@@ -137,3 +137,14 @@ def test_linear_probe_on_real_features_is_accurate(tmp_path, lite0_small):
     trained = train_head(store_path, HeadConfig(c_points=12, n_jobs=2))
     X, y, _ = FeatureStore(store_path).load("test")
     assert float(np.mean(trained.predict(X) == y)) > 0.65
+
+
+def test_params_sections_make_a_head_config():
+    from featurestore.errors import FeaturestoreError
+    from featurestore.heads import config_from_params
+
+    params = {"heads": ["logreg"], "sweep": {"c_min": "1e-3", "c_points": 5}, "logreg": {"normalize": "l2"}}
+    config = config_from_params(params, "logreg")
+    assert (config.head, config.c_min, config.c_points, config.normalize) == ("logreg", 1e-3, 5, "l2")
+    with pytest.raises(FeaturestoreError, match="typo_key"):
+        config_from_params({"sweep": {}, "logreg": {"typo_key": 1}}, "logreg")

@@ -31,7 +31,8 @@ def project(tmp_path) -> Path:
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["prepare"].update(labels_per_class=2, val_per_class=1, test_per_class=1)
     params["extract"].update(image_size=32, batch_size=16)
-    params["train_head"].update(heads=["logreg", "svm_rbf"], c_points=6, c_min=1e-3, c_max=1e2, n_jobs=1)
+    params["train_head"]["heads"] = ["logreg", "svm_rbf"]
+    params["train_head"]["sweep"].update(c_points=6, c_min=1e-3, c_max=1e2, n_jobs=1)
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
     return copy
@@ -64,11 +65,12 @@ def test_dvc_repro_builds_everything_then_does_nothing_and_head_params_rerun_onl
     assert (project / "data" / "reports" / "figures" / "efficientnet_lite0__logreg_confusion.png").is_file()
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train_head"]["normalize"] = "l2"
+    params["train_head"]["logreg"]["normalize"] = "l2"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     heads_only = dvc(project, "repro")
     assert "Running stage 'extract" not in heads_only and "Running stage 'prepare'" not in heads_only
     assert "Running stage 'train_head@efficientnet_lite0-logreg'" in heads_only
+    assert "Running stage 'train_head@efficientnet_lite0-svm_rbf'" not in heads_only  # its params did not change
     assert "Running stage 'evaluate'" in heads_only
     assert store_path.stat().st_mtime_ns == mtime  # no image was decoded, the cache was not touched
     assert load_head(project / "data" / "heads" / "efficientnet_lite0__logreg.joblib").config.normalize == "l2"
