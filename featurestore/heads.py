@@ -125,7 +125,11 @@ def sweep_c(config: HeadConfig, X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv
     if config.head == "svm_rbf" and len(X) <= PRECOMPUTED_KERNEL_MAX_ROWS:
         X, Xv = _rbf_kernels(X, Xv)  # the same kernel for every C: compute it once
     n_jobs = joblib.cpu_count() if config.n_jobs in (-1, 0) else config.n_jobs
-    segments = [s for s in np.array_split(config.c_grid(), max(1, min(n_jobs, config.c_points))) if len(s)]
+    grid, parts = config.c_grid(), max(1, min(n_jobs, config.c_points))
+    if config.head == "logreg":  # contiguous runs of C, so that each fit starts from its neighbour's solution
+        segments = [s for s in np.array_split(grid, parts) if len(s)]
+    else:  # no warm start: deal C values round-robin, since large C costs the SVMs most
+        segments = [grid[i::parts] for i in range(parts)]
     with progress_bar(len(segments), f"sweep C ({config.head})", unit="segment", enabled=progress, leave=False) as bar:
         results = []
         parallel = joblib.Parallel(n_jobs=len(segments), return_as="generator")
