@@ -156,6 +156,35 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    report = export_onnx(args.head, args.out, backbone=args.backbone, weights=args.weights)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        check = report["check"]
+        print(f"{report['model']}: {report['head']['name']}, {report['size_bytes'] / 1e6:.1f} MB, one graph; "
+              f"check on {check['n']} images: max probability difference {check['max_probability_diff']:.2e}, "
+              f"labels equal: {check['labels_equal']}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_images
+
+    summary = predict_images(args.model, args.data, args.out, batch_size=args.batch_size, workers=args.workers,
+                             provider=args.provider, top_k=args.top_k, split=args.split,
+                             progress=not args.no_progress)
+    if args.json:
+        print(summary.to_json())
+    else:
+        accuracy = "" if summary.accuracy is None else f", accuracy {summary.accuracy:.4f}"
+        print(f"{summary.out}: {summary.predicted} images on {summary.provider}, {len(summary.skipped)} skipped "
+              f"in {summary.seconds:.1f} s{accuracy}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurestore", description=__doc__)
     parser.add_argument("--version", action="version", version=f"featurestore {__version__}")
@@ -230,6 +259,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "export", help="one ONNX graph for backbone + head, checked against the Python pipeline",
+        description="Export images → probabilities as a single ONNX file and verify it with onnxruntime.",
+    )
+    p.add_argument("--head", required=True, help="HEAD.joblib from train-head")
+    p.add_argument("--out", required=True, help="MODEL.onnx to write (a report goes to MODEL.onnx.report.json)")
+    p.add_argument("--backbone", help="backbone name (default: the one the head's features came from)")
+    p.add_argument("--weights", help="the local checkpoint the head's features came from, if not the default")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "predict", help="batch inference with an exported model (onnxruntime)",
+        description="Classify images with MODEL.onnx; one CSV (or .jsonl) row per image.",
+    )
+    p.add_argument("--model", required=True, help="MODEL.onnx from export")
+    p.add_argument("--data", required=True, help="ImageFolder, CSV manifest, or a folder of images")
+    p.add_argument("--out", required=True, help="PRED.csv or PRED.jsonl")
+    p.add_argument("--split", help="only this split of the data (e.g. test)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1, help="DataLoader processes that decode images")
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="cuda fails unless the CUDA provider is really active; auto says which it used")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("info", help="describe a feature store", description="Print a feature store's metadata.")
     p.add_argument("store", help="an HDF5 file written by `featurestore extract`")

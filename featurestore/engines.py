@@ -91,17 +91,14 @@ class OnnxRuntimeEngine:
     name = "onnxruntime"
 
     def __init__(self, model: FeatureModel):
-        import onnxruntime as ort
+        from .runtime import make_session
 
         path = onnx_path_for(model)
         if not path.is_file():
             log.info("exporting %s to ONNX once (%s)", model.name, path)
             export_feature_model(model, path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # Spinning threads starve the DataLoader workers that decode on the same few cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # No spinning threads (make_session): they starve the DataLoader workers on a small CPU.
+        self.session, _ = make_session(str(path), "cpu")
         self.path = path
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:

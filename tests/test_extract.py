@@ -161,7 +161,10 @@ def test_cli_errors_are_clear(tmp_path, fashion_folder):
         assert "Traceback" not in item.stderr
 
 
-@pytest.mark.parametrize("command", ["backbones", "prepare", "extract", "info"])
+SUBCOMMANDS = ["backbones", "prepare", "extract", "info", "train-head", "evaluate", "export", "predict"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_subcommand_has_help(command):
     result = run_cli(command, "--help", check=True)
     assert "usage: featurestore " + command in result.stdout

@@ -48,7 +48,8 @@ def dvc(project: Path, *args: str) -> str:
 def test_dvc_repro_builds_everything_then_does_nothing_and_head_params_rerun_only_heads(project):
     first = dvc(project, "repro")
     for stage in ("prepare", "extract@efficientnet_lite0", "train_head@efficientnet_lite0-logreg",
-                  "train_head@efficientnet_lite0-svm_rbf", "evaluate"):
+                  "train_head@efficientnet_lite0-svm_rbf", "evaluate", "export@efficientnet_lite0-logreg",
+                  "predict@efficientnet_lite0-svm_rbf"):
         assert f"Running stage '{stage}'" in first
     store_path = project / "data" / "features" / "efficientnet_lite0.h5"
     store = FeatureStore(store_path)
@@ -62,6 +63,9 @@ def test_dvc_repro_builds_everything_then_does_nothing_and_head_params_rerun_onl
 
     metrics = json.loads((project / "data" / "reports" / "metrics.json").read_text())
     assert set(metrics) == {"efficientnet_lite0__logreg", "efficientnet_lite0__svm_rbf"}
+    for name, m in metrics.items():  # the ONNX model's predictions agree with the evaluated head
+        predicted = json.loads((project / "data" / "predictions" / f"{name}.json").read_text())
+        assert predicted["predicted"] == m["n"] and predicted["accuracy"] == pytest.approx(m["top1"])
     assert (project / "data" / "reports" / "figures" / "efficientnet_lite0__logreg_confusion.png").is_file()
 
     params = yaml.safe_load((project / "params.yaml").read_text())

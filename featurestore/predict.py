@@ -1,0 +1,134 @@
+"""Batch inference with an exported model: images in, one CSV (or JSONL) row per image out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from .console import progress_bar
+from .data import FLAT_SPLIT, ImageRecord, ImageSource, scan_source
+from .errors import FeaturestoreError
+from .extract import DecodedImages, _lower_worker_priority, collate_decoded
+from .preprocess import Preprocessing
+from .runtime import make_session
+
+log = logging.getLogger("featurestore")
+
+
+@dataclass
+class PredictSummary:
+    out: str
+    provider: str
+    predicted: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    accuracy: float | None = None  # when the source has labels that match the model's classes
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+class OnnxClassifier:
+    """An exported featurestore model in an onnxruntime session.
+
+    Call with uint8 images (N, 3, S, S) → probabilities (N, K) float32, labels (N,) int64.
+    """
+
+    def __init__(self, path: str | Path, provider: str = "auto"):
+        path = Path(path)
+        if not path.is_file():
+            raise FeaturestoreError(f"{path}: model file not found (run `featurestore export` first)")
+        self.session, self.provider = make_session(str(path), provider)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "featurestore_class_names" not in meta:
+            raise FeaturestoreError(f"{path}: not a featurestore model (no class names in its metadata)")
+        self.class_names: list[str] = json.loads(meta["featurestore_class_names"])
+        self.preprocessing = Preprocessing(**{
+            k: v for k, v in json.loads(meta["featurestore_preprocessing"]).items()
+            if k in ("image_size", "crop_pct", "interpolation", "mean", "std")
+        })
+        self.fingerprint_hash = meta.get("featurestore_fingerprint_hash")
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        size = self.preprocessing.image_size
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+            raise TypeError(f"images must be a uint8 numpy array (N, 3, {size}, {size}), "
+                            f"got {type(images).__name__} {getattr(images, 'dtype', '')}")
+        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+            raise ValueError(f"images must have shape (N, 3, {size}, {size}), got {images.shape}")
+        probabilities, labels = self.session.run(["probabilities", "label"], {"images": images})
+        return probabilities, labels
+
+
+def _unlabelled_folder(folder: Path) -> ImageSource:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FeaturestoreError(f"{folder}: no images")
+    return ImageSource(folder, [], [ImageRecord(p, p.name, -1, FLAT_SPLIT) for p in files])
+
+
+def predict_images(model: str | Path, data: str | Path, out: str | Path, batch_size: int = 64, workers: int = 1,
+                   provider: str = "auto", top_k: int = 3, split: str | None = None,
+                   progress: bool = True) -> PredictSummary:
+    """Classify every image of ``data`` (ImageFolder, CSV manifest, or a flat folder of images) and
+    write ``out`` (.csv, or .jsonl): path, split, label, probability, top-k (and the true label if known).
+    ``split`` keeps only that split of the source. Unreadable images are skipped with a reason."""
+    started = time.perf_counter()
+    classifier = OnnxClassifier(model, provider)
+    data, out = Path(data), Path(out)
+    has_class_folders = data.is_dir() and any(p.is_dir() for p in data.iterdir())
+    source = scan_source(data) if data.is_file() or has_class_folders else _unlabelled_folder(data)
+    records = [r for r in source.records if split is None or r.split == split]
+    if not records:
+        raise FeaturestoreError(f"{data}: no images{f' in split {split!r}' if split else ''}")
+    loader = DataLoader(
+        DecodedImages([r.path for r in records], classifier.preprocessing), batch_size=batch_size,
+        num_workers=workers, collate_fn=collate_decoded, prefetch_factor=4 if workers else None,
+        worker_init_fn=_lower_worker_priority,
+    )
+    summary = PredictSummary(out=str(out), provider=classifier.provider)
+    names = classifier.class_names
+    top_k = max(1, min(top_k, len(names)))
+    rows, correct, labelled = [], 0, 0
+    with progress_bar(len(records), "predict", enabled=progress) as bar:
+        for indices, batch, failed in loader:
+            for index, reason in failed:
+                summary.skipped.append({"path": records[index].rel_path, "reason": reason})
+            if batch is not None:
+                probabilities, labels = classifier(batch.numpy())
+                best = np.argsort(-probabilities, axis=1)[:, :top_k]
+                for row, index in enumerate(indices):
+                    record = records[index]
+                    truth = source.class_names[record.label] if record.label >= 0 else ""
+                    predicted = names[int(labels[row])]
+                    if truth:
+                        labelled += 1
+                        correct += truth == predicted
+                    rows.append({
+                        "path": record.rel_path, "split": record.split, "label": predicted,
+                        "probability": round(float(probabilities[row, labels[row]]), 6),
+                        "top_k": ";".join(f"{names[j]}:{probabilities[row, j]:.4f}" for j in best[row]),
+                        "true_label": truth,
+                    })
+            bar.update(len(indices) + len(failed))
+    for item in summary.skipped:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".jsonl":
+        out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        with open(out, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "split", "label", "probability", "top_k", "true_label"])
+            writer.writeheader()
+            writer.writerows(rows)
+    summary.predicted = len(rows)
+    summary.accuracy = round(correct / labelled, 6) if labelled and set(source.class_names) <= set(names) else None
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary

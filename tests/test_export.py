@@ -1,0 +1,136 @@
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from featurestore import FeatureStore
+from featurestore.export import ExportError, export_onnx
+from featurestore.extract import extract_features
+from featurestore.heads import HeadConfig, train_head
+from featurestore.predict import OnnxClassifier, predict_images
+from featurestore.runtime import ProviderError, make_session
+
+GRID = {"c_min": 1e-3, "c_max": 1e2, "c_points": 6, "n_jobs": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny(fashion_folder_master, tmp_path_factory, lite0_small):
+    folder = tmp_path_factory.mktemp("export")
+    store_path = folder / "lite0.h5"
+    extract_features(fashion_folder_master, store_path, model=lite0_small, workers=0, progress=False)
+    names = ("logreg", "linear_svm", "svm_rbf")
+    heads = {name: train_head(store_path, HeadConfig(head=name, **GRID)) for name in names}
+    return folder, FeatureStore(store_path), heads
+
+
+@pytest.fixture(scope="module")
+def exported(tiny):
+    folder, _, heads = tiny
+    return {name: (folder / f"{name}.onnx", export_onnx(head, folder / f"{name}.onnx")) for name, head in heads.items()}
+
+
+@pytest.mark.parametrize("name", ["logreg", "linear_svm", "svm_rbf"])
+def test_export_is_one_verified_graph(tiny, exported, name):
+    folder, store, heads = tiny
+    path, report = exported[name]
+    assert report["check"]["max_probability_diff"] <= 1e-4 and report["check"]["labels_equal"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(name)) == [f"{name}.onnx",
+                                                                                    f"{name}.onnx.report.json"]
+    model = onnx.load(str(path))
+    assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["featurestore_class_names"]) == store.class_names
+    assert meta["featurestore_fingerprint_hash"] == store.fingerprint_hash
+    ops = {node.op_type for node in model.graph.node}
+    domains = {node.domain for node in model.graph.node}
+    if name != "svm_rbf":  # linear heads: plain operators only, no ai.onnx.ml
+        assert domains <= {""} and "MatMul" in ops and ({"Softmax", "Sigmoid"} & ops)
+    classifier = OnnxClassifier(path, "cpu")
+    for n in (1, 5):  # dynamic batch
+        images = np.random.default_rng(n).integers(0, 256, (n, 3, 64, 64), dtype=np.uint8)
+        probabilities, labels = classifier(images)
+        assert probabilities.shape == (n, 10) and probabilities.dtype == np.float32 and labels.dtype == np.int64
+        with torch.inference_mode():
+            features = heads[name].predict_proba(_features(images))
+        np.testing.assert_allclose(probabilities, features, atol=1e-4)
+
+
+def _features(images):
+    from featurestore.backbones import load_backbone
+
+    model = load_backbone("efficientnet_lite0", image_size=64, crop_pct=1.0)
+    return model(torch.from_numpy(images)).numpy()
+
+
+def test_predictions_agree_with_the_head_on_cached_features(tiny, exported, fashion_folder_master):
+    folder, store, heads = tiny
+    out = folder / "pred.csv"
+    summary = predict_images(exported["logreg"][0], fashion_folder_master, out, split="test", workers=1,
+                             progress=False)
+    assert summary.predicted == 10 and summary.provider == "cpu"
+    rows = {row["path"]: row for row in csv.DictReader(open(out))}
+    X, _, _ = store.load("test")
+    expected = heads["logreg"].predict(X)
+    for path, label in zip(store.paths("test"), expected, strict=True):
+        assert rows[path]["label"] == store.class_names[label]
+        assert len(rows[path]["top_k"].split(";")) == 3
+    truth = [row["true_label"] == row["label"] for row in rows.values()]
+    assert summary.accuracy == pytest.approx(np.mean(truth))
+
+
+def test_predict_skips_bad_images_and_checks_api_input(tiny, exported, tmp_path):
+    from PIL import Image
+
+    Image.new("L", (28, 28), 200).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    out = tmp_path / "pred.jsonl"
+    summary = predict_images(exported["logreg"][0], tmp_path, out, workers=0, progress=False)
+    assert summary.predicted == 1 and summary.skipped[0]["path"] == "broken.png"
+    assert "not an image" in summary.skipped[0]["reason"] or "corrupt" in summary.skipped[0]["reason"]
+    assert json.loads(out.read_text().splitlines()[0])["path"] == "ok.png"
+    classifier = OnnxClassifier(exported["logreg"][0], "cpu")
+    with pytest.raises(TypeError, match="uint8"):
+        classifier(np.zeros((1, 3, 64, 64), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\(N, 3, 64, 64\)"):
+        classifier(np.zeros((1, 3, 32, 32), dtype=np.uint8))
+
+
+def test_provider_is_checked_not_assumed(exported):
+    path = exported["logreg"][0]
+    _, used = make_session(str(path), "auto")
+    if torch.cuda.is_available():
+        assert make_session(str(path), "cuda")[1] == "cuda"
+    else:
+        assert used == "cpu"
+        with pytest.raises(ProviderError, match="CUDA execution provider is not active"):
+            make_session(str(path), "cuda")
+    result = subprocess.run(
+        [sys.executable, "-m", "featurestore.cli", "predict", "--model", str(path), "--data", str(path.parent),
+         "--out", str(path.parent / "x.csv"), "--provider", "cuda", "--no-progress"],
+        capture_output=True, text=True,
+    )
+    if not torch.cuda.is_available():
+        assert result.returncode == 2 and "CUDA execution provider is not active" in result.stderr
+        assert "Failed to load library" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_graph_that_disagrees_fails_the_export(tiny, monkeypatch, tmp_path):
+    from featurestore import export as export_module
+
+    _, _, heads = tiny
+    real = export_module.linear_head_module
+
+    def broken(head):
+        module = real(head)
+        module.bias += 5 * torch.arange(module.bias.shape[-1], dtype=torch.float32)
+        return module
+
+    monkeypatch.setattr(export_module, "linear_head_module", broken)
+    with pytest.raises(ExportError, match="disagrees"):
+        export_onnx(heads["logreg"], tmp_path / "bad.onnx")
+    assert not list(tmp_path.iterdir())
