@@ -35,6 +35,28 @@ class PredictSummary:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+def _preprocessing_of(meta: dict) -> Preprocessing:
+    saved = json.loads(meta["featurestore_preprocessing"])
+    return Preprocessing(**{k: v for k, v in saved.items() if k in ("image_size", "crop_pct", "interpolation",
+                                                                     "mean", "std")})
+
+
+def read_model_metadata(path: str | Path) -> dict[str, str]:
+    """The featurestore metadata of an exported model, read without starting a session."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeaturestoreError(f"{path}: model file not found (run `featurestore export` first)")
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as exc:
+        raise FeaturestoreError(f"{path}: not a readable ONNX model ({exc})") from exc
+    if "featurestore_class_names" not in meta:
+        raise FeaturestoreError(f"{path}: not a featurestore model (no class names in its metadata)")
+    return meta
+
+
 class OnnxClassifier:
     """An exported featurestore model in an onnxruntime session.
 
@@ -42,18 +64,10 @@ class OnnxClassifier:
     """
 
     def __init__(self, path: str | Path, provider: str = "auto"):
-        path = Path(path)
-        if not path.is_file():
-            raise FeaturestoreError(f"{path}: model file not found (run `featurestore export` first)")
+        meta = read_model_metadata(path)
         self.session, self.provider = make_session(str(path), provider)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "featurestore_class_names" not in meta:
-            raise FeaturestoreError(f"{path}: not a featurestore model (no class names in its metadata)")
         self.class_names: list[str] = json.loads(meta["featurestore_class_names"])
-        self.preprocessing = Preprocessing(**{
-            k: v for k, v in json.loads(meta["featurestore_preprocessing"]).items()
-            if k in ("image_size", "crop_pct", "interpolation", "mean", "std")
-        })
+        self.preprocessing = _preprocessing_of(meta)
         self.fingerprint_hash = meta.get("featurestore_fingerprint_hash")
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +95,7 @@ def predict_images(model: str | Path, data: str | Path, out: str | Path, batch_s
     write ``out`` (.csv, or .jsonl): path, split, label, probability, top-k (and the true label if known).
     ``split`` keeps only that split of the source. Unreadable images are skipped with a reason."""
     started = time.perf_counter()
-    classifier = OnnxClassifier(model, provider)
+    meta = read_model_metadata(model)
     data, out = Path(data), Path(out)
     has_class_folders = data.is_dir() and any(p.is_dir() for p in data.iterdir())
     source = scan_source(data) if data.is_file() or has_class_folders else _unlabelled_folder(data)
@@ -89,16 +103,18 @@ def predict_images(model: str | Path, data: str | Path, out: str | Path, batch_s
     if not records:
         raise FeaturestoreError(f"{data}: no images{f' in split {split!r}' if split else ''}")
     loader = DataLoader(
-        DecodedImages([r.path for r in records], classifier.preprocessing), batch_size=batch_size,
+        DecodedImages([r.path for r in records], _preprocessing_of(meta)), batch_size=batch_size,
         num_workers=workers, collate_fn=collate_decoded, prefetch_factor=4 if workers else None,
         worker_init_fn=_lower_worker_priority,
     )
+    batches = iter(loader)  # fork the decoders before the session allocates (see extract._run_model)
+    classifier = OnnxClassifier(model, provider)
     summary = PredictSummary(out=str(out), provider=classifier.provider)
     names = classifier.class_names
     top_k = max(1, min(top_k, len(names)))
     rows, correct, labelled = [], 0, 0
     with progress_bar(len(records), "predict", enabled=progress) as bar:
-        for indices, batch, failed in loader:
+        for indices, batch, failed in batches:
             for index, reason in failed:
                 summary.skipped.append({"path": records[index].rel_path, "reason": reason})
             if batch is not None:
