@@ -134,3 +134,11 @@ def test_a_graph_that_disagrees_fails_the_export(tiny, monkeypatch, tmp_path):
     with pytest.raises(ExportError, match="disagrees"):
         export_onnx(heads["logreg"], tmp_path / "bad.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_onnxruntime_gpu_is_the_only_onnxruntime():
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    assert distribution("onnxruntime-gpu").version
+    with pytest.raises(PackageNotFoundError):
+        distribution("onnxruntime")  # same import name: installing it beside onnxruntime-gpu breaks one of them
