@@ -185,6 +185,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .finetune import FinetuneConfig, finetune
+    from .heads import load_head
+
+    config = FinetuneConfig(
+        unfreeze_blocks=args.unfreeze_blocks, head_lr=args.head_lr, backbone_lr_factor=args.backbone_lr_factor,
+        weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
+        train_batchnorm=args.train_batchnorm, augment=not args.no_augment, seed=args.seed, workers=args.workers,
+    )
+    result = finetune(load_head(args.head), args.data, args.out, config, device=args.device,
+                      progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        print(f"{result.out}: validation accuracy {result.start_val_accuracy:.4f} (linear probe) → "
+              f"{result.best_val_accuracy:.4f} after {result.epochs_run} epochs in {result.seconds:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurestore", description=__doc__)
     parser.add_argument("--version", action="version", version=f"featurestore {__version__}")
@@ -287,6 +308,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune the top blocks of the backbone, starting from a logreg head",
+        description="Unfreeze the top blocks, start the classifier from the linear probe, train with AdamW + "
+                    "cosine schedule and early stopping on val; checkpoints every epoch, a rerun resumes.",
+    )
+    p.add_argument("--head", required=True, help="a logreg HEAD.joblib (the starting classifier)")
+    p.add_argument("--data", required=True, help="ImageFolder with train and val splits")
+    p.add_argument("--out", required=True, help="fine-tuned weights (.pth), usable as extract --weights")
+    p.add_argument("--unfreeze-blocks", type=int, default=2)
+    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr-factor", type=float, default=0.1, help="backbone LR = head LR × this")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--patience", type=int, default=3, help="epochs without val improvement before stopping")
+    p.add_argument("--train-batchnorm", action="store_true", help="let BatchNorm statistics of unfrozen blocks move")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("info", help="describe a feature store", description="Print a feature store's metadata.")
     p.add_argument("store", help="an HDF5 file written by `featurestore extract`")
