@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ImageFolder with train and val splits")
     p.add_argument("--out", required=True, help="fine-tuned weights (.pth), usable as extract --weights")
     p.add_argument("--unfreeze-blocks", type=int, default=2)
-    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--head-lr", type=float, default=3e-4)
     p.add_argument("--backbone-lr-factor", type=float, default=0.1, help="backbone LR = head LR × this")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=8)

@@ -40,7 +40,7 @@ class FinetuneConfig:
     """Hyper-parameters of one fine-tuning run (all part of the checkpoint's identity)."""
 
     unfreeze_blocks: int = 2
-    head_lr: float = 1e-3
+    head_lr: float = 3e-4
     backbone_lr_factor: float = 0.1
     weight_decay: float = 1e-4
     epochs: int = 8
@@ -137,20 +137,37 @@ def train_only_probe(head: TrainedHead):
         return estimator.fit(X.astype(np.float32), y)
 
 
-def probe_weights(estimator) -> tuple[np.ndarray, np.ndarray]:
-    """A fitted scaler + LogisticRegression pipeline as one linear layer on raw features:
-    weight (K, D), bias (K,) float64."""
+def probe_weights(estimator) -> tuple[np.ndarray, np.ndarray, bool]:
+    """A fitted scaler + LogisticRegression pipeline as one linear layer: weight (K, D), bias (K,)
+    float64, and whether features are L2-normalised first (a Normalizer cannot be folded)."""
     classify = estimator.named_steps["classify"]
     scaler = estimator.named_steps["scale"]
     weight, bias = classify.coef_, classify.intercept_
     if weight.shape[0] == 1:  # binary: softmax over [0, d] equals the sigmoid of d
         weight, bias = np.vstack([np.zeros_like(weight), weight]), np.array([0.0, bias[0]])
     if scaler == "passthrough":
-        return weight, bias
-    if type(scaler).__name__ != "StandardScaler":
-        raise FeaturestoreError("fine-tuning needs a logreg head with normalize=standard or none (L2 cannot fold)")
+        return weight, bias, False
+    if type(scaler).__name__ == "Normalizer":
+        return weight, bias, True
     folded = weight / scaler.scale_
-    return folded, bias - folded @ scaler.mean_
+    return folded, bias - folded @ scaler.mean_, False
+
+
+class ProbeClassifier(nn.Module):
+    """The linear probe as the network's ``_fc``: optional L2 normalisation, then ``linear``."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, l2_normalize: bool):
+        super().__init__()
+        self.l2_normalize = l2_normalize
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.tensor(weight, dtype=torch.float32))
+            self.linear.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.l2_normalize:
+            features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return self.linear(features)
 
 
 def trainable_prefixes(network: EfficientNetLite, unfreeze_blocks: int) -> list[str]:
@@ -168,11 +185,7 @@ def build_model(head: TrainedHead, config: FinetuneConfig, probe=None) -> tuple[
     if not fp["backbone"].startswith("efficientnet_lite"):
         raise FeaturestoreError(f"fine-tuning supports the efficientnet_lite backbones, not {fp['backbone']}")
     _, network, _ = load_classifier(fp["backbone"])
-    weight, bias = probe_weights(probe if probe is not None else train_only_probe(head))
-    network._fc = nn.Linear(network.feature_dim, len(head.class_names))
-    with torch.no_grad():
-        network._fc.weight.copy_(torch.tensor(weight, dtype=torch.float32))
-        network._fc.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+    network._fc = ProbeClassifier(*probe_weights(probe if probe is not None else train_only_probe(head)))
     pre = fp["preprocessing"]
     preprocessing = Preprocessing(pre["image_size"], pre["crop_pct"], pre["interpolation"], tuple(pre["mean"]),
                                   tuple(pre["std"]))
@@ -228,9 +241,11 @@ def _save_atomic(obj, path: Path) -> None:
 
 
 def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(),
-             device: str = "auto", progress: bool = True, checkpoint_dir: str | Path | None = None) -> FinetuneResult:
+             device: str = "auto", progress: bool = True, checkpoint_dir: str | Path | None = None,
+             keep_checkpoint: bool = False) -> FinetuneResult:
     """Fine-tune on ``data``'s train split, early-stop on its val split, write the best weights to ``out``
-    (an EfficientNet-Lite state dict usable as ``--weights``), checkpointing every epoch."""
+    (an EfficientNet-Lite state dict usable as ``--weights``), checkpointing every epoch to
+    ``checkpoint_dir/last.pt`` (deleted once finished unless ``keep_checkpoint``)."""
     started = time.perf_counter()
     out = Path(out)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.stem + ".checkpoints")
@@ -322,6 +337,8 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _save_atomic(state["best_state"], out)
+    if not keep_checkpoint:
+        last.unlink(missing_ok=True)  # finished: nothing left to resume
     return FinetuneResult(
         out=str(out), best_val_accuracy=state["best"], start_val_accuracy=state["start_val_accuracy"],
         epochs_run=state["epoch"], stopped_early=stopped_early, history=state["history"],

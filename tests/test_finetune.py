@@ -32,9 +32,10 @@ def test_classifier_starts_as_the_linear_probe(probe, lite0_small):
     start = train_only_probe(head)
     assert start.named_steps["classify"].C == head.C  # the head's chosen C, fitted on train only
     model, _ = build_model(head, CONFIG, probe=start)
-    weight, bias = probe_weights(start)
-    assert torch.equal(model.network._fc.weight, torch.tensor(weight, dtype=torch.float32))
-    assert torch.equal(model.network._fc.bias, torch.tensor(bias, dtype=torch.float32))
+    weight, bias, l2 = probe_weights(start)
+    assert not l2
+    assert torch.equal(model.network._fc.linear.weight, torch.tensor(weight, dtype=torch.float32))
+    assert torch.equal(model.network._fc.linear.bias, torch.tensor(bias, dtype=torch.float32))
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
     model.eval()
     with torch.inference_mode():
@@ -48,7 +49,7 @@ def test_frozen_layers_and_batchnorm_statistics_do_not_move(probe, fashion_folde
     before, trainable = build_model(head, CONFIG)
     start = {k: v.clone() for k, v in before.network.state_dict().items()}
     result = finetune(head, fashion_folder_master, tmp_path / "ft.pth", CONFIG, device="cpu", progress=False,
-                      checkpoint_dir=tmp_path / "ckpt")
+                      checkpoint_dir=tmp_path / "ckpt", keep_checkpoint=True)
     after = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)["model"]  # the last epoch, not the best
     assert result.epochs_run == 2 and len(result.history) == 2
     moved = {k for k in start if not torch.equal(start[k], after[k])}

@@ -41,6 +41,8 @@ class BackboneSpec:
     build: Callable[[], nn.Module]
     weights_file: Callable[[], Path]
     classifier: str
+    # Default weights carry the ImageNet classifier (and must fit it); fine-tuned ones carry their own.
+    imagenet_classifier: bool = True
 
 
 def _lite_weights_file(variant: str) -> Path:
@@ -94,13 +96,53 @@ def _torchvision_spec(name: str) -> BackboneSpec:
     )
 
 
+LOCAL_ENTRIES = "data/finetune/*/backbone.json"  # written by the finetune stage, relative to the project
+
+
+def register_finetuned(name: str, base: str, weights: str | Path) -> BackboneSpec:
+    """Add a fine-tuned backbone: ``base``'s architecture and preprocessing with the checkpoint ``weights``
+    (whose hash enters every fingerprint of its features)."""
+    parent = get_spec(base)
+    path = Path(weights).resolve()
+    spec = BackboneSpec(
+        name=name,
+        description=f"{base} fine-tuned ({path.name})",
+        weights_source=f"fine-tuned checkpoint {path}",
+        preprocessing=parent.preprocessing,
+        feature_dim=parent.feature_dim,
+        build=parent.build,
+        weights_file=lambda: path,
+        classifier=parent.classifier,
+        imagenet_classifier=False,
+    )
+    REGISTRY[name] = spec
+    return spec
+
+
+def discover_local_entries(root: str | Path = ".") -> list[BackboneSpec]:
+    """Register the fine-tuned backbones that the finetune stage recorded under ``root``."""
+    import json
+
+    found = []
+    for entry in sorted(Path(root).glob(LOCAL_ENTRIES)):
+        record = json.loads(entry.read_text())
+        weights = entry.parent / record["weights"]
+        if weights.is_file() and record["name"] not in REGISTRY:
+            found.append(register_finetuned(record["name"], record["base"], weights))
+    return found
+
+
 def list_backbones() -> list[BackboneSpec]:
-    """The built-in entries (torchvision models are added on demand as ``tv:<model>``)."""
+    """The built-in entries and the fine-tuned ones found in this project (torchvision models are
+    added on demand as ``tv:<model>``)."""
+    discover_local_entries()
     return list(REGISTRY.values())
 
 
 def get_spec(name: str) -> BackboneSpec:
     """Look a backbone up by name; unknown names raise an error that lists the known ones."""
+    if name not in REGISTRY and not name.startswith(tv.PREFIX):
+        discover_local_entries()
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith(tv.PREFIX):
@@ -121,7 +163,8 @@ def load_classifier(name: str, weights: str | Path | None = None) -> tuple[Backb
     path = Path(weights) if weights is not None else spec.weights_file()
     model = spec.build()
     # The packaged ImageNet weights must fit completely; a user checkpoint may lack the classifier.
-    load_strict(model, read_state_dict(path), str(path), classifier=spec.classifier if weights else None)
+    exempt = weights is not None or not spec.imagenet_classifier
+    load_strict(model, read_state_dict(path), str(path), classifier=spec.classifier if exempt else None)
     return spec, model.eval(), path
 
 

@@ -61,7 +61,7 @@ def load_strict(
         return classifier is not None and key.startswith(classifier + ".")
 
     missing = [k for k in expected if k not in state and not is_classifier(k)]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = [k for k in state if k not in expected and not is_classifier(k)]
     wrong_shape = [
         f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
         for k in expected
@@ -75,6 +75,6 @@ def load_strict(
                 parts.append(f"{label}: {shown}")
         raise WeightsMismatchError(f"{source}: checkpoint does not fit the architecture; " + "; ".join(parts))
     usable = {
-        k: v for k, v in state.items() if not (is_classifier(k) and v.shape != expected[k].shape)
+        k: v for k, v in state.items() if not (is_classifier(k) and (k not in expected or v.shape != expected[k].shape))
     }
     model.load_state_dict(usable, strict=False)  # completeness was checked above
