@@ -206,6 +206,23 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curve(args: argparse.Namespace) -> int:
+    from .curve import accuracy_table, run_curve
+    from .finetune import FinetuneConfig
+    from .heads import load_head
+
+    common = {"epochs": args.epochs, "batch_size": args.batch_size, "patience": args.patience,
+              "seed": args.seed, "workers": args.workers}
+    result = run_curve(
+        load_head(args.head), args.data, args.out, args.budgets,
+        FinetuneConfig(unfreeze_blocks=args.unfreeze_blocks, head_lr=args.head_lr, **common),
+        FinetuneConfig(from_scratch=True, head_lr=args.scratch_lr, **common),
+        device=args.device, progress=not args.no_progress,
+    )
+    print(json.dumps(result) if args.json else accuracy_table(result["points"]), end="" if not args.json else "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurestore", description=__doc__)
     parser.add_argument("--version", action="version", version=f"featurestore {__version__}")
@@ -332,6 +349,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser(
+        "curve", help="scratch vs linear probe vs probe-then-fine-tune at several label budgets",
+        description="Train the three methods per labels-per-class budget; write curve.json, CSV and plots.",
+    )
+    p.add_argument("--head", required=True, help="the logreg HEAD.joblib of the cache (its store holds the splits)")
+    p.add_argument("--data", required=True, help="the ImageFolder the cache was extracted from")
+    p.add_argument("--out", default="data/reports/curve", help="output folder")
+    p.add_argument("--budgets", type=int, nargs="+", default=[10, 100], help="labels per class")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--unfreeze-blocks", type=int, default=2)
+    p.add_argument("--head-lr", type=float, default=3e-4, help="fine-tuning head LR (backbone: × 0.1)")
+    p.add_argument("--scratch-lr", type=float, default=2e-3, help="learning rate of the from-scratch baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_curve)
 
     p = sub.add_parser("info", help="describe a feature store", description="Print a feature store's metadata.")
     p.add_argument("store", help="an HDF5 file written by `featurestore extract`")

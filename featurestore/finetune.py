@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import load_classifier
+from .backbones import get_spec, load_classifier
 from .backbones.efficientnet_lite import EfficientNetLite
 from .console import progress_bar
 from .data import ImageRecord, load_image, scan_source
@@ -51,6 +51,9 @@ class FinetuneConfig:
     crop_scale_min: float = 0.6
     seed: int = 0
     workers: int = 1
+    # The baseline: the same architecture from random weights, every layer and BN statistic training
+    # at head_lr (unfreeze_blocks, backbone_lr_factor and train_batchnorm are then ignored).
+    from_scratch: bool = False
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -184,11 +187,21 @@ def build_model(head: TrainedHead, config: FinetuneConfig, probe=None) -> tuple[
     fp = head.fingerprint
     if not fp["backbone"].startswith("efficientnet_lite"):
         raise FeaturestoreError(f"fine-tuning supports the efficientnet_lite backbones, not {fp['backbone']}")
-    _, network, _ = load_classifier(fp["backbone"])
-    network._fc = ProbeClassifier(*probe_weights(probe if probe is not None else train_only_probe(head)))
     pre = fp["preprocessing"]
     preprocessing = Preprocessing(pre["image_size"], pre["crop_pct"], pre["interpolation"], tuple(pre["mean"]),
                                   tuple(pre["std"]))
+    if config.from_scratch:
+        torch.manual_seed(config.seed)
+        network = get_spec(fp["backbone"]).build()
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                # TF's 0.99 decay suits long runs; a short from-scratch run needs statistics that keep up.
+                module.momentum = 0.1
+        k, d = len(head.class_names), network.feature_dim
+        network._fc = ProbeClassifier(np.random.default_rng(config.seed).normal(0, 0.01, (k, d)), np.zeros(k), False)
+        return FinetuneNet(network, preprocessing), [name for name, _ in network.named_parameters()]
+    _, network, _ = load_classifier(fp["backbone"])
+    network._fc = ProbeClassifier(*probe_weights(probe if probe is not None else train_only_probe(head)))
     prefixes = trainable_prefixes(network, config.unfreeze_blocks)
     trainable = []
     for name, parameter in network.named_parameters():
@@ -205,6 +218,8 @@ def set_train_mode(model: FinetuneNet, config: FinetuneConfig) -> None:
     """Train mode for dropout and trainable layers; every BatchNorm stays in eval (frozen statistics)
     unless ``train_batchnorm``, and BatchNorms of frozen blocks always stay in eval."""
     model.train()
+    if config.from_scratch:
+        return
     prefixes = trainable_prefixes(model.network, config.unfreeze_blocks)
     for name, module in model.network.named_modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -242,10 +257,13 @@ def _save_atomic(obj, path: Path) -> None:
 
 def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(),
              device: str = "auto", progress: bool = True, checkpoint_dir: str | Path | None = None,
-             keep_checkpoint: bool = False) -> FinetuneResult:
+             keep_checkpoint: bool = False, train_per_class: int | None = None, probe=None) -> FinetuneResult:
     """Fine-tune on ``data``'s train split, early-stop on its val split, write the best weights to ``out``
     (an EfficientNet-Lite state dict usable as ``--weights``), checkpointing every epoch to
-    ``checkpoint_dir/last.pt`` (deleted once finished unless ``keep_checkpoint``)."""
+    ``checkpoint_dir/last.pt`` (deleted once finished unless ``keep_checkpoint``).
+
+    ``train_per_class`` trains on a nested subset of that many train images per class (as the plateau
+    curve does); ``probe`` replaces the starting classifier (default: the head refitted on train)."""
     started = time.perf_counter()
     out = Path(out)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.stem + ".checkpoints")
@@ -255,6 +273,10 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     if source.class_names != head.class_names:
         raise FeaturestoreError(f"{data}: classes {source.class_names} differ from the head's {head.class_names}")
     train = [r for r in source.records if r.split == "train"]
+    if train_per_class is not None:
+        from .plateau import nested_subset
+
+        train = [train[i] for i in nested_subset(np.array([r.label for r in train]), train_per_class, config.seed)]
     val = [r for r in source.records if r.split == "val"]
     if not train or not val:
         raise FeaturestoreError(f"{data}: fine-tuning needs train and val splits")
@@ -262,12 +284,13 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    model, trainable = build_model(head, config)
+    model, trainable = build_model(head, config, probe=probe)
     model.to(torch_device)
     backbone_params = [p for n, p in model.network.named_parameters() if p.requires_grad and not n.startswith("_fc.")]
     optimizer = torch.optim.AdamW(
         [{"params": list(model.network._fc.parameters()), "lr": config.head_lr},
-         {"params": backbone_params, "lr": config.head_lr * config.backbone_lr_factor}],
+         {"params": backbone_params,
+          "lr": config.head_lr * (1.0 if config.from_scratch else config.backbone_lr_factor)}],
         weight_decay=config.weight_decay,
     )
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
@@ -277,12 +300,13 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     val_loader = DataLoader(TrainImages(val, model.preprocessing, False, 1.0), batch_size=64,
                             num_workers=config.workers)
 
+    run_key = config.key() + f"|train_per_class={train_per_class}"
     state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": [], "best_state": None}
     last = checkpoints / "last.pt"
     resumed_from = 0
     if last.is_file():
         saved = torch.load(last, map_location="cpu", weights_only=False)
-        if saved.get("config") == config.key() and saved.get("head") == head.fingerprint_hash + head.name:
+        if saved.get("config") == run_key and saved.get("head") == head.fingerprint_hash + head.name:
             model.network.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -327,7 +351,7 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        _save_atomic({"config": config.key(), "head": head.fingerprint_hash + head.name,
+        _save_atomic({"config": run_key, "head": head.fingerprint_hash + head.name,
                       "model": model.network.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state}, last)
         log.info("epoch %d: train loss %.4f, val accuracy %.4f", epoch, state["history"][-1]["train_loss"], accuracy)

@@ -97,3 +97,29 @@ def test_finetuned_weights_extract_into_their_own_store(probe, fashion_folder_ma
     extract_features(fashion_folder_master, out, "efficientnet_lite0", weights=tmp_path / "ft.pth",
                      image_size=64, crop_pct=1.0, workers=0, progress=False)
     assert FeatureStore(out).fingerprint_hash != FeatureStore(store).fingerprint_hash
+
+
+def test_curve_trains_three_methods_per_budget(probe, fashion_folder_master, tmp_path):
+    from featurestore.curve import METHODS, run_curve
+
+    head, _ = probe
+    short = {"epochs": 1, "batch_size": 8, "patience": 2, "workers": 0}
+    result = run_curve(head, fashion_folder_master, tmp_path, [1, 2], FinetuneConfig(unfreeze_blocks=1, **short),
+                       FinetuneConfig(from_scratch=True, head_lr=2e-3, **short), device="cpu")
+    points = {(p["labels_per_class"], p["method"]): p for p in result["points"]}
+    assert set(points) == {(b, m) for b in (1, 2) for m in METHODS}
+    for point in points.values():
+        assert 0.0 <= point["test_accuracy"] <= 1.0 and point["seconds"] >= 0
+        assert point["n_train"] == 10 * point["labels_per_class"]
+    saved = json.loads((tmp_path / "curve.json").read_text())
+    assert saved["points"] == result["points"]
+    assert (tmp_path / "curve_labels.png").is_file() and (tmp_path / "curve_seconds.png").is_file()
+    assert not list(tmp_path.glob("*.pth")) and not list(tmp_path.glob("*.checkpoints"))
+
+
+def test_scratch_baseline_starts_from_random_weights_and_trains_everything(probe):
+    head, _ = probe
+    model, trainable = build_model(head, FinetuneConfig(from_scratch=True))
+    pretrained, _ = build_model(head, CONFIG)
+    assert len(trainable) == len(list(model.network.named_parameters()))
+    assert not torch.equal(model.network._conv_stem.weight, pretrained.network._conv_stem.weight)

@@ -35,6 +35,7 @@ def project(tmp_path) -> Path:
     params["train_head"]["sweep"].update(c_points=6, c_min=1e-3, c_max=1e2, n_jobs=1)
     params["plateau"]["budgets"] = [1, 2]
     params["finetune"].update(mode="always", epochs=1, batch_size=8, workers=0)
+    params["curve"].update(budgets=[1, 2], epochs=1, batch_size=8, workers=0)
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
     return copy
@@ -50,7 +51,8 @@ def dvc(project: Path, *args: str) -> str:
 def test_dvc_repro_builds_everything_then_does_nothing_and_head_params_rerun_only_heads(project):
     first = dvc(project, "repro")
     for stage in ("prepare", "extract@efficientnet_lite0", "train_head@efficientnet_lite0-logreg",
-                  "train_head@efficientnet_lite0-svm_rbf", "finetune@efficientnet_lite0", "evaluate",
+                  "train_head@efficientnet_lite0-svm_rbf", "finetune@efficientnet_lite0", "curve@efficientnet_lite0",
+                  "evaluate",
                   "export@efficientnet_lite0-logreg", "predict@efficientnet_lite0-svm_rbf"):
         assert f"Running stage '{stage}'" in first
     store_path = project / "data" / "features" / "efficientnet_lite0.h5"
@@ -68,6 +70,8 @@ def test_dvc_repro_builds_everything_then_does_nothing_and_head_params_rerun_onl
     assert decision["finetuned"] and decision["reason"] == "mode is always"
     assert set(metrics) == {"efficientnet_lite0__logreg", "efficientnet_lite0__svm_rbf",
                             "efficientnet_lite0_ft__logreg", "efficientnet_lite0_ft__svm_rbf"}  # frozen vs fine-tuned
+    curve = json.loads((project / "data" / "reports" / "curve" / "efficientnet_lite0" / "curve.json").read_text())
+    assert {p["method"] for p in curve["points"]} == {"scratch", "linear_probe", "probe_finetune"}
     ft_store = FeatureStore(project / "data" / "finetune" / "efficientnet_lite0" / "features.h5")
     assert ft_store.fingerprint["backbone"] == "efficientnet_lite0_ft"
     assert ft_store.fingerprint["weights_sha256"] != store.fingerprint["weights_sha256"]
