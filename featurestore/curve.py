@@ -104,10 +104,12 @@ def plot_curves(points: list[dict], out: Path) -> None:
     for x_key, name, label in (("labels_per_class", "curve_labels.png", "labels per class"),
                                ("seconds", "curve_seconds.png", "training wall-clock (s)")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for method in METHODS:
+        styles = {"scratch": ("o", "-"), "linear_probe": ("s", "-"), "probe_finetune": ("^", "--")}
+        for method in METHODS:  # distinct markers and dashes: the probe and its fine-tune can coincide
             series = sorted((p[x_key], p["test_accuracy"]) for p in points if p["method"] == method)
             if series:
-                ax.plot(*zip(*series, strict=True), marker="o", label=method.replace("_", " "))
+                marker, line = styles[method]
+                ax.plot(*zip(*series, strict=True), marker=marker, linestyle=line, label=method.replace("_", " "))
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
