@@ -24,7 +24,7 @@ from torch import nn
 from .backbones import FeatureModel, load_backbone
 from .engines import ONNX_OPSET, export_feature_model
 from .errors import FeaturestoreError
-from .heads import TrainedHead, load_head
+from .heads import TrainedHead, fold_scaler, load_head
 
 log = logging.getLogger("featurestore")
 
@@ -33,19 +33,6 @@ MAX_PROBABILITY_DIFF = 1e-4
 
 class ExportError(FeaturestoreError):
     """The exported graph does not reproduce the Python pipeline, or cannot be built."""
-
-
-def _fold_scaler(head: TrainedHead, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Fold a StandardScaler into (weight (..., K, D), bias (..., K)); report whether an L2 step remains."""
-    scaler = head.estimator.named_steps["scale"]
-    if scaler == "passthrough":
-        return weight, bias, False
-    if type(scaler).__name__ == "Normalizer":
-        return weight, bias, True
-    mean = scaler.mean_ if scaler.with_mean else np.zeros(head.feature_dim)
-    scale = scaler.scale_ if scaler.with_std else np.ones(head.feature_dim)
-    folded = weight / scale
-    return folded, bias - folded @ mean, False
 
 
 class LinearProbabilities(nn.Module):
@@ -86,14 +73,14 @@ def linear_head_module(head: TrainedHead) -> LinearProbabilities:
     if len(head.class_names) < 3:
         raise ExportError("linear heads are exported for 3 or more classes; use svm_rbf (skl2onnx) for 2")
     if head.config.head == "logreg":
-        weight, bias, l2 = _fold_scaler(head, classify.coef_[None], classify.intercept_[None])
+        weight, bias, l2 = fold_scaler(head.estimator, classify.coef_[None], classify.intercept_[None])
         return LinearProbabilities(weight, bias, l2)
     folds = classify.calibrated_classifiers_
     weight = np.stack([fold.estimator.coef_ for fold in folds])
     bias = np.stack([fold.estimator.intercept_ for fold in folds])
     a = np.array([[c.a_ for c in fold.calibrators] for fold in folds])
     b = np.array([[c.b_ for c in fold.calibrators] for fold in folds])
-    weight, bias, l2 = _fold_scaler(head, weight, bias)
+    weight, bias, l2 = fold_scaler(head.estimator, weight, bias)
     return LinearProbabilities(weight, bias, l2, calibration=(a, b))
 
 

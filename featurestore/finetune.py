@@ -30,7 +30,7 @@ from .console import progress_bar
 from .data import ImageRecord, load_image, scan_source
 from .devices import resolve_device
 from .errors import FeaturestoreError
-from .heads import TrainedHead
+from .heads import TrainedHead, fold_scaler
 from .preprocess import INTERPOLATIONS, Preprocessing
 
 log = logging.getLogger("featurestore")
@@ -144,16 +144,10 @@ def probe_weights(estimator) -> tuple[np.ndarray, np.ndarray, bool]:
     """A fitted scaler + LogisticRegression pipeline as one linear layer: weight (K, D), bias (K,)
     float64, and whether features are L2-normalised first (a Normalizer cannot be folded)."""
     classify = estimator.named_steps["classify"]
-    scaler = estimator.named_steps["scale"]
     weight, bias = classify.coef_, classify.intercept_
     if weight.shape[0] == 1:  # binary: softmax over [0, d] equals the sigmoid of d
         weight, bias = np.vstack([np.zeros_like(weight), weight]), np.array([0.0, bias[0]])
-    if scaler == "passthrough":
-        return weight, bias, False
-    if type(scaler).__name__ == "Normalizer":
-        return weight, bias, True
-    folded = weight / scaler.scale_
-    return folded, bias - folded @ scaler.mean_, False
+    return fold_scaler(estimator, weight, bias)
 
 
 class ProbeClassifier(nn.Module):
@@ -187,9 +181,7 @@ def build_model(head: TrainedHead, config: FinetuneConfig, probe=None) -> tuple[
     fp = head.fingerprint
     if not fp["backbone"].startswith("efficientnet_lite"):
         raise FeaturestoreError(f"fine-tuning supports the efficientnet_lite backbones, not {fp['backbone']}")
-    pre = fp["preprocessing"]
-    preprocessing = Preprocessing(pre["image_size"], pre["crop_pct"], pre["interpolation"], tuple(pre["mean"]),
-                                  tuple(pre["std"]))
+    preprocessing = Preprocessing.from_dict(fp["preprocessing"])
     if config.from_scratch:
         torch.manual_seed(config.seed)
         network = get_spec(fp["backbone"]).build()

@@ -153,6 +153,24 @@ def build_estimator(config: HeadConfig, C: float) -> Pipeline:
     return Pipeline([("scale", _scaler(config.normalize)), ("classify", classifier)])
 
 
+def fold_scaler(estimator: Pipeline, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Fold the pipeline's scaler into linear decisions ``x @ weight.T + bias`` on scaled features.
+
+    weight (..., K, D) and bias (..., K) float. Returns the weight and bias for raw features, and
+    whether an L2 normalisation must still run first (a Normalizer cannot be folded).
+    """
+    scaler = estimator.named_steps["scale"]
+    if scaler == "passthrough":
+        return weight, bias, False
+    if isinstance(scaler, Normalizer):
+        return weight, bias, True
+    dim = weight.shape[-1]
+    mean = scaler.mean_ if scaler.with_mean else np.zeros(dim)
+    scale = scaler.scale_ if scaler.with_std else np.ones(dim)
+    folded = weight / scale
+    return folded, bias - folded @ mean, False
+
+
 def describe(fingerprint: dict) -> str:
     """A short human description of a store fingerprint, e.g. ``efficientnet_lite0, 112 px, float32``."""
     size = fingerprint.get("preprocessing", {}).get("image_size")

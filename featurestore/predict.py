@@ -36,9 +36,7 @@ class PredictSummary:
 
 
 def _preprocessing_of(meta: dict) -> Preprocessing:
-    saved = json.loads(meta["featurestore_preprocessing"])
-    return Preprocessing(**{k: v for k, v in saved.items() if k in ("image_size", "crop_pct", "interpolation",
-                                                                     "mean", "std")})
+    return Preprocessing.from_dict(json.loads(meta["featurestore_preprocessing"]))
 
 
 def read_model_metadata(path: str | Path) -> dict[str, str]:
@@ -63,8 +61,8 @@ class OnnxClassifier:
     Call with uint8 images (N, 3, S, S) → probabilities (N, K) float32, labels (N,) int64.
     """
 
-    def __init__(self, path: str | Path, provider: str = "auto"):
-        meta = read_model_metadata(path)
+    def __init__(self, path: str | Path, provider: str = "auto", meta: dict[str, str] | None = None):
+        meta = meta if meta is not None else read_model_metadata(path)
         self.session, self.provider = make_session(str(path), provider)
         self.class_names: list[str] = json.loads(meta["featurestore_class_names"])
         self.preprocessing = _preprocessing_of(meta)
@@ -108,7 +106,7 @@ def predict_images(model: str | Path, data: str | Path, out: str | Path, batch_s
         worker_init_fn=_lower_worker_priority,
     )
     batches = iter(loader)  # fork the decoders before the session allocates (see extract._run_model)
-    classifier = OnnxClassifier(model, provider)
+    classifier = OnnxClassifier(model, provider, meta)
     summary = PredictSummary(out=str(out), provider=classifier.provider)
     names = classifier.class_names
     top_k = max(1, min(top_k, len(names)))

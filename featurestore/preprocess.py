@@ -62,6 +62,17 @@ class Preprocessing:
         d["crop"] = "center"
         return d
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> Preprocessing:
+        """The inverse of :meth:`as_dict` (derived keys such as ``resize_size`` are recomputed)."""
+        return cls(
+            image_size=int(saved["image_size"]),
+            crop_pct=float(saved["crop_pct"]),
+            interpolation=saved["interpolation"],
+            mean=tuple(float(v) for v in saved["mean"]),
+            std=tuple(float(v) for v in saved["std"]),
+        )
+
     def as_json(self) -> str:
         return json.dumps(self.as_dict(), sort_keys=True)
 

@@ -122,3 +122,8 @@ def test_grayscale_fast_path_equals_rgb_conversion(fashion_folder):
     fast, slow = pre(load_image(path)), pre(load_rgb(path))
     assert fast.shape == (3, 50, 50) and fast.dtype == slow.dtype
     assert bool((fast == slow).all())
+
+
+def test_preprocessing_round_trips_through_its_saved_dict():
+    pre = Preprocessing(image_size=50, crop_pct=0.9, interpolation="bilinear", mean=(0.1, 0.2, 0.3), std=(1, 2, 3))
+    assert Preprocessing.from_dict(pre.as_dict()) == pre
