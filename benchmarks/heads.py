@@ -5,10 +5,13 @@
 1. The full default logistic-regression C sweep (34 values of C from 1e-6 to 1e5, warm-started,
    parallel segments) on 10,000 × 1,280 float32 EfficientNet-Lite0 features of real Fashion-MNIST
    training images (10 classes), scored on 1,000 validation images. Target: under 60 s.
-2. In a throwaway copy of this project with the default params.yaml: a cold `dvc repro evaluate`
-   (prepare → extract → train_head → evaluate; empty ONNX cache, nothing extracted), then the same
-   command after editing one head's params (train_head.logreg.normalize): the head-only rerun.
-   Prints both times and their ratio. Target: under 5%.
+2. In a throwaway copy of this project with the default params.yaml: a cold `dvc repro` (the whole
+   default pipeline, as `make repro` runs it; empty ONNX cache, nothing extracted), then the same
+   command after editing one head's params (train_head.logreg.normalize): the head-only rerun, which
+   runs that head's stages (train, evaluate, export, predict), the fine-tune decision and the summary.
+   Prints both times, their ratio (target: under 5%) and the stages the rerun ran.
+3. The same on the part of the pipeline the head experiment loop needs, `dvc repro evaluate`
+   (prepare → extract → heads → plateau → finetune decision → evaluate): reported, no target.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,16 +56,17 @@ def sweep_benchmark(workdir: Path) -> dict:
     }
 
 
-def run_dvc(project: Path, env: dict) -> float:
+def run_dvc(project: Path, env: dict, *targets: str) -> tuple[float, list[str]]:
+    """Seconds of one `dvc repro [targets]` and the stages it ran."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dvc", "repro", "evaluate"], cwd=project, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=project, env=env, check=True,
+                            capture_output=True, text=True)
+    return time.perf_counter() - started, re.findall(r"Running stage '([^']+)'", result.stdout)
 
 
-def pipeline_benchmark(workdir: Path) -> dict:
+def copy_project(workdir: Path) -> Path:
     project = workdir / "project"
-    project.mkdir()
+    project.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", "pipelines", "featurestore", ".dvc"):
         source = ROOT / name
         if source.is_dir():
@@ -69,15 +74,22 @@ def pipeline_benchmark(workdir: Path) -> dict:
         else:
             shutil.copy(source, project / name)
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    return project
+
+
+def head_rerun_benchmark(workdir: Path, *targets: str) -> dict:
+    """Cold `dvc repro [targets]` in a fresh copy (empty caches), then the rerun after a head-param edit."""
+    project = copy_project(workdir)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "FEATURESTORE_CACHE": str(workdir / "cold-cache")}
-    cold = run_dvc(project, env)
+    cold, cold_stages = run_dvc(project, env, *targets)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train_head"]["logreg"]["normalize"] = "l2"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    head_only = run_dvc(project, env)
-    return {"cold_repro_seconds": round(cold, 1), "head_only_rerun_seconds": round(head_only, 1),
-            "head_only_vs_cold": round(head_only / cold, 3)}
+    head_only, rerun_stages = run_dvc(project, env, *targets)
+    return {"command": " ".join(["dvc repro", *targets]), "cold_repro_seconds": round(cold, 1),
+            "cold_stages": len(cold_stages), "head_only_rerun_seconds": round(head_only, 1),
+            "head_only_vs_cold": round(head_only / cold, 3), "rerun_stages": rerun_stages}
 
 
 def main() -> None:
@@ -89,10 +101,11 @@ def main() -> None:
         print(f"logreg C sweep: {figures['sweep_points']} values of C on {figures['sweep_rows']} × "
               f"{figures['sweep_dim']} {figures['sweep_dtype']} in {figures['sweep_seconds']:.1f} s (target < 60 s)")
         if not args.skip_pipeline:
-            figures.update(pipeline_benchmark(Path(tmp)))
-            print(f"cold dvc repro {figures['cold_repro_seconds']:.1f} s, head-only rerun "
-                  f"{figures['head_only_rerun_seconds']:.1f} s: ratio {figures['head_only_vs_cold']:.3f}"
-                  " (target < 0.05)")
+            for key, targets, target in (("pipeline", (), " (target < 0.05)"), ("evaluate", ("evaluate",), "")):
+                run = figures[key] = head_rerun_benchmark(Path(tmp) / key, *targets)
+                print(f"cold `{run['command']}` {run['cold_repro_seconds']:.1f} s ({run['cold_stages']} stages), "
+                      f"head-only rerun {run['head_only_rerun_seconds']:.1f} s: ratio "
+                      f"{run['head_only_vs_cold']:.3f}{target}\n  rerun ran: {', '.join(run['rerun_stages'])}")
     print(json.dumps(figures))
 
 

@@ -140,8 +140,9 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .heads import load_head
-    from .reports import comparison_table, write_reports
+    from .reports import write_reports
     from .store import FeatureStore
+    from .summary import comparison_table
 
     heads = [load_head(path) for path in args.heads]
     stores: dict[str, FeatureStore] = {}
@@ -207,17 +208,20 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_curve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .curve import accuracy_table, run_curve
     from .finetune import FinetuneConfig
-    from .heads import load_head
+    from .plateau import CURVE_HEAD
 
     common = {"epochs": args.epochs, "batch_size": args.batch_size, "patience": args.patience,
               "seed": args.seed, "workers": args.workers}
     result = run_curve(
-        load_head(args.head), args.data, args.out, args.budgets,
+        args.features, args.data, args.out, args.budgets,
         FinetuneConfig(unfreeze_blocks=args.unfreeze_blocks, head_lr=args.head_lr, **common),
         FinetuneConfig(from_scratch=True, head_lr=args.scratch_lr, **common),
-        device=args.device, progress=not args.no_progress,
+        probe_config=replace(CURVE_HEAD, normalize=args.normalize), device=args.device,
+        progress=not args.no_progress,
     )
     print(json.dumps(result) if args.json else accuracy_table(result["points"]), end="" if not args.json else "\n")
     return 0
@@ -354,9 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
         "curve", help="scratch vs linear probe vs probe-then-fine-tune at several label budgets",
         description="Train the three methods per labels-per-class budget; write curve.json, CSV and plots.",
     )
-    p.add_argument("--head", required=True, help="the logreg HEAD.joblib of the cache (its store holds the splits)")
+    p.add_argument("--features", required=True, help="FILE.h5: the cache of DATA (train, val and test splits)")
     p.add_argument("--data", required=True, help="the ImageFolder the cache was extracted from")
     p.add_argument("--out", default="data/reports/curve", help="output folder")
+    p.add_argument("--normalize", choices=("standard", "l2", "none"), default="standard",
+                   help="feature scaling of the linear probe")
     p.add_argument("--budgets", type=int, nargs="+", default=[10, 100], help="labels per class")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32)

@@ -14,7 +14,6 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,8 +23,8 @@ from torch.utils.data import DataLoader
 from .data import scan_source
 from .devices import resolve_device
 from .finetune import FinetuneConfig, TrainImages, _accuracy, build_model, finetune
-from .heads import TrainedHead, build_estimator, choose_c, sweep_c
-from .plateau import nested_subset
+from .heads import HeadConfig, TrainedHead, build_estimator, choose_c, sweep_c
+from .plateau import CURVE_HEAD, nested_subset
 from .store import FeatureStore
 
 METHODS = ("scratch", "linear_probe", "probe_finetune")
@@ -44,14 +43,17 @@ def _test_accuracy(head: TrainedHead, config: FinetuneConfig, weights: Path, dat
     return _accuracy(model, loader, torch_device)
 
 
-def run_curve(head: TrainedHead, data: str | Path, out: str | Path, budgets: list[int],
-              finetune_config: FinetuneConfig, scratch_config: FinetuneConfig, device: str = "auto",
-              progress: bool = False) -> dict:
-    """Train the three methods at every budget; write ``out``/curve.json, curve.csv and PNGs."""
+def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Path, budgets: list[int],
+              finetune_config: FinetuneConfig, scratch_config: FinetuneConfig, probe_config: HeadConfig = CURVE_HEAD,
+              device: str = "auto", progress: bool = False) -> dict:
+    """Train the three methods at every budget; write ``out``/curve.json, curve.csv and PNGs.
+
+    ``store`` holds the cached features of the images in ``data`` (train, val and test splits);
+    ``probe_config`` (a logreg config) says how each budget's linear probe is trained.
+    """
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    store = FeatureStore(head.store_path)
-    head.check_store(store)
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     X, y, _ = store.load("train")
     Xv, yv, _ = store.load("val")
     Xt, yt, _ = store.load("test")
@@ -59,16 +61,15 @@ def run_curve(head: TrainedHead, data: str | Path, out: str | Path, budgets: lis
     for budget in budgets:
         rows = nested_subset(y, budget, finetune_config.seed)
         started = time.perf_counter()
-        config = replace(head.config, c_points=12)
-        C = choose_c(sweep_c(config, X[rows], y[rows], Xv, yv))
-        probe = build_estimator(config, C)
+        C = choose_c(sweep_c(probe_config, X[rows], y[rows], Xv, yv))
+        probe = build_estimator(probe_config, C)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             probe.fit(X[rows], y[rows])
         probe_seconds = time.perf_counter() - started
         points.append({"labels_per_class": budget, "method": "linear_probe", "n_train": int(len(rows)),
                        "test_accuracy": float(probe.score(Xt, yt)), "seconds": round(probe_seconds, 2), "C": C})
-        budget_head = replace(head, estimator=probe, C=C)
+        budget_head = TrainedHead.fitted_on(store, probe, probe_config, C, n_train=int(len(rows)))
         for method, config in (("probe_finetune", finetune_config), ("scratch", scratch_config)):
             weights = out / f"{method}_{budget}.pth"
             result = finetune(budget_head, data, weights, config, device=device, progress=progress,
@@ -83,7 +84,8 @@ def run_curve(head: TrainedHead, data: str | Path, out: str | Path, budgets: lis
             })
             weights.unlink()
             shutil.rmtree(out / f"{method}_{budget}.checkpoints", ignore_errors=True)
-    result = {"backbone": head.backbone, "budgets": budgets, "points": points,
+    result = {"backbone": store.fingerprint["backbone"], "budgets": budgets, "points": points,
+              "probe": probe_config.__dict__,
               "finetune": finetune_config.__dict__, "scratch": scratch_config.__dict__}
     (out / "curve.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out / "curve.csv", "w", newline="") as handle:

@@ -85,6 +85,15 @@ def onnx_path_for(model: FeatureModel) -> Path:
     return cache_dir() / f"{model.name.replace(':', '_')}-{model.preprocessing.image_size}px-{digest}.onnx"
 
 
+def cached_feature_graph(model: FeatureModel) -> Path:
+    """The model's ONNX graph (see :func:`export_feature_model`) from the cache, exported on first use."""
+    path = onnx_path_for(model)
+    if not path.is_file():
+        log.info("exporting %s to ONNX once (%s)", model.name, path)
+        export_feature_model(model, path)
+    return path
+
+
 class OnnxRuntimeEngine:
     """onnxruntime on the CPU provider. Call: uint8 (B, 3, S, S) → float32 numpy (B, D)."""
 
@@ -93,10 +102,7 @@ class OnnxRuntimeEngine:
     def __init__(self, model: FeatureModel):
         from .runtime import make_session
 
-        path = onnx_path_for(model)
-        if not path.is_file():
-            log.info("exporting %s to ONNX once (%s)", model.name, path)
-            export_feature_model(model, path)
+        path = cached_feature_graph(model)
         # No spinning threads (make_session): they starve the DataLoader workers on a small CPU.
         self.session, _ = make_session(str(path), "cpu")
         self.path = path

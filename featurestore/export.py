@@ -1,99 +1,127 @@
 """One ONNX graph for backbone + head: uint8 images in, class probabilities and labels out.
 
-Linear heads (logreg, linear SVM) become torch modules with the scaler folded into the weights and
-are exported together with the backbone, so the graph holds only plain operators (Conv, MatMul,
-Add, Softmax/Sigmoid, ArgMax) that every execution provider runs. The RBF SVM is converted by
-skl2onnx and merged behind the backbone's graph. Every export is checked against the Python
-pipeline (torch backbone + scikit-learn head) before it is kept.
+The backbone's graph is the one extraction already exported and cached (engines.py), so an export
+after a head change costs no new trace of the network. The head's graph is appended behind it:
+linear heads (logreg, linear SVM) are written here as plain operators (Gemm, Softmax/Sigmoid,
+ArgMax) with the scaler folded into the weights, which every execution provider runs; the RBF SVM
+is converted by skl2onnx. Every export is checked against the Python pipeline (torch backbone +
+scikit-learn head) before it is kept.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
-from torch import nn
+from onnx import TensorProto, compose, helper, numpy_helper
 
 from .backbones import FeatureModel, load_backbone
-from .engines import ONNX_OPSET, export_feature_model
+from .engines import ONNX_OPSET, cached_feature_graph
 from .errors import FeaturestoreError
 from .heads import TrainedHead, fold_scaler, load_head
 
-log = logging.getLogger("featurestore")
-
 MAX_PROBABILITY_DIFF = 1e-4
+HEAD_INPUT = "head_features"
 
 
 class ExportError(FeaturestoreError):
     """The exported graph does not reproduce the Python pipeline, or cannot be built."""
 
 
-class LinearProbabilities(nn.Module):
-    """features (N, D) → probabilities (N, K) float32 and labels (N,) int64, from linear decisions.
+@dataclass(frozen=True)
+class LinearHeadParams:
+    """F linear models on raw (unscaled) features: ``weight`` (F, K, D) and ``bias`` (F, K) float64.
 
-    ``weight`` (F, K, D) and ``bias`` (F, K) hold F linear models (the calibration folds of an SVM,
-    or F=1 for logistic regression). ``softmax`` heads: softmax of the decisions. Calibrated heads:
-    per class ``sigmoid(-(a·d + b))`` (sklearn's sigmoid calibration), normalised over classes, then
-    averaged over folds, as ``CalibratedClassifierCV.predict_proba`` does.
+    F=1 for logistic regression: probabilities = softmax of the decisions. For a calibrated SVM the
+    F models are the calibration folds and ``calibration`` holds sklearn's sigmoid parameters a, b
+    (F, K): per class ``sigmoid(-(a·d + b))``, normalised over classes, averaged over folds, as
+    ``CalibratedClassifierCV.predict_proba`` does. ``l2_normalize``: features are L2-normalised first.
     """
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray, l2_normalize: bool,
-                 calibration: tuple[np.ndarray, np.ndarray] | None = None):
-        super().__init__()
-        self.register_buffer("weight", torch.tensor(weight, dtype=torch.float32))
-        self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32))
-        self.l2_normalize = l2_normalize
-        self.calibrated = calibration is not None
-        if calibration is not None:
-            self.register_buffer("cal_a", torch.tensor(calibration[0], dtype=torch.float32))
-            self.register_buffer("cal_b", torch.tensor(calibration[1], dtype=torch.float32))
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.l2_normalize:
-            features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        decisions = torch.matmul(features, self.weight.transpose(1, 2)) + self.bias[:, None, :]  # (F, N, K)
-        if self.calibrated:
-            per_class = torch.sigmoid(-(self.cal_a[:, None, :] * decisions + self.cal_b[:, None, :]))
-            probabilities = (per_class / per_class.sum(dim=2, keepdim=True)).mean(dim=0)
-        else:
-            probabilities = torch.softmax(decisions[0], dim=1)
-        return probabilities, torch.argmax(probabilities, dim=1)
+    weight: np.ndarray
+    bias: np.ndarray
+    l2_normalize: bool
+    calibration: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def linear_head_module(head: TrainedHead) -> LinearProbabilities:
-    """The torch equivalent of a logreg or calibrated linear-SVM head (more than 2 classes)."""
+def linear_head_params(head: TrainedHead) -> LinearHeadParams:
+    """The decisions of a logreg or calibrated linear-SVM head (3 or more classes) as plain arrays."""
     classify = head.estimator.named_steps["classify"]
     if len(head.class_names) < 3:
         raise ExportError("linear heads are exported for 3 or more classes; use svm_rbf (skl2onnx) for 2")
     if head.config.head == "logreg":
         weight, bias, l2 = fold_scaler(head.estimator, classify.coef_[None], classify.intercept_[None])
-        return LinearProbabilities(weight, bias, l2)
+        return LinearHeadParams(weight, bias, l2)
     folds = classify.calibrated_classifiers_
     weight = np.stack([fold.estimator.coef_ for fold in folds])
     bias = np.stack([fold.estimator.intercept_ for fold in folds])
     a = np.array([[c.a_ for c in fold.calibrators] for fold in folds])
     b = np.array([[c.b_ for c in fold.calibrators] for fold in folds])
     weight, bias, l2 = fold_scaler(head.estimator, weight, bias)
-    return LinearProbabilities(weight, bias, l2, calibration=(a, b))
+    return LinearHeadParams(weight, bias, l2, calibration=(a, b))
 
 
-class ImageClassifier(nn.Module):
-    """uint8 images (N, 3, S, S) → (probabilities (N, K) float32, label (N,) int64)."""
+def _initializer(name: str, values: np.ndarray | list) -> TensorProto:
+    array = np.asarray(values)
+    return numpy_helper.from_array(array.astype(np.int64 if array.dtype.kind == "i" else np.float32), name)
 
-    def __init__(self, backbone: FeatureModel, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.backbone(images))
+def linear_head_graph(params: LinearHeadParams, feature_dim: int) -> onnx.ModelProto:
+    """``head_features`` float32 (N, D) → ``probabilities`` float32 (N, K), ``label`` int64 (N,)."""
+    nodes, inits = [], [_initializer("head_axis1", [1])]
+    features = HEAD_INPUT
+    if params.l2_normalize:  # x / max(||x||, 1e-12), as sklearn's Normalizer
+        inits.append(_initializer("head_eps", 1e-12))
+        nodes += [helper.make_node("ReduceL2", [features, "head_axis1"], ["head_norm"], keepdims=1),
+                  helper.make_node("Max", ["head_norm", "head_eps"], ["head_norm_safe"]),
+                  helper.make_node("Div", [features, "head_norm_safe"], ["head_unit"])]
+        features = "head_unit"
+    per_fold = []
+    for f in range(len(params.weight)):
+        inits += [_initializer(f"head_w{f}", params.weight[f]), _initializer(f"head_b{f}", params.bias[f])]
+        nodes.append(helper.make_node("Gemm", [features, f"head_w{f}", f"head_b{f}"], [f"head_d{f}"], transB=1))
+        if params.calibration is None:
+            nodes.append(helper.make_node("Softmax", [f"head_d{f}"], [f"head_p{f}"], axis=1))
+        else:
+            a, b = params.calibration
+            inits += [_initializer(f"head_neg_a{f}", -a[f]), _initializer(f"head_neg_b{f}", -b[f])]
+            nodes += [helper.make_node("Mul", [f"head_d{f}", f"head_neg_a{f}"], [f"head_ad{f}"]),
+                      helper.make_node("Add", [f"head_ad{f}", f"head_neg_b{f}"], [f"head_z{f}"]),
+                      helper.make_node("Sigmoid", [f"head_z{f}"], [f"head_s{f}"])]
+            nodes += [helper.make_node("ReduceSum", [f"head_s{f}", "head_axis1"], [f"head_sum{f}"], keepdims=1),
+                      helper.make_node("Div", [f"head_s{f}", f"head_sum{f}"], [f"head_p{f}"])]
+        per_fold.append(f"head_p{f}")
+    nodes += [helper.make_node("Mean", per_fold, ["probabilities"]),
+              helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0)]
+    classes = params.weight.shape[1]
+    graph = helper.make_graph(
+        nodes, "featurestore_head",
+        [helper.make_tensor_value_info(HEAD_INPUT, TensorProto.FLOAT, ["N", feature_dim])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
+         helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+
+
+def skl2onnx_head_graph(head: TrainedHead) -> onnx.ModelProto:
+    """The whole sklearn pipeline (scaler + SVM + calibration) as an ONNX graph, by skl2onnx."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # skl2onnx reads SVC attributes sklearn deprecates
+        return to_onnx(
+            head.estimator, initial_types=[(HEAD_INPUT, FloatTensorType([None, head.feature_dim]))],
+            options={id(head.estimator.named_steps["classify"]): {"zipmap": False}},
+            target_opset={"": ONNX_OPSET, "ai.onnx.ml": 3},
+        )
 
 
 def backbone_for(head: TrainedHead, backbone: str | None = None, weights: str | Path | None = None) -> FeatureModel:
@@ -112,47 +140,16 @@ def backbone_for(head: TrainedHead, backbone: str | None = None, weights: str | 
     return model.cpu().to(memory_format=torch.contiguous_format)
 
 
-def _export_linear(model: FeatureModel, head: TrainedHead, path: Path) -> None:
-    size = model.preprocessing.image_size
-    classifier = ImageClassifier(model, linear_head_module(head)).eval()
-    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            classifier, (example,), str(path), input_names=["images"], output_names=["probabilities", "label"],
-            dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, opset_version=ONNX_OPSET,
-            external_data=False,
-        )
-
-
-def _export_skl2onnx(model: FeatureModel, head: TrainedHead, path: Path) -> None:
-    """Backbone graph + skl2onnx graph of the sklearn pipeline, merged on the features tensor."""
-    import onnx
-    from onnx import compose, helper
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType
-
-    backbone_path = path.with_name(path.name + ".backbone.tmp")
-    export_feature_model(model, backbone_path)
-    backbone = onnx.load(str(backbone_path))
-    backbone_path.unlink()
-    opset = {d.domain: d.version for d in backbone.opset_import}.get("", ONNX_OPSET)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # skl2onnx reads SVC attributes sklearn deprecates
-        head_graph = to_onnx(
-            head.estimator, initial_types=[("head_features", FloatTensorType([None, head.feature_dim]))],
-            options={id(head.estimator.named_steps["classify"]): {"zipmap": False}},
-            target_opset={"": opset, "ai.onnx.ml": 3},
-        )
-    head_graph.ir_version = backbone.ir_version  # align IR versions before merging
-    for imported in head_graph.opset_import:
-        if imported.domain not in {d.domain for d in backbone.opset_import}:
-            backbone.opset_import.append(helper.make_opsetid(imported.domain, imported.version))
-    merged = compose.merge_models(backbone, head_graph, io_map=[("features", "head_features")])
+def combine(backbone: onnx.ModelProto, head: onnx.ModelProto) -> onnx.ModelProto:
+    """The backbone's ``features`` output fed into the head's input; outputs probabilities and label."""
+    head.ir_version = backbone.ir_version  # align IR versions before merging
+    known = {d.domain for d in backbone.opset_import}
+    backbone.opset_import.extend(d for d in head.opset_import if d.domain not in known)
+    merged = compose.merge_models(backbone, head, io_map=[("features", HEAD_INPUT)])
     names = sorted(o.name for o in merged.graph.output)
     if names != ["label", "probabilities"]:
-        raise ExportError(f"skl2onnx produced outputs {names}, expected label and probabilities")
-    onnx.save(merged, str(path))
+        raise ExportError(f"the combined graph has outputs {names}, expected label and probabilities")
+    return merged
 
 
 def _sample_images(size: int, count: int = 8, seed: int = 0) -> np.ndarray:
@@ -193,8 +190,6 @@ def export_onnx(head: TrainedHead | str | Path, out: str | Path, backbone: str |
     ``label`` (N,) int64. Metadata: class names, fingerprint, head summary, preprocessing.
     Raises :class:`ExportError` (and keeps no file) when the graph disagrees with the Python pipeline.
     """
-    import onnx
-
     started = time.perf_counter()
     head = head if isinstance(head, TrainedHead) else load_head(head)
     out = Path(out)
@@ -202,10 +197,10 @@ def export_onnx(head: TrainedHead | str | Path, out: str | Path, backbone: str |
     model = backbone_for(head, backbone, weights)
     tmp = out.with_name(out.name + ".tmp")
     if head.config.head in ("logreg", "linear_svm"):
-        _export_linear(model, head, tmp)
+        head_graph = linear_head_graph(linear_head_params(head), head.feature_dim)
     else:
-        _export_skl2onnx(model, head, tmp)
-    graph = onnx.load(str(tmp))
+        head_graph = skl2onnx_head_graph(head)
+    graph = combine(onnx.load(str(cached_feature_graph(model))), head_graph)
     metadata = {
         "featurestore_class_names": json.dumps(head.class_names),
         "featurestore_fingerprint": json.dumps(head.fingerprint, sort_keys=True),

@@ -1,13 +1,14 @@
-"""Evaluation of heads on a held-out split: metrics, confusion matrices, C-sweep curves, a table.
+"""Evaluation of one head on a held-out split: metrics, confusion matrix, C-sweep curve.
 
-Files written under ``out`` (the DVC ``evaluate`` stage's outputs)::
+Files written under ``out`` per head (the DVC ``evaluate_head@<backbone>-<head>`` stage's outputs)::
 
-    metrics.json                    {"<backbone>__<head>": {top1, top5, mean_per_class_accuracy, macro_f1, n, C, ...}}
-    comparison.md                   every backbone × head as a markdown table
+    heads/<name>.json               {top1, top5, mean_per_class_accuracy, macro_f1, n, C, ...}
     confusion/<name>.csv            one row per test image: actual,predicted (for `dvc plots`)
     sweep/<name>.csv                C,log10_C,val_accuracy (for `dvc plots`)
     figures/<name>_confusion.png    row-normalised confusion matrix with counts
     figures/<name>_sweep.png        validation accuracy against C, chosen C marked
+
+summary.py gathers the heads' metrics into metrics.json and comparison.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score,
 
 from .heads import TrainedHead
 from .store import FeatureStore
+from .summary import write_summary
 
 
 def evaluate_head(head: TrainedHead, store: FeatureStore, split: str = "test") -> tuple[dict, np.ndarray, np.ndarray]:
@@ -104,45 +106,32 @@ def plot_sweep(head: TrainedHead, path: Path) -> Path:
     return path
 
 
-def comparison_table(results: dict[str, dict]) -> str:
-    """Markdown table of every backbone × head, best top-1 first."""
-    lines = [
-        "| backbone | head | top-1 | top-5 | mean per-class acc. | macro-F1 | n | C | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for m in sorted(results.values(), key=lambda m: -m["top1"]):
-        top5 = "–" if m["top5"] is None else f"{m['top5']:.4f}"
-        lines.append(
-            f"| {m['backbone']} | {m['head']} | {m['top1']:.4f} | {top5} | {m['mean_per_class_accuracy']:.4f} | "
-            f"{m['macro_f1']:.4f} | {m['n']} | {m['C']:.3g} | {m['train_seconds']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+def write_head_report(head: TrainedHead, store: FeatureStore, out: str | Path, split: str = "test") -> dict:
+    """Evaluate ``head`` on ``split`` of the store it was trained on; write its files under ``out``."""
+    out = Path(out)
+    metrics, y, predicted = evaluate_head(head, store, split)
+    names = head.class_names
+    for folder in ("heads", "confusion", "sweep"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    with open(out / "confusion" / f"{head.name}.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((names[a], names[p]) for a, p in zip(y, predicted, strict=True))
+    with open(out / "sweep" / f"{head.name}.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["C", "log10_C", "val_accuracy"])
+        writer.writerows((p["C"], round(float(np.log10(p["C"])), 4), p["val_accuracy"]) for p in head.sweep)
+    plot_confusion(y, predicted, names, f"{head.name} on {split} (top-1 {metrics['top1']:.3f})",
+                   out / "figures" / f"{head.name}_confusion.png")
+    plot_sweep(head, out / "figures" / f"{head.name}_sweep.png")
+    (out / "heads" / f"{head.name}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
 
 
 def write_reports(heads: list[TrainedHead], stores: dict[str, FeatureStore], out: str | Path,
                   split: str = "test") -> dict[str, dict]:
-    """Evaluate each head on the store it was trained on (``stores`` maps backbone → store) and
-    write every report file under ``out``; returns the metrics by ``<backbone>__<head>``."""
-    out = Path(out)
-    results: dict[str, dict] = {}
-    for head in heads:
-        store = stores[head.backbone]
-        metrics, y, predicted = evaluate_head(head, store, split)
-        results[head.name] = metrics
-        names = head.class_names
-        (out / "confusion").mkdir(parents=True, exist_ok=True)
-        with open(out / "confusion" / f"{head.name}.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["actual", "predicted"])
-            writer.writerows((names[a], names[p]) for a, p in zip(y, predicted, strict=True))
-        (out / "sweep").mkdir(parents=True, exist_ok=True)
-        with open(out / "sweep" / f"{head.name}.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["C", "log10_C", "val_accuracy"])
-            writer.writerows((p["C"], round(float(np.log10(p["C"])), 4), p["val_accuracy"]) for p in head.sweep)
-        plot_confusion(y, predicted, names, f"{head.name} on {split} (top-1 {metrics['top1']:.3f})",
-                       out / "figures" / f"{head.name}_confusion.png")
-        plot_sweep(head, out / "figures" / f"{head.name}_sweep.png")
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    (out / "comparison.md").write_text(comparison_table(results))
+    """Evaluate each head on the store it was trained on (``stores`` maps backbone → store), write
+    every head's files and the summary under ``out``; returns the metrics by ``<backbone>__<head>``."""
+    results = {head.name: write_head_report(head, stores[head.backbone], out, split) for head in heads}
+    write_summary(results, out)
     return results

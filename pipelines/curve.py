@@ -1,13 +1,18 @@
-"""DVC stage `curve@<backbone>`: scratch vs linear probe vs probe-then-fine-tune → data/reports/curve/<backbone>/."""
+"""DVC stage `curve@<backbone>`: scratch vs linear probe vs probe-then-fine-tune → data/reports/curve/<backbone>/.
+
+It reads the cache and the images, not the trained heads: each budget's probe is trained here (its
+scaling is `curve.probe_normalize`), so a head experiment does not retrain the baselines.
+"""
 
 import sys
+from dataclasses import replace
 
 from _params import ROOT, load_params
 
 from featurestore.console import setup_logging
 from featurestore.curve import accuracy_table, run_curve
 from featurestore.finetune import FinetuneConfig
-from featurestore.heads import load_head
+from featurestore.plateau import CURVE_HEAD
 
 if __name__ == "__main__":
     setup_logging()
@@ -15,10 +20,10 @@ if __name__ == "__main__":
     p = load_params("curve")
     common = {k: p[k] for k in ("epochs", "batch_size", "patience", "seed", "workers")}
     result = run_curve(
-        load_head(ROOT / "data" / "heads" / f"{backbone}__logreg.joblib"), ROOT / "data" / "prepared",
+        ROOT / "data" / "features" / f"{backbone}.h5", ROOT / "data" / "prepared",
         ROOT / "data" / "reports" / "curve" / backbone, p["budgets"],
         FinetuneConfig(unfreeze_blocks=p["unfreeze_blocks"], head_lr=p["head_lr"], **common),
         FinetuneConfig(from_scratch=True, head_lr=p["scratch_lr"], **common),
-        device=p["device"],
+        probe_config=replace(CURVE_HEAD, normalize=p["probe_normalize"]), device=p["device"],
     )
     print(accuracy_table(result["points"]), end="")

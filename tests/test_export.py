@@ -2,6 +2,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -49,7 +50,7 @@ def test_export_is_one_verified_graph(tiny, exported, name):
     ops = {node.op_type for node in model.graph.node}
     domains = {node.domain for node in model.graph.node}
     if name != "svm_rbf":  # linear heads: plain operators only, no ai.onnx.ml
-        assert domains <= {""} and "MatMul" in ops and ({"Softmax", "Sigmoid"} & ops)
+        assert domains <= {""} and "Gemm" in ops and ({"Softmax", "Sigmoid"} & ops)
     classifier = OnnxClassifier(path, "cpu")
     for n in (1, 5):  # dynamic batch
         images = np.random.default_rng(n).integers(0, 256, (n, 3, 64, 64), dtype=np.uint8)
@@ -123,14 +124,13 @@ def test_a_graph_that_disagrees_fails_the_export(tiny, monkeypatch, tmp_path):
     from featurestore import export as export_module
 
     _, _, heads = tiny
-    real = export_module.linear_head_module
+    real = export_module.linear_head_params
 
     def broken(head):
-        module = real(head)
-        module.bias += 5 * torch.arange(module.bias.shape[-1], dtype=torch.float32)
-        return module
+        params = real(head)
+        return replace(params, bias=params.bias + 5 * np.arange(params.bias.shape[-1]))
 
-    monkeypatch.setattr(export_module, "linear_head_module", broken)
+    monkeypatch.setattr(export_module, "linear_head_params", broken)
     with pytest.raises(ExportError, match="disagrees"):
         export_onnx(heads["logreg"], tmp_path / "bad.onnx")
     assert not list(tmp_path.iterdir())
@@ -142,3 +142,11 @@ def test_onnxruntime_gpu_is_the_only_onnxruntime():
     assert distribution("onnxruntime-gpu").version
     with pytest.raises(PackageNotFoundError):
         distribution("onnxruntime")  # same import name: installing it beside onnxruntime-gpu breaks one of them
+
+
+def test_l2_normalised_heads_export_with_the_normalisation_in_the_graph(tiny, tmp_path):
+    folder, store, _ = tiny
+    head = train_head(store, HeadConfig(head="linear_svm", normalize="l2", **GRID))
+    report = export_onnx(head, tmp_path / "l2.onnx")
+    assert report["check"]["max_probability_diff"] <= 1e-4 and report["check"]["labels_equal"]
+    assert {"ReduceL2", "Sigmoid", "Mean"} <= set(report["operators"])

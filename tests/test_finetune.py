@@ -102,9 +102,9 @@ def test_finetuned_weights_extract_into_their_own_store(probe, fashion_folder_ma
 def test_curve_trains_three_methods_per_budget(probe, fashion_folder_master, tmp_path):
     from featurestore.curve import METHODS, run_curve
 
-    head, _ = probe
+    _, store = probe
     short = {"epochs": 1, "batch_size": 8, "patience": 2, "workers": 0}
-    result = run_curve(head, fashion_folder_master, tmp_path, [1, 2], FinetuneConfig(unfreeze_blocks=1, **short),
+    result = run_curve(store, fashion_folder_master, tmp_path, [1, 2], FinetuneConfig(unfreeze_blocks=1, **short),
                        FinetuneConfig(from_scratch=True, head_lr=2e-3, **short), device="cpu")
     points = {(p["labels_per_class"], p["method"]): p for p in result["points"]}
     assert set(points) == {(b, m) for b in (1, 2) for m in METHODS}

@@ -2,16 +2,19 @@ import json
 import subprocess
 import sys
 
+import joblib
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn.calibration import CalibratedClassifierCV
 
 from featurestore import FeatureStore
+from featurestore.errors import FeaturestoreError
 from featurestore.extract import extract_features
-from featurestore.heads import HeadConfig, HeadMismatchError, choose_c, load_head, sweep_c, train_head
+from featurestore.heads import HeadConfig, HeadMismatchError, choose_c, load_head, sweep_c, sweep_jobs, train_head
 from featurestore.prepare import prepare_fashion_mnist
 from featurestore.reports import write_reports
+from featurestore.summary import read_head_metrics
 
 SMALL_GRID = {"c_min": 1e-4, "c_max": 1e2, "c_points": 7, "n_jobs": 2}
 
@@ -107,6 +110,10 @@ def test_reports_files_and_metrics(tiny_store, tmp_path):
             assert image.size[0] > 300
     table = (tmp_path / "comparison.md").read_text()
     assert "| efficientnet_lite0 | logreg |" in table and "| efficientnet_lite0 | svm_rbf |" in table
+    # the DVC evaluate stage gathers the per-head files into the same summary
+    assert read_head_metrics(tmp_path, sorted(metrics)) == metrics
+    with pytest.raises(FeaturestoreError, match="efficientnet_lite0__linear_svm.json: no evaluation"):
+        read_head_metrics(tmp_path, ["efficientnet_lite0__linear_svm"])
 
 
 def test_cli_train_head_and_evaluate(tiny_store, tmp_path):
@@ -148,3 +155,13 @@ def test_params_sections_make_a_head_config():
     assert (config.head, config.c_min, config.c_points, config.normalize) == ("logreg", 1e-3, 5, "l2")
     with pytest.raises(FeaturestoreError, match="typo_key"):
         config_from_params({"sweep": {}, "logreg": {"typo_key": 1}}, "logreg")
+
+
+def test_small_sweeps_run_in_process_and_large_ones_on_every_core():
+    cores = joblib.cpu_count()
+    assert sweep_jobs(HeadConfig(head="logreg"), 1000, 1280) == 1  # worker start-up would cost more than the sweep
+    assert sweep_jobs(HeadConfig(head="logreg"), 10000, 1280) == cores
+    assert sweep_jobs(HeadConfig(head="svm_rbf"), 1500, 1280) == 1
+    assert sweep_jobs(HeadConfig(head="svm_rbf"), 6000, 1280) == cores
+    assert sweep_jobs(HeadConfig(head="linear_svm"), 1000, 1280) == cores  # its large-C fits take seconds each
+    assert sweep_jobs(HeadConfig(head="logreg", n_jobs=3), 100, 10) == 3  # an explicit count is obeyed

@@ -14,7 +14,6 @@ from torch import nn
 
 from ..errors import UnknownBackboneError
 from ..preprocess import Preprocessing
-from . import torchvision_models as tv
 from .efficientnet_lite import LITE_VARIANTS, EfficientNetLite
 from .model import FeatureModel
 from .weights import file_sha256, load_strict, read_state_dict
@@ -79,8 +78,13 @@ def _lite_spec(variant: str) -> BackboneSpec:
 REGISTRY: dict[str, BackboneSpec] = {name: _lite_spec(name) for name in LITE_VARIANTS}
 
 
+TORCHVISION_PREFIX = "tv:"
+
+
 def _torchvision_spec(name: str) -> BackboneSpec:
-    model_name = name[len(tv.PREFIX):]
+    from . import torchvision_models as tv  # importing torchvision costs a second: only for tv: names
+
+    model_name = name[len(TORCHVISION_PREFIX):]
     weights = tv.default_weights(model_name)
     probe = tv.build_classifier(model_name)
     classifier = tv.final_linear_name(probe)
@@ -141,11 +145,11 @@ def list_backbones() -> list[BackboneSpec]:
 
 def get_spec(name: str) -> BackboneSpec:
     """Look a backbone up by name; unknown names raise an error that lists the known ones."""
-    if name not in REGISTRY and not name.startswith(tv.PREFIX):
+    if name not in REGISTRY and not name.startswith(TORCHVISION_PREFIX):
         discover_local_entries()
     if name in REGISTRY:
         return REGISTRY[name]
-    if name.startswith(tv.PREFIX):
+    if name.startswith(TORCHVISION_PREFIX):
         try:
             return _torchvision_spec(name)
         except UnknownBackboneError:

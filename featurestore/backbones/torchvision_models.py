@@ -17,8 +17,6 @@ from torchvision.models import get_model, get_model_weights, list_models
 from ..errors import UnknownBackboneError, WeightsUnavailableError
 from ..preprocess import Preprocessing
 
-PREFIX = "tv:"
-
 
 def torchvision_names() -> list[str]:
     """Names of torchvision's image classification models, e.g. ``['alexnet', ..., 'wide_resnet50_2']``."""
