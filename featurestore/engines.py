@@ -77,10 +77,22 @@ def export_feature_model(model: FeatureModel, path: Path) -> Path:
     return path
 
 
+def model_code_digest() -> str:
+    """SHA-256 of the source that defines what an exported graph computes (the backbones package, the
+    preprocessing and this module): editing any of it must not reuse a graph exported before."""
+    package = Path(__file__).resolve().parent
+    sources = sorted((package / "backbones").glob("*.py")) + [package / "preprocess.py", package / "engines.py"]
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()
+
+
 def onnx_path_for(model: FeatureModel) -> Path:
-    key = "|".join(
-        [model.name, model.weights_sha256, model.preprocessing.as_json(), str(model.feature_dim), torch.__version__]
-    )
+    """Where the cache keeps ``model``'s graph: keyed by name, weights hash, preprocessing, width, torch
+    version and :func:`model_code_digest`."""
+    key = "|".join([model.name, model.weights_sha256, model.preprocessing.as_json(), str(model.feature_dim),
+                    torch.__version__, model_code_digest()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / f"{model.name.replace(':', '_')}-{model.preprocessing.image_size}px-{digest}.onnx"
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,21 @@ def test_onnxruntime_engine_agrees_with_torch_and_shares_the_cache(fashion_folde
         np.testing.assert_allclose(b.load(split)[0], a.load(split)[0], rtol=1e-4, atol=1e-4)
     again = extract(fashion_folder, ort_store, lite0_small, engine="onnxruntime")
     assert (again.extracted, again.reused, again.model_images) == (0, 40, 0)
+
+
+def test_editing_the_model_code_never_reuses_a_cached_graph(tmp_path):
+    """The ONNX cache key covers the code that defines the graph, so an edited backbone is exported again."""
+    from featurestore import engines
+
+    copy = tmp_path / "featurestore"
+    shutil.copytree(Path(engines.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def digest() -> str:
+        code = "from featurestore.engines import model_code_digest; print(model_code_digest())"
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              check=True, env={**os.environ, "PYTHONPATH": str(tmp_path)}).stdout.strip()
+
+    assert digest() == engines.model_code_digest()  # the copy is the same code
+    with open(copy / "backbones" / "efficientnet_lite.py", "a") as handle:
+        handle.write("\n# an edit\n")
+    assert digest() != engines.model_code_digest()
