@@ -12,6 +12,7 @@ from featurestore.summary import comparison_table, read_head_metrics, write_summ
 if __name__ == "__main__":
     backbones = load_params("extract")["backbones"]
     heads = load_params("train_head")["heads"]
+    split = load_params("evaluate")["split"]
     reports = ROOT / "data" / "reports"
     results = read_head_metrics(reports, [f"{b}__{h}" for b in backbones for h in heads])
     finetuned_out = reports / "finetuned"
@@ -25,6 +26,6 @@ if __name__ == "__main__":
         for path in finetuned:
             head = load_head(path)
             store = FeatureStore(path.parent.parent / "features.h5")
-            results[head.name] = write_head_report(head, store, finetuned_out, split=load_params("evaluate")["split"])
+            results[head.name] = write_head_report(head, store, finetuned_out, split=split)
     write_summary(results, reports)
     print(comparison_table(results), end="")

@@ -8,11 +8,12 @@ Skipping is the common case after a head edit, so torch and scikit-learn are imp
 import json
 import shutil
 import sys
+from pathlib import Path
 
 from _params import ROOT, load_params
 
 
-def run_finetune(backbone: str, out, params: dict) -> dict:
+def run_finetune(backbone: str, out: Path, params: dict) -> dict:
     """Fine-tune from the logreg head, register <backbone>_ft, extract its store and train its heads."""
     from featurestore.backbones import register_finetuned
     from featurestore.console import setup_logging
