@@ -74,7 +74,9 @@ def _initializer(name: str, values: np.ndarray | list) -> TensorProto:
 
 def linear_head_graph(params: LinearHeadParams, feature_dim: int) -> onnx.ModelProto:
     """``head_features`` float32 (N, D) → ``probabilities`` float32 (N, K), ``label`` int64 (N,)."""
-    nodes, inits = [], [_initializer("head_axis1", [1])]
+    nodes, inits = [], []
+    if params.l2_normalize or params.calibration is not None:  # the reductions run over axis 1
+        inits.append(_initializer("head_axis1", [1]))
     features = HEAD_INPUT
     if params.l2_normalize:  # x / max(||x||, 1e-12), as sklearn's Normalizer
         inits.append(_initializer("head_eps", 1e-12))

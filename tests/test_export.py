@@ -48,6 +48,8 @@ def test_export_is_one_verified_graph(tiny, exported, name):
     assert json.loads(meta["featurestore_class_names"]) == store.class_names
     assert meta["featurestore_fingerprint_hash"] == store.fingerprint_hash
     ops = {node.op_type for node in model.graph.node}
+    used = {name for node in model.graph.node for name in node.input}
+    assert [i.name for i in model.graph.initializer if i.name not in used] == []  # no dead weights in the file
     domains = {node.domain for node in model.graph.node}
     if name != "svm_rbf":  # linear heads: plain operators only, no ai.onnx.ml
         assert domains <= {""} and "Gemm" in ops and ({"Softmax", "Sigmoid"} & ops)
