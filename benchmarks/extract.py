@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from featurestore.backbones import load_backbone
-from featurestore.data import load_rgb, scan_source
+from featurestore.data import scan_source
 from featurestore.engines import TorchEngine, make_engine
 from featurestore.extract import extract_features
+from featurestore.images import load_rgb
 from featurestore.prepare import prepare_fashion_mnist
 
 

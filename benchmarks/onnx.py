@@ -26,10 +26,11 @@ import time
 import numpy as np
 import torch
 
-from featurestore.data import load_image, scan_source
+from featurestore.data import scan_source
 from featurestore.export import backbone_for, export_onnx, linear_head_params
 from featurestore.extract import extract_features
 from featurestore.heads import HeadConfig, train_head
+from featurestore.images import load_image
 from featurestore.predict import predict_images
 from featurestore.prepare import prepare_fashion_mnist
 from featurestore.runtime import ProviderError, make_session

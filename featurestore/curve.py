@@ -20,11 +20,11 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from torch.utils.data import DataLoader
 
-from .data import scan_source
+from .data import nested_subset, scan_source
 from .devices import resolve_device
 from .finetune import FinetuneConfig, TrainImages, _accuracy, build_model, finetune
 from .heads import HeadConfig, TrainedHead, build_estimator, choose_c, sweep_c
-from .plateau import CURVE_HEAD, nested_subset
+from .plateau import CURVE_HEAD
 from .store import FeatureStore
 
 METHODS = ("scratch", "linear_probe", "probe_finetune")
@@ -33,7 +33,7 @@ METHODS = ("scratch", "linear_probe", "probe_finetune")
 def _test_accuracy(head: TrainedHead, config: FinetuneConfig, weights: Path, data: Path, device: str) -> float:
     """Accuracy of fine-tuned (or scratch) weights on the test split of ``data``."""
     model, _ = build_model(head, config, probe=head.estimator)
-    state = torch.load(weights, map_location="cpu")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     model.network.load_state_dict(state)
     torch_device = resolve_device(device)
     model.to(torch_device)

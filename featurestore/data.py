@@ -1,26 +1,31 @@
-"""Image sources (ImageFolder splits or a CSV manifest), decoding to RGB, and content hashes."""
+"""Labelled sources: which items there are, their labels and splits, and their content hashes.
+
+A source is an ImageFolder-style tree (``<split>/<class>/<file>``, or ``<class>/<file>`` as split
+"all") or a CSV manifest (``path,label[,split]``). Decoding lives with its modality (``images.py``);
+a source never opens an item. :func:`nested_subset` draws label budgets that grow by inclusion.
+"""
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError, ImageDecodeError
+from .errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
-FLAT_SPLIT = "all"  # split name for an ImageFolder root without train/val/test folders
+FLAT_SPLIT = "all"  # split name for a tree without train/val/test folders
 MANIFEST_COLUMNS = ("path", "label")
-RGB_CONVERSION = "alpha over white; 16-bit scaled by 255/65535; CMYK, palette, grayscale via PIL"
 
 
 @dataclass(frozen=True)
-class ImageRecord:
-    """One labelled image: ``path`` on disk, ``rel_path`` as stored in the cache, integer ``label``."""
+class Record:
+    """One labelled item: ``path`` on disk, ``rel_path`` as stored in the cache (relative to the source's
+    root, POSIX separators), ``label`` an index into the source's class names (-1: unlabelled)."""
 
     path: Path
     rel_path: str
@@ -29,12 +34,14 @@ class ImageRecord:
 
 
 @dataclass(frozen=True)
-class ImageSource:
-    """A scanned data set: records in a stable order and the class names that labels index."""
+class Source:
+    """A scanned data set: records in a stable order, the class names that labels index, and the files
+    that cannot be used at all (``unusable``: ``[{path, reason}]``, e.g. names that are not UTF-8)."""
 
     root: Path
     class_names: list[str]
-    records: list[ImageRecord]
+    records: list[Record]
+    unusable: list[dict] = field(default_factory=list)
 
     @property
     def splits(self) -> list[str]:
@@ -42,6 +49,19 @@ class ImageSource:
         for record in self.records:
             seen.setdefault(record.split, None)
         return list(seen)
+
+
+def printable_name(name: str) -> str:
+    """A file name as UTF-8 text; bytes that are not UTF-8 (kept by Python as surrogates) shown as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
+def is_utf8_name(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _visible_files(folder: Path) -> list[Path]:
@@ -52,11 +72,12 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def scan_image_folder(root: Path) -> ImageSource:
+def scan_folder(root: Path) -> Source:
     """``root/<split>/<class>/<file>`` for splits train/val/test, or ``root/<class>/<file>`` (split "all").
 
-    Every visible file in a class folder is a candidate; files that do not decode are reported
-    per file at extraction time. A class folder with no files is an error.
+    Every visible file in a class folder is a candidate; files that do not decode are reported per file
+    at extraction time, and so are file names that are not UTF-8 (``Source.unusable``). A class folder
+    with no files, or whose name is not UTF-8, is an error.
     """
     split_dirs = [(name, root / name) for name in SPLIT_NAMES if (root / name).is_dir()]
     if not split_dirs:
@@ -66,68 +87,90 @@ def scan_image_folder(root: Path) -> ImageSource:
         class_dirs = _visible_dirs(split_dir)
         if not class_dirs:
             raise DataError(
-                f"{split_dir}: no class folders; expected {split_dir}/<class>/<image> "
-                f"(or {root}/{{train,val,test}}/<class>/<image>)"
+                f"{split_dir}: no class folders; expected {split_dir}/<class>/<file> "
+                f"(or {root}/{{train,val,test}}/<class>/<file>)"
             )
         for class_dir in class_dirs:
+            if not is_utf8_name(class_dir.name):
+                raise DataError(f"{printable_name(str(class_dir))}: class folder name is not valid UTF-8; rename it")
             files = _visible_files(class_dir)
             if not files:
-                raise DataError(f"{class_dir}: class folder is empty (no image files)")
+                raise DataError(f"{class_dir}: class folder is empty (no files)")
             per_split.append((split, class_dir, files))
     class_names = sorted({class_dir.name for _, class_dir, _ in per_split})
     label_of = {name: index for index, name in enumerate(class_names)}
-    records = [
-        ImageRecord(path, path.relative_to(root).as_posix(), label_of[class_dir.name], split)
-        for split, class_dir, files in per_split
-        for path in files
-    ]
-    return ImageSource(root, class_names, records)
+    records, unusable = [], []
+    for split, class_dir, files in per_split:
+        for path in files:
+            rel = path.relative_to(root).as_posix()
+            if is_utf8_name(path.name):
+                records.append(Record(path, rel, label_of[class_dir.name], split))
+            else:
+                unusable.append({"path": printable_name(rel), "reason": "file name is not valid UTF-8"})
+    return Source(root, class_names, records, unusable)
 
 
-def read_manifest(csv_path: Path) -> ImageSource:
-    """A CSV with columns ``path,label[,split]``; relative paths are relative to the CSV's folder.
+def _relative_inside(path: Path, root: Path) -> str | None:
+    """``path`` relative to ``root`` (POSIX), judged lexically (``..`` resolved, symbolic links placed in the
+    root deliberately are followed by whoever opens the file), or None when it lies outside."""
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep) or os.path.isabs(relative):
+        return None
+    return Path(relative).as_posix()
 
-    Labels are class names; class indices follow their sorted order. A missing ``split`` column or
-    an empty cell gives split "all".
-    """
+
+def read_manifest(csv_path: Path) -> Source:
+    """A CSV with columns ``path,label[,split]``; relative paths are relative to the CSV's folder, and every
+    path (relative or absolute) must lie inside that folder. Labels are class names; class indices follow
+    their sorted order. A missing ``split`` column or an empty cell gives split "all"."""
     root = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        missing = [c for c in MANIFEST_COLUMNS if c not in columns]
-        if missing:
-            raise DataError(f"{csv_path}: manifest lacks column(s) {missing}; found {columns}, need path,label[,split]")
-        rows = []
-        for line_number, row in enumerate(reader, start=2):
-            path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-            if not path or not label:
-                raise DataError(f"{csv_path}:{line_number}: empty path or label")
-            rows.append((path, label, (row.get("split") or "").strip() or FLAT_SPLIT))
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+            if missing:
+                raise DataError(f"{csv_path}: manifest lacks column(s) {missing}; found {columns}, "
+                                f"need path,label[,split]")
+            rows = []
+            for line_number, row in enumerate(reader, start=2):
+                path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+                if not path or not label:
+                    raise DataError(f"{csv_path}:{line_number}: empty path or label")
+                rows.append((line_number, path, label, (row.get("split") or "").strip() or FLAT_SPLIT))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: manifest is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: not a readable CSV manifest ({exc})") from None
     if not rows:
         raise DataError(f"{csv_path}: manifest has no rows")
-    class_names = sorted({label for _, label, _ in rows})
+    class_names = sorted({label for _, _, label, _ in rows})
     label_of = {name: index for index, name in enumerate(class_names)}
     records = []
-    for path, label, split in rows:
+    for line_number, path, label, split in rows:
         full = Path(path) if Path(path).is_absolute() else root / path
-        records.append(ImageRecord(full, path, label_of[label], split))
-    return ImageSource(root, class_names, records)
+        relative = _relative_inside(full, root)
+        if relative is None:
+            raise DataError(f"{csv_path}:{line_number}: path {path!r} lies outside the manifest's folder "
+                            f"{root.resolve()}; keep the manifest at the top of its data")
+        records.append(Record(full, relative, label_of[label], split))
+    return Source(root, class_names, records)
 
 
-def scan_source(data: str | Path) -> ImageSource:
-    """An ImageFolder root (a directory) or a CSV manifest (a ``.csv`` file)."""
+def scan_source(data: str | Path) -> Source:
+    """A folder tree (a directory) or a CSV manifest (a ``.csv`` file)."""
     data = Path(data)
     if not data.exists():
         raise DataError(f"{data}: data folder or manifest not found")
     if data.is_file():
         if data.suffix.lower() != ".csv":
-            raise DataError(f"{data}: expected an image folder or a .csv manifest")
+            raise DataError(f"{data}: expected a data folder or a .csv manifest")
         return read_manifest(data)
-    return scan_image_folder(data)
+    return scan_folder(data)
 
 
 def content_id(path: Path) -> str:
-    """Hex SHA-256 of the file's bytes: the image's identity in the cache (renames keep it)."""
+    """Hex SHA-256 of the file's bytes: the item's identity in the cache (renames keep it)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -135,49 +178,9 @@ def content_id(path: Path) -> str:
     return digest.hexdigest()
 
 
-def to_rgb_or_gray(image: Image.Image) -> Image.Image:
-    """Any PIL mode → 8-bit "RGB", or "L" for single-channel images (cheaper to resize; the
-    preprocessing replicates it to three equal channels, which is what RGB conversion gives).
-    16-bit data is scaled (not clipped); transparency is laid on white."""
-    if image.mode in ("RGB", "L"):
-        return image
-    if image.mode.startswith("I") or image.mode == "F":
-        # 16-bit grayscale (I;16*, or I holding 16-bit values): scale 0..65535 to 0..255.
-        values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(np.round(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode == "1":
-        return image.convert("L")
-    return image.convert("RGB")
-
-
-def load_image(path: Path) -> Image.Image:
-    """Decode an image file fully, as "RGB" or (single-channel sources) "L".
-
-    Raises :class:`ImageDecodeError` with the path and the reason.
-    """
-    try:
-        if path.stat().st_size == 0:
-            raise ImageDecodeError(str(path), "empty file (0 bytes)")
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb_or_gray(image)
-    except ImageDecodeError:
-        raise
-    except FileNotFoundError:
-        raise ImageDecodeError(str(path), "file not found") from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError(str(path), "not an image (format not recognised)") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageDecodeError(str(path), f"corrupt or truncated image ({exc})") from None
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file as 8-bit RGB (see :func:`load_image` for errors)."""
-    return load_image(path).convert("RGB")
+def nested_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Row indices: the first ``per_class`` rows of each class in a seeded order, so the subset for a larger
+    budget contains the one for a smaller budget. labels (N,) int → sorted indices (≤ K·per_class,) int64."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    picked = [order[labels[order] == cls][:per_class] for cls in np.unique(labels)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .configs import DEVICE_CHOICES
 from .errors import FeaturestoreError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .backbones import FeatureModel
+from .configs import ENGINE_CHOICES
+from .provenance import COMMON_FEATURE_MODULES, code_digest
 
 log = logging.getLogger("featurestore")
 
-ENGINE_CHOICES = ("auto", "torch", "onnxruntime")
 ONNX_OPSET = 18
 
 
@@ -57,11 +59,9 @@ def export_feature_model(model: FeatureModel, path: Path) -> Path:
     output ``features`` float32 (N, D). Written to a temporary file and renamed into place."""
     size = model.preprocessing.image_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     model = model.cpu().to(memory_format=torch.contiguous_format)
     # The exporter narrates every step on stdout; keep stdout for the command's own output.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with atomic_path(path) as tmp, contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
@@ -73,26 +73,20 @@ def export_feature_model(model: FeatureModel, path: Path) -> Path:
             opset_version=ONNX_OPSET,
             external_data=False,
         )
-    os.replace(tmp, path)
     return path
 
 
-def model_code_digest() -> str:
-    """SHA-256 of the source that defines what an exported graph computes (the backbones package, the
-    preprocessing and this module): editing any of it must not reuse a graph exported before."""
-    package = Path(__file__).resolve().parent
-    sources = sorted((package / "backbones").glob("*.py")) + [package / "preprocess.py", package / "engines.py"]
-    digest = hashlib.sha256()
-    for source in sources:
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    return digest.hexdigest()
+def model_code_digest(model: FeatureModel) -> str:
+    """SHA-256 of the source that defines what ``model``'s exported graph computes (its architecture's
+    modules, the common feature path and this module): editing any of it must not reuse an old graph."""
+    return code_digest(tuple(model.code_modules) + COMMON_FEATURE_MODULES + (__name__,))
 
 
 def onnx_path_for(model: FeatureModel) -> Path:
     """Where the cache keeps ``model``'s graph: keyed by name, weights hash, preprocessing, width, torch
     version and :func:`model_code_digest`."""
     key = "|".join([model.name, model.weights_sha256, model.preprocessing.as_json(), str(model.feature_dim),
-                    torch.__version__, model_code_digest()])
+                    torch.__version__, model_code_digest(model)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / f"{model.name.replace(':', '_')}-{model.preprocessing.image_size}px-{digest}.onnx"
 

@@ -21,17 +21,14 @@ import onnx
 import torch
 from onnx import TensorProto, compose, helper, numpy_helper
 
+from .atomic import atomic_path, write_text_atomic
 from .backbones import FeatureModel, load_backbone
 from .engines import ONNX_OPSET, cached_feature_graph
-from .errors import FeaturestoreError
+from .errors import ExportError
 from .heads import TrainedHead, fold_scaler, load_head
 
 MAX_PROBABILITY_DIFF = 1e-4
 HEAD_INPUT = "head_features"
-
-
-class ExportError(FeaturestoreError):
-    """The exported graph does not reproduce the Python pipeline, or cannot be built."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +124,11 @@ def skl2onnx_head_graph(head: TrainedHead) -> onnx.ModelProto:
 
 
 def backbone_for(head: TrainedHead, backbone: str | None = None, weights: str | Path | None = None) -> FeatureModel:
-    """Rebuild the backbone that produced the head's training features, and prove it is the same."""
+    """Rebuild the backbone that produced the head's training features, and prove it is the same: weights,
+    preprocessing, width, the feature path's code and the library versions (the store's fingerprint, less
+    the stored dtype and compute precision, which the exported float32 graph does not share)."""
+    from .fingerprint import changed_keys, fingerprint_for
+
     fp = head.fingerprint
     pre = fp["preprocessing"]
     model = load_backbone(backbone or fp["backbone"], weights=weights, image_size=pre["image_size"],
@@ -137,9 +138,44 @@ def backbone_for(head: TrainedHead, backbone: str | None = None, weights: str | 
             f"the backbone's weights ({model.weights_path}, sha256 {model.weights_sha256[:12]}…) are not the "
             f"ones the head was trained on (sha256 {fp['weights_sha256'][:12]}…): pass --weights with that checkpoint"
         )
-    if model.preprocessing.as_dict() != pre or model.feature_dim != head.feature_dim:
-        raise ExportError(f"backbone {model.name} does not reproduce the head's features (preprocessing or width)")
+    current = fingerprint_for(model, fp.get("dtype", "float32"), fp.get("compute") == "autocast-float16")
+    changed = [key for key in changed_keys(fp, current) if key not in ("backbone",)]
+    if changed or model.feature_dim != head.feature_dim:
+        raise ExportError(
+            f"backbone {model.name} would not reproduce the features head {head.name} was trained on "
+            f"({', '.join(changed) or 'feature width'} changed since extraction): re-extract and retrain the head"
+        )
     return model.cpu().to(memory_format=torch.contiguous_format)
+
+
+def spread_to_classes(head_graph: onnx.ModelProto, classes: np.ndarray, n_classes: int) -> onnx.ModelProto:
+    """Make the head graph's ``probabilities`` (N, K') cover all K classes of the store: column k is class k.
+
+    A head trained without some classes (no training rows) has K' < K columns, ordered by ``classes`` (K',)
+    int. A (K', K) 0/1 matrix places them; missing classes get probability 0; ``label`` is recomputed as the
+    argmax over all K. Returns the graph unchanged when it already covers every class in order.
+    """
+    if len(classes) == n_classes and np.array_equal(classes, np.arange(n_classes)):
+        return head_graph
+    graph = head_graph.graph
+    renamed = {"probabilities": "present_probabilities", "label": "present_label"}
+    for node in list(graph.node):
+        if node.op_type == "ArgMax" and list(node.output) == ["label"]:
+            graph.node.remove(node)  # recomputed below over all classes
+            continue
+        node.input[:] = [renamed.get(name, name) for name in node.input]  # skl2onnx's own label path reads it
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+    placement = np.zeros((len(classes), n_classes), dtype=np.float32)
+    placement[np.arange(len(classes)), classes] = 1.0
+    graph.initializer.append(numpy_helper.from_array(placement, "class_placement"))
+    graph.node.extend([
+        helper.make_node("MatMul", ["present_probabilities", "class_placement"], ["probabilities"]),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ])
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", n_classes]),
+                         helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])])
+    return head_graph
 
 
 def combine(backbone: onnx.ModelProto, head: onnx.ModelProto) -> onnx.ModelProto:
@@ -185,7 +221,8 @@ def verify_export(path: Path, model: FeatureModel, head: TrainedHead, images: np
 
 
 def export_onnx(head: TrainedHead | str | Path, out: str | Path, backbone: str | None = None,
-                weights: str | Path | None = None, sample_images: np.ndarray | None = None) -> dict:
+                weights: str | Path | None = None, sample_images: np.ndarray | None = None,
+                trust_pickle: bool = False) -> dict:
     """Write ``out`` (one self-contained .onnx file) and ``<out>.report.json``; return the report.
 
     Input ``images``: uint8 (N, 3, S, S), N dynamic. Outputs ``probabilities`` (N, K) float32 and
@@ -193,15 +230,15 @@ def export_onnx(head: TrainedHead | str | Path, out: str | Path, backbone: str |
     Raises :class:`ExportError` (and keeps no file) when the graph disagrees with the Python pipeline.
     """
     started = time.perf_counter()
-    head = head if isinstance(head, TrainedHead) else load_head(head)
+    head = head if isinstance(head, TrainedHead) else load_head(head, trust_pickle=trust_pickle)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = backbone_for(head, backbone, weights)
-    tmp = out.with_name(out.name + ".tmp")
     if head.config.head in ("logreg", "linear_svm"):
         head_graph = linear_head_graph(linear_head_params(head), head.feature_dim)
     else:
         head_graph = skl2onnx_head_graph(head)
+    head_graph = spread_to_classes(head_graph, head.classes, len(head.class_names))
     graph = combine(onnx.load(str(cached_feature_graph(model))), head_graph)
     metadata = {
         "featurestore_class_names": json.dumps(head.class_names),
@@ -212,19 +249,17 @@ def export_onnx(head: TrainedHead | str | Path, out: str | Path, backbone: str |
     }
     onnx.helper.set_model_props(graph, metadata)
     onnx.checker.check_model(graph)
-    onnx.save(graph, str(tmp))
-
     images = sample_images if sample_images is not None else _sample_images(model.preprocessing.image_size)
-    check = verify_export(tmp, model, head, images)
-    ops = sorted({node.op_type for node in graph.graph.node})
-    report = {
-        "model": str(out), "head": head.summary(), "check": check, "operators": ops,
-        "opsets": {d.domain or "ai.onnx": d.version for d in graph.opset_import}, "ir_version": graph.ir_version,
-        "size_bytes": tmp.stat().st_size, "seconds": round(time.perf_counter() - started, 2),
-    }
-    if check["max_probability_diff"] > MAX_PROBABILITY_DIFF or not check["labels_equal"]:
-        tmp.unlink()
-        raise ExportError(f"{out}: the exported graph disagrees with the Python pipeline: {check}")
-    tmp.replace(out)
-    Path(str(out) + ".report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_path(out) as tmp:
+        onnx.save(graph, str(tmp))
+        check = verify_export(tmp, model, head, images)
+        ops = sorted({node.op_type for node in graph.graph.node})
+        report = {
+            "model": out.name, "head": head.summary(), "check": check, "operators": ops,
+            "opsets": {d.domain or "ai.onnx": d.version for d in graph.opset_import}, "ir_version": graph.ir_version,
+            "size_bytes": tmp.stat().st_size, "seconds": round(time.perf_counter() - started, 2),
+        }
+        if check["max_probability_diff"] > MAX_PROBABILITY_DIFF or not check["labels_equal"]:
+            raise ExportError(f"{out}: the exported graph disagrees with the Python pipeline: {check}")
+    write_text_atomic(Path(str(out) + ".report.json"), json.dumps(report, indent=2) + "\n")
     return report

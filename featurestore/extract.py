@@ -2,7 +2,8 @@
 
 Images are identified by the SHA-256 of their bytes. With the same fingerprint, images already in
 the store (or in the journal of an interrupted run) are not run through the model again; images
-that are gone are dropped. A different fingerprint never reuses anything.
+that are gone are dropped. A different fingerprint never reuses anything. One writer at a time:
+the store's lock is held from the scan to the final rename.
 """
 
 from __future__ import annotations
@@ -11,26 +12,30 @@ import json
 import logging
 import os
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from .atomic import temp_files_of
 from .backbones import DEFAULT_BACKBONE, FeatureModel, get_spec, load_backbone
+from .configs import ON_DUPLICATE_CHOICES, ON_ERROR_CHOICES
 from .console import progress_bar
-from .data import RGB_CONVERSION, ImageRecord, ImageSource, content_id, load_image, scan_source
+from .data import Record, Source, content_id, scan_source
 from .devices import resolve_device
 from .engines import make_engine
-from .errors import ImageDecodeError, StoreError
+from .errors import DuplicateItemsError, ImageDecodeError, StoreError
+from .fingerprint import changed_keys, fingerprint_for
+from .images import DecodedImages, collate_decoded, lower_worker_priority
 from .journal import ExtractionJournal
-from .preprocess import Preprocessing
-from .store import DTYPES, SCHEMA_VERSION, FeatureStore, SplitArrays, fingerprint_hash, write_store
+from .locking import store_lock
+from .store import DTYPES, FeatureStore, SplitArrays, fingerprint_hash, write_store
 
 log = logging.getLogger("featurestore")
 
-ON_ERROR_CHOICES = ("skip", "fail")
 
 
 @dataclass
@@ -46,6 +51,7 @@ class ExtractSummary:
     resumed: int = 0
     model_images: int = 0
     skipped: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     written: bool = False
     engine: str | None = None
@@ -54,71 +60,10 @@ class ExtractSummary:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def fingerprint_for(model: FeatureModel, dtype: str, autocast: bool) -> dict:
-    """Everything that changes a feature value; two stores share rows only if these are equal."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "backbone": model.name,
-        "weights_sha256": model.weights_sha256,
-        "layer": "penultimate (classifier removed), global average pooled",
-        "feature_dim": model.feature_dim,
-        "preprocessing": model.preprocessing.as_dict(),
-        "rgb_conversion": RGB_CONVERSION,
-        "dtype": dtype,
-        "compute": "autocast-float16" if autocast else "float32",
-    }
-
-
-class DecodedImages(Dataset):
-    """Decodes and preprocesses images in DataLoader workers.
-
-    Item: ``(index, uint8 tensor (3, S, S) or None, failure reason or None)``.
-    """
-
-    def __init__(self, paths: list[Path], preprocessing: Preprocessing):
-        self.paths = paths
-        self.preprocessing = preprocessing
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        try:
-            return index, self.preprocessing(load_image(self.paths[index])), None
-        except ImageDecodeError as exc:
-            return index, None, exc.reason
-        except Exception as exc:  # a decoder bug must cost one image, not the run
-            return index, None, f"cannot preprocess ({type(exc).__name__}: {exc})"
-
-
-def _lower_worker_priority(worker_id: int) -> None:
-    """Run decoding only on CPU time the model leaves idle.
-
-    Decoding is cheap next to the model, but on a small CPU a decoder competing with the model's
-    threads stalls them (each parallel step waits for its slowest thread). SCHED_IDLE lets the
-    worker fill the model's gaps; the prefetch queue absorbs the timing.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or not permitted
-        try:
-            os.nice(19)
-        except OSError:
-            pass
-
-
-def collate_decoded(items):
-    """→ (indices of decoded images, uint8 batch (B, 3, S, S) or None, [(index, reason)] failures)."""
-    ok = [(index, tensor) for index, tensor, _ in items if tensor is not None]
-    failed = [(index, reason) for index, tensor, reason in items if tensor is None]
-    batch = torch.stack([tensor for _, tensor in ok]) if ok else None
-    return [index for index, _ in ok], batch, failed
-
-
-def _hash_records(records: list[ImageRecord], progress: bool) -> tuple[dict[ImageRecord, str], dict[ImageRecord, str]]:
+def _hash_records(records: list[Record], progress: bool) -> tuple[dict[Record, str], dict[Record, str]]:
     """Content ids of readable files, and the reason for each file that cannot be read."""
-    ids: dict[ImageRecord, str] = {}
-    failures: dict[ImageRecord, str] = {}
+    ids: dict[Record, str] = {}
+    failures: dict[Record, str] = {}
     with progress_bar(len(records), "hashing", unit="file", enabled=progress, leave=False) as bar:
         for record in records:
             try:
@@ -131,7 +76,39 @@ def _hash_records(records: list[ImageRecord], progress: bool) -> tuple[dict[Imag
     return ids, failures
 
 
-def _existing_rows(out: Path, fp_hash: str) -> tuple[FeatureStore | None, dict[str, np.ndarray]]:
+def find_duplicates(ids: dict[Record, str], class_names: list[str]) -> list[dict]:
+    """Groups of files with identical bytes in two splits or under two labels:
+    ``[{id, paths, splits, labels}]`` (copies within one split and label are harmless and not listed)."""
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for record, cid in ids.items():
+        groups[cid].append(record)
+    found = []
+    for cid, records in groups.items():
+        splits = sorted({r.split for r in records})
+        labels = sorted({class_names[r.label] for r in records})
+        if len(splits) > 1 or len(labels) > 1:
+            found.append({"id": cid, "paths": [r.rel_path for r in records], "splits": splits, "labels": labels})
+    return found
+
+
+def describe_duplicates(duplicates: list[dict], shown: int = 3) -> str:
+    examples = "; ".join(" = ".join(group["paths"]) for group in duplicates[:shown])
+    more = f" (and {len(duplicates) - shown} more)" if len(duplicates) > shown else ""
+    return f"{len(duplicates)} group(s) of identical files across splits or labels: {examples}{more}"
+
+
+def _apply_duplicate_policy(duplicates: list[dict], on_duplicate: str, source_root: Path) -> None:
+    if not duplicates:
+        return
+    message = f"{source_root}: {describe_duplicates(duplicates)}"
+    if on_duplicate == "error":
+        raise DuplicateItemsError(message + "; remove them, or pass --on-duplicate warn|keep")
+    if on_duplicate == "warn":
+        log.warning("%s; they are kept and listed in the store's `duplicates` (evaluation refuses a test split "
+                    "that shares items with train/val)", message)
+
+
+def _existing_rows(out: Path, fingerprint: dict) -> tuple[FeatureStore | None, dict[str, np.ndarray]]:
     """Features of the current store by content id, if its fingerprint matches; else nothing."""
     if not out.exists():
         return None, {}
@@ -140,11 +117,10 @@ def _existing_rows(out: Path, fp_hash: str) -> tuple[FeatureStore | None, dict[s
     except StoreError as exc:
         log.warning("%s: existing file unusable, it will be replaced (%s)", out, exc)
         return None, {}
+    fp_hash = fingerprint_hash(fingerprint)
     if store.fingerprint_hash != fp_hash:
-        log.warning(
-            "%s: fingerprint changed (%s → %s): extracting every image again, nothing is mixed",
-            out, store.fingerprint_hash, fp_hash,
-        )
+        log.warning("%s: fingerprint changed (%s → %s: %s differ): extracting every image again, nothing is mixed",
+                    out, store.fingerprint_hash, fp_hash, ", ".join(changed_keys(store.fingerprint, fingerprint)))
         return store, {}
     rows: dict[str, np.ndarray] = {}
     for split in store.splits:
@@ -153,9 +129,12 @@ def _existing_rows(out: Path, fp_hash: str) -> tuple[FeatureStore | None, dict[s
     return store, rows
 
 
-def _unchanged(store: FeatureStore | None, fp_hash: str, splits: dict[str, SplitArrays], skipped: list[dict]) -> bool:
-    """True when ``store`` already holds exactly these rows (so rewriting it would change nothing)."""
-    if store is None or store.fingerprint_hash != fp_hash or store.splits != list(splits) or store.skipped != skipped:
+def _unchanged(store: FeatureStore | None, fp_hash: str, class_names: list[str], splits: dict[str, SplitArrays],
+               skipped: list[dict], duplicates: list[dict], source_root: str) -> bool:
+    """True when ``store`` already holds exactly these rows, classes and notes (rewriting it would change nothing)."""
+    if (store is None or store.fingerprint_hash != fp_hash or store.class_names != class_names
+            or store.splits != list(splits) or store.skipped != skipped or store.duplicates != duplicates
+            or store.source_root != source_root):
         return False
     for split, arrays in splits.items():
         _, labels, ids = store.load(split)
@@ -165,8 +144,17 @@ def _unchanged(store: FeatureStore | None, fp_hash: str, splits: dict[str, Split
     return True
 
 
+def _check_options(dtype: str, on_error: str, on_duplicate: str, batch_size: int, workers: int) -> None:
+    for name, value, choices in (("dtype", dtype, DTYPES), ("on_error", on_error, ON_ERROR_CHOICES),
+                                 ("on_duplicate", on_duplicate, ON_DUPLICATE_CHOICES)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    if batch_size < 1 or workers < 0:
+        raise ValueError("batch_size must be >= 1 and workers >= 0")
+
+
 def extract_features(
-    data: str | Path | ImageSource,
+    data: str | Path | Source,
     out: str | Path,
     backbone: str = DEFAULT_BACKBONE,
     *,
@@ -179,6 +167,8 @@ def extract_features(
     engine: str = "auto",
     dtype: str = "float32",
     on_error: str = "skip",
+    on_duplicate: str = "warn",
+    wait: bool = True,
     progress: bool = True,
     model: FeatureModel | None = None,
 ) -> ExtractSummary:
@@ -187,19 +177,26 @@ def extract_features(
     ``model`` may be passed to reuse a loaded backbone (``backbone``/``weights``/``image_size``/
     ``crop_pct`` are then ignored). ``engine`` is ``auto``, ``torch`` or ``onnxruntime`` (see
     :mod:`featurestore.engines`). Raises :class:`ImageDecodeError` on the first bad image when
-    ``on_error="fail"``, after saving every finished batch in the journal.
+    ``on_error="fail"``, after saving every finished batch in the journal. ``on_duplicate`` decides what
+    identical files in two splits or under two labels do: ``warn`` (default), ``error`` or ``keep``; they
+    are listed in the store either way. ``wait=False`` fails at once when another process holds the store.
     """
     started = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-    if batch_size < 1 or workers < 0:
-        raise ValueError("batch_size must be >= 1 and workers >= 0")
+    _check_options(dtype, on_error, on_duplicate, batch_size, workers)
     out = Path(out)
     if model is None:
         get_spec(backbone)  # an unknown name fails before any file is read
-    source = data if isinstance(data, ImageSource) else scan_source(data)
+    source = data if isinstance(data, Source) else scan_source(data)
+    with store_lock(out, wait=wait):
+        for stale in temp_files_of(out):  # left by a writer killed mid-write; the lock says none is alive
+            stale.unlink(missing_ok=True)
+        return _extract_locked(source, out, started, backbone, weights, image_size, crop_pct, batch_size, workers,
+                               device, engine, dtype, on_error, on_duplicate, progress, model)
+
+
+def _extract_locked(source: Source, out: Path, started: float, backbone: str, weights, image_size, crop_pct,
+                    batch_size: int, workers: int, device: str, engine: str, dtype: str, on_error: str,
+                    on_duplicate: str, progress: bool, model: FeatureModel | None) -> ExtractSummary:
     torch_device = resolve_device(device)
     model = model or load_backbone(backbone, weights=weights, image_size=image_size, crop_pct=crop_pct)
     autocast = torch_device.type == "cuda" and engine != "onnxruntime"
@@ -207,11 +204,15 @@ def extract_features(
     fp_hash = fingerprint_hash(fingerprint)
     summary = ExtractSummary(out=str(out), backbone=model.name, fingerprint_hash=fp_hash, device=str(torch_device))
 
+    if on_error == "fail" and source.unusable:
+        raise ImageDecodeError(source.unusable[0]["path"], source.unusable[0]["reason"])
     ids, failures = _hash_records(source.records, progress)
     if on_error == "fail" and failures:
         record, reason = next(iter(failures.items()))
         raise ImageDecodeError(str(record.path), reason)
-    store, reused = _existing_rows(out, fp_hash)
+    duplicates = find_duplicates(ids, source.class_names)
+    _apply_duplicate_policy(duplicates, on_duplicate, source.root)
+    store, reused = _existing_rows(out, fingerprint)
     journal = ExtractionJournal(out, fp_hash)
     journal.drop_other_fingerprints()
     resumed = journal.load()
@@ -230,7 +231,7 @@ def extract_features(
     summary.model_images = len(new)
 
     splits: dict[str, SplitArrays] = {}
-    skipped = [{"path": r.rel_path, "reason": reason} for r, reason in failures.items()]
+    skipped = list(source.unusable) + [{"path": r.rel_path, "reason": reason} for r, reason in failures.items()]
     for split in source.splits:
         rows, labels, row_ids, paths = [], [], [], []
         for record in source.records:
@@ -250,12 +251,14 @@ def extract_features(
             paths.append(record.rel_path)
         features = np.stack(rows) if rows else np.zeros((0, model.feature_dim), dtype=np.float32)
         splits[split] = SplitArrays(features, np.asarray(labels, dtype=np.int64), row_ids, paths)
-    summary.skipped = skipped
+    summary.skipped, summary.duplicates = skipped, duplicates
     for item in skipped:
         log.warning("skipped %s: %s", item["path"], item["reason"])
 
-    if not _unchanged(store, fp_hash, splits, skipped):
-        write_store(out, fingerprint, source.class_names, splits, dtype=dtype, skipped=skipped)
+    root = os.path.relpath(source.root.resolve(), out.parent.resolve())  # portable: clones and moved projects
+    if not _unchanged(store, fp_hash, source.class_names, splits, skipped, duplicates, root):
+        write_store(out, fingerprint, source.class_names, splits, dtype=dtype, skipped=skipped,
+                    duplicates=duplicates, source_root=root)
         summary.written = True
     journal.clear()
     summary.seconds = round(time.perf_counter() - started, 3)
@@ -286,7 +289,7 @@ def _run_model(
         collate_fn=collate_decoded,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers else None,
-        worker_init_fn=_lower_worker_priority,
+        worker_init_fn=lower_worker_priority,
     )
     batches = iter(loader)
     # Workers are forked before the engine allocates its memory: forked after, they made the

@@ -9,13 +9,13 @@ early stopping on validation accuracy, a checkpoint after every epoch that a rer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,40 +24,20 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .atomic import atomic_path
 from .backbones import get_spec, load_classifier
 from .backbones.efficientnet_lite import EfficientNetLite
+from .backbones.weights import file_sha256
+from .configs import FinetuneConfig
 from .console import progress_bar
-from .data import ImageRecord, load_image, scan_source
+from .data import Record, nested_subset, scan_source
 from .devices import resolve_device
-from .errors import FeaturestoreError
+from .errors import FeaturestoreError, WeightsMismatchError
 from .heads import TrainedHead, fold_scaler
+from .images import load_image
 from .preprocess import INTERPOLATIONS, Preprocessing
 
 log = logging.getLogger("featurestore")
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Hyper-parameters of one fine-tuning run (all part of the checkpoint's identity)."""
-
-    unfreeze_blocks: int = 2
-    head_lr: float = 3e-4
-    backbone_lr_factor: float = 0.1
-    weight_decay: float = 1e-4
-    epochs: int = 8
-    batch_size: int = 32
-    patience: int = 3
-    train_batchnorm: bool = False
-    augment: bool = True
-    crop_scale_min: float = 0.6
-    seed: int = 0
-    workers: int = 1
-    # The baseline: the same architecture from random weights, every layer and BN statistic training
-    # at head_lr (unfreeze_blocks, backbone_lr_factor and train_batchnorm are then ignored).
-    from_scratch: bool = False
-
-    def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
 
 class TrainImages(Dataset):
     """Decoded, optionally augmented images: item ``(uint8 (3, S, S), label)``.
@@ -66,7 +46,7 @@ class TrainImages(Dataset):
     flip, drawn from torch's RNG (seeded per worker by the DataLoader's generator).
     """
 
-    def __init__(self, records: list[ImageRecord], preprocessing: Preprocessing, augment: bool,
+    def __init__(self, records: list[Record], preprocessing: Preprocessing, augment: bool,
                  crop_scale_min: float):
         self.records = records
         self.preprocessing = preprocessing
@@ -175,9 +155,25 @@ def trainable_prefixes(network: EfficientNetLite, unfreeze_blocks: int) -> list[
     return [f"_blocks.{i}." for i in range(total - unfreeze_blocks, total)] + ["_conv_head.", "_bn1.", "_fc."]
 
 
-def build_model(head: TrainedHead, config: FinetuneConfig, probe=None) -> tuple[FinetuneNet, list[str]]:
-    """The backbone the head's features came from, with ``probe`` (default: :func:`train_only_probe`)
-    as classifier; returns it and the names of the parameters that train."""
+def base_network(head: TrainedHead, weights: str | Path | None = None) -> EfficientNetLite:
+    """The network whose features the head was trained on: its backbone with the very checkpoint whose hash
+    the head's fingerprint records (``weights`` for a local file; default: the registry's weights)."""
+    fp = head.fingerprint
+    _, network, path = load_classifier(fp["backbone"], weights)
+    if file_sha256(path) != fp["weights_sha256"]:
+        raise WeightsMismatchError(
+            f"{path}: these weights (sha256 {file_sha256(path)[:12]}…) are not the ones head {head.name} was "
+            f"trained on (sha256 {fp['weights_sha256'][:12]}…); pass --weights with the checkpoint its features "
+            f"came from"
+        )
+    return network
+
+
+def build_model(head: TrainedHead, config: FinetuneConfig, probe=None,
+                weights: str | Path | None = None) -> tuple[FinetuneNet, list[str]]:
+    """The backbone the head's features came from (``weights``: its local checkpoint, checked against the
+    head's fingerprint), with ``probe`` (default: :func:`train_only_probe`) as classifier; returns it and
+    the names of the parameters that train."""
     fp = head.fingerprint
     if not fp["backbone"].startswith("efficientnet_lite"):
         raise FeaturestoreError(f"fine-tuning supports the efficientnet_lite backbones, not {fp['backbone']}")
@@ -192,7 +188,7 @@ def build_model(head: TrainedHead, config: FinetuneConfig, probe=None) -> tuple[
         k, d = len(head.class_names), network.feature_dim
         network._fc = ProbeClassifier(np.random.default_rng(config.seed).normal(0, 0.01, (k, d)), np.zeros(k), False)
         return FinetuneNet(network, preprocessing), [name for name, _ in network.named_parameters()]
-    _, network, _ = load_classifier(fp["backbone"])
+    network = base_network(head, weights)
     network._fc = ProbeClassifier(*probe_weights(probe if probe is not None else train_only_probe(head)))
     prefixes = trainable_prefixes(network, config.unfreeze_blocks)
     trainable = []
@@ -242,20 +238,37 @@ def _accuracy(model: FinetuneNet, loader: DataLoader, device: torch.device) -> f
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def run_identity(head: TrainedHead, config: FinetuneConfig, probe_state: dict, train: list[Record],
+                 val: list[Record], amp: bool) -> str:
+    """SHA-256 of everything that shapes a fine-tuning run: the config, the head (fingerprint, C, scaling),
+    the starting classifier's exact weights, the images and labels of train and val, and mixed precision.
+    A checkpoint resumes only a run with the same identity."""
+    digest = hashlib.sha256()
+    digest.update(config.key().encode())
+    digest.update(json.dumps({"head": head.name, "fingerprint": head.fingerprint_hash, "C": head.C,
+                              "normalize": head.config.normalize, "amp": amp}, sort_keys=True).encode())
+    for name in sorted(probe_state):
+        digest.update(name.encode() + probe_state[name].detach().cpu().numpy().tobytes())
+    for record in train + val:
+        digest.update(f"{record.split}|{record.rel_path}|{record.label}\n".encode())
+    return digest.hexdigest()
 
 
 def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(),
              device: str = "auto", progress: bool = True, checkpoint_dir: str | Path | None = None,
-             keep_checkpoint: bool = False, train_per_class: int | None = None, probe=None) -> FinetuneResult:
+             keep_checkpoint: bool = False, train_per_class: int | None = None, probe=None,
+             weights: str | Path | None = None) -> FinetuneResult:
     """Fine-tune on ``data``'s train split, early-stop on its val split, write the best weights to ``out``
     (an EfficientNet-Lite state dict usable as ``--weights``), checkpointing every epoch to
     ``checkpoint_dir/last.pt`` (deleted once finished unless ``keep_checkpoint``).
 
     ``train_per_class`` trains on a nested subset of that many train images per class (as the plateau
-    curve does); ``probe`` replaces the starting classifier (default: the head refitted on train)."""
+    curve does); ``probe`` replaces the starting classifier (default: the head refitted on train);
+    ``weights`` is the local checkpoint the head's features came from, if not the registry's."""
     started = time.perf_counter()
     out = Path(out)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.stem + ".checkpoints")
@@ -266,8 +279,6 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
         raise FeaturestoreError(f"{data}: classes {source.class_names} differ from the head's {head.class_names}")
     train = [r for r in source.records if r.split == "train"]
     if train_per_class is not None:
-        from .plateau import nested_subset
-
         train = [train[i] for i in nested_subset(np.array([r.label for r in train]), train_per_class, config.seed)]
     val = [r for r in source.records if r.split == "val"]
     if not train or not val:
@@ -276,7 +287,7 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    model, trainable = build_model(head, config, probe=probe)
+    model, trainable = build_model(head, config, probe=probe, weights=weights)
     model.to(torch_device)
     backbone_params = [p for n, p in model.network.named_parameters() if p.requires_grad and not n.startswith("_fc.")]
     optimizer = torch.optim.AdamW(
@@ -292,22 +303,28 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     val_loader = DataLoader(TrainImages(val, model.preprocessing, False, 1.0), batch_size=64,
                             num_workers=config.workers)
 
-    run_key = config.key() + f"|train_per_class={train_per_class}"
+    run_key = run_identity(head, config, model.network._fc.state_dict(), train, val, amp)
     state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": [], "best_state": None}
     last = checkpoints / "last.pt"
     resumed_from = 0
     if last.is_file():
-        saved = torch.load(last, map_location="cpu", weights_only=False)
-        if saved.get("config") == run_key and saved.get("head") == head.fingerprint_hash + head.name:
+        try:
+            saved = torch.load(last, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            log.warning("%s: unreadable checkpoint ignored, starting over (%s)", last, exc)
+            saved = {}
+        if saved.get("run") == run_key:
             model.network.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["grad_scaler"])
             torch.set_rng_state(saved["torch_rng"])
             state = saved["state"]
             resumed_from = state["epoch"]
             log.info("resuming fine-tuning after epoch %d (%s)", resumed_from, last)
-        else:
-            log.warning("%s belongs to another run (config or head differ); starting over", last)
+        elif saved:
+            log.warning("%s belongs to another run (config, head, probe, data or precision differ); starting over",
+                        last)
     if state["epoch"] == 0:
         start_accuracy = _accuracy(model, val_loader, torch_device)
         state["start_val_accuracy"] = start_accuracy
@@ -343,9 +360,9 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        _save_atomic({"config": run_key, "head": head.fingerprint_hash + head.name,
-                      "model": model.network.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state}, last)
+        _save_atomic({"run": run_key, "model": model.network.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
+                      "torch_rng": torch.get_rng_state(), "state": state}, last)
         log.info("epoch %d: train loss %.4f, val accuracy %.4f", epoch, state["history"][-1]["train_loss"], accuracy)
         if state["bad_epochs"] >= config.patience:
             stopped_early = True

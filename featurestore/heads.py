@@ -2,12 +2,13 @@
 
 A sweep fits the head at every C of a log grid on ``train`` and scores it on ``val``. Logistic
 regression is warm-started along the grid; the grid is cut into contiguous segments that run in
-parallel with joblib. The chosen C is refitted on train+val. The saved head carries the cache's
-fingerprint, so it refuses features it was not trained on.
+parallel with joblib. The chosen C is refitted on train+val. The saved head (skops, see head_io.py)
+carries the cache's fingerprint, so it refuses features it was not trained on.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -22,43 +23,14 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from .configs import HEADS, NORMALIZATIONS, HeadConfig  # noqa: F401  (re-exported: heads' public API)
 from .console import progress_bar
-from .errors import FeaturestoreError, StoreError
+from .errors import FeaturestoreError, HeadMismatchError, StoreError
 from .store import FeatureStore
 
-HEADS = ("logreg", "linear_svm", "svm_rbf")
-NORMALIZATIONS = ("standard", "l2", "none")
-HEAD_FORMAT = 1
+log = logging.getLogger("featurestore")
 
-
-class HeadMismatchError(FeaturestoreError):
-    """A head was asked to score features it was not trained on."""
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """How to train a head. The C grid is ``c_points`` values from ``c_min`` to ``c_max`` (log-spaced)."""
-
-    head: str = "logreg"
-    normalize: str = "standard"
-    c_min: float = 1e-6
-    c_max: float = 1e5
-    c_points: int = 34
-    max_iter: int = 300
-    n_jobs: int = -1
-    calibration_folds: int = 3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise FeaturestoreError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
-        if self.normalize not in NORMALIZATIONS:
-            raise FeaturestoreError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
-        if not (0 < self.c_min <= self.c_max) or self.c_points < 1:
-            raise FeaturestoreError("need 0 < c_min <= c_max and c_points >= 1")
-
-    def c_grid(self) -> np.ndarray:
-        return np.logspace(np.log10(self.c_min), np.log10(self.c_max), self.c_points)
+HEAD_FORMAT = 2  # 1: a pickled TrainedHead (joblib); 2: skops (head_io.py)
 
 
 def _scaler(normalize: str):
@@ -197,7 +169,9 @@ def describe(fingerprint: dict) -> str:
 class TrainedHead:
     """A fitted head and everything needed to use it safely.
 
-    ``estimator`` maps features (N, feature_dim) float32 to class probabilities (N, K).
+    ``estimator`` maps features (N, feature_dim) float32 to class probabilities over the classes it saw in
+    training (``estimator.classes_``); :meth:`predict_proba` spreads them over all ``class_names`` (N, K),
+    so column k is always the store's class k, also when a class had no training rows.
     """
 
     estimator: Pipeline
@@ -230,6 +204,17 @@ class TrainedHead:
     def name(self) -> str:
         return f"{self.backbone}__{self.config.head}"
 
+    @property
+    def classes(self) -> np.ndarray:
+        """Indices into ``class_names`` of the classes the estimator was trained on, (K',) int64 ascending."""
+        return np.asarray(self.estimator.classes_, dtype=np.int64)
+
+    @property
+    def missing_classes(self) -> list[str]:
+        """Names of the classes with no training rows: the head gives them probability 0."""
+        present = set(self.classes.tolist())
+        return [name for index, name in enumerate(self.class_names) if index not in present]
+
     def check_store(self, store: FeatureStore) -> None:
         """Refuse a store whose fingerprint differs from the one this head was trained on."""
         if store.fingerprint_hash != self.fingerprint_hash:
@@ -252,11 +237,17 @@ class TrainedHead:
         return X.astype(np.float32, copy=False)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, K) float64 for features X (N, feature_dim)."""
-        return self.estimator.predict_proba(self._check_features(X))
+        """Class probabilities (N, K) float64 for features X (N, feature_dim); column k is ``class_names[k]``."""
+        proba = self.estimator.predict_proba(self._check_features(X))
+        classes = self.classes
+        if len(classes) == len(self.class_names):
+            return proba
+        full = np.zeros((len(proba), len(self.class_names)), dtype=proba.dtype)
+        full[:, classes] = proba
+        return full
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Class indices (N,) int64."""
+        """Class indices (N,) int64 into ``class_names``."""
         return np.asarray(self.estimator.predict(self._check_features(X)), dtype=np.int64)
 
     def summary(self) -> dict:
@@ -264,27 +255,22 @@ class TrainedHead:
             "name": self.name, "head": self.config.head, "backbone": self.backbone, "C": self.C,
             "normalize": self.config.normalize, "feature_dim": self.feature_dim,
             "fingerprint_hash": self.fingerprint_hash, "train_seconds": round(self.train_seconds, 3),
-            "n_train": self.n_train, "classes": len(self.class_names),
+            "n_train": self.n_train, "classes": len(self.class_names), "missing_classes": self.missing_classes,
             "best_val_accuracy": max((p["val_accuracy"] for p in self.sweep), default=None),
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        joblib.dump(self, tmp)
-        tmp.replace(path)
-        return path
+        """Write the head with skops (no pickle; see head_io.py), atomically. Returns ``path``."""
+        from .head_io import save_head
+
+        return save_head(self, path)
 
 
-def load_head(path: str | Path) -> TrainedHead:
-    path = Path(path)
-    if not path.is_file():
-        raise FeaturestoreError(f"{path}: head file not found (run `featurestore train-head` first)")
-    head = joblib.load(path)
-    if not isinstance(head, TrainedHead) or head.format_version != HEAD_FORMAT:
-        raise FeaturestoreError(f"{path}: not a featurestore head (format {HEAD_FORMAT})")
-    return head
+def load_head(path: str | Path, trust_pickle: bool = False) -> TrainedHead:
+    """Read a head saved by :meth:`TrainedHead.save` (see :func:`featurestore.head_io.load_head`)."""
+    from .head_io import load_head as load
+
+    return load(path, trust_pickle=trust_pickle)
 
 
 def train_head(features: str | Path | FeatureStore, config: HeadConfig = HeadConfig(),
@@ -299,14 +285,20 @@ def train_head(features: str | Path | FeatureStore, config: HeadConfig = HeadCon
     X, y, _ = store.load("train")
     Xv, yv, _ = store.load("val")
     X, Xv = X.astype(np.float32, copy=False), Xv.astype(np.float32, copy=False)
+    if len(np.unique(y)) < 2:
+        raise FeaturestoreError(f"{store.path}: the train split holds {len(np.unique(y))} class; a head needs two")
     sweep = sweep_c(config, X, y, Xv, yv, progress=progress)
     C = choose_c(sweep)
     estimator = build_estimator(config, C)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         estimator.fit(np.concatenate([X, Xv]), np.concatenate([y, yv]))
-    return TrainedHead.fitted_on(store, estimator, config, C, sweep=sweep,
+    head = TrainedHead.fitted_on(store, estimator, config, C, sweep=sweep,
                                  train_seconds=time.perf_counter() - started, n_train=len(y) + len(yv))
+    if head.missing_classes:
+        log.warning("%s: class(es) %s have no train or val rows: head %s never predicts them (probability 0)",
+                    store.path, ", ".join(head.missing_classes), head.name)
+    return head
 
 
 def config_from_params(params: dict, head: str) -> HeadConfig:

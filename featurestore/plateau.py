@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import nested_subset
 from .errors import FeaturestoreError
-from .heads import HeadConfig, sweep_c
+from .heads import HeadConfig, choose_c, sweep_c
 from .store import FeatureStore
 
 
@@ -24,13 +25,6 @@ class PlateauRule:
     budgets: tuple[int, ...] = (10, 25, 50, 100)
     min_gain: float = 0.01
     seed: int = 0
-
-
-def nested_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Row indices: the first ``per_class`` rows of each class in a seeded order (nested across budgets)."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    picked = [order[labels[order] == cls][:per_class] for cls in np.unique(labels)]
-    return np.sort(np.concatenate(picked))
 
 
 def learning_curve(store: FeatureStore, rule: PlateauRule, head: HeadConfig) -> list[dict]:
@@ -44,9 +38,9 @@ def learning_curve(store: FeatureStore, rule: PlateauRule, head: HeadConfig) -> 
             continue
         rows = nested_subset(y, budget, rule.seed)
         sweep = sweep_c(head, X[rows], y[rows], Xv, yv)
-        best = max(sweep, key=lambda p: (p["val_accuracy"], -p["C"]))
-        curve.append({"labels_per_class": budget, "n_train": int(len(rows)),
-                      "val_accuracy": best["val_accuracy"], "C": best["C"]})
+        C = choose_c(sweep)
+        accuracy = next(p["val_accuracy"] for p in sweep if p["C"] == C)
+        curve.append({"labels_per_class": budget, "n_train": int(len(rows)), "val_accuracy": accuracy, "C": C})
     if len(curve) < 2:
         raise FeaturestoreError(
             f"{store.path}: need at least two label budgets the train split can fill (smallest class has "

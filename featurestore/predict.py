@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
+from .atomic import atomic_path
 from .console import progress_bar
-from .data import FLAT_SPLIT, ImageRecord, ImageSource, scan_source
+from .data import FLAT_SPLIT, Record, Source, is_utf8_name, printable_name, scan_source
 from .errors import FeaturestoreError
-from .extract import DecodedImages, _lower_worker_priority, collate_decoded
+from .images import DecodedImages, collate_decoded, lower_worker_priority
 from .preprocess import Preprocessing
 from .runtime import make_session
 
@@ -79,11 +80,14 @@ class OnnxClassifier:
         return probabilities, labels
 
 
-def _unlabelled_folder(folder: Path) -> ImageSource:
+def _unlabelled_folder(folder: Path) -> Source:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise FeaturestoreError(f"{folder}: no images")
-    return ImageSource(folder, [], [ImageRecord(p, p.name, -1, FLAT_SPLIT) for p in files])
+    records = [Record(p, p.name, -1, FLAT_SPLIT) for p in files if is_utf8_name(p.name)]
+    unusable = [{"path": printable_name(p.name), "reason": "file name is not valid UTF-8"}
+                for p in files if not is_utf8_name(p.name)]
+    return Source(folder, [], records, unusable)
 
 
 def predict_images(model: str | Path, data: str | Path, out: str | Path, batch_size: int = 64, workers: int = 1,
@@ -95,6 +99,11 @@ def predict_images(model: str | Path, data: str | Path, out: str | Path, batch_s
     started = time.perf_counter()
     meta = read_model_metadata(model)
     data, out = Path(data), Path(out)
+    if batch_size < 1 or workers < 0 or top_k < 1:
+        raise FeaturestoreError(f"batch_size and top_k must be >= 1 and workers >= 0 (got {batch_size}, {top_k}, "
+                                f"{workers})")
+    if not data.exists():
+        raise FeaturestoreError(f"{data}: data folder or manifest not found")
     has_class_folders = data.is_dir() and any(p.is_dir() for p in data.iterdir())
     source = scan_source(data) if data.is_file() or has_class_folders else _unlabelled_folder(data)
     records = [r for r in source.records if split is None or r.split == split]
@@ -103,11 +112,11 @@ def predict_images(model: str | Path, data: str | Path, out: str | Path, batch_s
     loader = DataLoader(
         DecodedImages([r.path for r in records], _preprocessing_of(meta)), batch_size=batch_size,
         num_workers=workers, collate_fn=collate_decoded, prefetch_factor=4 if workers else None,
-        worker_init_fn=_lower_worker_priority,
+        worker_init_fn=lower_worker_priority,
     )
     batches = iter(loader)  # fork the decoders before the session allocates (see extract._run_model)
     classifier = OnnxClassifier(model, provider, meta)
-    summary = PredictSummary(out=str(out), provider=classifier.provider)
+    summary = PredictSummary(out=str(out), provider=classifier.provider, skipped=list(source.unusable))
     names = classifier.class_names
     top_k = max(1, min(top_k, len(names)))
     rows, correct, labelled = [], 0, 0
@@ -134,14 +143,15 @@ def predict_images(model: str | Path, data: str | Path, out: str | Path, batch_s
             bar.update(len(indices) + len(failed))
     for item in summary.skipped:
         log.warning("skipped %s: %s", item["path"], item["reason"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".jsonl":
-        out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    else:
-        with open(out, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["path", "split", "label", "probability", "top_k", "true_label"])
-            writer.writeheader()
-            writer.writerows(rows)
+    with atomic_path(out, fsync=False) as tmp:
+        if out.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["path", "split", "label", "probability", "top_k",
+                                                            "true_label"])
+                writer.writeheader()
+                writer.writerows(rows)
     summary.predicted = len(rows)
     summary.accuracy = round(correct / labelled, 6) if labelled and set(source.class_names) <= set(names) else None
     summary.seconds = round(time.perf_counter() - started, 3)

@@ -20,14 +20,36 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
 
+from .errors import LeakError
 from .heads import TrainedHead
 from .store import FeatureStore
 from .summary import write_summary
 
+TUNING_SPLITS = ("train", "val")
 
-def evaluate_head(head: TrainedHead, store: FeatureStore, split: str = "test") -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics of ``head`` on ``split`` of ``store``, with the true and predicted labels (N,) int64."""
+
+def check_no_overlap(store: FeatureStore, split: str) -> None:
+    """Refuse to score ``split`` when it shares items (identical content) with the splits the head was trained
+    or tuned on: the score would be inflated by memorised answers."""
+    if split in TUNING_SPLITS:
+        return
+    seen = {cid for other in TUNING_SPLITS if other in store.splits for cid in store.ids(other)}
+    ids, paths = store.ids(split), store.paths(split)
+    shared = [str(path) for cid, path in zip(ids, paths, strict=True) if cid in seen]
+    if shared:
+        examples = ", ".join(shared[:3]) + (f" (and {len(shared) - 3} more)" if len(shared) > 3 else "")
+        raise LeakError(f"{store.path}: {len(shared)} of {len(ids)} {split} images also appear in train/val "
+                        f"(identical bytes): {examples}. Remove them from {split}, or pass --allow-overlap")
+
+
+def evaluate_head(head: TrainedHead, store: FeatureStore, split: str = "test",
+                  allow_overlap: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics of ``head`` on ``split`` of ``store``, with the true and predicted labels (N,) int64.
+
+    Raises :class:`LeakError` when ``split`` shares items with train/val, unless ``allow_overlap``."""
     head.check_store(store)
+    if not allow_overlap:
+        check_no_overlap(store, split)
     X, y, _ = store.load(split)
     proba = head.predict_proba(X)
     predicted = np.argmax(proba, axis=1)
@@ -106,10 +128,11 @@ def plot_sweep(head: TrainedHead, path: Path) -> Path:
     return path
 
 
-def write_head_report(head: TrainedHead, store: FeatureStore, out: str | Path, split: str = "test") -> dict:
+def write_head_report(head: TrainedHead, store: FeatureStore, out: str | Path, split: str = "test",
+                      allow_overlap: bool = False) -> dict:
     """Evaluate ``head`` on ``split`` of the store it was trained on; write its files under ``out``."""
     out = Path(out)
-    metrics, y, predicted = evaluate_head(head, store, split)
+    metrics, y, predicted = evaluate_head(head, store, split, allow_overlap)
     names = head.class_names
     for folder in ("heads", "confusion", "sweep"):
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -129,9 +152,10 @@ def write_head_report(head: TrainedHead, store: FeatureStore, out: str | Path, s
 
 
 def write_reports(heads: list[TrainedHead], stores: dict[str, FeatureStore], out: str | Path,
-                  split: str = "test") -> dict[str, dict]:
+                  split: str = "test", allow_overlap: bool = False) -> dict[str, dict]:
     """Evaluate each head on the store it was trained on (``stores`` maps backbone → store), write
     every head's files and the summary under ``out``; returns the metrics by ``<backbone>__<head>``."""
-    results = {head.name: write_head_report(head, stores[head.backbone], out, split) for head in heads}
+    results = {head.name: write_head_report(head, stores[head.backbone], out, split, allow_overlap)
+               for head in heads}
     write_summary(results, out)
     return results

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import logging
 
-from .errors import FeaturestoreError
+from .configs import PROVIDER_CHOICES
+from .errors import FeaturestoreError, ProviderError
 
 log = logging.getLogger("featurestore")
 
-PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-
-class ProviderError(FeaturestoreError):
-    """The requested execution provider is not active in the session."""
 
 
 def make_session(path: str, provider: str = "auto", intra_op_threads: int = 0):

@@ -17,7 +17,7 @@ if __name__ == "__main__":
     results = read_head_metrics(reports, [f"{b}__{h}" for b in backbones for h in heads])
     finetuned_out = reports / "finetuned"
     finetuned_out.mkdir(parents=True, exist_ok=True)
-    finetuned = [p for b in backbones for p in sorted((ROOT / "data" / "finetune" / b / "heads").glob("*.joblib"))]
+    finetuned = [p for b in backbones for p in sorted((ROOT / "data" / "finetune" / b / "heads").glob("*.skops"))]
     if finetuned:  # frozen vs fine-tuned side by side
         from featurestore.heads import load_head
         from featurestore.reports import write_head_report

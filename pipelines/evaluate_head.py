@@ -11,7 +11,7 @@ from featurestore.store import FeatureStore
 
 if __name__ == "__main__":
     backbone, head_name = sys.argv[1], sys.argv[2]
-    head = load_head(ROOT / "data" / "heads" / f"{backbone}__{head_name}.joblib")
+    head = load_head(ROOT / "data" / "heads" / f"{backbone}__{head_name}.skops")
     metrics = write_head_report(head, FeatureStore(ROOT / "data" / "features" / f"{backbone}.h5"),
                                 ROOT / "data" / "reports", split=load_params("evaluate")["split"])
     print(json.dumps(metrics))

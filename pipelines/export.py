@@ -1,4 +1,4 @@
-"""DVC stage `export@<backbone>-<head>`: data/heads/<name>.joblib → data/export/<name>.onnx (+ report)."""
+"""DVC stage `export@<backbone>-<head>`: data/heads/<name>.skops → data/export/<name>.onnx (+ report)."""
 
 import sys
 
@@ -10,6 +10,6 @@ from featurestore.export import export_onnx
 if __name__ == "__main__":
     setup_logging()
     name = f"{sys.argv[1]}__{sys.argv[2]}"
-    report = export_onnx(ROOT / "data" / "heads" / f"{name}.joblib", ROOT / "data" / "export" / f"{name}.onnx")
+    report = export_onnx(ROOT / "data" / "heads" / f"{name}.skops", ROOT / "data" / "export" / f"{name}.onnx")
     print(f"{name}.onnx: max probability difference {report['check']['max_probability_diff']:.2e}, "
           f"labels equal {report['check']['labels_equal']}")

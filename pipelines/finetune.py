@@ -1,7 +1,7 @@
 """DVC stage `finetune@<backbone>`: fine-tune when the plateau stage (or `finetune.mode`) says so.
 
 Reads data/plateau/<backbone>.json. Writes data/finetune/<backbone>/decision.json, and when it
-fine-tunes: weights.pth, backbone.json (the registry entry <backbone>_ft), features.h5, heads/*.joblib.
+fine-tunes: weights.pth, backbone.json (the registry entry <backbone>_ft), features.h5, heads/*.skops.
 Skipping is the common case after a head edit, so torch and scikit-learn are imported only to run.
 """
 
@@ -24,7 +24,7 @@ def run_finetune(backbone: str, out: Path, params: dict) -> dict:
     setup_logging()
     ex, heads = load_params("extract"), load_params("train_head")
     options = {k: v for k, v in params.items() if k not in ("mode", "device")}
-    result = finetune(load_head(ROOT / "data" / "heads" / f"{backbone}__logreg.joblib"),
+    result = finetune(load_head(ROOT / "data" / "heads" / f"{backbone}__logreg.skops"),
                       ROOT / "data" / "prepared", out / "weights.pth", FinetuneConfig(**options),
                       device=params["device"], progress=False, checkpoint_dir=out / "checkpoints")
     name = f"{backbone}_ft"
@@ -35,7 +35,7 @@ def run_finetune(backbone: str, out: Path, params: dict) -> dict:
                      device=ex["device"], progress=False)
     for head_name in heads["heads"]:
         trained = train_head(out / "features.h5", config_from_params(heads, head_name))
-        trained.save(out / "heads" / f"{name}__{head_name}.joblib")
+        trained.save(out / "heads" / f"{name}__{head_name}.skops")
     return {k: v for k, v in result.__dict__.items() if k != "out"}
 
 

@@ -69,7 +69,7 @@ def test_unknown_backbone_error_lists_known_names():
 
 def test_packaged_weights_must_fit_strictly(tmp_path):
     spec, model, path = load_classifier("efficientnet_lite0")
-    state = torch.load(path, map_location="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
     del state["_blocks.3._bn1.running_var"]
     state["extra.weight"] = torch.zeros(1)
     broken = tmp_path / "broken.pth"

@@ -11,9 +11,10 @@ import pytest
 from PIL import ImageOps
 
 from featurestore import FeatureStore
+from featurestore.atomic import temp_files_of
 from featurestore.backbones import load_backbone
-from featurestore.data import load_rgb
 from featurestore.extract import extract_features
+from featurestore.images import load_rgb
 
 pytestmark = pytest.mark.slow
 
@@ -90,17 +91,63 @@ def test_kill_minus_nine_keeps_the_last_store_and_the_rerun_resumes(fashion_fold
 
 
 def test_kill_at_random_moments_never_leaves_an_unreadable_file(fashion_folder, tmp_path):
+    """Each kill lands while the extraction runs (asserted: a process that finished first would not count),
+    after a random number of new journal parts; the store on disk is always the last complete one."""
     out = tmp_path / "features.h5"
-    rng = np.random.default_rng(0)
-    for attempt in range(4):
-        process = subprocess.Popen(cli(fashion_folder, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(1.0, 5.0)))
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        assert process.returncode in (0, -signal.SIGKILL), f"attempt {attempt} failed: {process.returncode}"
-        if out.exists():
-            store_rows(out)  # must open and read completely
     subprocess.run(cli(fashion_folder, out), check=True, capture_output=True)
+    last_complete = store_rows(out)
+    for source in sorted(fashion_folder.rglob("*.png")):  # 40 new images, 10 parts of 4
+        ImageOps.flip(load_rgb(source)).convert("L").save(source.with_name("flip_" + source.name))
+    rng = np.random.default_rng(0)
+    for attempt in range(3):
+        already = len(parts(out))
+        start_and_kill_after_parts(fashion_folder, out, min_parts=already + int(rng.integers(1, 4)))
+        rows = store_rows(out)  # opens and reads completely
+        assert rows[0] == last_complete[0] and rows[1].keys() == last_complete[1].keys(), f"attempt {attempt}"
+    result = subprocess.run(cli(fashion_folder, out, "--json"), check=True, capture_output=True, text=True)
+    summary = json.loads(result.stdout)
+    assert summary["resumed"] >= 12 and summary["resumed"] + summary["extracted"] == 40 and summary["reused"] == 40
     _, rows = store_rows(out)
-    assert len(rows) == 40 and not parts(out)
-    assert not (tmp_path / "features.h5.tmp").exists()
+    assert len(rows) == 80 and not parts(out) and not temp_files_of(out)
+
+
+# Runs the CLI with os.replace paused before the store is renamed into place, and says so in a marker file:
+# the test kills the process exactly between "new store fully written" and "renamed".
+PAUSED_RENAME = """
+import os, sys, time
+real_replace = os.replace
+def paused_replace(src, dst):
+    if str(dst).endswith(".h5"):
+        open(sys.argv[1], "w").close()
+        time.sleep(600)
+    real_replace(src, dst)
+os.replace = paused_replace
+from featurestore.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_kill_during_the_final_rename_keeps_the_old_store_and_the_rerun_finishes(fashion_folder, tmp_path):
+    out = tmp_path / "features.h5"
+    subprocess.run(cli(fashion_folder, out), check=True, capture_output=True)
+    before = store_rows(out)
+    source = sorted(fashion_folder.rglob("*.png"))[0]
+    ImageOps.flip(load_rgb(source)).convert("L").save(source.with_name("flip_" + source.name))
+    marker = tmp_path / "renaming"
+    process = subprocess.Popen([sys.executable, "-c", PAUSED_RENAME, str(marker), *cli(fashion_folder, out)[3:]],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the store was never about to be renamed"
+        time.sleep(0.01)
+    assert len(temp_files_of(out)) == 1  # the new store, complete, not yet in place
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    after = store_rows(out)
+    assert after[0] == before[0] and after[1].keys() == before[1].keys()  # the old store, whole
+    result = subprocess.run(cli(fashion_folder, out, "--json"), check=True, capture_output=True, text=True)
+    summary = json.loads(result.stdout)
+    assert summary["resumed"] == 1 and summary["reused"] == 40 and summary["extracted"] == 0
+    assert len(store_rows(out)[1]) == 41 and not temp_files_of(out)

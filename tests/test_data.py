@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featurestore.data import content_id, load_image, load_rgb, scan_source
+from featurestore.data import content_id, scan_source
 from featurestore.errors import DataError, ImageDecodeError
+from featurestore.images import load_image, load_rgb
 from featurestore.preprocess import Preprocessing
 
 

@@ -152,3 +152,43 @@ def test_l2_normalised_heads_export_with_the_normalisation_in_the_graph(tiny, tm
     report = export_onnx(head, tmp_path / "l2.onnx")
     assert report["check"]["max_probability_diff"] <= 1e-4 and report["check"]["labels_equal"]
     assert {"ReduceL2", "Sigmoid", "Mean"} <= set(report["operators"])
+
+
+@pytest.mark.parametrize("name", ["logreg", "svm_rbf"])
+def test_a_class_missing_from_training_keeps_its_column_through_export_and_predict(fashion_folder, tmp_path,
+                                                                                  lite0_small, name):
+    """Column k of the exported probabilities is the store's class k, and predict names labels by it, also when
+    a class had no training rows (the estimator's classes_ then skip it)."""
+    import shutil
+
+    for split in ("train", "val"):
+        shutil.rmtree(fashion_folder / split / "Sandal")
+    store_path = tmp_path / "f.h5"
+    extract_features(fashion_folder, store_path, model=lite0_small, workers=0, progress=False)
+    store = FeatureStore(store_path)
+    head = train_head(store, HeadConfig(head=name, **GRID))
+    report = export_onnx(head, tmp_path / "m.onnx")
+    assert report["check"]["labels_equal"] and "MatMul" in report["operators"]
+    classifier = OnnxClassifier(tmp_path / "m.onnx", "cpu")
+    assert classifier.class_names == store.class_names
+    out = tmp_path / "pred.csv"
+    predict_images(tmp_path / "m.onnx", fashion_folder, out, split="test", workers=0, progress=False)
+    rows = {row["path"]: row for row in csv.DictReader(open(out))}
+    X, _, _ = store.load("test")
+    expected = head.predict(X)
+    for path, label in zip(store.paths("test"), expected, strict=True):
+        assert rows[path]["label"] == store.class_names[label]
+        assert "Sandal:" not in rows[path]["top_k"].split(";")[0]
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
+    probabilities, _ = classifier(images)
+    assert probabilities.shape == (3, 10) and np.all(probabilities[:, store.class_names.index("Sandal")] == 0)
+
+
+def test_export_refuses_a_head_whose_feature_code_changed(tiny, tmp_path):
+    from dataclasses import replace as copy_with
+
+    _, _, heads = tiny
+    stale = copy_with(heads["logreg"], fingerprint={**heads["logreg"].fingerprint, "code_sha256": "0" * 64})
+    with pytest.raises(ExportError, match="code_sha256 changed since extraction"):
+        export_onnx(stale, tmp_path / "stale.onnx")
+    assert not list(tmp_path.iterdir())

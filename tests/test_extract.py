@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from featurestore import FeatureStore
-from featurestore.data import load_rgb
 from featurestore.errors import ImageDecodeError
 from featurestore.extract import extract_features
+from featurestore.images import load_rgb
 
 from .conftest import TEST_IMAGE_SIZE
 
@@ -174,13 +174,16 @@ def test_every_subcommand_has_help(command):
 
 def test_csv_manifest_source(fashion_folder, tmp_path, lite0_small):
     rows = ["path,label,split"]
-    for path in sorted(fashion_folder.rglob("*.png"))[:6]:
+    for path in sorted(fashion_folder.rglob("*.png"))[:6]:  # absolute paths inside the manifest's folder
         rows.append(f"{path},{path.parent.name},{path.parent.parent.name}")
     manifest = tmp_path / "m.csv"
     manifest.write_text("\n".join(rows) + "\n")
     summary = extract(manifest, tmp_path / "m.h5", lite0_small)
     assert summary.extracted == 6
-    assert os.path.isabs(FeatureStore(tmp_path / "m.h5").paths(FeatureStore(tmp_path / "m.h5").splits[0])[0])
+    store = FeatureStore(tmp_path / "m.h5")
+    stored = store.paths(store.splits[0])[0]
+    assert stored.startswith("images/") and not os.path.isabs(stored)  # relative to the manifest's folder
+    assert store.source_folder() == tmp_path.resolve()
 
 
 def test_onnxruntime_engine_agrees_with_torch_and_shares_the_cache(fashion_folder, tmp_path, lite0_small, onnx_cache):
@@ -196,19 +199,91 @@ def test_onnxruntime_engine_agrees_with_torch_and_shares_the_cache(fashion_folde
     assert (again.extracted, again.reused, again.model_images) == (0, 40, 0)
 
 
-def test_editing_the_model_code_never_reuses_a_cached_graph(tmp_path):
-    """The ONNX cache key covers the code that defines the graph, so an edited backbone is exported again."""
-    from featurestore import engines
+def edited_copy(tmp_path: Path, module: str, edit: tuple[str, str] | None = None) -> Path:
+    """A copy of the featurestore package under ``tmp_path``, with ``module`` (e.g. "preprocess.py") edited:
+    ``edit`` replaces one string (default: appends a comment, which changes no behaviour)."""
+    import featurestore
 
-    copy = tmp_path / "featurestore"
-    shutil.copytree(Path(engines.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    copy = tmp_path / "edited" / "featurestore"
+    shutil.copytree(Path(featurestore.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / module
+    text = target.read_text()
+    if edit is None:
+        text += "\n# an edit\n"
+    else:
+        assert edit[0] in text
+        text = text.replace(*edit)
+    target.write_text(text)
+    return copy.parent
 
-    def digest() -> str:
-        code = "from featurestore.engines import model_code_digest; print(model_code_digest())"
-        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                              check=True, env={**os.environ, "PYTHONPATH": str(tmp_path)}).stdout.strip()
 
-    assert digest() == engines.model_code_digest()  # the copy is the same code
-    with open(copy / "backbones" / "efficientnet_lite.py", "a") as handle:
-        handle.write("\n# an edit\n")
-    assert digest() != engines.model_code_digest()
+def in_copy(copy: Path, code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], cwd=copy, capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(copy)}).stdout.strip()
+
+
+# A behaviour change on the feature path: resize bilinear whatever the backbone asks for.
+BILINEAR_EDIT = ("image.resize((new_w, new_h), INTERPOLATIONS[self.interpolation])",
+                 "image.resize((new_w, new_h), Image.Resampling.BILINEAR)")
+
+FINGERPRINT_CODE = """
+import json
+from featurestore.backbones import load_backbone
+from featurestore.engines import onnx_path_for
+from featurestore.fingerprint import fingerprint_for
+model = load_backbone("efficientnet_lite0", image_size=32, crop_pct=1.0)
+print(json.dumps([fingerprint_for(model, "float32", False)["code_sha256"], onnx_path_for(model).name]))
+"""
+
+
+@pytest.mark.parametrize("module", ["backbones/efficientnet_lite.py", "preprocess.py", "images.py",
+                                    "backbones/model.py"])
+def test_editing_the_feature_code_changes_the_fingerprint_and_the_cached_graph(tmp_path, module):
+    """The store fingerprint and the ONNX cache key cover the code on the feature path."""
+    original = json.loads(in_copy(edited_copy(tmp_path / "same", "configs.py"), FINGERPRINT_CODE))
+    edited = json.loads(in_copy(edited_copy(tmp_path / "edit", module), FINGERPRINT_CODE))
+    assert original[0] != edited[0] and original[1] != edited[1]
+
+
+def test_code_outside_the_feature_path_keeps_the_fingerprint(tmp_path, lite0_small):
+    from featurestore.fingerprint import fingerprint_for
+
+    here = fingerprint_for(lite0_small, "float32", False)
+    assert {"torch", "torchvision", "onnxruntime", "pillow"} <= set(here["libraries"])
+    assert here["libraries"]["onnxruntime"].startswith("onnxruntime-gpu ")
+    code = FINGERPRINT_CODE.replace("image_size=32", "image_size=64")
+    copied = json.loads(in_copy(edited_copy(tmp_path, "heads.py"), code))  # a head edit is not a feature edit
+    assert copied[0] == here["code_sha256"]
+
+
+@pytest.mark.slow
+def test_a_rerun_after_a_code_edit_extracts_everything_again(fashion_folder, tmp_path):
+    """Edited preprocessing (bilinear instead of the backbone's bicubic) must not reuse a single row."""
+    out = tmp_path / "f.h5"
+    args = ["extract", "--data", fashion_folder, "--out", out, "--image-size", 32, "--crop-pct", 1.0,
+            "--workers", 0, "--no-progress", "--json"]
+    first = json.loads(run_cli(*args, check=True).stdout)
+    assert first["extracted"] == 40
+    copy = edited_copy(tmp_path, "preprocess.py", BILINEAR_EDIT)
+    result = subprocess.run([sys.executable, "-m", "featurestore.cli", *map(str, args)], capture_output=True,
+                            text=True, cwd=copy, env={**os.environ, "PYTHONPATH": str(copy)}, check=True)
+    second = json.loads(result.stdout)
+    assert (second["extracted"], second["reused"]) == (40, 0)
+    assert "code_sha256" in result.stderr  # the warning says what changed
+    assert second["fingerprint_hash"] != first["fingerprint_hash"]
+
+
+def test_renaming_a_class_updates_the_store_without_re_extracting(fashion_folder, tmp_path, lite0_small,
+                                                                   count_model_images):
+    out = tmp_path / "f.h5"
+    extract(fashion_folder, out, lite0_small)
+    before = FeatureStore(out)
+    assert "Bag" in before.class_names
+    count_model_images.clear()
+    for split in ("train", "val", "test"):  # "Bag2" sorts where "Bag" did: every label index stays the same
+        (fashion_folder / split / "Bag").rename(fashion_folder / split / "Bag2")
+    summary = extract(fashion_folder, out, lite0_small)
+    after = FeatureStore(out)
+    assert summary.written and summary.extracted == 0 and count_model_images == []
+    assert after.class_names == [("Bag2" if name == "Bag" else name) for name in before.class_names]
+    assert np.array_equal(after.labels("train"), before.labels("train"))

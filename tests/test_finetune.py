@@ -50,7 +50,7 @@ def test_frozen_layers_and_batchnorm_statistics_do_not_move(probe, fashion_folde
     start = {k: v.clone() for k, v in before.network.state_dict().items()}
     result = finetune(head, fashion_folder_master, tmp_path / "ft.pth", CONFIG, device="cpu", progress=False,
                       checkpoint_dir=tmp_path / "ckpt", keep_checkpoint=True)
-    after = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)["model"]  # the last epoch, not the best
+    after = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]  # the last epoch, not the best
     assert result.epochs_run == 2 and len(result.history) == 2
     moved = {k for k in start if not torch.equal(start[k], after[k])}
     assert moved, "nothing trained"
@@ -61,7 +61,7 @@ def test_frozen_layers_and_batchnorm_statistics_do_not_move(probe, fashion_folde
 
 def test_a_killed_run_resumes_from_its_checkpoint(probe, fashion_folder_master, tmp_path):
     head, _ = probe
-    head_path = head.save(tmp_path / "head.joblib")
+    head_path = head.save(tmp_path / "head.skops")
     config = ["--unfreeze-blocks", "1", "--epochs", "4", "--batch-size", "8", "--patience", "9", "--workers", "0"]
 
     def command(name):
@@ -79,10 +79,11 @@ def test_a_killed_run_resumes_from_its_checkpoint(probe, fashion_folder_master, 
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert process.returncode == -signal.SIGKILL  # killed mid-run, not finished before the kill
     resumed = json.loads(subprocess.run(command("killed"), capture_output=True, text=True, check=True).stdout)
     assert 1 <= resumed["resumed_from_epoch"] < 4 and resumed["epochs_run"] == 4
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
-    a, b = torch.load(tmp_path / "full.pth"), torch.load(tmp_path / "killed.pth")
+    a, b = (torch.load(tmp_path / f"{name}.pth", weights_only=True) for name in ("full", "killed"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     for got, want in zip(resumed["history"], full["history"], strict=True):
@@ -123,3 +124,39 @@ def test_scratch_baseline_starts_from_random_weights_and_trains_everything(probe
     pretrained, _ = build_model(head, CONFIG)
     assert len(trainable) == len(list(model.network.named_parameters()))
     assert not torch.equal(model.network._conv_stem.weight, pretrained.network._conv_stem.weight)
+
+
+def test_a_checkpoint_resumes_only_the_run_that_wrote_it(probe, fashion_folder_master, tmp_path):
+    """The checkpoint is keyed on everything that shaped the run: a head with another C (so another starting
+    probe) starts over instead of resuming stale weights; the same run resumes."""
+    from dataclasses import replace
+
+    head, _ = probe
+    one_epoch = replace(CONFIG, epochs=1)
+    options = {"device": "cpu", "progress": False, "checkpoint_dir": tmp_path / "ckpt", "keep_checkpoint": True}
+    finetune(head, fashion_folder_master, tmp_path / "a.pth", one_epoch, **options)
+    saved = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    assert {"run", "model", "optimizer", "scheduler", "grad_scaler", "torch_rng", "state"} <= set(saved)
+    again = finetune(head, fashion_folder_master, tmp_path / "b.pth", one_epoch, **options)
+    assert again.resumed_from_epoch == 1
+    other_c = finetune(replace(head, C=head.C * 10), fashion_folder_master, tmp_path / "c.pth", one_epoch, **options)
+    assert other_c.resumed_from_epoch == 0
+
+
+def test_a_head_on_custom_weights_fine_tunes_those_weights(probe, fashion_folder_master, tmp_path):
+    from featurestore.backbones import load_classifier
+    from featurestore.errors import WeightsMismatchError
+
+    _, network, _ = load_classifier("efficientnet_lite0")
+    state = network.state_dict()
+    state["_conv_stem.weight"] = state["_conv_stem.weight"] * 1.01
+    custom = tmp_path / "custom.pth"
+    torch.save(state, custom)
+    store = tmp_path / "custom.h5"
+    extract_features(fashion_folder_master, store, "efficientnet_lite0", weights=custom, image_size=64,
+                     crop_pct=1.0, workers=0, progress=False)
+    head = train_head(store, HeadConfig(head="logreg", c_min=1e-3, c_max=1e1, c_points=3, n_jobs=1))
+    with pytest.raises(WeightsMismatchError, match="pass --weights"):
+        build_model(head, CONFIG)  # the registry's ImageNet weights are not what the head was trained on
+    model, _ = build_model(head, CONFIG, weights=custom)
+    assert torch.equal(model.network._conv_stem.weight, state["_conv_stem.weight"])

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import zipfile
 
 import joblib
 import numpy as np
@@ -43,9 +44,12 @@ def test_train_head_sweeps_on_val_and_refits_on_train_plus_val(tiny_store, head,
     X, _, _ = tiny_store.load("test")
     proba = trained.predict_proba(X)
     assert proba.shape == (10, 10) and np.allclose(proba.sum(axis=1), 1)
-    path = trained.save(tmp_path / f"{head}.joblib")
+    path = trained.save(tmp_path / f"{head}.skops")
+    assert zipfile.is_zipfile(path)  # a skops archive: loading it runs no code from the file
     again = load_head(path)
     assert np.array_equal(again.predict(X), trained.predict(X)) and again.C == trained.C
+    assert again.sweep == trained.sweep and again.fingerprint == trained.fingerprint
+    assert again.config == trained.config and again.class_names == trained.class_names
 
 
 def test_choose_c_prefers_the_most_regularised_among_ties():
@@ -117,7 +121,7 @@ def test_reports_files_and_metrics(tiny_store, tmp_path):
 
 
 def test_cli_train_head_and_evaluate(tiny_store, tmp_path):
-    head_path = tmp_path / "h.joblib"
+    head_path = tmp_path / "h.skops"
     out = subprocess.run(
         [sys.executable, "-m", "featurestore.cli", "train-head", "--features", str(tiny_store.path), "--head",
          "logreg", "--out", str(head_path), "--c-points", "5", "--json", "--no-progress"],

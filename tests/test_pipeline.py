@@ -82,6 +82,12 @@ def test_dvc_repro_builds_everything_then_does_nothing_and_head_params_rerun_onl
         predicted = json.loads((project / "data" / "predictions" / f"{name}.json").read_text())
         assert predicted["predicted"] == m["n"] and predicted["accuracy"] == pytest.approx(m["top1"])
     assert (project / "data" / "reports" / "figures" / "efficientnet_lite0__logreg_confusion.png").is_file()
+    # metrics and reports name files relative to the project: `dvc metrics diff` between clones is not noise
+    for report in (project / "data").rglob("*.json"):
+        if "finetune" not in report.parts:
+            assert str(project) not in report.read_text() and str(ROOT) not in report.read_text(), report
+    assert json.loads((project / "data" / "plateau" / "efficientnet_lite0.json").read_text())["store"] == \
+        "data/features/efficientnet_lite0.h5"
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train_head"]["logreg"]["normalize"] = "l2"
@@ -94,7 +100,7 @@ def test_dvc_repro_builds_everything_then_does_nothing_and_head_params_rerun_onl
                    "finetune@efficientnet_lite0", "evaluate", "export@efficientnet_lite0-logreg",
                    "predict@efficientnet_lite0-logreg"}
     assert store_path.stat().st_mtime_ns == mtime  # no image was decoded, the cache was not touched
-    assert load_head(project / "data" / "heads" / "efficientnet_lite0__logreg.joblib").config.normalize == "l2"
+    assert load_head(project / "data" / "heads" / "efficientnet_lite0__logreg.skops").config.normalize == "l2"
 
     params["extract"]["dtype"] = "float16"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

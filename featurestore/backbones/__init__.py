@@ -42,6 +42,8 @@ class BackboneSpec:
     classifier: str
     # Default weights carry the ImageNet classifier (and must fit it); fine-tuned ones carry their own.
     imagenet_classifier: bool = True
+    # Modules whose source defines the architecture: their digest is part of every fingerprint.
+    code_modules: tuple[str, ...] = ()
 
 
 def _lite_weights_file(variant: str) -> Path:
@@ -72,6 +74,7 @@ def _lite_spec(variant: str) -> BackboneSpec:
         build=lambda: EfficientNetLite(width, depth),
         weights_file=lambda: _lite_weights_file(variant),
         classifier="_fc",
+        code_modules=("featurestore.backbones.efficientnet_lite",),
     )
 
 
@@ -97,6 +100,7 @@ def _torchvision_spec(name: str) -> BackboneSpec:
         build=lambda: tv.build_classifier(model_name),
         weights_file=lambda: tv.fetch_weights(name, weights),
         classifier=classifier,
+        code_modules=("featurestore.backbones.torchvision_models",),
     )
 
 
@@ -118,6 +122,7 @@ def register_finetuned(name: str, base: str, weights: str | Path) -> BackboneSpe
         weights_file=lambda: path,
         classifier=parent.classifier,
         imagenet_classifier=False,
+        code_modules=parent.code_modules,
     )
     REGISTRY[name] = spec
     return spec
@@ -194,4 +199,5 @@ def load_backbone(
         name=spec.name,
         weights_path=str(path),
         weights_sha256=file_sha256(path),
+        code_modules=spec.code_modules,
     )

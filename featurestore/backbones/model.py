@@ -23,6 +23,7 @@ class FeatureModel(nn.Module):
         name: str,
         weights_path: str,
         weights_sha256: str,
+        code_modules: tuple[str, ...] = (),
     ):
         super().__init__()
         self.trunk = trunk
@@ -31,6 +32,7 @@ class FeatureModel(nn.Module):
         self.name = name
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
+        self.code_modules = tuple(code_modules)  # the architecture's source modules (see provenance.py)
         mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.register_buffer("pixel_mean", mean, persistent=False)

@@ -1,0 +1,260 @@
+"""What each ``featurestore`` verb does and prints; the parser is in cli.py.
+
+Each ``cmd_*`` takes the parsed arguments, calls the library (imported inside, so that one verb does not
+pay for another's imports) and returns the exit status: 0, or 1 where a check found a problem
+(``verify``); errors raise :class:`FeaturestoreError`, which ``cli.main`` prints as one line (status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+
+
+def config_from_args(config_class, args: argparse.Namespace):
+    """A config dataclass built from the options that cli.add_config_options made of its fields."""
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class) if hasattr(args, f.name)})
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbones import list_backbones
+    from .backbones.torchvision_models import cached_weights_path, default_weights, torchvision_names
+
+    if args.torchvision:
+        rows = []
+        for name in torchvision_names():
+            weights = default_weights(name)
+            cached = cached_weights_path(weights).is_file()
+            rows.append({"name": f"tv:{name}", "weights": str(weights), "cached": cached})
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            for row in rows:
+                print(f"{row['name']:32s} {row['weights']:48s} {'cached' if row['cached'] else 'not cached'}")
+        return 0
+    rows = [
+        {
+            "name": spec.name,
+            "feature_dim": spec.feature_dim,
+            "weights_source": spec.weights_source,
+            "preprocessing": spec.preprocessing.as_dict(),
+            "description": spec.description,
+        }
+        for spec in list_backbones()
+    ]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        pre = row["preprocessing"]
+        print(
+            f"{row['name']:22s} dim={row['feature_dim']:<5d} input={pre['image_size']}px "
+            f"resize={pre['resize_size']} crop=center {pre['interpolation']} "
+            f"mean={[round(v, 3) for v in pre['mean']]} std={[round(v, 3) for v in pre['std']]}\n"
+            f"{'':22s} weights: {row['weights_source']}"
+        )
+    print("tv:<model>             any torchvision classification model with its default weights "
+          "(`featurestore backbones --torchvision` lists them)")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare_fashion_mnist
+
+    counts = prepare_fashion_mnist(
+        args.out, args.labels_per_class, args.val_per_class, args.test_per_class, args.seed, args.source,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({"train": counts.train, "val": counts.val, "test": counts.test}))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import extract_features
+
+    summary = extract_features(
+        args.data,
+        args.out,
+        args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        crop_pct=args.crop_pct,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        engine=args.engine,
+        dtype=args.dtype,
+        on_error=args.on_error,
+        on_duplicate=args.on_duplicate,
+        wait=not args.no_wait,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print(summary.to_json())
+    else:
+        print(
+            f"{summary.out}: {summary.extracted} extracted, {summary.resumed} resumed, {summary.reused} reused, "
+            f"{len(summary.skipped)} skipped, {len(summary.duplicates)} duplicate groups in {summary.seconds:.1f} s "
+            f"on {summary.device} ({summary.engine}) (fingerprint {summary.fingerprint_hash})"
+        )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .store import FeatureStore
+
+    info = FeatureStore(args.store).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    fp = info["fingerprint"]
+    pre = fp["preprocessing"]
+    print(f"{info['path']} ({info['size_bytes'] / 1e6:.1f} MB, schema {info['schema_version']})")
+    print(f"  fingerprint   {info['fingerprint_hash']}")
+    print(f"  backbone      {fp['backbone']}  weights sha256 {fp['weights_sha256'][:16]}…")
+    print(f"  layer         {fp['layer']}")
+    print(f"  features      {info['feature_dim']} × {info['dtype']} (computed in {fp['compute']})")
+    print(f"  preprocessing {pre['image_size']}px, resize {pre['resize_size']} {pre['interpolation']}, "
+          f"centre crop, mean {[round(v, 3) for v in pre['mean']]}, std {[round(v, 3) for v in pre['std']]}")
+    print(f"  classes       {len(info['class_names'])}: {', '.join(info['class_names'])}")
+    for name, split in info["splits"].items():
+        print(f"  split {name:8s}{split['count']:>7d} images, chunks of {split['chunk_rows']} rows")
+    print(f"  code          sha256 {fp.get('code_sha256', '?')[:16]}…  "
+          f"{', '.join(fp.get('libraries', {}).values())}")
+    if info["skipped"]:
+        print(f"  skipped       {len(info['skipped'])} files:")
+        for item in info["skipped"]:
+            print(f"    {item['path']}: {item['reason']}")
+    if info["duplicates"]:
+        print(f"  duplicates    {len(info['duplicates'])} groups of identical files across splits or labels:")
+        for group in info["duplicates"]:
+            print(f"    {' = '.join(group['paths'])}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_store
+
+    report = verify_store(args.store, data=args.data, sample=args.sample, seed=args.seed, weights=args.weights,
+                          device=args.device, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        verdict = "OK" if report.ok else "DRIFTED"
+        print(f"{report.store}: {verdict}. {report.rows} rows hashed against {report.data_root}: "
+              f"{len(report.missing)} missing, {len(report.changed)} changed since extraction; {report.sampled} "
+              f"re-extracted, largest difference {report.max_abs_diff:.2e} (tolerance {report.atol:g} + "
+              f"{report.rtol:g}·|x|), {len(report.drifted_rows)} beyond it")
+        for label, items in (("missing", report.missing), ("changed", report.changed)):
+            for rel in items[:10]:
+                print(f"  {label}: {rel}")
+        for item in report.undecodable[:10]:
+            print(f"  undecodable: {item['path']}: {item['reason']}")
+        for item in report.drifted_rows[:10]:
+            print(f"  drifted: {item['path']} (max difference {item['max_abs_diff']:.2e})")
+        if report.fingerprint_changes:
+            print(f"  since extraction these changed: {', '.join(report.fingerprint_changes)} "
+                  f"(a rerun of extract re-extracts everything)")
+    return 0 if report.ok else 1
+
+
+def cmd_train_head(args: argparse.Namespace) -> int:
+    from .heads import HeadConfig, train_head
+
+    config = config_from_args(HeadConfig, args)
+    head = train_head(args.features, config, progress=not args.no_progress)
+    head.save(args.out)
+    summary = {**head.summary(), "out": str(args.out)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{args.out}: {head.name}, C={head.C:.3g} (best validation accuracy {summary['best_val_accuracy']:.4f} "
+              f"over {len(head.sweep)} values of C), trained in {head.train_seconds:.1f} s")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .heads import load_head
+    from .reports import write_reports
+    from .store import FeatureStore
+    from .summary import comparison_table
+
+    heads = [load_head(path, trust_pickle=args.trust_pickle) for path in args.heads]
+    stores: dict[str, FeatureStore] = {}
+    for path in args.features or []:
+        store = FeatureStore(path)
+        stores[store.fingerprint["backbone"]] = store
+    for head in heads:
+        if head.backbone not in stores:
+            stores[head.backbone] = FeatureStore(head.store_path)
+    results = write_reports(heads, stores, args.out, split=args.split, allow_overlap=args.allow_overlap)
+    print(json.dumps(results, indent=2) if args.json else comparison_table(results), end="")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    report = export_onnx(args.head, args.out, backbone=args.backbone, weights=args.weights,
+                         trust_pickle=args.trust_pickle)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        check = report["check"]
+        print(f"{report['model']}: {report['head']['name']}, {report['size_bytes'] / 1e6:.1f} MB, one graph; "
+              f"check on {check['n']} images: max probability difference {check['max_probability_diff']:.2e}, "
+              f"labels equal: {check['labels_equal']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_images
+
+    summary = predict_images(args.model, args.data, args.out, batch_size=args.batch_size, workers=args.workers,
+                             provider=args.provider, top_k=args.top_k, split=args.split,
+                             progress=not args.no_progress)
+    if args.json:
+        print(summary.to_json())
+    else:
+        accuracy = "" if summary.accuracy is None else f", accuracy {summary.accuracy:.4f}"
+        print(f"{summary.out}: {summary.predicted} images on {summary.provider}, {len(summary.skipped)} skipped "
+              f"in {summary.seconds:.1f} s{accuracy}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .finetune import FinetuneConfig, finetune
+    from .heads import load_head
+
+    config = config_from_args(FinetuneConfig, args)
+    result = finetune(load_head(args.head, trust_pickle=args.trust_pickle), args.data, args.out, config,
+                      device=args.device, progress=not args.no_progress, weights=args.weights)
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        print(f"{result.out}: validation accuracy {result.start_val_accuracy:.4f} (linear probe) → "
+              f"{result.best_val_accuracy:.4f} after {result.epochs_run} epochs in {result.seconds:.0f} s")
+    return 0
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .curve import accuracy_table, run_curve
+    from .finetune import FinetuneConfig
+    from .plateau import CURVE_HEAD
+
+    common = {"epochs": args.epochs, "batch_size": args.batch_size, "patience": args.patience,
+              "seed": args.seed, "workers": args.workers}
+    result = run_curve(
+        args.features, args.data, args.out, args.budgets,
+        FinetuneConfig(unfreeze_blocks=args.unfreeze_blocks, head_lr=args.head_lr, **common),
+        FinetuneConfig(from_scratch=True, head_lr=args.scratch_lr, **common),
+        probe_config=replace(CURVE_HEAD, normalize=args.normalize), device=args.device,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(result) if args.json else accuracy_table(result["points"]), end="" if not args.json else "\n")
+    return 0

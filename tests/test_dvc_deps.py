@@ -1,0 +1,103 @@
+"""dvc.yaml declares what each stage really reads: every featurestore module its script imports (directly or
+through other modules, at any depth, including imports inside functions) and every params section it loads.
+A stage whose code or params can change without DVC noticing would silently keep a stale output."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "featurestore"
+
+
+def module_path(name: str) -> Path | None:
+    """featurestore.a.b → featurestore/a/b.py or featurestore/a/b/__init__.py (None if not ours)."""
+    if name != "featurestore" and not name.startswith("featurestore."):
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """featurestore modules imported anywhere in ``path`` (relative imports resolved). The package's own
+    ``__init__`` is read for its top-level imports only: its lazy ``__getattr__`` imports serve notebooks."""
+    tree = ast.parse(path.read_text())
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    package = ".".join(parts[:-1])  # the package a relative import starts from (also for an __init__)
+    nodes = tree.body if path == PACKAGE / "__init__.py" else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    modules = set()
+    for name in found:
+        while name and module_path(name) is None:
+            name = name.rpartition(".")[0]
+        if name:
+            modules.add(name)
+            parent = name.rpartition(".")[0]
+            while parent:  # importing a.b.c runs a/__init__ and a/b/__init__
+                modules.add(parent)
+                parent = parent.rpartition(".")[0]
+    return modules
+
+
+def closure(script: Path) -> set[Path]:
+    """Files of every featurestore module the script imports, transitively."""
+    todo, seen = [script], set()
+    while todo:
+        path = todo.pop()
+        for name in imported_modules(path):
+            target = module_path(name)
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return {p.relative_to(ROOT) for p in seen}
+
+
+def params_sections(script: Path) -> set[str]:
+    return set(re.findall(r'load_params\("([^"]+)"\)', script.read_text()))
+
+
+def stages() -> list[tuple[str, dict]]:
+    return list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items())
+
+
+def declared(stage: dict) -> tuple[list[str], list[str]]:
+    body = stage.get("do", stage)
+    return [str(d) for d in body.get("deps", [])], [str(p) for p in body.get("params", [])]
+
+
+@pytest.mark.parametrize("name, stage", stages(), ids=[name for name, _ in stages()])
+def test_every_module_and_params_section_a_stage_reads_is_declared(name, stage):
+    deps, params = declared(stage)
+    script = ROOT / re.search(r"python (pipelines/\S+\.py)", stage.get("do", stage)["cmd"]).group(1)
+    assert str(script.relative_to(ROOT)) in deps
+    missing = sorted(str(module) for module in closure(script)
+                     if not any(str(module) == d or str(module).startswith(d.rstrip("/") + "/") for d in deps))
+    assert not missing, f"stage {name} imports modules it does not declare as deps: {missing}"
+    undeclared = sorted(section for section in params_sections(script)
+                        if not any(p == section or p.startswith(section + ".") for p in params))
+    assert not undeclared, f"stage {name} reads params sections it does not declare: {undeclared}"
+
+
+def test_the_closure_follows_imports_inside_functions_and_through_modules():
+    deps = closure(ROOT / "pipelines" / "export.py")
+    assert Path("featurestore/export.py") in deps
+    assert Path("featurestore/fingerprint.py") in deps  # imported inside export.backbone_for
+    assert Path("featurestore/extract.py") not in deps
+    assert Path("featurestore/backbones/efficientnet_lite.py") in deps  # through backbones/__init__
