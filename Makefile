@@ -9,7 +9,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install data repro test test-fast lint bench clean
+.PHONY: install data repro curves test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ $(FASHION_MNIST):
 repro: install data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# The full learning curves (named configurations, about an hour on a 2-core CPU): docs/curves/<backbone>/.
+curves: repro
+	$(BIN)/python pipelines/curve.py efficientnet_lite0 --params configs/curve-images.yaml --out docs/curves/efficientnet_lite0
+	$(BIN)/python pipelines/curve.py minilm_l6 --params configs/curve-texts.yaml --out docs/curves/minilm_l6
+
 lint: install
 	$(BIN)/ruff check featurestore pipelines tests benchmarks notebooks
 
@@ -40,6 +45,8 @@ test-fast: install data
 
 bench: install data
 	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/text.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

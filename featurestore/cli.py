@@ -14,8 +14,10 @@ from dataclasses import MISSING, fields
 
 from . import __version__, commands
 from .configs import (
+    CURVE_METHODS,
     DEVICE_CHOICES,
     ENGINE_CHOICES,
+    LONG_DOCUMENT_MODES,
     MIN_IMAGE_SIZE,
     NORMALIZATIONS,
     ON_DUPLICATE_CHOICES,
@@ -24,6 +26,7 @@ from .configs import (
     STORE_DTYPES,
     FinetuneConfig,
     HeadConfig,
+    ScratchConfig,
 )
 from .console import setup_logging
 from .errors import FeaturestoreError
@@ -116,8 +119,10 @@ def _extract_parser(sub) -> None:
     p = sub.add_parser("extract", help="run a frozen backbone over images into an HDF5 feature cache",
                        description="Extract pooled features of every image into FILE.h5, reusing unchanged images. "
                                    "One writer per store: a second one waits (or fails with --no-wait).")
-    p.add_argument("--data", required=True, help="ImageFolder root (train/val/test/<class>/...) or a CSV manifest")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name, or tv:<torchvision model>")
+    p.add_argument("--data", required=True, help="a folder tree (train/val/test/<class>/<file>) or a CSV/JSONL "
+                                                 "manifest of images or texts")
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="registry name (`featurestore backbones`: image or text), or tv:<torchvision model>")
     p.add_argument("--out", required=True, help="the HDF5 store to create or update")
     p.add_argument("--weights", help="a local checkpoint instead of the backbone's default weights")
     p.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE), help="input size in pixels (default: the "
@@ -135,6 +140,15 @@ def _extract_parser(sub) -> None:
                         "or keep silently (listed all the same)")
     p.add_argument("--no-wait", action="store_true",
                    help="fail at once, naming the holder's pid, if another process is writing this store")
+    p.add_argument("--nproc", type=int_at_least(1), default=1,
+                   help="extract with N processes on this machine (launches torchrun; one GPU each when CUDA "
+                        "is there). Under torchrun itself, every rank runs its share without this option")
+    text = p.add_argument_group("text backbones")
+    text.add_argument("--max-length", type=int_at_least(8), help="tokens per window, [CLS]/[SEP] included (256)")
+    text.add_argument("--long-documents", choices=LONG_DOCUMENT_MODES,
+                      help="truncate (default) or chunk-mean: overlapping windows, their embeddings averaged")
+    text.add_argument("--stride", type=int_at_least(0), help="chunk-mean: tokens shared by neighbouring windows (64)")
+    text.add_argument("--max-windows", type=int_at_least(1), help="chunk-mean: windows per document at most (8)")
     add_output_options(p)
     p.set_defaults(func=commands.cmd_extract)
 
@@ -158,6 +172,8 @@ def _train_head_parser(sub) -> None:
                        description="Sweep C on train→val, refit the best C on train+val, save the head (skops).")
     p.add_argument("--features", required=True, help="an HDF5 store with train and val splits")
     p.add_argument("--out", required=True, help="where to write HEAD.skops")
+    p.add_argument("--scheduler", help="a Dask scheduler (tcp://host:port) to run the C sweep on; default: "
+                                       "$DASK_SCHEDULER_ADDRESS, else local")
     add_config_options(p, HeadConfig)
     add_output_options(p)
     p.set_defaults(func=commands.cmd_train_head)
@@ -209,14 +225,15 @@ def _predict_parser(sub) -> None:
 
 def _finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune the top blocks of the backbone, starting from a logreg head",
-                       description="Unfreeze the top blocks, start the classifier from the linear probe, train with "
-                                   "AdamW + cosine schedule and early stopping on val; checkpoints every epoch, a "
-                                   "rerun resumes.")
+                       description="Unfreeze the top blocks, start the classifier from the linear probe, train from "
+                                   "the trunk cache with AdamW + cosine schedule and early stopping on val; "
+                                   "checkpoints every epoch, a rerun resumes.")
     p.add_argument("--head", required=True, help="a logreg HEAD.skops (the starting classifier)")
     p.add_argument("--data", required=True, help="ImageFolder with train and val splits")
     p.add_argument("--out", required=True, help="fine-tuned weights (.pth), usable as extract --weights")
     p.add_argument("--weights", help="the local checkpoint the head's features came from, if not the default")
-    add_config_options(p, FinetuneConfig, skip=("from_scratch",))
+    p.add_argument("--cache", help="the trunk cache to build or reuse (default: OUT's name + .trunk.h5)")
+    add_config_options(p, FinetuneConfig)
     add_device_option(p)
     add_trust_pickle(p)
     add_output_options(p)
@@ -224,24 +241,23 @@ def _finetune_parser(sub) -> None:
 
 
 def _curve_parser(sub) -> None:
-    defaults = FinetuneConfig()
-    p = sub.add_parser("curve", help="scratch vs linear probe vs probe-then-fine-tune at several label budgets",
-                       description="Train the three methods per labels-per-class budget; write curve.json, CSV "
-                                   "and plots.")
+    p = sub.add_parser("curve", help="pixels, scratch, linear probe and probe-then-fine-tune per label budget",
+                       description="Train the methods per labels-per-class budget; write curve.json, CSV and plots. "
+                                   "Fine-tuning options are the finetune command's; --scratch-* set the baseline.")
     p.add_argument("--features", required=True, help="FILE.h5: the cache of DATA (train, val and test splits)")
     p.add_argument("--data", required=True, help="the ImageFolder the cache was extracted from")
     p.add_argument("--out", default="data/reports/curve", help="output folder")
-    p.add_argument("--normalize", choices=NORMALIZATIONS, default="standard", help="feature scaling of the probe")
     p.add_argument("--budgets", type=int_at_least(1), nargs="+", default=[10, 100], help="labels per class")
-    p.add_argument("--epochs", type=int_at_least(1), default=6)
-    p.add_argument("--batch-size", type=int_at_least(1), default=defaults.batch_size)
-    p.add_argument("--patience", type=int_at_least(1), default=defaults.patience)
-    p.add_argument("--unfreeze-blocks", type=int_at_least(0), default=defaults.unfreeze_blocks)
-    p.add_argument("--head-lr", type=positive_float, default=defaults.head_lr, help="fine-tuning head LR")
-    p.add_argument("--scratch-lr", type=positive_float, default=2e-3, help="learning rate of the from-scratch "
-                   "baseline")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--workers", type=int_at_least(0), default=defaults.workers)
+    p.add_argument("--methods", nargs="+", choices=CURVE_METHODS, default=list(CURVE_METHODS))
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default="standard", help="feature scaling of the probe")
+    add_config_options(p, FinetuneConfig)
+    scratch = p.add_argument_group("from-scratch baseline")
+    for f in fields(ScratchConfig):
+        default = f.default
+        scratch.add_argument("--scratch-" + f.name.replace("_", "-"), dest="scratch_" + f.name,
+                             type=type(default) if not isinstance(default, bool) else None, default=default,
+                             action=argparse.BooleanOptionalAction if isinstance(default, bool) else None,
+                             help=f"{f.metadata.get('help', '')} (default {default})")
     add_device_option(p)
     add_output_options(p)
     p.set_defaults(func=commands.cmd_curve)
@@ -270,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)

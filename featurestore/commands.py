@@ -70,7 +70,29 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this command again under torchrun with ``nproc`` processes on this machine (``--nproc`` dropped)."""
+    import subprocess
+    import sys
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "featurestore.cli", *rest]
+    return subprocess.run(command).returncode
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
+    import os
+
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return launch_torchrun(args.nproc, args.argv)
     from .extract import extract_features
 
     summary = extract_features(
@@ -89,16 +111,35 @@ def cmd_extract(args: argparse.Namespace) -> int:
         on_duplicate=args.on_duplicate,
         wait=not args.no_wait,
         progress=not args.no_progress,
+        tokenization=text_tokenization(args),
     )
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports for the group
+        return 0
     if args.json:
         print(summary.to_json())
     else:
         print(
             f"{summary.out}: {summary.extracted} extracted, {summary.resumed} resumed, {summary.reused} reused, "
-            f"{len(summary.skipped)} skipped, {len(summary.duplicates)} duplicate groups in {summary.seconds:.1f} s "
+            f"{len(summary.skipped)} skipped, {len(summary.duplicates)} duplicate groups"
+            f"{f', {summary.truncated} truncated' if summary.truncated else ''} in {summary.seconds:.1f} s "
             f"on {summary.device} ({summary.engine}) (fingerprint {summary.fingerprint_hash})"
         )
     return 0
+
+
+def text_tokenization(args: argparse.Namespace):
+    """The tokenization the text options ask for (None: the defaults, or an image backbone)."""
+    given = {k: getattr(args, k) for k in ("max_length", "long_documents", "stride", "max_windows")
+             if getattr(args, k, None) is not None}
+    if not given:
+        return None
+    from .errors import FeaturestoreError
+    from .texts import Tokenization
+
+    try:
+        return Tokenization(**given)
+    except ValueError as exc:
+        raise FeaturestoreError(f"text options: {exc}") from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -163,7 +204,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     from .heads import HeadConfig, train_head
 
     config = config_from_args(HeadConfig, args)
-    head = train_head(args.features, config, progress=not args.no_progress)
+    head = train_head(args.features, config, progress=not args.no_progress, scheduler=args.scheduler)
     head.save(args.out)
     summary = {**head.summary(), "out": str(args.out)}
     if args.json:
@@ -209,9 +250,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_images
+    from .predict import predict
 
-    summary = predict_images(args.model, args.data, args.out, batch_size=args.batch_size, workers=args.workers,
+    summary = predict(args.model, args.data, args.out, batch_size=args.batch_size, workers=args.workers,
                              provider=args.provider, top_k=args.top_k, split=args.split,
                              progress=not args.no_progress)
     if args.json:
@@ -231,30 +272,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     config = config_from_args(FinetuneConfig, args)
     result = finetune(load_head(args.head, trust_pickle=args.trust_pickle), args.data, args.out, config,
-                      device=args.device, progress=not args.no_progress, weights=args.weights)
+                      device=args.device, progress=not args.no_progress, weights=args.weights, cache=args.cache)
     if args.json:
         print(json.dumps(asdict(result)))
     else:
+        cache = f" (trunk cache {result.cache}: {result.cache_seconds:.0f} s)" if result.cache else ""
         print(f"{result.out}: validation accuracy {result.start_val_accuracy:.4f} (linear probe) → "
-              f"{result.best_val_accuracy:.4f} after {result.epochs_run} epochs in {result.seconds:.0f} s")
+              f"{result.best_val_accuracy:.4f} after {result.epochs_run} epochs in {result.seconds:.0f} s{cache}")
     return 0
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from .configs import FinetuneConfig, ScratchConfig
     from .curve import accuracy_table, run_curve
-    from .finetune import FinetuneConfig
     from .plateau import CURVE_HEAD
 
-    common = {"epochs": args.epochs, "batch_size": args.batch_size, "patience": args.patience,
-              "seed": args.seed, "workers": args.workers}
-    result = run_curve(
-        args.features, args.data, args.out, args.budgets,
-        FinetuneConfig(unfreeze_blocks=args.unfreeze_blocks, head_lr=args.head_lr, **common),
-        FinetuneConfig(from_scratch=True, head_lr=args.scratch_lr, **common),
-        probe_config=replace(CURVE_HEAD, normalize=args.normalize), device=args.device,
-        progress=not args.no_progress,
-    )
+    scratch = ScratchConfig(**{f.name: getattr(args, "scratch_" + f.name) for f in fields(ScratchConfig)})
+    result = run_curve(args.features, args.data, args.out, args.budgets, config_from_args(FinetuneConfig, args),
+                       scratch, probe_config=replace(CURVE_HEAD, normalize=args.normalize),
+                       methods=tuple(args.methods), device=args.device, progress=not args.no_progress)
     print(json.dumps(result) if args.json else accuracy_table(result["points"]), end="" if not args.json else "\n")
     return 0

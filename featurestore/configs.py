@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import FeaturestoreError
 
-HEADS = ("logreg", "linear_svm", "svm_rbf")
+HEADS = ("logreg", "linear_svm", "svm_rbf", "sgd_logreg")
 NORMALIZATIONS = ("standard", "l2", "none")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ENGINE_CHOICES = ("auto", "torch", "onnxruntime")
@@ -22,6 +22,9 @@ STORE_DTYPES = ("float32", "float16")
 ON_ERROR_CHOICES = ("skip", "fail")
 ON_DUPLICATE_CHOICES = ("warn", "error", "keep")
 FINETUNE_MODES = ("auto", "always", "never")
+CURVE_METHODS = ("scratch", "pixels", "linear_probe", "probe_finetune")
+TEXT_CURVE_METHODS = ("tfidf", "linear_probe", "probe_finetune", "scratch")
+LONG_DOCUMENT_MODES = ("truncate", "chunk-mean")
 MIN_IMAGE_SIZE = 8
 
 
@@ -34,12 +37,13 @@ def option(default, help: str, choices: tuple | None = None):
 class HeadConfig:
     """How to train a head. The C grid is ``c_points`` values from ``c_min`` to ``c_max`` (log-spaced)."""
 
-    head: str = option("logreg", "the head: multinomial logistic regression, linear SVM or RBF SVM", HEADS)
+    head: str = option("logreg", "the head: multinomial logistic regression, linear SVM, RBF SVM, or logistic "
+                                 "regression by SGD streamed from the store (memory independent of its size)", HEADS)
     normalize: str = option("standard", "feature standardisation, L2 normalisation, or none", NORMALIZATIONS)
     c_min: float = option(1e-6, "smallest C of the sweep")
     c_max: float = option(1e5, "largest C of the sweep")
     c_points: int = option(34, "log-spaced values of C in the sweep")
-    max_iter: int = option(300, "solver iterations per fit")
+    max_iter: int = option(300, "solver iterations per fit (sgd_logreg: passes over the store)")
     n_jobs: int = option(-1, "parallel segments of the sweep (-1: all cores; small sweeps run in-process)")
     calibration_folds: int = option(3, "cross-validation folds of the SVMs' probability calibration")
     seed: int = option(0, "random seed")
@@ -56,25 +60,87 @@ class HeadConfig:
         return np.logspace(np.log10(self.c_min), np.log10(self.c_max), self.c_points)
 
 
+FINETUNE_SCHEDULES = ("fixed", "gradual")
+FINETUNE_SOURCES = ("cache", "images")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Hyper-parameters of one fine-tuning run (all part of the checkpoint's identity)."""
+    """Hyper-parameters of one fine-tuning run (all part of the checkpoint's identity).
 
-    unfreeze_blocks: int = option(2, "top MBConv blocks that train (plus the head convolution and classifier)")
-    head_lr: float = option(3e-4, "learning rate of the classifier")
-    backbone_lr_factor: float = option(0.1, "unfrozen blocks learn at head_lr × this")
+    Defaults chosen by a search on the validation split of the default data (README, "Fine-tuning").
+    """
+
+    unfreeze_blocks: int = option(4, "top MBConv blocks that train (with the head convolution and classifier)")
+    schedule: str = option("fixed", "fixed: every unfrozen block trains from epoch 1; gradual: the top block "
+                                    "first, one more block each epoch", FINETUNE_SCHEDULES)
+    head_lr: float = option(1e-3, "learning rate of the classifier")
+    backbone_lr_factor: float = option(0.3, "the unfrozen blocks learn at head_lr × this")
+    layer_lr_decay: float = option(1.0, "each block below the top learns at this × the rate of the block above")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    epochs: int = option(8, "epochs at most")
+    warmup_epochs: float = option(1.0, "the learning rate rises linearly over this many epochs, then decays "
+                                       "along a cosine")
+    epochs: int = option(10, "epochs at most")
     batch_size: int = option(32, "images per step")
     patience: int = option(3, "epochs without a validation gain before stopping")
     train_batchnorm: bool = option(False, "let the BatchNorm statistics of unfrozen blocks move")
-    augment: bool = option(True, "random resized crops and horizontal flips")
+    views: int = option(0, "augmented views per train image (random resized crop + flip; 0: the clean image "
+                           "only); with the trunk cache they are computed once and one is drawn per epoch")
     crop_scale_min: float = option(0.6, "smallest area fraction of a random crop")
+    source: str = option("cache", "cache: the top blocks read the trunk cache; images: decode, augment and run "
+                                  "the frozen trunk every epoch", FINETUNE_SOURCES)
+    cache_dtype: str = option("float16", "stored dtype of the trunk cache", STORE_DTYPES)
     seed: int = option(0, "random seed")
     workers: int = option(1, "DataLoader processes that decode images")
-    # The baseline: the same architecture from random weights, every layer and BN statistic training
-    # at head_lr (unfreeze_blocks, backbone_lr_factor and train_batchnorm are then ignored).
-    from_scratch: bool = option(False, "train the same architecture from random weights (the baseline)")
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ScratchConfig:
+    """The from-scratch baseline: the same architecture from random weights, every layer training, for a fixed
+    step budget (the same at every label budget), keeping the weights of its best validation epoch."""
+
+    lr: float = option(2e-3, "AdamW learning rate (chosen on validation)")
+    image_size: int = option(56, "images: input size in pixels (chosen on validation)")
+    max_length: int = option(128, "texts: tokens per document (truncated)")
+    steps: int = option(1200, "optimisation steps, whatever the number of labels")
+    batch_size: int = option(32, "images per step")
+    weight_decay: float = option(5e-5, "AdamW weight decay")
+    augment: bool = option(True, "random resized crops and flips")
+    crop_scale_min: float = option(0.6, "smallest area fraction of a random crop")
+    seed: int = option(0, "random seed")
+    workers: int = option(1, "DataLoader processes that decode images")
+
+
+def config_from_params(params: dict, head: str) -> HeadConfig:
+    """A :class:`HeadConfig` from params.yaml's ``train_head`` section: its ``sweep`` keys, then the
+    keys of the ``head``'s own sub-section. Unknown keys are errors, not silently ignored."""
+    allowed = set(asdict(HeadConfig())) - {"head"}
+    options = {**params.get("sweep", {}), **(params.get(head) or {})}
+    unknown = set(options) - allowed
+    if unknown:
+        raise FeaturestoreError(f"unknown train_head params {sorted(unknown)} for {head}; known: {sorted(allowed)}")
+    return HeadConfig(head=head, **{k: (float(v) if k in ("c_min", "c_max") else v) for k, v in options.items()})
+
+
+IMAGE_EXTRACT_KEYS = ("image_size", "crop_pct")
+TEXT_EXTRACT_KEYS = ("max_length", "long_documents", "stride", "max_windows")
+COMMON_EXTRACT_KEYS = ("batch_size", "workers", "device", "engine", "dtype", "on_error")
+
+
+def extract_options(params: dict) -> dict:
+    """``extract_features`` keyword arguments from one backbone's ``extract`` section of params.yaml: the
+    common settings, and either the image preprocessing overrides or the text tokenization."""
+    options = {k: params[k] for k in COMMON_EXTRACT_KEYS if k in params}
+    if any(k in params for k in TEXT_EXTRACT_KEYS):
+        from .texts import Tokenization  # torch: only for a text section
+
+        options["tokenization"] = Tokenization(**{k: params[k] for k in TEXT_EXTRACT_KEYS if k in params})
+    else:
+        options.update({k: params.get(k) for k in IMAGE_EXTRACT_KEYS})
+    unknown = set(params) - set(COMMON_EXTRACT_KEYS) - set(IMAGE_EXTRACT_KEYS) - set(TEXT_EXTRACT_KEYS)
+    if unknown:
+        raise FeaturestoreError(f"unknown extract params {sorted(unknown)}")
+    return options

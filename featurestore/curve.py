@@ -1,10 +1,19 @@
-"""Transfer learning's promise, measured: scratch vs linear probe vs probe-then-fine-tune per label budget.
+"""Transfer learning's promise, measured against baselines no one can dismiss, per label budget.
 
-For each budget (labels per class, nested subsets of the train split):
-- linear probe: logistic regression on the cached features, C chosen on val;
-- probe then fine-tune: that probe as the classifier, top blocks fine-tuned (see finetune.py);
-- scratch: the same architecture from random weights, same images, augmentation and epoch budget.
-Test accuracy and training wall-clock of each go to curve.json, CSV for `dvc plots`, and two PNGs.
+For each budget (labels per class, nested subsets of the train split), scored on the test split:
+
+- ``pixels`` (images) or ``tfidf`` (texts): logistic regression on raw pixels, or on TF-IDF word and bigram
+  counts, C chosen on val: the floor any method must clear;
+- ``scratch``: the same architecture from random weights, every layer training, for the same step budget
+  at every label budget, with its own learning rate and input size (``ScratchConfig``), its best
+  validation round kept; whether it converged, and by which measure, is recorded per point;
+- ``linear_probe``: logistic regression on the cached features, C chosen on val;
+- ``probe_finetune``: that probe as the classifier, the top blocks fine-tuned from the trunk cache (texts:
+  the top transformer layers) with the fine-tuning settings, early-stopped on val.
+
+Test accuracy and training wall-clock go to ``curve.json``, a CSV for ``dvc plots`` and two PNGs. The trunk
+cache is built once for all budgets (its seconds are reported apart, with the feature extraction they
+share the cost of); the probes' seconds do not count the one-off feature extraction either.
 """
 
 from __future__ import annotations
@@ -12,88 +21,113 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import tempfile
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from sklearn.exceptions import ConvergenceWarning
-from torch.utils.data import DataLoader
 
+from .atomic import write_text_atomic
+from .configs import CURVE_METHODS, TEXT_CURVE_METHODS, FinetuneConfig, HeadConfig, ScratchConfig
 from .data import nested_subset, scan_source
-from .devices import resolve_device
-from .finetune import FinetuneConfig, TrainImages, _accuracy, build_model, finetune
-from .heads import HeadConfig, TrainedHead, build_estimator, choose_c, sweep_c
+from .errors import FeaturestoreError
+from .heads import TrainedHead, build_estimator, choose_c, sweep_c
 from .plateau import CURVE_HEAD
 from .store import FeatureStore
 
-METHODS = ("scratch", "linear_probe", "probe_finetune")
+METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
 
 
-def _test_accuracy(head: TrainedHead, config: FinetuneConfig, weights: Path, data: Path, device: str) -> float:
-    """Accuracy of fine-tuned (or scratch) weights on the test split of ``data``."""
-    model, _ = build_model(head, config, probe=head.estimator)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.network.load_state_dict(state)
-    torch_device = resolve_device(device)
-    model.to(torch_device)
-    test = [r for r in scan_source(data).records if r.split == "test"]
-    loader = DataLoader(TrainImages(test, model.preprocessing, False, 1.0), batch_size=64,
-                        num_workers=config.workers)
-    return _accuracy(model, loader, torch_device)
-
-
-def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Path, budgets: list[int],
-              finetune_config: FinetuneConfig, scratch_config: FinetuneConfig, probe_config: HeadConfig = CURVE_HEAD,
-              device: str = "auto", progress: bool = False) -> dict:
-    """Train the three methods at every budget; write ``out``/curve.json, curve.csv and PNGs.
-
-    ``store`` holds the cached features of the images in ``data`` (train, val and test splits);
-    ``probe_config`` (a logreg config) says how each budget's linear probe is trained.
-    """
-    data, out = Path(data), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+def _probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -> tuple[object, float, float, float]:
+    """(fitted probe, C, test accuracy, seconds) of the logistic-regression probe on ``budget`` per class."""
     X, y, _ = store.load("train")
     Xv, yv, _ = store.load("val")
     Xt, yt, _ = store.load("test")
-    points = []
-    for budget in budgets:
-        rows = nested_subset(y, budget, finetune_config.seed)
-        started = time.perf_counter()
-        C = choose_c(sweep_c(probe_config, X[rows], y[rows], Xv, yv))
-        probe = build_estimator(probe_config, C)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            probe.fit(X[rows], y[rows])
-        probe_seconds = time.perf_counter() - started
-        points.append({"labels_per_class": budget, "method": "linear_probe", "n_train": int(len(rows)),
-                       "test_accuracy": float(probe.score(Xt, yt)), "seconds": round(probe_seconds, 2), "C": C})
-        budget_head = TrainedHead.fitted_on(store, probe, probe_config, C, n_train=int(len(rows)))
-        for method, config in (("probe_finetune", finetune_config), ("scratch", scratch_config)):
-            weights = out / f"{method}_{budget}.pth"
-            result = finetune(budget_head, data, weights, config, device=device, progress=progress,
-                              checkpoint_dir=out / f"{method}_{budget}.checkpoints", train_per_class=budget,
-                              probe=probe)
-            seconds = result.seconds + (probe_seconds if method == "probe_finetune" else 0.0)
-            points.append({
-                "labels_per_class": budget, "method": method, "n_train": int(len(rows)),
-                "test_accuracy": _test_accuracy(budget_head, config, weights, data, device),
-                "seconds": round(seconds, 2), "epochs": result.epochs_run,
-                "best_val_accuracy": result.best_val_accuracy,
-            })
-            weights.unlink()
-            shutil.rmtree(out / f"{method}_{budget}.checkpoints", ignore_errors=True)
+    rows = nested_subset(y, budget, seed)
+    started = time.perf_counter()
+    C = choose_c(sweep_c(config, X[rows], y[rows], Xv, yv))
+    probe = build_estimator(config, C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe.fit(X[rows], y[rows])
+    return probe, C, float(probe.score(Xt, yt)), time.perf_counter() - started
+
+
+def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Path, budgets: list[int],
+              finetune_config: FinetuneConfig = FinetuneConfig(), scratch_config: ScratchConfig = ScratchConfig(),
+              probe_config: HeadConfig = CURVE_HEAD, methods: tuple[str, ...] | None = None, device: str = "auto",
+              progress: bool = False) -> dict:
+    """Train ``methods`` (default: all of the store's modality) at every budget; write ``out``/curve.json,
+    curve.csv and the PNGs; return the result.
+
+    ``store`` holds the cached features of the items in ``data`` (train, val and test splits).
+    """
+    from .baselines import pixel_logreg, tfidf_logreg, train_from_scratch, train_text_from_scratch
+    from .finetune import finetune
+    from .text_finetune import finetune_text
+
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    text = store.fingerprint.get("kind") == "text"
+    allowed = TEXT_CURVE_METHODS if text else CURVE_METHODS
+    methods = tuple(methods or allowed)
+    if set(methods) - set(allowed):
+        raise FeaturestoreError(f"methods {sorted(set(methods) - set(allowed))} do not apply to this store's "
+                                f"{'texts' if text else 'images'}; choose from {', '.join(allowed)}")
+    source = scan_source(data)
+    seed = finetune_config.seed
+    work = Path(tempfile.mkdtemp(prefix=".curve-", dir=out))
+    points, cache_seconds = [], 0.0
+    try:
+        for budget in budgets:
+            base = {"labels_per_class": budget, "n_train": int(len(nested_subset(store.labels("train"), budget, seed)))}
+            for name, baseline in (("pixels", pixel_logreg), ("tfidf", tfidf_logreg)):
+                if name in methods:
+                    linear = baseline(source, budget, seed)
+                    points.append({**base, "method": name, "test_accuracy": linear.test_accuracy,
+                                   "val_accuracy": linear.val_accuracy, "seconds": linear.seconds, "C": linear.C})
+            probe, C, probe_test, probe_seconds = _probe(store, budget, seed, probe_config)
+            if "linear_probe" in methods:
+                points.append({**base, "method": "linear_probe", "test_accuracy": probe_test,
+                               "seconds": round(probe_seconds, 2), "C": C})
+            if "probe_finetune" in methods:
+                head = TrainedHead.fitted_on(store, probe, probe_config, C, n_train=base["n_train"])
+                options = {"device": device, "progress": progress, "checkpoint_dir": work / f"ft_{budget}",
+                           "train_per_class": budget, "probe": probe}
+                result = (finetune_text(head, data, work / f"ft_{budget}.pth", finetune_config, **options) if text
+                          else finetune(head, data, work / f"ft_{budget}.pth", finetune_config,
+                                        cache=work / "trunk.h5", **options))
+                cache_seconds += result.cache_seconds
+                points.append({**base, "method": "probe_finetune", "test_accuracy": result.test_accuracy,
+                               "seconds": round(probe_seconds + result.seconds - result.cache_seconds, 2),
+                               "epochs": result.epochs_run, "val_probe": result.start_val_accuracy,
+                               "best_val_accuracy": result.best_val_accuracy})
+            if "scratch" in methods:
+                trainer = train_text_from_scratch if text else train_from_scratch
+                scratch = trainer(source, scratch_config, store.fingerprint["backbone"].removesuffix("_ft"), device,
+                                  train_per_class=budget, progress=progress)
+                points.append({**base, "method": "scratch", "test_accuracy": scratch.test_accuracy,
+                               "seconds": scratch.seconds, "steps": scratch.steps,
+                               "best_val_accuracy": scratch.best_val_accuracy, "converged": scratch.converged})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     result = {"backbone": store.fingerprint["backbone"], "budgets": budgets, "points": points,
-              "probe": probe_config.__dict__,
-              "finetune": finetune_config.__dict__, "scratch": scratch_config.__dict__}
-    (out / "curve.json").write_text(json.dumps(result, indent=2) + "\n")
+              "trunk_cache_seconds": round(cache_seconds, 2), "probe": asdict(probe_config),
+              "finetune": asdict(finetune_config), "scratch": asdict(scratch_config)}
+    write_text_atomic(out / "curve.json", json.dumps(result, indent=2) + "\n")
     with open(out / "curve.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["method", "labels_per_class", "test_accuracy", "seconds"])
         writer.writeheader()
         writer.writerows({k: p[k] for k in writer.fieldnames} for p in points)
     plot_curves(points, out)
     return result
+
+
+STYLES = {"scratch": ("o", "-"), "pixels": ("x", ":"), "tfidf": ("x", ":"), "linear_probe": ("s", "-"),
+          "probe_finetune": ("^", "--")}
 
 
 def plot_curves(points: list[dict], out: Path) -> None:
@@ -106,11 +140,10 @@ def plot_curves(points: list[dict], out: Path) -> None:
     for x_key, name, label in (("labels_per_class", "curve_labels.png", "labels per class"),
                                ("seconds", "curve_seconds.png", "training wall-clock (s)")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        styles = {"scratch": ("o", "-"), "linear_probe": ("s", "-"), "probe_finetune": ("^", "--")}
-        for method in METHODS:  # distinct markers and dashes: the probe and its fine-tune can coincide
+        for method in METHODS:  # distinct markers and dashes: curves can coincide
             series = sorted((p[x_key], p["test_accuracy"]) for p in points if p["method"] == method)
             if series:
-                marker, line = styles[method]
+                marker, line = STYLES[method]
                 ax.plot(*zip(*series, strict=True), marker=marker, linestyle=line, label=method.replace("_", " "))
         ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -123,13 +156,15 @@ def plot_curves(points: list[dict], out: Path) -> None:
 
 
 def accuracy_table(points: list[dict]) -> str:
+    """Markdown: one row per budget, one column per method: test accuracy (seconds)."""
     budgets = sorted({p["labels_per_class"] for p in points})
-    lines = ["| labels/class | " + " | ".join(METHODS) + " |", "| --- |" + " --- |" * len(METHODS)]
+    methods = [m for m in METHODS if any(p["method"] == m for p in points)]
+    lines = ["| labels/class | " + " | ".join(m.replace("_", " ") for m in methods) + " |",
+             "| --- |" + " --- |" * len(methods)]
     for b in budgets:
         cells = []
-        for m in METHODS:
+        for m in methods:
             p = next((p for p in points if p["labels_per_class"] == b and p["method"] == m), None)
             cells.append("–" if p is None else f"{p['test_accuracy']:.4f} ({p['seconds']:.0f} s)")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-

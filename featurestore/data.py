@@ -1,14 +1,16 @@
 """Labelled sources: which items there are, their labels and splits, and their content hashes.
 
-A source is an ImageFolder-style tree (``<split>/<class>/<file>``, or ``<class>/<file>`` as split
-"all") or a CSV manifest (``path,label[,split]``). Decoding lives with its modality (``images.py``);
-a source never opens an item. :func:`nested_subset` draws label budgets that grow by inclusion.
+A source is a folder tree (``<split>/<class>/<file>``, or ``<class>/<file>`` as split "all"; images or
+``.txt`` documents alike) or a manifest: CSV or JSON Lines with ``path`` (or, for texts, ``text``),
+``label`` and optionally ``split``. Decoding lives with its modality (``images.py``, ``texts.py``); a
+source never opens an item. :func:`nested_subset` draws label budgets that grow by inclusion.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,18 +21,20 @@ from .errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
 FLAT_SPLIT = "all"  # split name for a tree without train/val/test folders
-MANIFEST_COLUMNS = ("path", "label")
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
 
 
 @dataclass(frozen=True)
 class Record:
     """One labelled item: ``path`` on disk, ``rel_path`` as stored in the cache (relative to the source's
-    root, POSIX separators), ``label`` an index into the source's class names (-1: unlabelled)."""
+    root, POSIX separators), ``label`` an index into the source's class names (-1: unlabelled). A document
+    given inline in a manifest has its ``text`` here, ``path`` the manifest and ``rel_path`` ``<manifest>:<line>``."""
 
     path: Path
     rel_path: str
     label: int
     split: str
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,39 +123,63 @@ def _relative_inside(path: Path, root: Path) -> str | None:
     return Path(relative).as_posix()
 
 
-def read_manifest(csv_path: Path) -> Source:
-    """A CSV with columns ``path,label[,split]``; relative paths are relative to the CSV's folder, and every
-    path (relative or absolute) must lie inside that folder. Labels are class names; class indices follow
-    their sorted order. A missing ``split`` column or an empty cell gives split "all"."""
-    root = csv_path.parent
+def _manifest_rows(manifest: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV (header line 1) or JSON Lines manifest; string values, stripped."""
     try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
+        with open(manifest, newline="", encoding="utf-8") as handle:
+            if manifest.suffix.lower() == ".jsonl":
+                rows = []
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except ValueError as exc:
+                            raise DataError(f"{manifest}:{number}: not a JSON object ({exc})") from None
+                        if not isinstance(row, dict):
+                            raise DataError(f"{manifest}:{number}: not a JSON object")
+                        rows.append((number, {k: "" if v is None else str(v) for k, v in row.items()}))
+                return rows
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
-            missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+            missing = ([] if {"path", "text"} & set(columns) else ["path"]) + ([] if "label" in columns else ["label"])
             if missing:
-                raise DataError(f"{csv_path}: manifest lacks column(s) {missing}; found {columns}, "
-                                f"need path,label[,split]")
-            rows = []
-            for line_number, row in enumerate(reader, start=2):
-                path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-                if not path or not label:
-                    raise DataError(f"{csv_path}:{line_number}: empty path or label")
-                rows.append((line_number, path, label, (row.get("split") or "").strip() or FLAT_SPLIT))
+                raise DataError(f"{manifest}: manifest lacks column(s) {missing}; found {columns}, need path "
+                                f"(or text),label[,split]")
+            return [(number, {k: (v or "") for k, v in row.items() if k}) for number, row in enumerate(reader, start=2)]
     except UnicodeDecodeError as exc:
-        raise DataError(f"{csv_path}: manifest is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise DataError(f"{manifest}: manifest is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
-        raise DataError(f"{csv_path}: not a readable CSV manifest ({exc})") from None
-    if not rows:
-        raise DataError(f"{csv_path}: manifest has no rows")
-    class_names = sorted({label for _, _, label, _ in rows})
+        raise DataError(f"{manifest}: not a readable CSV manifest ({exc})") from None
+
+
+def read_manifest(manifest: Path) -> Source:
+    """A CSV or JSON Lines manifest with ``path`` or ``text``, ``label`` and optionally ``split``.
+
+    Relative paths are relative to the manifest's folder, and every path (relative or absolute) must lie
+    inside that folder. Labels are class names; class indices follow their sorted order. A missing ``split``
+    or an empty one gives split "all".
+    """
+    root = manifest.parent
+    records_in = []
+    for number, row in _manifest_rows(manifest):
+        path, label = row.get("path", "").strip(), row.get("label", "").strip()
+        if not label or not (path or "text" in row):
+            raise DataError(f"{manifest}:{number}: empty path (or no text) or label")
+        text = None if path else row["text"]  # an empty text is skipped at extraction, with its reason
+        records_in.append((number, path, text, label, row.get("split", "").strip() or FLAT_SPLIT))
+    if not records_in:
+        raise DataError(f"{manifest}: manifest has no rows")
+    class_names = sorted({label for _, _, _, label, _ in records_in})
     label_of = {name: index for index, name in enumerate(class_names)}
     records = []
-    for line_number, path, label, split in rows:
+    for number, path, text, label, split in records_in:
+        if text is not None:
+            records.append(Record(manifest, f"{manifest.name}:{number}", label_of[label], split, text=text))
+            continue
         full = Path(path) if Path(path).is_absolute() else root / path
         relative = _relative_inside(full, root)
         if relative is None:
-            raise DataError(f"{csv_path}:{line_number}: path {path!r} lies outside the manifest's folder "
+            raise DataError(f"{manifest}:{number}: path {path!r} lies outside the manifest's folder "
                             f"{root.resolve()}; keep the manifest at the top of its data")
         records.append(Record(full, relative, label_of[label], split))
     return Source(root, class_names, records)
@@ -163,10 +191,17 @@ def scan_source(data: str | Path) -> Source:
     if not data.exists():
         raise DataError(f"{data}: data folder or manifest not found")
     if data.is_file():
-        if data.suffix.lower() != ".csv":
-            raise DataError(f"{data}: expected a data folder or a .csv manifest")
+        if data.suffix.lower() not in MANIFEST_SUFFIXES:
+            raise DataError(f"{data}: expected a data folder or a .csv / .jsonl manifest")
         return read_manifest(data)
     return scan_folder(data)
+
+
+def record_content_id(record: Record) -> str:
+    """The identity of a record's content: the SHA-256 of its inline text (UTF-8), or of its file's bytes."""
+    if record.text is not None:
+        return hashlib.sha256(record.text.encode("utf-8")).hexdigest()
+    return content_id(record.path)
 
 
 def content_id(path: Path) -> str:

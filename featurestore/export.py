@@ -1,7 +1,7 @@
-"""One ONNX graph for backbone + head: uint8 images in, class probabilities and labels out.
+"""One ONNX graph for backbone + head: uint8 images (or token windows) in, class probabilities and labels out.
 
-The backbone's graph is the one extraction already exported and cached (engines.py), so an export
-after a head change costs no new trace of the network. The head's graph is appended behind it:
+The backbone's graph is the one extraction already exported and cached (engines.py, text_engines.py), so
+an export after a head change costs no new trace of the network. The head's graph is appended behind it:
 linear heads (logreg, linear SVM) are written here as plain operators (Gemm, Softmax/Sigmoid,
 ArgMax) with the scaler folded into the weights, which every execution provider runs; the RBF SVM
 is converted by skl2onnx. Every export is checked against the Python pipeline (torch backbone +
@@ -28,6 +28,7 @@ from .errors import ExportError
 from .heads import TrainedHead, fold_scaler, load_head
 
 MAX_PROBABILITY_DIFF = 1e-4
+HEAD_IR_VERSION = 10
 HEAD_INPUT = "head_features"
 
 
@@ -55,6 +56,10 @@ def linear_head_params(head: TrainedHead) -> LinearHeadParams:
     if head.config.head == "logreg":
         weight, bias, l2 = fold_scaler(head.estimator, classify.coef_[None], classify.intercept_[None])
         return LinearHeadParams(weight, bias, l2)
+    if head.config.head == "sgd_logreg":  # one-vs-rest: sigmoid(d) per class, normalised (a = -1, b = 0)
+        weight, bias, l2 = fold_scaler(head.estimator, classify.coef_[None], classify.intercept_[None])
+        k = weight.shape[1]
+        return LinearHeadParams(weight, bias, l2, calibration=(-np.ones((1, k)), np.zeros((1, k))))
     folds = classify.calibrated_classifiers_
     weight = np.stack([fold.estimator.coef_ for fold in folds])
     bias = np.stack([fold.estimator.intercept_ for fold in folds])
@@ -106,7 +111,8 @@ def linear_head_graph(params: LinearHeadParams, feature_dim: int) -> onnx.ModelP
          helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    # IR 10 (ONNX 1.16): what onnxruntime loads; onnx's newest default is beyond it.
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=HEAD_IR_VERSION)
 
 
 def skl2onnx_head_graph(head: TrainedHead) -> onnx.ModelProto:
@@ -201,18 +207,74 @@ def _sample_images(size: int, count: int = 8, seed: int = 0) -> np.ndarray:
     return images
 
 
-def verify_export(path: Path, model: FeatureModel, head: TrainedHead, images: np.ndarray) -> dict:
-    """Compare the ONNX graph (onnxruntime, CPU) with torch backbone + sklearn head on ``images``."""
+@dataclass
+class EncoderParts:
+    """What a modality contributes to an export: the encoder's graph (its output ``features``), a fixed batch
+    of its inputs for the check, the torch features of that batch, and its metadata entries."""
+
+    graph: onnx.ModelProto
+    feed: dict[str, np.ndarray]
+    reference_features: np.ndarray
+    metadata: dict[str, str]
+
+
+def image_parts(head: TrainedHead, backbone: str | None, weights: str | Path | None,
+                sample_images: np.ndarray | None) -> EncoderParts:
+    model = backbone_for(head, backbone, weights)
+    images = sample_images if sample_images is not None else _sample_images(model.preprocessing.image_size)
+    with torch.inference_mode():
+        features = model(torch.from_numpy(images)).numpy()
+    return EncoderParts(onnx.load(str(cached_feature_graph(model))), {"images": images}, features,
+                        {"featurestore_modality": "image",
+                         "featurestore_preprocessing": json.dumps(model.preprocessing.as_dict(), sort_keys=True)})
+
+
+SAMPLE_TEXTS = (
+    "Quarterly profits at the media giant jumped as advertising sales rose.",
+    "The striker scored twice in the second half to win the cup final.",
+    "Ministers will publish the bill on Tuesday after weeks of debate in parliament.",
+    "The new handset ships with a faster chip, a larger screen and longer battery life. " * 30,
+    "x",
+)
+
+
+def text_parts(head: TrainedHead) -> EncoderParts:
+    """The sentence encoder a text head was trained on, proven the same (weights, tokenizer, tokenization, code,
+    libraries); its graph takes token windows; the tokenizer file goes into the metadata."""
+    from .backbones.text_models import load_text_backbone
+    from .fingerprint import changed_keys
+    from .text_engines import cached_text_graph
+    from .texts import TextEncoder, Tokenization
+
+    fp = head.fingerprint
+    model = load_text_backbone(fp["backbone"])
+    tokenization = Tokenization(**fp["tokenization"])
+    encoder = TextEncoder(model, tokenization, fp.get("dtype", "float32"))
+    changed = changed_keys(fp, encoder.fingerprint())
+    if changed:
+        raise ExportError(f"text backbone {model.name} would not reproduce the features head {head.name} was trained "
+                          f"on ({', '.join(changed)} changed since extraction): re-extract and retrain the head")
+    ids, mask, _ = encoder.tokenizer(list(SAMPLE_TEXTS))
+    with torch.inference_mode():
+        features = model(ids, mask).numpy()
+    tokenizer_json = (model.model_dir / "tokenizer.json").read_text(encoding="utf-8")
+    return EncoderParts(onnx.load(str(cached_text_graph(model))), {"input_ids": ids.numpy(),
+                                                                  "attention_mask": mask.numpy()}, features,
+                        {"featurestore_modality": "text", "featurestore_tokenization": json.dumps(
+                            tokenization.as_dict(), sort_keys=True), "featurestore_tokenizer_json": tokenizer_json,
+                         "featurestore_tokenizer_sha256": model.tokenizer_sha256})
+
+
+def verify_export(path: Path, head: TrainedHead, parts: EncoderParts) -> dict:
+    """Compare the ONNX graph (onnxruntime, CPU) with the torch encoder + sklearn head on the parts' batch."""
     from .runtime import make_session
 
     session, _ = make_session(str(path), "cpu")
-    probabilities, labels = session.run(["probabilities", "label"], {"images": images})
-    with torch.inference_mode():
-        features = model(torch.from_numpy(images)).numpy()
-    expected = head.predict_proba(features)
+    probabilities, labels = session.run(["probabilities", "label"], parts.feed)
+    expected = head.predict_proba(parts.reference_features)
     diff = float(np.max(np.abs(probabilities - expected)))
     return {
-        "n": int(len(images)),
+        "n": int(len(expected)),
         "max_probability_diff": diff,
         "labels_equal": bool(np.array_equal(labels, np.argmax(expected, axis=1))),
         "tolerance": MAX_PROBABILITY_DIFF,
@@ -225,39 +287,42 @@ def export_onnx(head: TrainedHead | str | Path, out: str | Path, backbone: str |
                 trust_pickle: bool = False) -> dict:
     """Write ``out`` (one self-contained .onnx file) and ``<out>.report.json``; return the report.
 
-    Input ``images``: uint8 (N, 3, S, S), N dynamic. Outputs ``probabilities`` (N, K) float32 and
-    ``label`` (N,) int64. Metadata: class names, fingerprint, head summary, preprocessing.
+    Images: input ``images`` uint8 (N, 3, S, S). Texts: inputs ``input_ids`` and ``attention_mask`` int64
+    (N, W, L), token windows made by the tokenizer stored in the metadata (see ``predict.py``). Every axis is
+    dynamic. Outputs ``probabilities`` (N, K) float32 and ``label`` (N,) int64. Metadata: class names,
+    fingerprint, head summary, and the modality's preprocessing or tokenization.
     Raises :class:`ExportError` (and keeps no file) when the graph disagrees with the Python pipeline.
     """
     started = time.perf_counter()
     head = head if isinstance(head, TrainedHead) else load_head(head, trust_pickle=trust_pickle)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = backbone_for(head, backbone, weights)
-    if head.config.head in ("logreg", "linear_svm"):
+    text = head.fingerprint.get("kind") == "text"
+    parts = text_parts(head) if text else image_parts(head, backbone, weights, sample_images)
+    if head.config.head in ("logreg", "linear_svm", "sgd_logreg"):
         head_graph = linear_head_graph(linear_head_params(head), head.feature_dim)
     else:
         head_graph = skl2onnx_head_graph(head)
     head_graph = spread_to_classes(head_graph, head.classes, len(head.class_names))
-    graph = combine(onnx.load(str(cached_feature_graph(model))), head_graph)
+    graph = combine(parts.graph, head_graph)
     metadata = {
         "featurestore_class_names": json.dumps(head.class_names),
         "featurestore_fingerprint": json.dumps(head.fingerprint, sort_keys=True),
         "featurestore_fingerprint_hash": head.fingerprint_hash,
         "featurestore_head": json.dumps(head.summary(), sort_keys=True),
-        "featurestore_preprocessing": json.dumps(model.preprocessing.as_dict(), sort_keys=True),
+        **parts.metadata,
     }
     onnx.helper.set_model_props(graph, metadata)
     onnx.checker.check_model(graph)
-    images = sample_images if sample_images is not None else _sample_images(model.preprocessing.image_size)
     with atomic_path(out) as tmp:
         onnx.save(graph, str(tmp))
-        check = verify_export(tmp, model, head, images)
+        check = verify_export(tmp, head, parts)
         ops = sorted({node.op_type for node in graph.graph.node})
         report = {
-            "model": out.name, "head": head.summary(), "check": check, "operators": ops,
-            "opsets": {d.domain or "ai.onnx": d.version for d in graph.opset_import}, "ir_version": graph.ir_version,
-            "size_bytes": tmp.stat().st_size, "seconds": round(time.perf_counter() - started, 2),
+            "model": out.name, "modality": metadata["featurestore_modality"], "head": head.summary(), "check": check,
+            "operators": ops, "opsets": {d.domain or "ai.onnx": d.version for d in graph.opset_import},
+            "ir_version": graph.ir_version, "size_bytes": tmp.stat().st_size,
+            "seconds": round(time.perf_counter() - started, 2),
         }
         if check["max_probability_diff"] > MAX_PROBABILITY_DIFF or not check["labels_equal"]:
             raise ExportError(f"{out}: the exported graph disagrees with the Python pipeline: {check}")

@@ -1,9 +1,12 @@
-"""Run a frozen backbone over an image source once, into an incremental, crash-safe HDF5 cache.
+"""Run an encoder over a source once, into an incremental, crash-safe HDF5 cache.
 
-Images are identified by the SHA-256 of their bytes. With the same fingerprint, images already in
-the store (or in the journal of an interrupted run) are not run through the model again; images
-that are gone are dropped. A different fingerprint never reuses anything. One writer at a time:
-the store's lock is held from the scan to the final rename.
+Items are identified by the SHA-256 of their file's bytes (an augmented view by a hash derived from it).
+With the same fingerprint, items already in the store (or in the journal of an interrupted run) are not
+run through the model again; items that are gone are dropped. A different fingerprint never reuses
+anything. One writer at a time: the store's lock is held from the scan to the final rename.
+
+The work is in three phases that a distributed run reuses (``distributed.py``): :func:`plan_extraction`
+(hash, find what is new), :func:`run_items` (decode, encode, journal) and :func:`assemble_store`.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from .atomic import temp_files_of
 from .backbones import DEFAULT_BACKBONE, FeatureModel, get_spec, load_backbone
 from .configs import ON_DUPLICATE_CHOICES, ON_ERROR_CHOICES
 from .console import progress_bar
-from .data import Record, Source, content_id, scan_source
+from .data import Record, Source, record_content_id, scan_source
 from .devices import resolve_device
-from .engines import make_engine
-from .errors import DuplicateItemsError, ImageDecodeError, StoreError
-from .fingerprint import changed_keys, fingerprint_for
-from .images import DecodedImages, collate_decoded, lower_worker_priority
+from .encoders import Encoder, ImageEncoder, Item, Runner
+from .errors import DataError, DuplicateItemsError, ImageDecodeError, StoreError
+from .fingerprint import changed_keys
+from .images import lower_worker_priority
 from .journal import ExtractionJournal
 from .locking import store_lock
 from .store import DTYPES, FeatureStore, SplitArrays, fingerprint_hash, write_store
@@ -55,6 +58,7 @@ class ExtractSummary:
     seconds: float = 0.0
     written: bool = False
     engine: str | None = None
+    truncated: int = 0  # texts: documents (of those encoded in this run) longer than the tokenization keeps
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -67,7 +71,7 @@ def _hash_records(records: list[Record], progress: bool) -> tuple[dict[Record, s
     with progress_bar(len(records), "hashing", unit="file", enabled=progress, leave=False) as bar:
         for record in records:
             try:
-                ids[record] = content_id(record.path)
+                ids[record] = record_content_id(record)
             except FileNotFoundError:
                 failures[record] = "file not found"
             except OSError as exc:
@@ -130,11 +134,11 @@ def _existing_rows(out: Path, fingerprint: dict) -> tuple[FeatureStore | None, d
 
 
 def _unchanged(store: FeatureStore | None, fp_hash: str, class_names: list[str], splits: dict[str, SplitArrays],
-               skipped: list[dict], duplicates: list[dict], source_root: str) -> bool:
+               skipped: list[dict], duplicates: list[dict], source_root: str, feature_shape: list[int]) -> bool:
     """True when ``store`` already holds exactly these rows, classes and notes (rewriting it would change nothing)."""
     if (store is None or store.fingerprint_hash != fp_hash or store.class_names != class_names
             or store.splits != list(splits) or store.skipped != skipped or store.duplicates != duplicates
-            or store.source_root != source_root):
+            or store.source_root != source_root or store.feature_shape != feature_shape):
         return False
     for split, arrays in splits.items():
         _, labels, ids = store.load(split)
@@ -151,6 +155,155 @@ def _check_options(dtype: str, on_error: str, on_duplicate: str, batch_size: int
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     if batch_size < 1 or workers < 0:
         raise ValueError("batch_size must be >= 1 and workers >= 0")
+
+
+@dataclass
+class ExtractionPlan:
+    """What an extraction will do, decided before any model runs."""
+
+    source: Source
+    out: Path
+    fingerprint: dict
+    fp_hash: str
+    items: list[Item]
+    skipped: list[dict]
+    duplicates: list[dict]
+    store: FeatureStore | None
+    reused: dict[str, np.ndarray]
+    resumed: dict[str, np.ndarray]
+    todo: list[Item]
+
+
+def plan_extraction(source: Source, out: Path, encoder: Encoder, on_error: str = "skip", on_duplicate: str = "warn",
+                    progress: bool = True, journal_prefix: str = "part") -> tuple[ExtractionPlan, ExtractionJournal]:
+    """Hash the source, apply the error and duplicate policies, and find the items the model must still run."""
+    fingerprint = encoder.fingerprint()
+    fp_hash = fingerprint_hash(fingerprint)
+    if on_error == "fail" and source.unusable:
+        raise ImageDecodeError(source.unusable[0]["path"], source.unusable[0]["reason"])
+    ids, failures = _hash_records(source.records, progress)
+    if on_error == "fail" and failures:
+        record, reason = next(iter(failures.items()))
+        raise ImageDecodeError(str(record.path), reason)
+    duplicates = find_duplicates(ids, source.class_names)
+    _apply_duplicate_policy(duplicates, on_duplicate, source.root)
+    store, reused = _existing_rows(out, fingerprint)
+    journal = ExtractionJournal(out, fp_hash, prefix=journal_prefix)
+    journal.drop_other_fingerprints()
+    resumed = journal.load()
+    items = [item for record in source.records if record in ids for item in encoder.items(record, ids[record])]
+    todo: dict[str, Item] = {}
+    for item in items:
+        if item.id not in reused and item.id not in resumed:
+            todo.setdefault(item.id, item)
+    skipped = list(source.unusable) + [{"path": r.rel_path, "reason": reason} for r, reason in failures.items()]
+    plan = ExtractionPlan(source, out, fingerprint, fp_hash, items, skipped, duplicates, store, reused, resumed,
+                          encoder.order(list(todo.values())))
+    return plan, journal
+
+
+def run_items(todo: list[Item], encoder: Encoder, journal: ExtractionJournal, device: torch.device,
+              batch_size: int, workers: int, on_error: str, progress: bool,
+              desc: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, str], Runner | None]:
+    """Decode in workers, run the encoder batch by batch, journal each batch as soon as it is done.
+
+    Returns ``(new features by id, decode failure reason by id, the runner or None if nothing ran)``.
+    """
+    new: dict[str, np.ndarray] = {}
+    failures: dict[str, str] = {}
+    if not todo:
+        return new, failures, None
+    loader = DataLoader(
+        encoder.dataset(todo),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=encoder.collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=lower_worker_priority,
+    )
+    batches = iter(loader)
+    # Workers are forked before the engine allocates its memory: forked after, they made the
+    # onnxruntime session measurably slower (copy-on-write faults) for as long as they lived.
+    runner = encoder.runner(device)
+    unit = getattr(encoder, "unit", "img")
+    with progress_bar(len(todo), desc or f"extract {encoder.name}", unit=unit, enabled=progress) as bar:
+        for indices, batch, failed in batches:
+            for index, reason in failed:
+                if on_error == "fail":
+                    raise ImageDecodeError(str(todo[index].path), reason)
+                failures[todo[index].id] = reason
+            if batch is not None:
+                features = runner(batch)
+                batch_ids = [todo[i].id for i in indices]
+                journal.append(batch_ids, features)
+                new.update(zip(batch_ids, features, strict=True))
+            bar.update(len(indices) + len(failed))
+    return new, failures, runner
+
+
+def assemble_store(plan: ExtractionPlan, encoder: Encoder, new: dict[str, np.ndarray], failures: dict[str, str],
+                   dtype: str, summary: ExtractSummary) -> None:
+    """Gather every item's row (new, resumed from the journal, or reused from the old store) by split and write
+    the store, unless it already holds exactly that."""
+    splits: dict[str, list[tuple[Item, np.ndarray]]] = {}
+    skipped = list(plan.skipped)
+    failed_paths = set()
+    for item in plan.items:
+        if item.id in failures:
+            if item.rel_path not in failed_paths:  # every view of an unreadable file fails: report it once
+                skipped.append({"path": item.rel_path, "reason": failures[item.id]})
+                failed_paths.add(item.rel_path)
+            continue
+        for origin, pool in (("extracted", new), ("resumed", plan.resumed), ("reused", plan.reused)):
+            if item.id in pool:
+                splits.setdefault(item.split, []).append((item, pool[item.id]))
+                setattr(summary, origin, getattr(summary, origin) + 1)
+                break
+    arrays = {}
+    for split, rows in splits.items():
+        features = np.stack([row for _, row in rows])
+        arrays[split] = SplitArrays(features, np.array([item.label for item, _ in rows], dtype=np.int64),
+                                    [item.id for item, _ in rows], [item.rel_path for item, _ in rows])
+    for split in plan.source.splits:  # a split whose every item failed stays, empty
+        if split not in arrays and any(item.split == split for item in plan.items):
+            arrays[split] = SplitArrays(np.zeros((0, encoder.feature_dim), dtype=np.float32),
+                                        np.zeros(0, dtype=np.int64), [], [])
+    summary.skipped, summary.duplicates = skipped, plan.duplicates
+    for entry in skipped:
+        log.warning("skipped %s: %s", entry["path"], entry["reason"])
+    root = os.path.relpath(plan.source.root.resolve(), plan.out.parent.resolve())  # portable: clones, moves
+    shape = list(encoder.feature_shape)
+    if not _unchanged(plan.store, plan.fp_hash, plan.source.class_names, arrays, skipped, plan.duplicates, root,
+                      shape):
+        write_store(plan.out, plan.fingerprint, plan.source.class_names, arrays, dtype=dtype, skipped=skipped,
+                    duplicates=plan.duplicates, source_root=root, feature_shape=shape)
+        summary.written = True
+
+
+def extract_with(encoder: Encoder, source: Source, out: str | Path, *, device: str | torch.device = "auto",
+                 dtype: str = "float32", batch_size: int = 64, workers: int = 1, on_error: str = "skip",
+                 on_duplicate: str = "warn", wait: bool = True, progress: bool = True) -> ExtractSummary:
+    """Run ``encoder`` over ``source`` into the store ``out`` (the lock held throughout)."""
+    started = time.perf_counter()
+    _check_options(dtype, on_error, on_duplicate, batch_size, workers)
+    out = Path(out)
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    with store_lock(out, wait=wait):
+        for stale in temp_files_of(out):  # left by a writer killed mid-write; the lock says none is alive
+            stale.unlink(missing_ok=True)
+        plan, journal = plan_extraction(source, out, encoder, on_error, on_duplicate, progress)
+        summary = ExtractSummary(out=str(out), backbone=encoder.name, fingerprint_hash=plan.fp_hash,
+                                 device=str(torch_device))
+        new, failures, runner = run_items(plan.todo, encoder, journal, torch_device, batch_size, workers, on_error,
+                                          progress)
+        summary.engine = runner.name if runner else None
+        summary.truncated = getattr(runner, "truncated", 0)
+        summary.model_images = len(new)
+        assemble_store(plan, encoder, new, failures, dtype, summary)
+        journal.clear()
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
 
 
 def extract_features(
@@ -171,140 +324,45 @@ def extract_features(
     wait: bool = True,
     progress: bool = True,
     model: FeatureModel | None = None,
-) -> ExtractSummary:
-    """Extract features of every image in ``data`` into the store ``out``.
+    tokenization=None,
+) -> ExtractSummary | None:
+    """Extract features of every item (image or text document) in ``data`` into the store ``out``.
 
-    ``model`` may be passed to reuse a loaded backbone (``backbone``/``weights``/``image_size``/
-    ``crop_pct`` are then ignored). ``engine`` is ``auto``, ``torch`` or ``onnxruntime`` (see
-    :mod:`featurestore.engines`). Raises :class:`ImageDecodeError` on the first bad image when
-    ``on_error="fail"``, after saving every finished batch in the journal. ``on_duplicate`` decides what
-    identical files in two splits or under two labels do: ``warn`` (default), ``error`` or ``keep``; they
-    are listed in the store either way. ``wait=False`` fails at once when another process holds the store.
+    The backbone's kind decides the modality. ``model`` may be passed to reuse a loaded image backbone
+    (``backbone``/``weights``/``image_size``/``crop_pct`` are then ignored); ``tokenization`` (a
+    :class:`featurestore.texts.Tokenization`) sets how a text backbone sees long documents. ``engine`` is
+    ``auto``, ``torch`` or ``onnxruntime`` (see :mod:`featurestore.engines`). Raises
+    :class:`ImageDecodeError` on the first bad item when ``on_error="fail"``, after saving every finished
+    batch in the journal. ``on_duplicate`` decides what identical files in two splits or under two labels
+    do: ``warn`` (default), ``error`` or ``keep``; they are listed in the store either way. ``wait=False``
+    fails at once when another process holds the store.
     """
-    started = time.perf_counter()
     _check_options(dtype, on_error, on_duplicate, batch_size, workers)
-    out = Path(out)
-    if model is None:
-        get_spec(backbone)  # an unknown name fails before any file is read
+    spec = None if model is not None else get_spec(backbone)  # an unknown name fails before any file is read
     source = data if isinstance(data, Source) else scan_source(data)
-    with store_lock(out, wait=wait):
-        for stale in temp_files_of(out):  # left by a writer killed mid-write; the lock says none is alive
-            stale.unlink(missing_ok=True)
-        return _extract_locked(source, out, started, backbone, weights, image_size, crop_pct, batch_size, workers,
-                               device, engine, dtype, on_error, on_duplicate, progress, model)
-
-
-def _extract_locked(source: Source, out: Path, started: float, backbone: str, weights, image_size, crop_pct,
-                    batch_size: int, workers: int, device: str, engine: str, dtype: str, on_error: str,
-                    on_duplicate: str, progress: bool, model: FeatureModel | None) -> ExtractSummary:
     torch_device = resolve_device(device)
-    model = model or load_backbone(backbone, weights=weights, image_size=image_size, crop_pct=crop_pct)
-    autocast = torch_device.type == "cuda" and engine != "onnxruntime"
-    fingerprint = fingerprint_for(model, dtype, autocast)
-    fp_hash = fingerprint_hash(fingerprint)
-    summary = ExtractSummary(out=str(out), backbone=model.name, fingerprint_hash=fp_hash, device=str(torch_device))
+    if spec is not None and spec.kind == "text":
+        encoder = text_encoder(backbone, tokenization, dtype, engine, image_size=image_size, crop_pct=crop_pct,
+                               weights=weights)
+    else:
+        model = model or load_backbone(backbone, weights=weights, image_size=image_size, crop_pct=crop_pct)
+        encoder = ImageEncoder(model, dtype, torch_device, engine)
+    options = {"dtype": dtype, "batch_size": batch_size, "workers": workers, "on_error": on_error,
+               "on_duplicate": on_duplicate, "wait": wait, "progress": progress}
+    from .distributed import extract_distributed, rank_device, torchrun_group
 
-    if on_error == "fail" and source.unusable:
-        raise ImageDecodeError(source.unusable[0]["path"], source.unusable[0]["reason"])
-    ids, failures = _hash_records(source.records, progress)
-    if on_error == "fail" and failures:
-        record, reason = next(iter(failures.items()))
-        raise ImageDecodeError(str(record.path), reason)
-    duplicates = find_duplicates(ids, source.class_names)
-    _apply_duplicate_policy(duplicates, on_duplicate, source.root)
-    store, reused = _existing_rows(out, fingerprint)
-    journal = ExtractionJournal(out, fp_hash)
-    journal.drop_other_fingerprints()
-    resumed = journal.load()
-
-    todo: dict[str, Path] = {}
-    for record, cid in ids.items():
-        if cid not in reused and cid not in resumed:
-            todo.setdefault(cid, record.path)
-    new: dict[str, np.ndarray] = {}
-    decode_failures: dict[str, str] = {}
-    if todo:
-        summary.engine = _run_model(
-            lambda: make_engine(model, torch_device, engine),
-            model, todo, journal, new, decode_failures, batch_size, workers, on_error, progress,
-        )
-    summary.model_images = len(new)
-
-    splits: dict[str, SplitArrays] = {}
-    skipped = list(source.unusable) + [{"path": r.rel_path, "reason": reason} for r, reason in failures.items()]
-    for split in source.splits:
-        rows, labels, row_ids, paths = [], [], [], []
-        for record in source.records:
-            if record.split != split or record not in ids:
-                continue
-            cid = ids[record]
-            if cid in decode_failures:
-                skipped.append({"path": record.rel_path, "reason": decode_failures[cid]})
-                continue
-            for origin, pool in (("extracted", new), ("resumed", resumed), ("reused", reused)):
-                if cid in pool:
-                    rows.append(pool[cid])
-                    setattr(summary, origin, getattr(summary, origin) + 1)
-                    break
-            labels.append(record.label)
-            row_ids.append(cid)
-            paths.append(record.rel_path)
-        features = np.stack(rows) if rows else np.zeros((0, model.feature_dim), dtype=np.float32)
-        splits[split] = SplitArrays(features, np.asarray(labels, dtype=np.int64), row_ids, paths)
-    summary.skipped, summary.duplicates = skipped, duplicates
-    for item in skipped:
-        log.warning("skipped %s: %s", item["path"], item["reason"])
-
-    root = os.path.relpath(source.root.resolve(), out.parent.resolve())  # portable: clones and moved projects
-    if not _unchanged(store, fp_hash, source.class_names, splits, skipped, duplicates, root):
-        write_store(out, fingerprint, source.class_names, splits, dtype=dtype, skipped=skipped,
-                    duplicates=duplicates, source_root=root)
-        summary.written = True
-    journal.clear()
-    summary.seconds = round(time.perf_counter() - started, 3)
-    return summary
+    group = torchrun_group()
+    if group is not None:  # launched by torchrun: this rank's share (None off rank 0)
+        return extract_distributed(encoder, source, out, group, device=rank_device(group, device), **options)
+    return extract_with(encoder, source, out, device=torch_device, **options)
 
 
-def _run_model(
-    make_runner,
-    model: FeatureModel,
-    todo: dict[str, Path],
-    journal: ExtractionJournal,
-    new: dict[str, np.ndarray],
-    decode_failures: dict[str, str],
-    batch_size: int,
-    workers: int,
-    on_error: str,
-    progress: bool,
-) -> str:
-    """Decode in workers, run the engine batch by batch, journal each batch as soon as it is done.
+def text_encoder(backbone: str, tokenization, dtype: str, engine: str, **image_options):
+    """The :class:`~featurestore.texts.TextEncoder` of a text backbone; image-only options are an error."""
+    from .backbones.text_models import load_text_backbone
+    from .texts import TextEncoder, Tokenization
 
-    Returns the engine's name.
-    """
-    todo_ids = list(todo)
-    loader = DataLoader(
-        DecodedImages(list(todo.values()), model.preprocessing),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_decoded,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=lower_worker_priority,
-    )
-    batches = iter(loader)
-    # Workers are forked before the engine allocates its memory: forked after, they made the
-    # onnxruntime session measurably slower (copy-on-write faults) for as long as they lived.
-    runner = make_runner()
-    with progress_bar(len(todo_ids), f"extract {model.name}", enabled=progress) as bar:
-        for indices, batch, failed in batches:
-            for index, reason in failed:
-                if on_error == "fail":
-                    raise ImageDecodeError(str(todo[todo_ids[index]]), reason)
-                decode_failures[todo_ids[index]] = reason
-            if batch is not None:
-                features = runner(batch)
-                batch_ids = [todo_ids[i] for i in indices]
-                journal.append(batch_ids, features)
-                new.update(zip(batch_ids, features, strict=True))
-            bar.update(len(indices) + len(failed))
-    return runner.name
+    given = [name for name, value in image_options.items() if value is not None]
+    if given:
+        raise DataError(f"{backbone} is a text backbone: {', '.join(given)} apply to image backbones only")
+    return TextEncoder(load_text_backbone(backbone), tokenization or Tokenization(), dtype, engine)

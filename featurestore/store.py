@@ -4,7 +4,7 @@ Layout of ``<name>.h5`` (schema version 1)::
 
     /                       attrs: featurestore_schema, fingerprint (JSON), fingerprint_hash,
                                    backbone, feature_dim, dtype, class_names (JSON), skipped (JSON),
-                                   duplicates (JSON), source_root
+                                   duplicates (JSON), source_root, feature_shape (JSON)
     /<split>/features       (N, D) float32 or float16, chunks of about 1 MiB of rows, uncompressed
     /<split>/labels         (N,) int64, indices into class_names
     /<split>/ids            (N,) bytes (64), SHA-256 hex of each image file's content
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,60 +67,82 @@ def chunk_rows(feature_dim: int, itemsize: int, n_rows: int) -> int:
     return max(1, min(n_rows, CHUNK_BYTES // max(1, feature_dim * itemsize)))
 
 
-def write_store(
+class StoreWriter:
+    """Fills the splits of a store being written: :meth:`write` puts rows ``[start, start + len)`` of a split."""
+
+    def __init__(self, handle: h5py.File, dtype: str, feature_dim: int):
+        self.handle, self.dtype, self.feature_dim = handle, dtype, feature_dim
+
+    def write(self, split: str, start: int, rows: SplitArrays) -> None:
+        """Rows of ``split`` from ``start``: features (B, D), labels (B,), ids and paths (B strings each)."""
+        if rows.features.shape[1] != self.feature_dim:
+            raise ValueError(f"split {split}: features have {rows.features.shape[1]} columns, "
+                             f"expected {self.feature_dim}")
+        group, end = self.handle[split], start + len(rows.ids)
+        group["features"][start:end] = rows.features.astype(self.dtype, copy=False)
+        group["labels"][start:end] = np.asarray(rows.labels, dtype=np.int64)
+        group["ids"][start:end] = np.array(rows.ids, dtype=ID_DTYPE)
+        group["paths"][start:end] = np.array(rows.paths, dtype=object)
+
+
+@contextmanager
+def store_writer(
     path: str | Path,
     fingerprint: dict,
     class_names: list[str],
-    splits: dict[str, SplitArrays],
+    split_rows: dict[str, int],
     dtype: str = "float32",
     skipped: list[dict] | None = None,
     duplicates: list[dict] | None = None,
     source_root: str | None = None,
-) -> Path:
-    """Write a complete store atomically (unique temp file, fsync, rename) and return its path.
+    feature_shape: list[int] | None = None,
+) -> Iterator[StoreWriter]:
+    """Write a store of ``split_rows`` rows per split, filled through the yielded :class:`StoreWriter` (so a
+    store larger than memory can be written a block at a time); it replaces ``path`` atomically (unique temp
+    file, fsync, rename) when the block ends without an error.
 
     ``skipped``: ``[{path, reason}]`` of items that could not be used; ``duplicates``: groups of rows with
-    identical content across splits or labels (``[{id, paths, splits, labels}]``); ``source_root``: the
-    data root the relative paths were scanned from, relative to the store's folder (``featurestore verify``
-    reads the items there).
+    identical content across splits or labels (``[{id, paths, splits, labels}]``); ``source_root``: the data
+    root the relative paths were scanned from, relative to the store's folder (``featurestore verify`` reads
+    the items there); ``feature_shape``: the shape one row is a flattening of (default ``[D]``; a trunk cache
+    row is a (C, H, W) activation).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    path = Path(path)
     feature_dim = int(fingerprint["feature_dim"])
-    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as handle:
-        handle.attrs["featurestore_schema"] = SCHEMA_VERSION
-        handle.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
-        handle.attrs["fingerprint_hash"] = fingerprint_hash(fingerprint)
-        handle.attrs["backbone"] = fingerprint["backbone"]
-        handle.attrs["feature_dim"] = feature_dim
-        handle.attrs["dtype"] = dtype
-        handle.attrs["class_names"] = json.dumps(class_names)
-        handle.attrs["skipped"] = json.dumps(skipped or [])
-        handle.attrs["duplicates"] = json.dumps(duplicates or [])
-        handle.attrs["source_root"] = source_root or ""
-        for split, arrays in splits.items():
-            if arrays.features.shape[1] != feature_dim:
-                got = arrays.features.shape[1]
-                raise ValueError(f"split {split}: features have {got} columns, expected {feature_dim}")
+    shape = list(feature_shape or [feature_dim])
+    if int(np.prod(shape)) != feature_dim:
+        raise ValueError(f"feature_shape {shape} does not flatten to {feature_dim} columns")
+    with atomic_path(Path(path)) as tmp, h5py.File(tmp, "w", track_order=True) as handle:
+        attrs = {"featurestore_schema": SCHEMA_VERSION, "fingerprint": json.dumps(fingerprint, sort_keys=True),
+                 "fingerprint_hash": fingerprint_hash(fingerprint), "backbone": fingerprint["backbone"],
+                 "feature_dim": feature_dim, "dtype": dtype, "class_names": json.dumps(class_names),
+                 "skipped": json.dumps(skipped or []), "duplicates": json.dumps(duplicates or []),
+                 "source_root": source_root or "", "feature_shape": json.dumps(shape)}
+        handle.attrs.update(attrs)
+        itemsize = np.dtype(dtype).itemsize
+        for split, n in split_rows.items():
             group = handle.create_group(split)
-            n = len(arrays.ids)
-            itemsize = np.dtype(dtype).itemsize
-            group.create_dataset(
-                "features",
-                data=arrays.features.astype(dtype, copy=False),
-                chunks=(chunk_rows(feature_dim, itemsize, n), feature_dim) if n else None,
-                track_times=False,
-            )
-            group.create_dataset("labels", data=np.asarray(arrays.labels, dtype=np.int64), track_times=False)
-            group.create_dataset("ids", data=np.array(arrays.ids, dtype=ID_DTYPE), track_times=False)
-            group.create_dataset(
-                "paths", data=np.array(arrays.paths, dtype=object), dtype=h5py.string_dtype(), track_times=False
-            )
+            group.create_dataset("features", shape=(n, feature_dim), dtype=dtype, track_times=False,
+                                 chunks=(chunk_rows(feature_dim, itemsize, n), feature_dim) if n else None)
+            group.create_dataset("labels", shape=(n,), dtype=np.int64, track_times=False)
+            group.create_dataset("ids", shape=(n,), dtype=ID_DTYPE, track_times=False)
+            group.create_dataset("paths", shape=(n,), dtype=h5py.string_dtype(), track_times=False)
             group.attrs["class_names"] = json.dumps(class_names)
             group.attrs["count"] = n
+        yield StoreWriter(handle, dtype, feature_dim)
         handle.flush()
-    return path
+
+
+def write_store(path: str | Path, fingerprint: dict, class_names: list[str], splits: dict[str, SplitArrays],
+                dtype: str = "float32", **notes) -> Path:
+    """Write a complete store from in-memory splits (see :func:`store_writer` for ``notes``); returns its path."""
+    with store_writer(path, fingerprint, class_names, {name: len(a.ids) for name, a in splits.items()}, dtype,
+                      **notes) as writer:
+        for split, arrays in splits.items():
+            if len(arrays.ids):
+                writer.write(split, 0, arrays)
+    return Path(path)
 
 
 class FeatureStore:
@@ -156,6 +179,7 @@ class FeatureStore:
             self.skipped: list[dict] = json.loads(attrs.get("skipped", "[]"))
             self.duplicates: list[dict] = json.loads(attrs.get("duplicates", "[]"))
             self.source_root: str = str(attrs.get("source_root", ""))
+            self.feature_shape: list[int] = json.loads(attrs.get("feature_shape", json.dumps([self.feature_dim])))
         except (KeyError, ValueError) as exc:
             raise StoreError(f"{self.path}: not a featurestore file (bad or missing attribute {exc})") from None
 
@@ -186,10 +210,34 @@ class FeatureStore:
         self._check_split(split)
         with self._reading() as handle:
             group = handle[split]
-            features = group["features"][...]
+            features = self._read_features(group["features"])
             labels = group["labels"][...]
             ids = group["ids"][...].astype(str)
         return features, labels, ids
+
+    def _read_features(self, dataset: h5py.Dataset) -> np.ndarray:
+        """The whole dataset. Uncompressed chunks of whole rows (what :func:`store_writer` makes) are read by
+        their file offsets straight into the result, one copy like ``np.load``; anything else through h5py."""
+        raw = (dataset.chunks is not None and dataset.compression is None and not dataset.shuffle
+               and not dataset.fletcher32 and dataset.scaleoffset is None and dataset.chunks[1] == dataset.shape[1])
+        if not raw or not dataset.shape[0]:
+            return dataset[...]
+        out = np.empty(dataset.shape, dataset.dtype)
+        flat, width, rows = out.reshape(-1).view(np.uint8), dataset.shape[1] * dataset.dtype.itemsize, dataset.chunks[0]
+        chunks = [dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks())]
+        if len(chunks) != -(-dataset.shape[0] // rows):  # a chunk never written: let h5py fill it in
+            return dataset[...]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for chunk in chunks:
+                start = chunk.chunk_offset[0]
+                end = min(start + rows, dataset.shape[0])
+                view = memoryview(flat[start * width:end * width])
+                if os.preadv(fd, [view], chunk.byte_offset) != len(view):
+                    raise StoreError(f"{self.path}: truncated feature data (chunk at byte {chunk.byte_offset})")
+        finally:
+            os.close(fd)
+        return out
 
     def labels(self, split: str) -> np.ndarray:
         """Labels of a split, (N,) int64, without reading its features."""
@@ -235,6 +283,26 @@ class FeatureStore:
         """The data root the store was extracted from (None if not recorded)."""
         return (self.path.parent / self.source_root).resolve() if self.source_root else None
 
+    def iter_shuffled(self, split: str, batch_rows: int, seed: int, buffer_chunks: int = 16):
+        """``(X, y)`` minibatches of about ``batch_rows`` rows of a split in a seeded random order, with memory
+        bounded by the buffer: chunks are read in a random order, ``buffer_chunks`` at a time, and their rows
+        shuffled together (a store written in class order still gives mixed minibatches)."""
+        self._check_split(split)
+        n = self._counts[split]
+        step = (self._chunks[split] or (max(1, n),))[0]
+        rng = np.random.default_rng(seed)
+        starts = rng.permutation(np.arange(0, n, step))
+        with self._reading() as handle:
+            features, labels = handle[split]["features"], handle[split]["labels"]
+            for group in range(0, len(starts), buffer_chunks):
+                pieces = [(features[s:s + step], labels[s:s + step]) for s in starts[group:group + buffer_chunks]]
+                X = np.concatenate([p[0] for p in pieces])
+                y = np.concatenate([p[1] for p in pieces])
+                order = rng.permutation(len(y))
+                for start in range(0, len(y), batch_rows):
+                    picked = order[start:start + batch_rows]
+                    yield X[picked], y[picked]
+
     def info(self) -> dict:
         """Everything about the file except the features themselves (JSON-serialisable)."""
         return {
@@ -253,4 +321,5 @@ class FeatureStore:
             "skipped": self.skipped,
             "duplicates": self.duplicates,
             "source_root": self.source_root,
+            "feature_shape": self.feature_shape,
         }

@@ -10,7 +10,7 @@ from _params import ROOT, load_params
 from featurestore.summary import comparison_table, read_head_metrics, write_summary
 
 if __name__ == "__main__":
-    backbones = load_params("extract")["backbones"]
+    backbones = list(load_params("stores"))
     heads = load_params("train_head")["heads"]
     split = load_params("evaluate")["split"]
     reports = ROOT / "data" / "reports"

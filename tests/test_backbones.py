@@ -22,7 +22,7 @@ def imagenet_top5(name: str, image: np.ndarray) -> list[int]:
     fm = load_backbone(name)  # the same normalisation the feature model applies
     pixels = spec.preprocessing(Image.fromarray(image)).unsqueeze(0).float()
     with torch.inference_mode():
-        x = (pixels - fm.pixel_mean) / fm.pixel_std
+        x = fm.normalize(pixels)
         return model(x).topk(5).indices[0].tolist()
 
 
@@ -124,5 +124,5 @@ def test_torchvision_model_from_local_checkpoint(tmp_path):
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     reference.fc = torch.nn.Identity()
     with torch.inference_mode():
-        expected = reference((images.float() - fm.pixel_mean) / fm.pixel_std)
+        expected = reference(fm.normalize(images))
         assert torch.allclose(fm(images), expected, atol=1e-5)

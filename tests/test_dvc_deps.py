@@ -101,3 +101,13 @@ def test_the_closure_follows_imports_inside_functions_and_through_modules():
     assert Path("featurestore/fingerprint.py") in deps  # imported inside export.backbone_for
     assert Path("featurestore/extract.py") not in deps
     assert Path("featurestore/backbones/efficientnet_lite.py") in deps  # through backbones/__init__
+
+
+def test_every_store_has_its_sections_and_every_export_a_store():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stores = params["stores"]
+    for section in ("extract", "plateau", "finetune", "curve"):
+        assert set(params[section]) == set(stores), f"params {section} must have one sub-section per store"
+    for name, entry in params["export"].items():
+        assert name == f"{entry['backbone']}__{entry['head']}" and stores[entry["backbone"]] == entry["data"]
+        assert entry["head"] in params["train_head"]["heads"]

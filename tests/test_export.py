@@ -13,7 +13,7 @@ from featurestore import FeatureStore
 from featurestore.export import ExportError, export_onnx
 from featurestore.extract import extract_features
 from featurestore.heads import HeadConfig, train_head
-from featurestore.predict import OnnxClassifier, predict_images
+from featurestore.predict import OnnxClassifier, predict
 from featurestore.runtime import ProviderError, make_session
 
 GRID = {"c_min": 1e-3, "c_max": 1e2, "c_points": 6, "n_jobs": 1}
@@ -73,7 +73,7 @@ def _features(images):
 def test_predictions_agree_with_the_head_on_cached_features(tiny, exported, fashion_folder_master):
     folder, store, heads = tiny
     out = folder / "pred.csv"
-    summary = predict_images(exported["logreg"][0], fashion_folder_master, out, split="test", workers=1,
+    summary = predict(exported["logreg"][0], fashion_folder_master, out, split="test", workers=1,
                              progress=False)
     assert summary.predicted == 10 and summary.provider == "cpu"
     rows = {row["path"]: row for row in csv.DictReader(open(out))}
@@ -92,7 +92,7 @@ def test_predict_skips_bad_images_and_checks_api_input(tiny, exported, tmp_path)
     Image.new("L", (28, 28), 200).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     out = tmp_path / "pred.jsonl"
-    summary = predict_images(exported["logreg"][0], tmp_path, out, workers=0, progress=False)
+    summary = predict(exported["logreg"][0], tmp_path, out, workers=0, progress=False)
     assert summary.predicted == 1 and summary.skipped[0]["path"] == "broken.png"
     assert "not an image" in summary.skipped[0]["reason"] or "corrupt" in summary.skipped[0]["reason"]
     assert json.loads(out.read_text().splitlines()[0])["path"] == "ok.png"
@@ -172,7 +172,7 @@ def test_a_class_missing_from_training_keeps_its_column_through_export_and_predi
     classifier = OnnxClassifier(tmp_path / "m.onnx", "cpu")
     assert classifier.class_names == store.class_names
     out = tmp_path / "pred.csv"
-    predict_images(tmp_path / "m.onnx", fashion_folder, out, split="test", workers=0, progress=False)
+    predict(tmp_path / "m.onnx", fashion_folder, out, split="test", workers=0, progress=False)
     rows = {row["path"]: row for row in csv.DictReader(open(out))}
     X, _, _ = store.load("test")
     expected = head.predict(X)

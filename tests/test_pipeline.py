@@ -31,12 +31,19 @@ def project(tmp_path) -> Path:
             shutil.copy(source, copy / name)
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["prepare"].update(labels_per_class=2, val_per_class=1, test_per_class=1)
-    params["extract"].update(image_size=32, batch_size=16)
+    params["prepare_text"].update(labels_per_class=2, val_per_class=2, test_per_class=1)
+    params["extract"]["efficientnet_lite0"].update(image_size=32, batch_size=16)
+    params["extract"]["minilm_l6"].update(max_length=32, long_documents="chunk-mean", stride=8, max_windows=2)
     params["train_head"]["heads"] = ["logreg", "svm_rbf"]
     params["train_head"]["sweep"].update(c_points=6, c_min=1e-3, c_max=1e2, n_jobs=1)
-    params["plateau"]["budgets"] = [1, 2]
-    params["finetune"].update(mode="always", epochs=1, batch_size=8, workers=0)
-    params["curve"].update(budgets=[1, 2], epochs=1, batch_size=8, workers=0)
+    for backbone in params["stores"]:
+        params["plateau"][backbone]["budgets"] = [1, 2]
+        params["finetune"][backbone].update(mode="always", unfreeze_blocks=1, epochs=1, batch_size=8, workers=0)
+        params["curve"][backbone].update(budgets=[1, 2])
+    params["finetune"]["efficientnet_lite0"]["views"] = 1
+    params["curve"]["minilm_l6"]["methods"] = ["tfidf", "linear_probe"]
+    params["export"] = {name: entry for name, entry in params["export"].items() if entry["head"] != "svm_rbf"
+                        or entry["backbone"] == "efficientnet_lite0"}
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
     return copy
@@ -49,39 +56,44 @@ def dvc(project: Path, *args: str) -> str:
     return result.stdout + result.stderr
 
 
-def test_dvc_repro_builds_everything_then_does_nothing_and_head_params_rerun_only_heads(project):
+def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun_only_heads(project):
     first = dvc(project, "repro")
-    for stage in ("prepare", "extract@efficientnet_lite0", "train_head@efficientnet_lite0-logreg",
-                  "train_head@efficientnet_lite0-svm_rbf", "evaluate_head@efficientnet_lite0-svm_rbf",
-                  "plateau@efficientnet_lite0", "finetune@efficientnet_lite0", "curve@efficientnet_lite0", "evaluate",
-                  "export@efficientnet_lite0-logreg", "predict@efficientnet_lite0-svm_rbf"):
-        assert f"Running stage '{stage}'" in first
-    store_path = project / "data" / "features" / "efficientnet_lite0.h5"
-    store = FeatureStore(store_path)
-    assert {split: len(store.paths(split)) for split in store.splits} == {"train": 20, "val": 10, "test": 10}
-    assert store.fingerprint["preprocessing"]["image_size"] == 32
-    mtime = store_path.stat().st_mtime_ns
+    stages = set(re.findall(r"Running stage '([^']+)'", first))
+    for backbone in ("efficientnet_lite0", "minilm_l6"):
+        for stage in ("extract", "plateau", "finetune", "curve"):
+            assert f"{stage}@{backbone}" in stages
+        assert {f"train_head@{backbone}-logreg", f"evaluate_head@{backbone}-svm_rbf", f"export@{backbone}__logreg",
+                f"predict@{backbone}__logreg"} <= stages
+    assert {"prepare", "prepare_text", "evaluate"} <= stages
+    stores = {b: project / "data" / "features" / f"{b}.h5" for b in ("efficientnet_lite0", "minilm_l6")}
+    images, texts = FeatureStore(stores["efficientnet_lite0"]), FeatureStore(stores["minilm_l6"])
+    assert {split: len(images.paths(split)) for split in images.splits} == {"train": 20, "val": 10, "test": 10}
+    assert images.fingerprint["preprocessing"]["image_size"] == 32
+    assert texts.fingerprint["kind"] == "text" and texts.fingerprint["tokenization"]["long_documents"] == "chunk-mean"
+    assert {split: len(texts.paths(split)) for split in texts.splits} == {"train": 10, "val": 10, "test": 5}
+    mtimes = {b: path.stat().st_mtime_ns for b, path in stores.items()}
 
     second = dvc(project, "repro")
     assert "Running stage" not in second and "up to date" in second
-    assert store_path.stat().st_mtime_ns == mtime
+    assert {b: path.stat().st_mtime_ns for b, path in stores.items()} == mtimes
 
     metrics = json.loads((project / "data" / "reports" / "metrics.json").read_text())
-    decision = json.loads((project / "data" / "finetune" / "efficientnet_lite0" / "decision.json").read_text())
-    assert decision["finetuned"] and decision["reason"] == "mode is always"
-    assert set(metrics) == {"efficientnet_lite0__logreg", "efficientnet_lite0__svm_rbf",
-                            "efficientnet_lite0_ft__logreg", "efficientnet_lite0_ft__svm_rbf"}  # frozen vs fine-tuned
-    curve = json.loads((project / "data" / "reports" / "curve" / "efficientnet_lite0" / "curve.json").read_text())
-    assert {p["method"] for p in curve["points"]} == {"scratch", "linear_probe", "probe_finetune"}
-    ft_store = FeatureStore(project / "data" / "finetune" / "efficientnet_lite0" / "features.h5")
-    assert ft_store.fingerprint["backbone"] == "efficientnet_lite0_ft"
-    assert ft_store.fingerprint["weights_sha256"] != store.fingerprint["weights_sha256"]
-    for name, m in metrics.items():
-        if "_ft__" in name:
-            continue  # the ONNX model's predictions agree with the evaluated head
-        predicted = json.loads((project / "data" / "predictions" / f"{name}.json").read_text())
-        assert predicted["predicted"] == m["n"] and predicted["accuracy"] == pytest.approx(m["top1"])
-    assert (project / "data" / "reports" / "figures" / "efficientnet_lite0__logreg_confusion.png").is_file()
+    assert {"efficientnet_lite0__logreg", "efficientnet_lite0__svm_rbf", "minilm_l6__logreg", "minilm_l6__svm_rbf"} \
+        <= set(metrics)
+    for backbone in ("efficientnet_lite0", "minilm_l6"):
+        decision = json.loads((project / "data" / "finetune" / backbone / "decision.json").read_text())
+        assert decision["finetuned"] and decision["reason"] == "mode is always"
+        assert decision["chosen"] == decision["choice"]["chosen"] and "gain" in decision["choice"]
+        deployed = f"{backbone}_ft__logreg" if decision["chosen"] == "finetuned" else f"{backbone}__logreg"
+        assert deployed in metrics  # the deployed head is evaluated, and its exported model agrees with it
+        predicted = json.loads((project / "data" / "predictions" / f"{backbone}__logreg.json").read_text())
+        assert predicted["predicted"] == metrics[deployed]["n"]
+        assert predicted["accuracy"] == pytest.approx(metrics[deployed]["top1"])
+    curve = json.loads((project / "data" / "reports" / "curve" / "minilm_l6" / "curve.json").read_text())
+    assert {p["method"] for p in curve["points"]} == {"tfidf", "linear_probe"}
+    image_curve = json.loads((project / "data" / "reports" / "curve" / "efficientnet_lite0" / "curve.json").read_text())
+    assert {p["method"] for p in image_curve["points"]} == {"pixels", "linear_probe", "probe_finetune"}
+    assert (project / "data" / "reports" / "figures" / "minilm_l6__logreg_confusion.png").is_file()
     # metrics and reports name files relative to the project: `dvc metrics diff` between clones is not noise
     for report in (project / "data").rglob("*.json"):
         if "finetune" not in report.parts:
@@ -94,17 +106,19 @@ def test_dvc_repro_builds_everything_then_does_nothing_and_head_params_rerun_onl
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     heads_only = dvc(project, "repro")
     ran = set(re.findall(r"Running stage '([^']+)'", heads_only))
-    # the edited head, its evaluation, export and predictions, the summary, and the fine-tune decision
-    # (which starts from the logreg probe); not the cache, the other head, the plateau check or the curves
-    assert ran == {"train_head@efficientnet_lite0-logreg", "evaluate_head@efficientnet_lite0-logreg",
-                   "finetune@efficientnet_lite0", "evaluate", "export@efficientnet_lite0-logreg",
-                   "predict@efficientnet_lite0-logreg"}
-    assert store_path.stat().st_mtime_ns == mtime  # no image was decoded, the cache was not touched
-    assert load_head(project / "data" / "heads" / "efficientnet_lite0__logreg.skops").config.normalize == "l2"
+    # the edited head on both stores, its evaluation, the fine-tune decisions (they start from the logreg probe)
+    # and what deploys them (export, predict), the summary; not the caches, the other head, plateau or curves
+    for backbone in ("efficientnet_lite0", "minilm_l6"):
+        assert {f"train_head@{backbone}-logreg", f"evaluate_head@{backbone}-logreg", f"finetune@{backbone}",
+                f"export@{backbone}__logreg", f"predict@{backbone}__logreg"} <= ran
+    assert not any(stage.startswith(("extract", "prepare", "plateau", "curve")) or stage.endswith("-svm_rbf")
+                   for stage in ran), ran
+    assert {b: path.stat().st_mtime_ns for b, path in stores.items()} == mtimes  # no item decoded, caches intact
+    assert load_head(project / "data" / "heads" / "minilm_l6__logreg.skops").config.normalize == "l2"
 
-    params["extract"]["dtype"] = "float16"
+    params["extract"]["efficientnet_lite0"]["dtype"] = "float16"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc(project, "repro")
-    assert "Running stage 'prepare'" not in third and "Running stage 'extract@efficientnet_lite0'" in third
-    assert "Running stage 'evaluate'" in third  # a new cache means new heads and a new report
-    assert FeatureStore(store_path).dtype == "float16"
+    assert "Running stage 'extract@efficientnet_lite0'" in third and "Running stage 'prepare'" not in third
+    assert "extract@minilm_l6" not in third and "train_head@minilm_l6" not in third  # the other store is untouched
+    assert FeatureStore(stores["efficientnet_lite0"]).dtype == "float16"

@@ -1,7 +1,10 @@
 """Backbone registry: a name maps to an architecture, its pretrained weights and its preprocessing.
 
-Built-in entries are listed by :func:`list_backbones`; any torchvision classification model is
-also available as ``tv:<model>``. :func:`load_backbone` returns a frozen :class:`FeatureModel`.
+Built-in entries are listed by :func:`list_backbones`: image backbones (:class:`BackboneSpec`; any
+torchvision classification model is also available as ``tv:<model>``) and sentence encoders
+(:class:`~featurestore.backbones.text_models.TextBackboneSpec`, ``kind == "text"``).
+:func:`load_backbone` returns a frozen image :class:`FeatureModel`; ``text_models.load_text_backbone``
+the text one.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from ..errors import UnknownBackboneError
 from ..preprocess import Preprocessing
 from .efficientnet_lite import LITE_VARIANTS, EfficientNetLite
 from .model import FeatureModel
+from .text_models import TEXT_REGISTRY, TextBackboneSpec
 from .weights import file_sha256, load_strict, read_state_dict
 
-__all__ = ["BackboneSpec", "FeatureModel", "get_spec", "list_backbones", "load_backbone", "DEFAULT_BACKBONE"]
+__all__ = ["BackboneSpec", "TextBackboneSpec", "FeatureModel", "get_spec", "list_backbones", "load_backbone",
+           "DEFAULT_BACKBONE"]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -44,6 +49,7 @@ class BackboneSpec:
     imagenet_classifier: bool = True
     # Modules whose source defines the architecture: their digest is part of every fingerprint.
     code_modules: tuple[str, ...] = ()
+    kind: str = "image"
 
 
 def _lite_weights_file(variant: str) -> Path:
@@ -107,11 +113,18 @@ def _torchvision_spec(name: str) -> BackboneSpec:
 LOCAL_ENTRIES = "data/finetune/*/backbone.json"  # written by the finetune stage, relative to the project
 
 
-def register_finetuned(name: str, base: str, weights: str | Path) -> BackboneSpec:
-    """Add a fine-tuned backbone: ``base``'s architecture and preprocessing with the checkpoint ``weights``
-    (whose hash enters every fingerprint of its features)."""
+def register_finetuned(name: str, base: str, weights: str | Path) -> BackboneSpec | TextBackboneSpec:
+    """Add a fine-tuned backbone: ``base``'s architecture and preprocessing (or tokenizer) with the checkpoint
+    ``weights`` (whose hash enters every fingerprint of its features)."""
+    from dataclasses import replace
+
     parent = get_spec(base)
     path = Path(weights).resolve()
+    if parent.kind == "text":
+        spec = replace(parent, name=name, description=f"{base} fine-tuned ({path.name})",
+                       weights_source=f"fine-tuned checkpoint {path}", weights_file=path)
+        TEXT_REGISTRY[name] = spec
+        return spec
     spec = BackboneSpec(
         name=name,
         description=f"{base} fine-tuned ({path.name})",
@@ -136,22 +149,24 @@ def discover_local_entries(root: str | Path = ".") -> list[BackboneSpec]:
     for entry in sorted(Path(root).glob(LOCAL_ENTRIES)):
         record = json.loads(entry.read_text())
         weights = entry.parent / record["weights"]
-        if weights.is_file() and record["name"] not in REGISTRY:
+        if weights.is_file() and record["name"] not in REGISTRY and record["name"] not in TEXT_REGISTRY:
             found.append(register_finetuned(record["name"], record["base"], weights))
     return found
 
 
-def list_backbones() -> list[BackboneSpec]:
-    """The built-in entries and the fine-tuned ones found in this project (torchvision models are
-    added on demand as ``tv:<model>``)."""
+def list_backbones() -> list[BackboneSpec | TextBackboneSpec]:
+    """The built-in entries (images, then texts) and the fine-tuned ones found in this project (torchvision
+    models are added on demand as ``tv:<model>``)."""
     discover_local_entries()
-    return list(REGISTRY.values())
+    return list(REGISTRY.values()) + list(TEXT_REGISTRY.values())
 
 
-def get_spec(name: str) -> BackboneSpec:
+def get_spec(name: str) -> BackboneSpec | TextBackboneSpec:
     """Look a backbone up by name; unknown names raise an error that lists the known ones."""
-    if name not in REGISTRY and not name.startswith(TORCHVISION_PREFIX):
+    if name not in REGISTRY and name not in TEXT_REGISTRY and not name.startswith(TORCHVISION_PREFIX):
         discover_local_entries()
+    if name in TEXT_REGISTRY:
+        return TEXT_REGISTRY[name]
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith(TORCHVISION_PREFIX):
@@ -159,7 +174,7 @@ def get_spec(name: str) -> BackboneSpec:
             return _torchvision_spec(name)
         except UnknownBackboneError:
             pass
-    known = ", ".join(REGISTRY)
+    known = ", ".join([*REGISTRY, *TEXT_REGISTRY])
     raise UnknownBackboneError(
         f"unknown backbone {name!r}. Known: {known}, or tv:<model> for any torchvision classification "
         f"model (`featurestore backbones --torchvision` lists them, e.g. tv:resnet50)."
@@ -169,6 +184,8 @@ def get_spec(name: str) -> BackboneSpec:
 def load_classifier(name: str, weights: str | Path | None = None) -> tuple[BackboneSpec, nn.Module, Path]:
     """The full pretrained classifier (ImageNet logits), strictly loaded, in eval mode."""
     spec = get_spec(name)
+    if spec.kind != "image":
+        raise UnknownBackboneError(f"{name!r} is a text backbone: it has no image classifier")
     path = Path(weights) if weights is not None else spec.weights_file()
     model = spec.build()
     # The packaged ImageNet weights must fit completely; a user checkpoint may lack the classifier.

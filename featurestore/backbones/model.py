@@ -8,6 +8,20 @@ from torch import nn
 from ..preprocess import Preprocessing
 
 
+class PixelNormalize(nn.Module):
+    """uint8 or float pixels in [0, 255], (N, 3, H, W) → float32 ``(x/255 − mean) / std`` per channel."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        super().__init__()
+        mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+
+
 class FeatureModel(nn.Module):
     """Normalisation + a pretrained trunk whose classifier was replaced by identity.
 
@@ -33,13 +47,9 @@ class FeatureModel(nn.Module):
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
         self.code_modules = tuple(code_modules)  # the architecture's source modules (see provenance.py)
-        mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.register_buffer("pixel_mean", mean, persistent=False)
-        self.register_buffer("pixel_std", std, persistent=False)
+        self.normalize = PixelNormalize(preprocessing)
         self.eval()
         self.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        return self.trunk(x).float()
+        return self.trunk(self.normalize(images)).float()

@@ -1,6 +1,6 @@
 """The exported model (backbone + head, one ONNX graph) against the Python pipeline, in one process.
 
-    python benchmarks/onnx.py [--images 3000] [--image-size 112] [--batch-size 64] [--repeats 2]
+    python benchmarks/inference.py [--images 3000] [--image-size 112] [--batch-size 64] [--repeats 2]
 
 1. model-only images/s on the same pre-decoded uint8 batches: onnxruntime (CPU provider) vs torch
    eager (the same backbone + the logistic-regression head's softmax in torch, channels-last, under
@@ -12,16 +12,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This script is named onnx.py: keep its folder off sys.path so that `import onnx` finds the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +26,7 @@ from featurestore.export import backbone_for, export_onnx, linear_head_params
 from featurestore.extract import extract_features
 from featurestore.heads import HeadConfig, train_head
 from featurestore.images import load_image
-from featurestore.predict import predict_images
+from featurestore.predict import predict
 from featurestore.prepare import prepare_fashion_mnist
 from featurestore.runtime import ProviderError, make_session
 
@@ -88,7 +83,7 @@ def main() -> None:
 
         end_to_end = 0.0
         for _ in range(args.repeats):
-            summary = predict_images(model_path, images, work / "pred.csv", batch_size=args.batch_size,
+            summary = predict(model_path, images, work / "pred.csv", batch_size=args.batch_size,
                                      workers=args.workers, provider="cpu", split="test", progress=False)
             end_to_end = max(end_to_end, summary.predicted / summary.seconds)
 

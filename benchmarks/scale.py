@@ -1,0 +1,132 @@
+"""Past memory: a feature store larger than a head should hold, on the 2-core reference machine.
+
+    python benchmarks/scale.py [--rows 1050000] [--dim 1024] [--workdir DIR] [--keep]
+
+1. Writes a synthetic store (``store_writer``, block by block: never in memory whole) of ``--rows`` float32
+   rows of ``--dim`` features (default 4.3 GB), 10 classes with a real signal (class means + noise),
+   95% train and 5% val, and the same train array as a ``.npy`` file.
+2. Trains the streaming head (``sgd_logreg``: scaler and SGD by ``partial_fit`` over the store's shuffled
+   chunks, a 3-value C sweep, one pass each, refit on train+val) in a child process and prints its peak
+   RSS (target: < 1 GB) and rows/s.
+3. ``FeatureStore.load`` of the train split against ``np.load`` of the same array from ``.npy`` (GB/s, best
+   of 2, page cache warm for both; target: ≥ 0.8×), and random-row reads per second (single rows, and
+   batches of 256 random rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from featurestore.store import FeatureStore, SplitArrays, store_writer
+
+BLOCK = 50_000
+CLASSES = 10
+
+HEAD_CHILD = """
+import json, resource, sys, time
+from featurestore.configs import HeadConfig
+from featurestore.heads import train_head
+started = time.perf_counter()
+head = train_head(sys.argv[1], HeadConfig(head="sgd_logreg", c_min=1e-3, c_max=1e1, c_points=3, max_iter=1))
+seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds, "C": head.C, "val": max(p["val_accuracy"] for p in head.sweep),
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def write_synthetic(path: Path, npy: Path, rows: int, dim: int) -> dict[str, int]:
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 1, (CLASSES, dim)).astype(np.float32)
+    counts = {"train": int(rows * 0.95), "val": rows - int(rows * 0.95)}
+    fingerprint = {"backbone": "synthetic", "feature_dim": dim, "dtype": "float32"}
+    train_array = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(counts["train"], dim))
+    with store_writer(path, fingerprint, [f"class{k}" for k in range(CLASSES)], counts) as writer:
+        for split, n in counts.items():
+            for start in range(0, n, BLOCK):
+                size = min(BLOCK, n - start)
+                labels = rng.integers(0, CLASSES, size)
+                features = means[labels] * 0.3 + rng.normal(0, 1, (size, dim)).astype(np.float32)
+                ids = [f"{split}{start + i:058d}" for i in range(size)]
+                writer.write(split, start, SplitArrays(features, labels, ids, ids))
+                if split == "train":
+                    train_array[start:start + size] = features
+    train_array.flush()
+    del train_array
+    return counts
+
+
+def best_of(runs: int, function) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = function()
+        best = min(best, time.perf_counter() - started)
+        del result
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_050_000)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic files")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fs-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    path, npy = workdir / "synthetic.h5", workdir / "train.npy"
+    started = time.perf_counter()
+    counts = write_synthetic(path, npy, args.rows, args.dim)
+    size = path.stat().st_size
+    report = {"rows": args.rows, "dim": args.dim, "store_bytes": size,
+              "write_seconds": round(time.perf_counter() - started, 1)}
+
+    child = subprocess.run([sys.executable, "-c", HEAD_CHILD, str(path)], capture_output=True, text=True, check=True)
+    head = json.loads(child.stdout.strip().splitlines()[-1])
+    passes = 3 * 1 + 1  # three C values, one pass each, then the refit on train+val
+    report.update(head_seconds=round(head["seconds"], 1), head_val_accuracy=round(head["val"], 4),
+                  head_peak_rss_mb=round(head["peak_rss_bytes"] / 2**20), head_rows_per_second=round(
+                      passes * args.rows / head["seconds"]))
+
+    store = FeatureStore(path)
+    store_seconds = best_of(2, lambda: store.load("train"))
+    npy_seconds = best_of(2, lambda: np.load(npy))
+    train_bytes = counts["train"] * args.dim * 4
+    report.update(load_gb_per_second=round(train_bytes / store_seconds / 1e9, 2),
+                  npy_gb_per_second=round(train_bytes / npy_seconds / 1e9, 2),
+                  load_vs_npy=round(npy_seconds / store_seconds, 2))
+    rng = np.random.default_rng(1)
+    singles = rng.integers(0, counts["train"], 2000)
+    started = time.perf_counter()
+    for index in singles:
+        store.rows("train", [index])
+    report["random_single_rows_per_second"] = round(len(singles) / (time.perf_counter() - started))
+    started = time.perf_counter()
+    for _ in range(20):
+        store.rows("train", rng.integers(0, counts["train"], 256))
+    report["random_rows_per_second_in_batches_of_256"] = round(20 * 256 / (time.perf_counter() - started))
+    report["this_process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(report))
+    print(f"store {size / 1e9:.2f} GB ({args.rows:,} x {args.dim} float32) written in {report['write_seconds']} s")
+    print(f"streaming head (sgd_logreg): peak RSS {report['head_peak_rss_mb']} MB (target < 1024), "
+          f"{report['head_rows_per_second']:,} rows/s, val accuracy {report['head_val_accuracy']}")
+    print(f"FeatureStore.load {report['load_gb_per_second']} GB/s vs np.load {report['npy_gb_per_second']} GB/s: "
+          f"{report['load_vs_npy']}x (target >= 0.8)")
+    print(f"random reads: {report['random_single_rows_per_second']:,} single rows/s, "
+          f"{report['random_rows_per_second_in_batches_of_256']:,} rows/s in batches of 256")
+    if not args.keep and not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

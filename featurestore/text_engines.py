@@ -1,0 +1,68 @@
+"""The sentence encoder as an ONNX graph on onnxruntime's CPU provider, exported once and cached.
+
+Input ``input_ids`` and ``attention_mask`` int64 (D, W, L), every axis dynamic; output ``features`` float32
+(D, H): the whole :class:`TextFeatureModel` (encoder, pooling, normalisation, window mean). The cache key
+covers the weights, the code that defines the model, and the torch version, as for image graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_path
+from .backbones.text_models import TextFeatureModel
+from .engines import ONNX_OPSET, cache_dir
+from .provenance import code_digest
+
+log = logging.getLogger("featurestore")
+
+
+def text_graph_path(model: TextFeatureModel) -> Path:
+    key = "|".join([model.name, model.weights_sha256, str(model.feature_dim), torch.__version__,
+                    code_digest(tuple(model.code_modules) + (__name__,))])
+    return cache_dir() / f"{model.name}-text-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+
+
+def export_text_model(model: TextFeatureModel, path: Path) -> Path:
+    """Export ``model`` with dynamic documents, windows and tokens (see the module docstring)."""
+    example = (torch.ones(2, 2, 16, dtype=torch.int64), torch.ones(2, 2, 16, dtype=torch.int64))
+    dims = {0: torch.export.Dim("documents"), 1: torch.export.Dim("windows"), 2: torch.export.Dim("tokens", max=512)}
+    with atomic_path(path) as tmp, contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.cpu().eval(), example, str(tmp), input_names=["input_ids", "attention_mask"],
+                          output_names=["features"], dynamic_shapes={"input_ids": dims, "attention_mask": dims},
+                          opset_version=ONNX_OPSET, external_data=False)
+    return path
+
+
+def cached_text_graph(model: TextFeatureModel) -> Path:
+    """The model's ONNX graph from the cache, exported on first use."""
+    path = text_graph_path(model)
+    if not path.is_file():
+        log.info("exporting %s to ONNX once (%s)", model.name, path)
+        export_text_model(model, path)
+    return path
+
+
+def make_text_session(model: TextFeatureModel, engine: str = "auto"):
+    """An onnxruntime CPU session of ``model``'s cached graph, or None for eager torch (``engine`` "torch", or
+    "auto" when the export fails)."""
+    if engine == "torch":
+        return None
+    from .runtime import make_session
+
+    try:
+        session, _ = make_session(str(cached_text_graph(model)), "cpu")
+        return session
+    except Exception as exc:
+        if engine == "onnxruntime":
+            raise
+        log.warning("ONNX export of %s failed (%s); using eager torch", model.name, exc)
+        return None

@@ -1,0 +1,73 @@
+"""The baselines and the learning curve: pixels, the from-scratch network, probe and probe-then-fine-tune."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from featurestore.baselines import convergence, pixel_logreg, train_from_scratch
+from featurestore.configs import FinetuneConfig, ScratchConfig
+from featurestore.curve import METHODS, run_curve
+from featurestore.extract import extract_features
+
+
+def history(train_accuracy, val_accuracy):
+    return [{"steps": 10 * (i + 1), "train_accuracy": t, "val_accuracy": v}
+            for i, (t, v) in enumerate(zip(train_accuracy, val_accuracy, strict=True))]
+
+
+def test_convergence_needs_a_fitted_training_set_or_an_early_validation_peak():
+    memorised = convergence(history([0.3, 0.6, 0.9, 0.99, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                                    [0.2, 0.4, 0.5, 0.55, 0.56, 0.56, 0.55, 0.56, 0.56, 0.56]))
+    assert memorised["by"] == "train_accuracy" and memorised["final_train_accuracy"] == 1.0
+    assert memorised["best_val_step"] == 50
+    early_peak = convergence(history([0.3, 0.4, 0.5, 0.6, 0.7, 0.72, 0.75, 0.8, 0.85, 0.9],
+                                     [0.2, 0.4, 0.55, 0.6, 0.6, 0.595, 0.6, 0.6, 0.598, 0.6]))
+    assert early_peak["by"] == "val_accuracy"
+    annealed = convergence(history([0.1, 0.3, 0.5, 0.6, 0.7, 0.78, 0.81, 0.82, 0.83, 0.83],  # flat only because the
+                                   [0.1, 0.3, 0.5, 0.6, 0.7, 0.74, 0.76, 0.78, 0.79, 0.79]))  # rate went to zero
+    assert annealed["by"] is None
+
+
+def test_pixel_logistic_regression_chooses_c_on_val(fashion_folder_master):
+    result = pixel_logreg(fashion_folder_master)
+    assert 0.0 <= result.test_accuracy <= 1.0 and 1e-4 <= result.C <= 1e2 and result.seconds >= 0
+
+
+@pytest.mark.slow
+def test_scratch_starts_from_random_weights_and_trains_every_layer(fashion_folder_master):
+    from featurestore.backbones import load_classifier
+
+    config = ScratchConfig(steps=6, image_size=32, batch_size=8, workers=0)
+    result = train_from_scratch(fashion_folder_master, config, device="cpu")
+    assert result.steps == 6 and len(result.history) == 6  # validation every ceil(6 / 20) = 1 step
+    assert result.test_accuracy is not None and 0 <= result.best_val_accuracy <= 1
+    assert set(result.converged) >= {"by", "final_train_accuracy", "best_val_step"}
+    _, pretrained, _ = load_classifier("efficientnet_lite0")
+    torch.manual_seed(config.seed)
+    from featurestore.backbones import get_spec
+
+    random_init = get_spec("efficientnet_lite0").build()
+    assert not torch.equal(random_init._conv_stem.weight, pretrained._conv_stem.weight)
+
+
+@pytest.mark.slow
+def test_the_curve_trains_four_methods_per_budget(fashion_folder_master, tmp_path, lite0_small):
+    store = tmp_path / "f.h5"
+    extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
+    result = run_curve(store, fashion_folder_master, tmp_path / "curve", [1, 2],
+                       FinetuneConfig(unfreeze_blocks=1, epochs=1, batch_size=8, workers=0),
+                       ScratchConfig(steps=4, image_size=32, batch_size=8, workers=0), device="cpu")
+    points = {(p["labels_per_class"], p["method"]): p for p in result["points"]}
+    assert set(points) == {(b, m) for b in (1, 2) for m in METHODS}
+    for point in points.values():
+        assert 0.0 <= point["test_accuracy"] <= 1.0 and point["seconds"] >= 0
+        assert point["n_train"] == 10 * point["labels_per_class"]
+    assert "by" in points[(2, "scratch")]["converged"] and points[(2, "pixels")]["C"] > 0
+    saved = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert saved["points"] == result["points"] and saved["trunk_cache_seconds"] > 0
+    assert (tmp_path / "curve" / "curve_labels.png").is_file() and (tmp_path / "curve" / "curve_seconds.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "curve").iterdir()) == [
+        "curve.csv", "curve.json", "curve_labels.png", "curve_seconds.png"]  # no weights or caches left behind
+    assert np.isfinite([p["test_accuracy"] for p in result["points"]]).all()
