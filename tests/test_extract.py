@@ -162,8 +162,8 @@ def test_cli_errors_are_clear(tmp_path, fashion_folder):
         assert "Traceback" not in item.stderr
 
 
-SUBCOMMANDS = ["backbones", "prepare", "extract", "info", "train-head", "evaluate", "export", "predict",
-               "finetune", "curve"]
+SUBCOMMANDS = ["backbones", "prepare", "prepare-text", "extract", "info", "verify", "train-head", "evaluate",
+               "export", "predict", "finetune", "curve"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -63,7 +63,7 @@ def test_classifier_starts_as_the_linear_probe(probe, lite0_small):
     np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("float16", 5e-2)])
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("float16", 1e-3)])
 def test_top_blocks_on_a_cached_view_give_the_whole_networks_logits(probe, fashion_folder_master, tmp_path, dtype,
                                                                     tolerance):
     """Exactness on the real weights: the top blocks on view k's cached activations equal the whole network on

@@ -13,9 +13,17 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "head_experime
 
 @pytest.mark.slow
 def test_head_experiments_notebook_executes(fashion_folder_master, lite0_small, tmp_path, monkeypatch):
+    from featurestore.prepare import prepare_bbc_news
+    from featurestore.texts import Tokenization
+
     store = tmp_path / "tiny.h5"
     extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
     monkeypatch.setenv("FEATURESTORE_STORE", str(store))
+    prepare_bbc_news(tmp_path / "bbc", labels_per_class=3, val_per_class=2, test_per_class=2, seed=2)
+    extract_features(tmp_path / "bbc", tmp_path / "text.h5", "minilm_l6", tokenization=Tokenization(max_length=64),
+                     workers=0, progress=False)
+    monkeypatch.setenv("FEATURESTORE_TEXT_STORE", str(tmp_path / "text.h5"))
+    monkeypatch.setenv("FEATURESTORE_TEXT_DATA", str(tmp_path / "bbc"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     resources = {"metadata": {"path": str(tmp_path)}}
     client = NotebookClient(notebook, timeout=300, kernel_name="python3", resources=resources)
@@ -26,4 +34,5 @@ def test_head_experiments_notebook_executes(fashion_folder_master, lite0_small, 
     assert "best C =" in text and "efficientnet_lite0" in text
     markdown = [out["data"]["text/markdown"] for out in outputs if "text/markdown" in out.get("data", {})]
     assert any("| efficientnet_lite0 | logreg |" in table for table in markdown)
+    assert any("| MiniLM probe |" in table and "| TF-IDF + logistic regression |" in table for table in markdown)
     assert sum("image/png" in out.get("data", {}) for out in outputs) >= 2  # the sweep and the confusion matrix

@@ -32,3 +32,16 @@ def test_prepare_is_deterministic_and_matches_the_idx_source(tmp_path):
     index = int(sample.stem.split("_")[1])
     assert FASHION_MNIST_CLASSES[labels[index]] == sample.parts[1]
     assert np.array_equal(np.asarray(Image.open(a / sample)), images[index])
+
+
+def test_bbc_news_is_prepared_without_its_duplicate_articles(tmp_path):
+    import hashlib
+
+    from featurestore.prepare import prepare_bbc_news
+
+    counts = prepare_bbc_news(tmp_path / "bbc", labels_per_class=50, val_per_class=50, test_per_class=100)
+    assert (counts.train, counts.val, counts.test, counts.duplicates_dropped) == (250, 250, 500, 98)
+    files = sorted((tmp_path / "bbc").rglob("*.txt"))
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in files}) == len(files) == 1000
+    assert sorted(p.name for p in (tmp_path / "bbc" / "train").iterdir()) == [
+        "business", "entertainment", "politics", "sports", "tech"]

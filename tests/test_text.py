@@ -93,6 +93,7 @@ def test_text_store_is_fingerprinted_and_incremental(bbc, text_store, tmp_path):
     assert fp["tokenization"] == Tokenization(max_length=128).as_dict()
     assert {"weights_sha256", "tokenizer_sha256", "code_sha256"} <= set(fp)
     assert {"transformers", "tokenizers", "torch"} <= set(fp["libraries"])
+    assert store.duplicates == []  # prepare_bbc_news keeps one copy of each article
     X, _, _ = store.load("train")
     assert np.allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5)
     copy = tmp_path / "copy.h5"
