@@ -106,11 +106,11 @@ class OnnxRuntimeEngine:
     name = "onnxruntime"
 
     def __init__(self, model: FeatureModel):
-        from .runtime import make_session
+        from .runtime import make_session, rank_threads
 
         path = cached_feature_graph(model)
         # No spinning threads (make_session): they starve the DataLoader workers on a small CPU.
-        self.session, _ = make_session(str(path), "cpu")
+        self.session, _ = make_session(str(path), "cpu", intra_op_threads=rank_threads())
         self.path = path
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:

@@ -8,6 +8,7 @@ is quiet, and what actually runs is read back from the session.
 from __future__ import annotations
 
 import logging
+import os
 
 from .configs import PROVIDER_CHOICES
 from .errors import FeaturestoreError, ProviderError
@@ -16,6 +17,17 @@ log = logging.getLogger("featurestore")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+
+
+def rank_threads() -> int:
+    """Intra-op threads for a CPU session: 0 (onnxruntime's default, every core) in a single process; under
+    torchrun the share of the cores that ``distributed.extract_distributed`` gave this rank, so ranks on one
+    machine do not oversubscribe it."""
+    if "RANK" not in os.environ:
+        return 0
+    import torch
+
+    return torch.get_num_threads()
 
 
 def make_session(path: str, provider: str = "auto", intra_op_threads: int = 0):

@@ -56,10 +56,10 @@ def make_text_session(model: TextFeatureModel, engine: str = "auto"):
     "auto" when the export fails)."""
     if engine == "torch":
         return None
-    from .runtime import make_session
+    from .runtime import make_session, rank_threads
 
     try:
-        session, _ = make_session(str(cached_text_graph(model)), "cpu")
+        session, _ = make_session(str(cached_text_graph(model)), "cpu", intra_op_threads=rank_threads())
         return session
     except Exception as exc:
         if engine == "onnxruntime":
