@@ -185,7 +185,7 @@ def train_text_from_scratch(data: str | Path | Source, config: ScratchConfig = S
                                run_key="scratch-text", max_steps=config.steps,
                                round_steps=math.ceil(config.steps / VALIDATION_ROUNDS),
                                warmup_steps=config.steps // 20, on_epoch=lambda _: network.train(),
-                               progress=progress, desc="scratch")
+                               progress=progress, desc="scratch", unit="text")
     network.load_state_dict(best_state)
     test = accuracy(network, batches.eval_batches("test")) if evaluation["test"] else None
     return ScratchResult(best_val_accuracy=result.best_val_accuracy, test_accuracy=test, steps=result.steps,

@@ -129,6 +129,14 @@ def bbc_news_dir() -> Path:
     return Path(spec.origin).parent / "bbcnews" / "data"
 
 
+def _decode_article(raw: bytes) -> str:
+    """The article's text: UTF-8, or Latin-1 (the corpus's one non-UTF-8 file) when UTF-8 fails."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def prepare_bbc_news(
     out: str | Path,
     labels_per_class: int = 50,
@@ -142,7 +150,9 @@ def prepare_bbc_news(
     The articles are read in sorted order and topics numbered by sorted name (the package's own loader numbers
     them in unsorted directory order, which differs between machines). The corpus holds 98 exact copies of
     other articles (2,225 files, 2,127 distinct texts): only the first of each is kept, so no article can be in
-    two splits (a test article seen in training would inflate the score). ``out`` is replaced as a whole.
+    two splits (a test article seen in training would inflate the score). One article (``sports/199.txt``) is
+    Latin-1, not UTF-8 (a pound sign): every article is written as UTF-8, so none is skipped at extraction.
+    ``out`` is replaced as a whole.
     """
     if min(labels_per_class, val_per_class, test_per_class) < 1:
         raise DataError("labels_per_class, val_per_class and test_per_class must each be at least 1")
@@ -173,6 +183,6 @@ def prepare_bbc_news(
     for split, topic, article in plan:
         target = out / split / topic / article.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(article, target)
+        target.write_text(_decode_article(article.read_bytes()), encoding="utf-8")
     counts = {split: sum(1 for s, _, _ in plan if s == split) for split in ("train", "val", "test")}
     return PrepareCounts(**counts, duplicates_dropped=dropped)

@@ -185,7 +185,7 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
         top, model.encoder.state_dict, _optimizer(top, config), cache, epochs=config.epochs,
         batch_size=config.batch_size, patience=config.patience, device=torch_device, run_key=run_key,
         checkpoint=checkpoints / "last.pt", warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-        on_epoch=_epoch_setup(top, config), progress=progress, desc="fine-tune text")
+        on_epoch=_epoch_setup(top, config), progress=progress, desc="fine-tune text", unit="text")
     model.encoder.load_state_dict(best_state)
     test_accuracy = None
     if test_records:  # the lower layers have not changed: their states for test are computed once, here

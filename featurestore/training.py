@@ -206,7 +206,7 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
           epochs: int, batch_size: int, patience: int | None, device: torch.device, run_key: str,
           checkpoint: Path | None = None, max_steps: int | None = None, round_steps: int | None = None,
           warmup_steps: int = 0, on_epoch: Callable[[int], None] = lambda epoch: None, progress: bool = True,
-          desc: str = "train") -> tuple[TrainResult, dict]:
+          desc: str = "train", unit: str = "img") -> tuple[TrainResult, dict]:
     """Train ``top`` (whose trainable parameters ``optimizer`` holds) on ``source``; return the result and the
     best round's weights (``weights_of()``, by default the starting weights when no round beats them).
 
@@ -218,6 +218,7 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
     after that many optimiser steps. The learning rate rises linearly over ``warmup_steps`` (Adam's first steps
     move every weight by about the full rate, which otherwise knocks a good starting classifier off), then
     follows a cosine to zero. A checkpoint whose ``run_key`` differs is ignored (another run wrote it).
+    ``desc`` and ``unit`` label the progress bar (``unit``: what one training example is, img or text).
     """
     if round_steps is not None and checkpoint is not None:
         raise ValueError("runs in rounds of steps cannot resume from a checkpoint")
@@ -245,7 +246,7 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
         epoch_started = time.perf_counter()
         size = round_steps * batch_size if round_steps else source.n_train
         with progress_bar(size, f"{desc} {'round' if round_steps else 'epoch'} {epoch}/{epochs}",
-                          enabled=progress) as bar:
+                          unit=unit, enabled=progress) as bar:
             for x, y in batches_of(epoch):
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     logits = top(x)

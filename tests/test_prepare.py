@@ -45,3 +45,19 @@ def test_bbc_news_is_prepared_without_its_duplicate_articles(tmp_path):
     assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in files}) == len(files) == 1000
     assert sorted(p.name for p in (tmp_path / "bbc" / "train").iterdir()) == [
         "business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_bbc_news_latin1_article_is_written_as_utf8(tmp_path):
+    import shutil
+
+    from featurestore.prepare import bbc_news_dir, prepare_bbc_news
+
+    corpus = bbc_news_dir() / "sports"
+    assert b"\xa3" in (corpus / "199.txt").read_bytes()  # the corpus's one Latin-1 file: a pound sign
+    source = tmp_path / "source" / "sports"
+    source.mkdir(parents=True)
+    for name in ("001.txt", "002.txt", "199.txt"):
+        shutil.copyfile(corpus / name, source / name)
+    prepare_bbc_news(tmp_path / "bbc", 1, 1, 1, source=tmp_path / "source")
+    (copy,) = (tmp_path / "bbc").rglob("sports/199.txt")
+    assert "\u00a315.8m" in copy.read_text(encoding="utf-8")
