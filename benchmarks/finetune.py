@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def default_config() -> FinetuneConfig:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]["efficientnet_lite0"]
     return FinetuneConfig(**{k: v for k, v in params.items() if k not in ("mode", "device")})
 
 

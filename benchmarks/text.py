@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from featurestore.backbones.text_models import load_text_backbone
+from featurestore.configs import extract_options
 from featurestore.data import scan_source
 from featurestore.extract import extract_features
 from featurestore.prepare import prepare_bbc_news
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def default_tokenization() -> Tokenization:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())["extract"]["minilm_l6"]
-    return Tokenization(**{k: params[k] for k in ("max_length", "long_documents", "stride", "max_windows")})
+    return extract_options(params)["tokenization"]
 
 
 def main() -> None:

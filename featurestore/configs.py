@@ -71,18 +71,18 @@ class FinetuneConfig:
     Defaults chosen by a search on the validation split of the default data (README, "Fine-tuning").
     """
 
-    unfreeze_blocks: int = option(4, "top MBConv blocks that train (with the head convolution and classifier)")
+    unfreeze_blocks: int = option(6, "top MBConv blocks that train (with the head convolution and classifier)")
     schedule: str = option("fixed", "fixed: every unfrozen block trains from epoch 1; gradual: the top block "
                                     "first, one more block each epoch", FINETUNE_SCHEDULES)
     head_lr: float = option(1e-3, "learning rate of the classifier")
-    backbone_lr_factor: float = option(0.3, "the unfrozen blocks learn at head_lr × this")
+    backbone_lr_factor: float = option(1.0, "the unfrozen blocks learn at head_lr × this")
     layer_lr_decay: float = option(1.0, "each block below the top learns at this × the rate of the block above")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     warmup_epochs: float = option(1.0, "the learning rate rises linearly over this many epochs, then decays "
                                        "along a cosine")
-    epochs: int = option(10, "epochs at most")
+    epochs: int = option(12, "epochs at most")
     batch_size: int = option(32, "images per step")
-    patience: int = option(3, "epochs without a validation gain before stopping")
+    patience: int = option(4, "epochs without a validation gain before stopping")
     train_batchnorm: bool = option(False, "let the BatchNorm statistics of unfrozen blocks move")
     views: int = option(0, "augmented views per train image (random resized crop + flip; 0: the clean image "
                            "only); with the trunk cache they are computed once and one is drawn per epoch")

@@ -14,6 +14,7 @@ head's store says (truncation or chunk-mean windows), so epoch 0 reproduces the 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -169,8 +170,10 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
         raise FeaturestoreError(f"unfreeze_blocks must be between 1 and {layers} transformer layers")
     first = layers - config.unfreeze_blocks
     tokenizer = Tokenizer(model.model_dir / "tokenizer.json", Tokenization(**fp["tokenization"]))
+    started = time.perf_counter()
     cache = CachedHidden(model, tokenizer, {"train": train_records, "val": val_records}, first, torch_device,
                          seed=config.seed)
+    cache_seconds = time.perf_counter() - started  # this run's own: the lower layers, once per document
     estimator = probe if probe is not None else train_only_probe(head)
     classifier = ProbeClassifier(*probe_weights(estimator, len(head.class_names)))
     model.requires_grad_(False)
@@ -194,4 +197,5 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
     save_atomic(out, best_state)
     if not keep_checkpoint:
         (checkpoints / "last.pt").unlink(missing_ok=True)
-    return FinetuneResult(**asdict(result), out=str(out), test_accuracy=test_accuracy, config=asdict(config))
+    return FinetuneResult(**asdict(result), out=str(out), cache_seconds=round(cache_seconds, 3),
+                          test_accuracy=test_accuracy, config=asdict(config))

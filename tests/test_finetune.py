@@ -63,11 +63,14 @@ def test_classifier_starts_as_the_linear_probe(probe, lite0_small):
     np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("float16", 1e-3)])
+@pytest.mark.parametrize("dtype, relative", [("float32", False), ("float16", True)])
 def test_top_blocks_on_a_cached_view_give_the_whole_networks_logits(probe, fashion_folder_master, tmp_path, dtype,
-                                                                    tolerance):
+                                                                    relative):
     """Exactness on the real weights: the top blocks on view k's cached activations equal the whole network on
-    view k's image (float32 storage: ≤ 1e-4; float16 storage rounds the activations, measured ~1e-5 here)."""
+    view k's image. float32 storage: ≤ 1e-4 absolute (measured 4.1e-5). float16 storage rounds every activation
+    to 11 significant bits (relative error up to 4.9e-4), so the bound is relative to the logits' scale: ≤ 1e-3
+    of the largest |logit| (measured 2.2e-3 on logits up to 8.4, i.e. 2.6e-4). A wrong view or block is off by
+    whole units."""
     head, _ = probe
     config = replace(CONFIG, views=2, cache_dtype=dtype)
     trunk_cache_for(head, fashion_folder_master, tmp_path / "trunk.h5", config, device="cpu", progress=False)
@@ -84,7 +87,8 @@ def test_top_blocks_on_a_cached_view_give_the_whole_networks_logits(probe, fashi
         expected = whole_network(top, head)(images)
         cached = top(torch.from_numpy(cache.train_views[2].astype(np.float32)))
     difference = float((expected - cached).abs().max())
-    assert difference <= tolerance, difference
+    tolerance = 1e-3 * float(expected.abs().max()) if relative else 1e-4
+    assert difference <= tolerance, (difference, tolerance)
     with torch.inference_mode():  # a view is not the clean image: the cache really holds augmented views
         assert not torch.allclose(cached, top(torch.from_numpy(cache.train_views[0].astype(np.float32))))
 
