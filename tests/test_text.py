@@ -106,6 +106,21 @@ def test_text_store_is_fingerprinted_and_incremental(bbc, text_store, tmp_path):
     assert (other.extracted, other.reused) == (35, 0)  # the tokenization is part of the fingerprint
 
 
+def test_both_cpu_engines_give_one_fingerprint_and_the_same_features(bbc, text_store, tmp_path):
+    """``auto`` is eager torch on the CPU (faster than the ONNX graph here, benchmarks/text.py); the graph on
+    onnxruntime gives the same features to 1e-5, which is why the engine is not part of the fingerprint."""
+    onnx = extract_features(bbc, tmp_path / "onnx.h5", "minilm_l6", tokenization=Tokenization(max_length=128),
+                            engine="onnxruntime", workers=0, progress=False)
+    auto = extract_features(bbc, tmp_path / "auto.h5", "minilm_l6", tokenization=Tokenization(max_length=128),
+                            workers=0, progress=False)
+    assert (onnx.engine, auto.engine) == ("onnxruntime", "torch")
+    a, b = FeatureStore(tmp_path / "onnx.h5"), FeatureStore(tmp_path / "auto.h5")
+    assert a.fingerprint == b.fingerprint == FeatureStore(text_store).fingerprint
+    for split in ("train", "val", "test"):
+        (xa, _, ia), (xb, _, ib) = a.load(split), b.load(split)
+        assert list(ia) == list(ib) and np.abs(xa - xb).max() <= 1e-5
+
+
 def test_manifests_with_inline_texts_and_bad_documents(tmp_path):
     (tmp_path / "doc.txt").write_text("Shares in the bank fell sharply after the results.")
     (tmp_path / "latin1.txt").write_bytes("Profits of £5m".encode("latin-1"))
