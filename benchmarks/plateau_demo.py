@@ -1,13 +1,15 @@
 """A real configuration where the cache-only curve has plateaued: `auto` fine-tunes, and test accuracy rises.
 
-    python benchmarks/plateau_demo.py [--labels-per-class 1600] [--val-per-class 200] [--epochs N] [--workdir DIR]
+    python benchmarks/plateau_demo.py [--labels-per-class 1600] [--val-per-class 200] [--min-gain G] [--epochs N]
+                                      [--workdir DIR]
 
 More labels from the same Debian Fashion-MNIST: ``--labels-per-class`` training images per class (nested
 budgets 200, 400, 800, 1600), 200 validation and 200 test images per class, EfficientNet-Lite0 at 112 px.
 The plateau rule of params.yaml (last doubling's gain, paired bootstrap interval over the validation images,
 plateau when its upper bound is below min_gain), then the fine-tune stage in ``auto`` mode with the defaults
 of params.yaml (the decision: fine-tuned only when it beats the probe by more than the validation noise), and
-the test accuracy of the deployed logistic-regression head against the cache-only one. ``--epochs`` caps the
+the test accuracy of the deployed logistic-regression head against the cache-only one. ``--min-gain`` overrides
+the rule's (what a doubling of the labels must buy for more labels to be worth it). ``--epochs`` caps the
 fine-tuning epochs (16 times the default's images make an epoch 16 times longer: 3 epochs there are 4 times the
 default's optimiser steps). Prints the default
 configuration's verdict (data/plateau/efficientnet_lite0.json, if ``make repro`` ran) beside it.
@@ -40,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--labels-per-class", type=int, default=1600)
     parser.add_argument("--val-per-class", type=int, default=200)
+    parser.add_argument("--min-gain", type=float, help="the plateau rule's min_gain (default: params.yaml's)")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: params.yaml's)")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
@@ -53,7 +56,8 @@ def main() -> None:
     extract_features(data, store, "efficientnet_lite0", progress=False, **options)
     rule_params = params["plateau"]["efficientnet_lite0"]
     budgets = tuple(args.labels_per_class // 2 ** k for k in (3, 2, 1, 0))
-    rule = PlateauRule(budgets, rule_params["min_gain"], rule_params["level"], rule_params["seed"])
+    min_gain = args.min_gain if args.min_gain is not None else rule_params["min_gain"]
+    rule = PlateauRule(budgets, min_gain, rule_params["level"], rule_params["seed"])
     plateau = detect_plateau(store, rule, out=work / "plateau.json")
     print(json.dumps({k: plateau[k] for k in ("plateaued", "gain", "interval", "reason")}), flush=True)
 
@@ -67,6 +71,7 @@ def main() -> None:
                                   {"logreg": HeadConfig(head="logreg")}, options)
     cache_only, _, _ = evaluate_head(head, FeatureStore(store))
     report = {"labels_per_class": args.labels_per_class, "val_per_class": args.val_per_class, "epochs": config.epochs,
+              "min_gain": min_gain,
               "plateau": {k: plateau[k] for k in ("plateaued", "gain", "interval")}, "finetuned": decision["finetuned"],
               "chosen": decision["chosen"], "choice": decision.get("choice"), "test_cache_only": cache_only["top1"]}
     if decision["chosen"] == "finetuned":
@@ -76,7 +81,8 @@ def main() -> None:
     report["seconds"] = round(time.perf_counter() - started)
     default = ROOT / "data" / "plateau" / "efficientnet_lite0.json"
     if default.is_file():
-        report["default_verdict"] = {k: json.loads(default.read_text())[k] for k in ("plateaued", "gain", "interval")}
+        verdict = json.loads(default.read_text())
+        report["default_verdict"] = {k: verdict.get(k) for k in ("plateaued", "gain", "interval")}
     print(json.dumps(report))
 
 
