@@ -145,6 +145,17 @@ def write_store(path: str | Path, fingerprint: dict, class_names: list[str], spl
     return Path(path)
 
 
+def _chunk_infos(dataset: h5py.Dataset) -> list:
+    """Every allocated chunk's (offset, byte_offset, size), in one pass over the chunk index. (Asking for the
+    i-th chunk, ``get_chunk_info(i)``, walks the index from the start each time: quadratic, 2 s of a 4 GB
+    load's 5 s at 4,000 chunks.)"""
+    found: list = []
+    if hasattr(dataset.id, "chunk_iter"):  # HDF5 >= 1.12.3
+        dataset.id.chunk_iter(found.append)
+        return found
+    return [dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks())]
+
+
 class FeatureStore:
     """Read access to one feature cache file.
 
@@ -224,7 +235,7 @@ class FeatureStore:
             return dataset[...]
         out = np.empty(dataset.shape, dataset.dtype)
         flat, width, rows = out.reshape(-1).view(np.uint8), dataset.shape[1] * dataset.dtype.itemsize, dataset.chunks[0]
-        chunks = [dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks())]
+        chunks = _chunk_infos(dataset)
         if len(chunks) != -(-dataset.shape[0] // rows):  # a chunk never written: let h5py fill it in
             return dataset[...]
         fd = os.open(self.path, os.O_RDONLY)

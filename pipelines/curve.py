@@ -5,9 +5,11 @@ It reads the cache and the data, not the trained heads: each budget's probe is t
 `curve.<backbone>.probe_normalize`), so a head experiment does not retrain the baselines. Fine-tuning uses the
 `finetune.<backbone>` settings, the from-scratch baseline `curve.<backbone>.scratch`.
 
-    python pipelines/curve.py <backbone> [--params FILE --out DIR]
+    python pipelines/curve.py <backbone> [--params FILE --out DIR] [--methods M ...]
 
-runs a named configuration instead (configs/curve-*.yaml, `make curves`): the same sections, read from FILE.
+runs a named configuration instead (configs/curve-*.yaml, `make curves`): the same sections, read from FILE;
+``--methods`` keeps only those of its methods (`make curves-cpu`: every method but the from-scratch network,
+which takes hours on a 2-core CPU).
 """
 
 import argparse
@@ -28,6 +30,7 @@ if __name__ == "__main__":
     parser.add_argument("backbone")
     parser.add_argument("--params", type=Path, help="a named configuration with curve and finetune sections")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--methods", nargs="+", help="only these of the configuration's methods")
     args = parser.parse_args()
     named = yaml.safe_load(args.params.read_text()) if args.params else {}
     p = named.get("curve") or load_params("curve")[args.backbone]
@@ -37,5 +40,5 @@ if __name__ == "__main__":
         args.out or ROOT / "data" / "reports" / "curve" / args.backbone, p["budgets"],
         FinetuneConfig(**{k: v for k, v in ft.items() if k not in ("mode", "device")}),
         ScratchConfig(**(p.get("scratch") or {})), probe_config=replace(CURVE_HEAD, normalize=p["probe_normalize"]),
-        methods=tuple(p["methods"]), device=p["device"])
+        methods=tuple(m for m in p["methods"] if not args.methods or m in args.methods), device=p["device"])
     print(accuracy_table(result["points"]), end="")
