@@ -184,17 +184,19 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
                            torch_device.type == "cuda")
     torch.manual_seed(config.seed)
     steps_per_epoch = -(-cache.n_train // config.batch_size)
+    # The best epoch is the encoder *and* the classifier of that epoch: restoring the encoder alone would
+    # score it with the last epoch's classifier.
     result, best_state = train(
-        top, model.encoder.state_dict, _optimizer(top, config), cache, epochs=config.epochs,
+        top, top.state_dict, _optimizer(top, config), cache, epochs=config.epochs,
         batch_size=config.batch_size, patience=config.patience, device=torch_device, run_key=run_key,
         checkpoint=checkpoints / "last.pt", warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         on_epoch=_epoch_setup(top, config), progress=progress, desc="fine-tune text", unit="text")
-    model.encoder.load_state_dict(best_state)
+    top.load_state_dict(best_state)
     test_accuracy = None
     if test_records:  # the lower layers have not changed: their states for test are computed once, here
         test = CachedHidden(model, tokenizer, {"train": [], "test": test_records}, first, torch_device)
         test_accuracy = accuracy(top, test.eval_batches("test"))
-    save_atomic(out, best_state)
+    save_atomic(out, model.encoder.state_dict())  # the encoder: what --weights loads
     if not keep_checkpoint:
         (checkpoints / "last.pt").unlink(missing_ok=True)
     return FinetuneResult(**asdict(result), out=str(out), cache_seconds=round(cache_seconds, 3),

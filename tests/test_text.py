@@ -193,6 +193,13 @@ def test_text_fine_tuning_starts_as_the_probe(text_store, bbc, tmp_path):
     probe = train_only_probe(head)
     assert result.start_val_predictions == probe.predict(Xv).tolist()  # epoch 0 is exactly the linear probe
     assert result.epochs_run == 1 and result.test_accuracy is not None
+    # A run that only got worse keeps epoch 0 whole, classifier included: its test accuracy is the probe's.
+    wrecked = finetune_text(head, bbc, tmp_path / "wrecked.pth", FinetuneConfig(
+        unfreeze_blocks=1, epochs=1, batch_size=8, head_lr=10.0, warmup_epochs=0), device="cpu", progress=False)
+    Xt, yt, _ = store.load("test")
+    assert wrecked.best_val_accuracy == wrecked.start_val_accuracy
+    assert wrecked.history[0]["val_accuracy"] < wrecked.start_val_accuracy
+    assert wrecked.test_accuracy == pytest.approx(float(np.mean(probe.predict(Xt) == yt)))
     state = torch.load(tmp_path / "ft.pth", weights_only=True)
     assert "encoder.layer.5.attention.self.query.weight" in state
     from featurestore.backbones import register_finetuned
