@@ -35,7 +35,7 @@ from .devices import resolve_device
 from .errors import FeaturestoreError, WeightsMismatchError
 from .heads import TrainedHead, build_estimator, fold_scaler
 from .preprocess import Preprocessing
-from .training import CachedActivations, ImageBatches, TrainResult, accuracy, save_atomic, train
+from .training import CachedActivations, ImageBatches, TrainResult, accuracy, checkpoint_folder, save_atomic, train
 from .trunk import (
     TrunkCache,
     UpperBlocks,
@@ -229,7 +229,9 @@ def run_identity(head: TrainedHead, config: FinetuneConfig, probe_state: dict, t
     return digest.hexdigest()
 
 
-def _splits(source: Source, head: TrainedHead, data, train_per_class: int | None, seed: int):
+def split_records(source: Source, head: TrainedHead, data, train_per_class: int | None, seed: int):
+    """(train, val, test) records of ``source`` for fine-tuning ``head``, and the train rows kept (a nested
+    subset of ``train_per_class`` per class, or all)."""
     if source.class_names != head.class_names:
         raise FeaturestoreError(f"{data}: classes {source.class_names} differ from the head's {head.class_names}")
     train = [r for r in source.records if r.split == "train"]
@@ -276,11 +278,10 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     local checkpoint the head's features came from, if not the registry's.
     """
     out = Path(out)
-    checkpoints = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.stem + ".checkpoints")
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    checkpoints = checkpoint_folder(out, checkpoint_dir)
     torch_device = resolve_device(device)
     source = scan_source(data)
-    train_records, val_records, test_records, rows = _splits(source, head, data, train_per_class, config.seed)
+    train_records, val_records, test_records, rows = split_records(source, head, data, train_per_class, config.seed)
     network, weights_path = base_network(head, weights)
     preprocessing = Preprocessing.from_dict(head.fingerprint["preprocessing"])
     cache_path, cache_seconds = None, 0.0

@@ -27,10 +27,10 @@ from .configs import FinetuneConfig
 from .data import Record, scan_source
 from .devices import resolve_device
 from .errors import FeaturestoreError, WeightsMismatchError
-from .finetune import FinetuneResult, ProbeClassifier, _splits, probe_weights, run_identity, train_only_probe
+from .finetune import FinetuneResult, ProbeClassifier, probe_weights, run_identity, split_records, train_only_probe
 from .heads import TrainedHead
 from .texts import Tokenization, Tokenizer, item_text
-from .training import accuracy, save_atomic, train
+from .training import accuracy, checkpoint_folder, save_atomic, train
 
 log = logging.getLogger("featurestore")
 
@@ -157,11 +157,10 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
     if config.views:
         raise FeaturestoreError("augmented views are for images; set views to 0 for a text backbone")
     out = Path(out)
-    checkpoints = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.stem + ".checkpoints")
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    checkpoints = checkpoint_folder(out, checkpoint_dir)
     torch_device = resolve_device(device)
     source = scan_source(data)
-    train_records, val_records, test_records, _ = _splits(source, head, data, train_per_class, config.seed)
+    train_records, val_records, test_records, _ = split_records(source, head, data, train_per_class, config.seed)
     model = load_text_backbone(fp["backbone"])
     if model.weights_sha256 != fp["weights_sha256"]:
         raise WeightsMismatchError(f"{model.name}: its weights are not the ones head {head.name} was trained on")

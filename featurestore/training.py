@@ -176,6 +176,13 @@ class TrainResult:
     best_val_predictions: list[int] = field(default_factory=list)
 
 
+def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None) -> Path:
+    """Where a run writing ``out`` keeps its resumable checkpoint (default ``<out>.checkpoints``), created."""
+    folder = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.stem + ".checkpoints")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def save_atomic(path: Path, payload) -> None:
     """``torch.save`` under a unique temporary name, renamed into place."""
     with atomic_path(path) as tmp:
