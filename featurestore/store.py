@@ -156,6 +156,43 @@ def _chunk_infos(dataset: h5py.Dataset) -> list:
     return [dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks())]
 
 
+def _as_str(raw: np.ndarray) -> np.ndarray:
+    """Fixed-width ASCII bytes (N,) S<w> → (N,) U<w>. Widening each byte to a UCS-4 code point is the same
+    result as ``astype(str)`` for ASCII (what content ids are) at a tenth of its time (0.06 s for 1M ids)."""
+    if raw.dtype.kind != "S" or not raw.size:
+        return raw.astype(str)
+    codes = raw.view(np.uint8).reshape(len(raw), raw.dtype.itemsize)
+    if codes.max() >= 128:
+        return raw.astype(str)
+    return codes.astype(np.uint32).view(f"U{raw.dtype.itemsize}").reshape(len(raw))
+
+
+def _contiguous_runs(chunks: list, rows: int, width: int, total_rows: int) -> list[tuple[int, int, int]]:
+    """``(first_row, byte_offset, length)`` of each run of chunks that follow one another both in row order and
+    in the file, so that a store written front to back is read in a few large reads (about 90 for 4 GB, where
+    one read per 1 MiB chunk was 0.3 s slower than ``np.load``)."""
+    runs: list[list[int]] = []
+    for chunk in sorted(chunks, key=lambda info: info.chunk_offset[0]):
+        start = chunk.chunk_offset[0]
+        length = (min(start + rows, total_rows) - start) * width
+        if runs and (runs[-1][0] * width + runs[-1][2], runs[-1][1] + runs[-1][2]) == (start * width,
+                                                                                      chunk.byte_offset):
+            runs[-1][2] += length
+        else:
+            runs.append([start, chunk.byte_offset, length])
+    return [tuple(run) for run in runs]
+
+
+def _read_exactly(fd: int, view: memoryview, byte_offset: int, path: Path) -> None:
+    """Fill ``view`` from ``byte_offset`` of ``fd``; one ``pread`` returns at most about 2 GiB on Linux."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:done + (1 << 30)]], byte_offset + done)
+        if got <= 0:
+            raise StoreError(f"{path}: truncated feature data (at byte {byte_offset + done})")
+        done += got
+
+
 class FeatureStore:
     """Read access to one feature cache file.
 
@@ -223,7 +260,7 @@ class FeatureStore:
             group = handle[split]
             features = self._read_features(group["features"])
             labels = group["labels"][...]
-            ids = group["ids"][...].astype(str)
+            ids = _as_str(group["ids"][...])
         return features, labels, ids
 
     def _read_features(self, dataset: h5py.Dataset) -> np.ndarray:
@@ -233,19 +270,18 @@ class FeatureStore:
                and not dataset.fletcher32 and dataset.scaleoffset is None and dataset.chunks[1] == dataset.shape[1])
         if not raw or not dataset.shape[0]:
             return dataset[...]
-        out = np.empty(dataset.shape, dataset.dtype)
-        flat, width, rows = out.reshape(-1).view(np.uint8), dataset.shape[1] * dataset.dtype.itemsize, dataset.chunks[0]
+        width, rows = dataset.shape[1] * dataset.dtype.itemsize, dataset.chunks[0]
         chunks = _chunk_infos(dataset)
         if len(chunks) != -(-dataset.shape[0] // rows):  # a chunk never written: let h5py fill it in
             return dataset[...]
+        runs = _contiguous_runs(chunks, rows, width, dataset.shape[0])
+        out = np.empty(dataset.shape, dataset.dtype)
+        flat = out.reshape(-1).view(np.uint8)
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for chunk in chunks:
-                start = chunk.chunk_offset[0]
-                end = min(start + rows, dataset.shape[0])
-                view = memoryview(flat[start * width:end * width])
-                if os.preadv(fd, [view], chunk.byte_offset) != len(view):
-                    raise StoreError(f"{self.path}: truncated feature data (chunk at byte {chunk.byte_offset})")
+            for first_row, byte_offset, length in runs:
+                _read_exactly(fd, memoryview(flat[first_row * width:first_row * width + length]), byte_offset,
+                              self.path)
         finally:
             os.close(fd)
         return out
@@ -260,7 +296,7 @@ class FeatureStore:
         """Content ids of a split, (N,) str, without reading its features."""
         self._check_split(split)
         with self._reading() as handle:
-            return handle[split]["ids"][...].astype(str)
+            return _as_str(handle[split]["ids"][...])
 
     def paths(self, split: str) -> np.ndarray:
         """Relative item paths of a split, (N,) str, in row order."""

@@ -10,18 +10,20 @@ import pytest
 
 from featurestore.configs import HeadConfig
 from featurestore.heads import train_head
-from featurestore.store import FeatureStore, SplitArrays, store_writer, write_store
+from featurestore.store import FeatureStore, SplitArrays, _chunk_infos, _contiguous_runs, store_writer, write_store
 
 
-def synthetic(path, rows: int, dim: int = 64, classes: int = 4, seed: int = 0, block: int = 20_000):
-    """A class-sorted store (the worst order for SGD) with a real signal, written block by block."""
+def synthetic(path, rows: int, dim: int = 64, classes: int = 4, seed: int = 0, block: int = 20_000,
+              backwards: bool = False):
+    """A class-sorted store (the worst order for SGD) with a real signal, written block by block (last block
+    first with ``backwards``, so that the file's chunks are out of row order)."""
     rng = np.random.default_rng(seed)
     means = rng.normal(0, 1, (classes, dim)).astype(np.float32)
     counts = {"train": rows, "val": max(200, rows // 20), "test": 200}
     with store_writer(path, {"backbone": "synthetic", "feature_dim": dim}, [f"c{k}" for k in range(classes)],
                       counts) as writer:
         for split, n in counts.items():
-            for start in range(0, n, block):
+            for start in sorted(range(0, n, block), reverse=backwards):
                 size = min(block, n - start)
                 labels = np.sort(rng.integers(0, classes, size)) if split == "train" else rng.integers(0, classes, size)
                 features = means[labels] + rng.normal(0, 1.5, (size, dim)).astype(np.float32)
@@ -47,6 +49,22 @@ def test_the_fast_loader_equals_h5py(tmp_path):
         expected = handle["train/features"][...]
     assert np.array_equal(store.load("train")[0], expected)
     assert np.array_equal(store.rows("train", [5000, 3, 3, 17]), expected[[5000, 3, 3, 17]])
+
+
+@pytest.mark.parametrize("backwards", [False, True])
+def test_the_fast_loader_reads_contiguous_chunks_at_once_and_any_order_right(tmp_path, backwards):
+    store = synthetic(tmp_path / "s.h5", 9_001, dim=1024, block=1_000, backwards=backwards)
+    with h5py.File(store.path) as handle:
+        dataset = handle["train/features"]
+        expected = dataset[...]
+        chunks = _chunk_infos(dataset)
+        runs = _contiguous_runs(chunks, dataset.chunks[0], 1024 * 4, dataset.shape[0])
+    assert len(chunks) == 36  # 256-row chunks of 1 MiB
+    assert sum(length for _, _, length in runs) == expected.nbytes
+    assert len(runs) <= 10  # at most one read per block written (10 here), not one per chunk
+    offsets = [byte_offset for _, byte_offset, _ in runs]
+    assert (offsets == sorted(offsets)) != backwards  # the backwards file really is out of row order
+    assert np.array_equal(store.load("train")[0], expected)
 
 
 def test_the_streaming_head_learns_and_exports_like_the_others(tmp_path):

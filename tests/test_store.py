@@ -72,3 +72,15 @@ def test_unreadable_or_foreign_files_are_clear_errors(tmp_path):
     store = FeatureStore(write_store(tmp_path / "s.h5", FINGERPRINT, ["a"], {"train": make_split(2, 1)}))
     with pytest.raises(StoreError, match="no split 'test'"):
         store.load("test")
+
+
+def test_ids_come_back_as_the_same_strings_as_a_plain_decode():
+    from featurestore.store import _as_str
+
+    raw = np.array([b"ab", b"c", b"", b"0123456789abcdef"], dtype="S16")
+    widened = _as_str(raw)
+    assert widened.dtype == np.dtype("U16")
+    assert widened.tolist() == ["ab", "c", "", "0123456789abcdef"]
+    assert widened[0] == "ab" and widened[2] == ""
+    with pytest.raises(UnicodeDecodeError):  # not ASCII: the same error as astype(str), never wrong text
+        _as_str(np.array(["é".encode()], dtype="S4"))
