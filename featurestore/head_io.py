@@ -28,6 +28,7 @@ HEAD_SUFFIX = ".skops"
 TRUSTED_TYPES = (
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
+    "featurestore.scaling.FeatureScaler",
 )
 METADATA_FIELDS = ("C", "class_names", "feature_dim", "fingerprint_hash", "fingerprint", "store_path", "sweep",
                    "train_seconds", "n_train")

@@ -20,12 +20,13 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.preprocessing import Normalizer
 from sklearn.svm import SVC, LinearSVC
 
 from .configs import HEADS, NORMALIZATIONS, HeadConfig, config_from_params  # noqa: F401  (heads' public API)
 from .console import progress_bar
 from .errors import FeaturestoreError, HeadMismatchError, StoreError
+from .scaling import FeatureScaler
 from .store import FeatureStore
 
 log = logging.getLogger("featurestore")
@@ -34,7 +35,7 @@ HEAD_FORMAT = 2  # 1: a pickled TrainedHead (joblib); 2: skops (head_io.py)
 
 
 def _scaler(normalize: str):
-    return {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[normalize]
+    return {"standard": FeatureScaler(), "l2": Normalizer(), "none": "passthrough"}[normalize]
 
 
 def _classifier(config: HeadConfig, C: float, warm_start: bool = False):

@@ -1,7 +1,7 @@
 """A head for stores larger than memory: logistic regression by SGD, streamed from the HDF5 store.
 
-``sgd_logreg`` is scikit-learn's ``SGDClassifier(loss="log_loss")`` (one-vs-rest) behind a
-``StandardScaler``, both fitted with ``partial_fit`` over minibatches that ``FeatureStore.iter_shuffled``
+``sgd_logreg`` is scikit-learn's ``SGDClassifier(loss="log_loss")`` (one-vs-rest) behind the heads'
+``FeatureScaler``, both fitted with ``partial_fit`` over minibatches that ``FeatureStore.iter_shuffled``
 reads from a bounded shuffle buffer, so peak memory does not grow with the number of rows. Its
 regularisation is chosen on the validation split like the other heads' C, with ``alpha = 1 / (C · N)``
 (N training rows), the usual correspondence between the two; validation accuracy is computed chunk by
@@ -15,24 +15,24 @@ import time
 import numpy as np
 from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 
 from .configs import HeadConfig
 from .console import progress_bar
+from .scaling import FeatureScaler
 from .store import FeatureStore
 
 BATCH_ROWS = 4096
 
 
-def fit_scaler(store: FeatureStore, splits: tuple[str, ...]) -> StandardScaler:
-    scaler = StandardScaler()
+def fit_scaler(store: FeatureStore, splits: tuple[str, ...]) -> FeatureScaler:
+    scaler = FeatureScaler()
     for split in splits:
         for X, _ in store.iter_chunks(split):
             scaler.partial_fit(X.astype(np.float32, copy=False))
     return scaler
 
 
-def fit_sgd(store: FeatureStore, splits: tuple[str, ...], scaler: StandardScaler, C: float, n_rows: int,
+def fit_sgd(store: FeatureStore, splits: tuple[str, ...], scaler: FeatureScaler, C: float, n_rows: int,
             config: HeadConfig, classes: np.ndarray) -> SGDClassifier:
     """``config.max_iter`` passes of ``partial_fit`` over the splits' shuffled minibatches."""
     classifier = SGDClassifier(loss="log_loss", alpha=1.0 / (C * n_rows), random_state=config.seed)
@@ -43,7 +43,7 @@ def fit_sgd(store: FeatureStore, splits: tuple[str, ...], scaler: StandardScaler
     return classifier
 
 
-def chunked_accuracy(store: FeatureStore, split: str, scaler: StandardScaler, classifier) -> float:
+def chunked_accuracy(store: FeatureStore, split: str, scaler: FeatureScaler, classifier) -> float:
     correct = total = 0
     for X, y in store.iter_chunks(split):
         correct += int((classifier.predict(scaler.transform(X.astype(np.float32, copy=False))) == y).sum())

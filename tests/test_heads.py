@@ -169,3 +169,19 @@ def test_small_sweeps_run_in_process_and_large_ones_on_every_core():
     assert sweep_jobs(HeadConfig(head="svm_rbf"), 6000, 1280) == cores
     assert sweep_jobs(HeadConfig(head="linear_svm"), 1000, 1280) == cores  # its large-C fits take seconds each
     assert sweep_jobs(HeadConfig(head="logreg", n_jobs=3), 100, 10) == 3  # an explicit count is obeyed
+
+
+def test_the_feature_scaler_treats_float_noise_as_constant():
+    from featurestore.scaling import FeatureScaler
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 0.05, (200, 4)).astype(np.float32)
+    X[:, 1] = rng.normal(0, 1e-33, 200)  # rounding noise around zero
+    X[:, 2] = 0.5  # exactly constant: scikit-learn's own rule
+    scaler = FeatureScaler().fit(X)
+    assert scaler.scale_[1] == 1.0 and scaler.scale_[2] == 1.0
+    assert scaler.scale_[[0, 3]] == pytest.approx(X[:, [0, 3]].std(axis=0), rel=1e-5)
+    streamed = FeatureScaler()
+    for block in np.array_split(X, 5):
+        streamed.partial_fit(block)
+    assert np.allclose(streamed.scale_, scaler.scale_)

@@ -179,6 +179,20 @@ def test_export_and_predict_texts(text_store, bbc, tmp_path):
     assert os.path.getsize(tmp_path / "text.onnx") > 80e6  # weights included: one self-contained file
 
 
+def test_the_heads_scaler_leaves_minilms_float_noise_dimensions_alone(text_store):
+    from featurestore.finetune import probe_weights
+
+    store = FeatureStore(text_store)
+    X, _, _ = store.load("train")
+    noise = X.astype(np.float64).std(axis=0) < 1e-20  # two dimensions of all-MiniLM-L6-v2 are about 1e-33
+    assert noise.sum() >= 1
+    head = train_head(store, HeadConfig(**GRID))
+    scaler = head.estimator.named_steps["scale"]
+    assert np.all(scaler.scale_[noise] == 1.0) and np.all(scaler.scale_[~noise] > 1e-3)
+    weight, _, _ = probe_weights(head.estimator, len(store.class_names))
+    assert np.abs(weight).max() < 1e3  # folded onto raw features: was about 1e29
+
+
 @pytest.mark.slow
 def test_text_fine_tuning_starts_as_the_probe(text_store, bbc, tmp_path):
     from featurestore.configs import FinetuneConfig
@@ -193,6 +207,9 @@ def test_text_fine_tuning_starts_as_the_probe(text_store, bbc, tmp_path):
     probe = train_only_probe(head)
     assert result.start_val_predictions == probe.predict(Xv).tolist()  # epoch 0 is exactly the linear probe
     assert result.epochs_run == 1 and result.test_accuracy is not None
+    # MiniLM's float-noise dimensions are not scaled up (scaling.py): the first epoch moves the probe, it
+    # does not knock it to chance (it fell from 0.9 to 0.2 when the scaler divided them by 1e-33).
+    assert result.history[0]["val_accuracy"] >= result.start_val_accuracy - 0.1
     # A run that only got worse keeps epoch 0 whole, classifier included: its test accuracy is the probe's.
     wrecked = finetune_text(head, bbc, tmp_path / "wrecked.pth", FinetuneConfig(
         unfreeze_blocks=1, epochs=1, batch_size=8, head_lr=10.0, warmup_epochs=0), device="cpu", progress=False)
