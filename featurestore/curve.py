@@ -41,7 +41,7 @@ from .store import FeatureStore
 METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
 
 
-def _probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -> tuple[object, float, float, float]:
+def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -> tuple[object, float, float, float]:
     """(fitted probe, C, test accuracy, seconds) of the logistic-regression probe on ``budget`` per class."""
     X, y, _ = store.load("train")
     Xv, yv, _ = store.load("val")
@@ -90,7 +90,7 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                     linear = baseline(source, budget, seed)
                     points.append({**base, "method": name, "test_accuracy": linear.test_accuracy,
                                    "val_accuracy": linear.val_accuracy, "seconds": linear.seconds, "C": linear.C})
-            probe, C, probe_test, probe_seconds = _probe(store, budget, seed, probe_config)
+            probe, C, probe_test, probe_seconds = fit_probe(store, budget, seed, probe_config)
             if "linear_probe" in methods:
                 points.append({**base, "method": "linear_probe", "test_accuracy": probe_test,
                                "seconds": round(probe_seconds, 2), "C": C})
@@ -140,6 +140,7 @@ def plot_curves(points: list[dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     for x_key, name, label in (("labels_per_class", "curve_labels.png", "labels per class"),
                                ("seconds", "curve_seconds.png", "training wall-clock (s)")):
@@ -150,6 +151,10 @@ def plot_curves(points: list[dict], out: Path) -> None:
                 marker, line = STYLES[method]
                 ax.plot(*zip(*series, strict=True), marker=marker, linestyle=line, label=method.replace("_", " "))
         ax.set_xscale("log")
+        if x_key == "labels_per_class":  # the budgets themselves, not 2×10^0, 3×10^0, …
+            budgets = sorted({p[x_key] for p in points})
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.grid(True, which="both", alpha=0.3)
