@@ -26,6 +26,7 @@ from .backbones import FeatureModel, load_backbone
 from .engines import ONNX_OPSET, cached_feature_graph
 from .errors import ExportError
 from .heads import TrainedHead, fold_scaler, load_head
+from .scaling import FeatureScaler
 
 MAX_PROBABILITY_DIFF = 1e-4
 HEAD_IR_VERSION = 10
@@ -117,9 +118,15 @@ def linear_head_graph(params: LinearHeadParams, feature_dim: int) -> onnx.ModelP
 
 def skl2onnx_head_graph(head: TrainedHead) -> onnx.ModelProto:
     """The whole sklearn pipeline (scaler + SVM + calibration) as an ONNX graph, by skl2onnx."""
-    from skl2onnx import to_onnx
+    from skl2onnx import to_onnx, update_registered_converter
     from skl2onnx.common.data_types import FloatTensorType
+    from skl2onnx.operator_converters.scaler_op import convert_sklearn_scaler
+    from skl2onnx.shape_calculators.scaler import calculate_sklearn_scaler_output_shapes
 
+    # The heads' FeatureScaler is a StandardScaler with some scale_ set to 1: skl2onnx's own scaler converter
+    # reads mean_ and scale_, so it converts it exactly.
+    update_registered_converter(FeatureScaler, "SklearnScaler", calculate_sklearn_scaler_output_shapes,
+                                convert_sklearn_scaler, overwrite=True, options={"div": ["std", "div", "div_cast"]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # skl2onnx reads SVC attributes sklearn deprecates
         return to_onnx(
