@@ -3,9 +3,9 @@
 all-MiniLM-L6-v2 has two embedding dimensions that are zero up to rounding (values about 1e-33). Their
 variance is not exactly zero, so ``StandardScaler`` divides them by about 1e-33: the head then reads rounding
 noise at unit scale, and its weights folded onto raw features (``heads.fold_scaler``, used by fine-tuning and
-the ONNX graph) come out near 1e29, so that fine-tuning's first step, which moves those dimensions to 1e-8,
-sent every logit to 1e20 and the classifier to chance. A feature whose spread is below ``RELATIVE_FLOOR`` of
-the widest feature's is treated as constant, as scikit-learn already treats exactly constant ones.
+the ONNX graph) come out near 1e29: any change fine-tuning made in those dimensions was multiplied by that,
+and its first epoch sent the classifier to chance. A feature whose spread is below ``RELATIVE_FLOOR`` of the
+widest feature's is treated as constant, as scikit-learn already treats exactly constant ones.
 """
 
 from __future__ import annotations
