@@ -49,10 +49,14 @@ print(json.dumps({"seconds": seconds, "C": head.C, "val": max(p["val_accuracy"] 
 """
 
 
+def split_counts(rows: int) -> dict[str, int]:
+    return {"train": int(rows * 0.95), "val": rows - int(rows * 0.95)}
+
+
 def write_synthetic(path: Path, npy: Path, rows: int, dim: int) -> dict[str, int]:
     rng = np.random.default_rng(0)
     means = rng.normal(0, 1, (CLASSES, dim)).astype(np.float32)
-    counts = {"train": int(rows * 0.95), "val": rows - int(rows * 0.95)}
+    counts = split_counts(rows)
     fingerprint = {"backbone": "synthetic", "feature_dim": dim, "dtype": "float32"}
     train_array = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(counts["train"], dim))
     with store_writer(path, fingerprint, [f"class{k}" for k in range(CLASSES)], counts) as writer:
@@ -110,9 +114,10 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     path, npy = workdir / "synthetic.h5", workdir / "train.npy"
     started = time.perf_counter()
-    reused = path.is_file() and npy.is_file() and FeatureStore(path).count("train") == int(args.rows * 0.95)
-    counts = ({split: FeatureStore(path).count(split) for split in ("train", "val")} if reused
-              else write_synthetic(path, npy, args.rows, args.dim))
+    counts = split_counts(args.rows)
+    reused = path.is_file() and npy.is_file() and FeatureStore(path).count("train") == counts["train"]
+    if not reused:
+        write_synthetic(path, npy, args.rows, args.dim)
     size = path.stat().st_size
     report = {"rows": args.rows, "dim": args.dim, "store_bytes": size,
               "write_seconds": None if reused else round(time.perf_counter() - started, 1)}

@@ -73,7 +73,7 @@ def main() -> None:
                                    workers=0, progress=False)
         head = train_head(store, HeadConfig(head="logreg"))
         metrics, _, _ = evaluate_head(head, FeatureStore(store))
-        probes[mode] = {"val": max(p["val_accuracy"] for p in head.sweep), "test": metrics["top1"], "head": head,
+        probes[mode] = {"val": max(p["val_accuracy"] for p in head.sweep), "test": metrics["top1"],
                         "seconds": summary.seconds, "truncated": summary.truncated}
         print(json.dumps({"long_documents": mode, "probe_val": probes[mode]["val"], "probe_test": metrics["top1"],
                           "extract_seconds": summary.seconds, "truncated_documents": summary.truncated}), flush=True)
