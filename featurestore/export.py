@@ -10,6 +10,7 @@ scikit-learn head) before it is kept.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -116,17 +117,24 @@ def linear_head_graph(params: LinearHeadParams, feature_dim: int) -> onnx.ModelP
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=HEAD_IR_VERSION)
 
 
-def skl2onnx_head_graph(head: TrainedHead) -> onnx.ModelProto:
-    """The whole sklearn pipeline (scaler + SVM + calibration) as an ONNX graph, by skl2onnx."""
-    from skl2onnx import to_onnx, update_registered_converter
-    from skl2onnx.common.data_types import FloatTensorType
+@functools.cache
+def _register_feature_scaler() -> None:
+    """Teach skl2onnx the heads' FeatureScaler, once per process. It is a StandardScaler with some scale_ set
+    to 1, and skl2onnx's own scaler converter reads mean_ and scale_, so it converts it exactly."""
+    from skl2onnx import update_registered_converter
     from skl2onnx.operator_converters.scaler_op import convert_sklearn_scaler
     from skl2onnx.shape_calculators.scaler import calculate_sklearn_scaler_output_shapes
 
-    # The heads' FeatureScaler is a StandardScaler with some scale_ set to 1: skl2onnx's own scaler converter
-    # reads mean_ and scale_, so it converts it exactly.
     update_registered_converter(FeatureScaler, "SklearnScaler", calculate_sklearn_scaler_output_shapes,
                                 convert_sklearn_scaler, overwrite=True, options={"div": ["std", "div", "div_cast"]})
+
+
+def skl2onnx_head_graph(head: TrainedHead) -> onnx.ModelProto:
+    """The whole sklearn pipeline (scaler + SVM + calibration) as an ONNX graph, by skl2onnx."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
+    _register_feature_scaler()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # skl2onnx reads SVC attributes sklearn deprecates
         return to_onnx(

@@ -226,3 +226,17 @@ def test_text_fine_tuning_starts_as_the_probe(text_store, bbc, tmp_path):
     extract_features(bbc, ft_store, "minilm_l6_test_ft", tokenization=Tokenization(max_length=128), workers=0,
                      progress=False)
     assert FeatureStore(ft_store).fingerprint["weights_sha256"] != store.fingerprint["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_the_text_encoder_from_scratch_fits_its_training_articles(bbc):
+    """From random weights the network must be able to fit 15 articles: the first version classified
+    L2-normalised states, which capped its logits and held it at chance or short of fitting."""
+    from featurestore.baselines import train_text_from_scratch
+    from featurestore.configs import ScratchConfig
+
+    config = ScratchConfig(lr=5e-4, max_length=32, steps=40, batch_size=16, weight_decay=1e-2, augment=False)
+    result = train_text_from_scratch(bbc, config, device="cpu", progress=False)
+    assert result.steps == 40 and result.test_accuracy is not None
+    assert result.converged["by"] == "train_accuracy", result.converged
+    assert result.history[-1]["train_loss"] < 0.1
