@@ -39,6 +39,7 @@ from .plateau import CURVE_HEAD
 from .store import FeatureStore
 
 METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
+POINT_ORDER = ("pixels", "tfidf", "linear_probe", "probe_finetune", "scratch")  # as run_curve appends them
 
 
 def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -> tuple[object, float, float, float]:
@@ -121,13 +122,39 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
     result = {"backbone": store.fingerprint["backbone"], "budgets": budgets, "points": points,
               "trunk_cache_seconds": round(cache_seconds, 2), "probe": asdict(probe_config),
               "finetune": asdict(finetune_config), "scratch": asdict(scratch_config)}
+    write_curve(result, out)
+    return result
+
+
+def write_curve(result: dict, out: Path) -> None:
+    """``out``/curve.json, curve.csv (method, labels_per_class, test_accuracy, seconds) and the two PNGs."""
+    points = result["points"]
     write_text_atomic(out / "curve.json", json.dumps(result, indent=2) + "\n")
     with open(out / "curve.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["method", "labels_per_class", "test_accuracy", "seconds"])
         writer.writeheader()
         writer.writerows({k: p[k] for k in writer.fieldnames} for p in points)
     plot_curves(points, out)
-    return result
+
+
+def merge_curves(earlier: dict, added: dict) -> dict:
+    """``earlier``'s curve with ``added``'s methods run again or added (say, a from-scratch line trained on a
+    GPU beside a curve run on a CPU). The two must share the backbone, the budgets, the probe's settings and
+    the seed that draws each budget's subset; ``added``'s points replace ``earlier``'s for the methods it has,
+    and the fine-tuning and from-scratch settings recorded are those of the run that made their points."""
+    for key in ("backbone", "budgets", "probe"):
+        if earlier[key] != added[key]:
+            raise FeaturestoreError(f"cannot merge curves with different {key}: {earlier[key]} vs {added[key]}")
+    if earlier["finetune"]["seed"] != added["finetune"]["seed"]:
+        raise FeaturestoreError("cannot merge curves whose budgets are drawn with different seeds")
+    methods = {p["method"] for p in added["points"]}
+    order = {m: i for i, m in enumerate(POINT_ORDER)}
+    points = sorted([p for p in earlier["points"] if p["method"] not in methods] + added["points"],
+                    key=lambda p: (p["labels_per_class"], order[p["method"]]))
+    finetuned = "probe_finetune" in methods
+    return {**earlier, "points": points, "finetune": (added if finetuned else earlier)["finetune"],
+            "trunk_cache_seconds": (added if finetuned else earlier)["trunk_cache_seconds"],
+            "scratch": (added if "scratch" in methods else earlier)["scratch"]}
 
 
 STYLES = {"scratch": ("o", "-"), "pixels": ("x", ":"), "tfidf": ("x", ":"), "linear_probe": ("s", "-"),

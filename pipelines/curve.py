@@ -9,11 +9,15 @@ It reads the cache and the data, not the trained heads: each budget's probe is t
 
 runs a named configuration instead (configs/curve-*.yaml, `make curves`): the same sections, read from FILE;
 ``--methods`` keeps only those of its methods (`make curves-cpu`: every method but the from-scratch network,
-which takes hours on a 2-core CPU).
+which takes hours on a 2-core CPU). ``--merge`` adds the methods it runs to the curve already in the output
+folder instead of replacing it (say, the from-scratch line trained on a GPU beside the rest run on a CPU).
 """
 
 import argparse
-from dataclasses import replace
+import contextlib
+import json
+import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
@@ -21,7 +25,7 @@ from _params import ROOT, load_params
 
 from featurestore.configs import FinetuneConfig, ScratchConfig
 from featurestore.console import setup_logging
-from featurestore.curve import accuracy_table, run_curve
+from featurestore.curve import accuracy_table, merge_curves, run_curve, write_curve
 from featurestore.plateau import CURVE_HEAD
 
 if __name__ == "__main__":
@@ -31,14 +35,28 @@ if __name__ == "__main__":
     parser.add_argument("--params", type=Path, help="a named configuration with curve and finetune sections")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--methods", nargs="+", help="only these of the configuration's methods")
+    parser.add_argument("--merge", action="store_true",
+                        help="add these methods' points to OUT/curve.json, replacing theirs, keeping the others")
     args = parser.parse_args()
     named = yaml.safe_load(args.params.read_text()) if args.params else {}
     p = named.get("curve") or load_params("curve")[args.backbone]
     ft = named.get("finetune") or load_params("finetune")[args.backbone]
-    result = run_curve(
-        ROOT / "data" / "features" / f"{args.backbone}.h5", ROOT / "data" / load_params("stores")[args.backbone],
-        args.out or ROOT / "data" / "reports" / "curve" / args.backbone, p["budgets"],
-        FinetuneConfig(**{k: v for k, v in ft.items() if k not in ("mode", "device")}),
-        ScratchConfig(**(p.get("scratch") or {})), probe_config=replace(CURVE_HEAD, normalize=p["probe_normalize"]),
-        methods=tuple(m for m in p["methods"] if not args.methods or m in args.methods), device=p["device"])
+    out = args.out or ROOT / "data" / "reports" / "curve" / args.backbone
+    configs = {"probe_config": replace(CURVE_HEAD, normalize=p["probe_normalize"]),
+               "finetune_config": FinetuneConfig(**{k: v for k, v in ft.items() if k not in ("mode", "device")}),
+               "scratch_config": ScratchConfig(**(p.get("scratch") or {}))}
+    earlier = None
+    if args.merge:
+        earlier = json.loads((out / "curve.json").read_text())
+        planned = {"backbone": args.backbone, "budgets": p["budgets"], "points": [], "trunk_cache_seconds": 0.0,
+                   **{key.removesuffix("_config"): asdict(value) for key, value in configs.items()}}
+        merge_curves(earlier, planned)  # a curve that cannot be merged fails before the run, not after it
+    with tempfile.TemporaryDirectory(prefix=".curve-run-") if args.merge else contextlib.nullcontext(out) as run_dir:
+        result = run_curve(
+            ROOT / "data" / "features" / f"{args.backbone}.h5", ROOT / "data" / load_params("stores")[args.backbone],
+            Path(run_dir), p["budgets"], **configs,
+            methods=tuple(m for m in p["methods"] if not args.methods or m in args.methods), device=p["device"])
+    if earlier is not None:
+        result = merge_curves(earlier, result)
+        write_curve(result, out)
     print(accuracy_table(result["points"]), end="")

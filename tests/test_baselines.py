@@ -8,7 +8,8 @@ import torch
 
 from featurestore.baselines import convergence, pixel_logreg, train_from_scratch
 from featurestore.configs import CURVE_METHODS, FinetuneConfig, ScratchConfig
-from featurestore.curve import run_curve
+from featurestore.curve import merge_curves, run_curve
+from featurestore.errors import FeaturestoreError
 from featurestore.extract import extract_features
 
 
@@ -71,3 +72,23 @@ def test_the_curve_trains_four_methods_per_budget(fashion_folder_master, tmp_pat
     assert sorted(p.name for p in (tmp_path / "curve").iterdir()) == [
         "curve.csv", "curve.json", "curve_labels.png", "curve_seconds.png"]  # no weights or caches left behind
     assert np.isfinite([p["test_accuracy"] for p in result["points"]]).all()
+
+
+def curve(methods, budgets=(5, 10), scratch_steps=300, seed=0, accuracy=0.5):
+    return {"backbone": "minilm_l6", "budgets": list(budgets), "probe": {"normalize": "standard"},
+            "finetune": {"seed": seed}, "scratch": {"steps": scratch_steps}, "trunk_cache_seconds": 0.0,
+            "points": [{"labels_per_class": b, "method": m, "test_accuracy": accuracy, "seconds": 1.0}
+                       for b in budgets for m in methods]}
+
+
+def test_a_method_run_apart_merges_into_an_earlier_curve():
+    earlier = curve(["tfidf", "linear_probe", "scratch"], scratch_steps=100, accuracy=0.2)
+    added = curve(["scratch"], scratch_steps=300, accuracy=0.9)
+    merged = merge_curves(earlier, added)
+    assert [(p["labels_per_class"], p["method"], p["test_accuracy"]) for p in merged["points"]] == [
+        (5, "tfidf", 0.2), (5, "linear_probe", 0.2), (5, "scratch", 0.9),
+        (10, "tfidf", 0.2), (10, "linear_probe", 0.2), (10, "scratch", 0.9)]
+    assert merged["scratch"] == {"steps": 300} and merged["finetune"] == earlier["finetune"]
+    for other in (curve(["scratch"], budgets=(5, 20)), curve(["scratch"], seed=1)):
+        with pytest.raises(FeaturestoreError, match="cannot merge"):
+            merge_curves(earlier, other)
