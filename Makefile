@@ -32,22 +32,28 @@ repro: install data
 # The full learning curves (named configurations): docs/curves/<backbone>/. The image from-scratch network makes
 # `curves` a GPU job (4,000 steps per budget at 1.25 s a step on this 2-core CPU: about 7 hours for five budgets);
 # curves-cpu runs every other method (about 20 minutes here), and curves-texts the whole text curve.
+IMAGE_CURVE := $(BIN)/python pipelines/curve.py efficientnet_lite0 --params configs/curve-images.yaml \
+	--features data/features/efficientnet_lite0.h5 --data data/prepared --out docs/curves/efficientnet_lite0
+TEXT_CURVE := $(BIN)/python pipelines/curve.py minilm_l6 --params configs/curve-texts.yaml \
+	--features data/features/minilm_l6.h5 --data data/prepared_text --out docs/curves/minilm_l6
+
 curves: repro
-	$(BIN)/python pipelines/curve.py efficientnet_lite0 --params configs/curve-images.yaml --out docs/curves/efficientnet_lite0
-	$(BIN)/python pipelines/curve.py minilm_l6 --params configs/curve-texts.yaml --out docs/curves/minilm_l6
+	$(IMAGE_CURVE)
+	$(TEXT_CURVE)
 
 # The text curve, its from-scratch encoder included: this one runs on a CPU (see the README for its time).
 curves-texts: repro
-	$(BIN)/python pipelines/curve.py minilm_l6 --params configs/curve-texts.yaml --out docs/curves/minilm_l6
+	$(TEXT_CURVE)
 
+# --merge: the methods run here replace their own points and keep the others' (the from-scratch lines).
 curves-cpu: repro
-	$(BIN)/python pipelines/curve.py minilm_l6 --params configs/curve-texts.yaml --out docs/curves/minilm_l6 \
-		--methods tfidf linear_probe probe_finetune
-	$(BIN)/python pipelines/curve.py efficientnet_lite0 --params configs/curve-images.yaml --out docs/curves/efficientnet_lite0 \
-		--methods pixels linear_probe probe_finetune
+	$(TEXT_CURVE) --methods tfidf linear_probe probe_finetune --merge
+	$(IMAGE_CURVE) --methods pixels linear_probe probe_finetune --merge
 
+# ruff, and the architecture's import contracts (pyproject.toml [tool.importlinter]: layers, no cycles).
 lint: install
 	$(BIN)/ruff check featurestore pipelines tests benchmarks notebooks
+	$(BIN)/lint-imports
 
 test: install data lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -81,7 +81,7 @@ def main() -> None:
     results = {"cpu_cores": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="fs-dist-") as tmp:
         work = Path(tmp)
-        from featurestore.prepare import prepare_fashion_mnist
+        from featurestore.data.prepare import prepare_fashion_mnist
 
         data = work / "prepared"
         prepare_fashion_mnist(data, max(1, args.images // 10 - 25), 5, 20, progress=False)

@@ -26,12 +26,12 @@ import h5py
 import numpy as np
 import torch
 
-from featurestore.backbones import load_backbone
-from featurestore.data import scan_source
-from featurestore.engines import TorchEngine, make_engine
-from featurestore.extract import extract_features
-from featurestore.images import load_rgb
-from featurestore.prepare import prepare_fashion_mnist
+from featurestore.data.prepare import prepare_fashion_mnist
+from featurestore.data.sources import scan_source
+from featurestore.encode.backbones import load_backbone
+from featurestore.encode.engines import TorchEngine, make_engine
+from featurestore.encode.images import load_rgb
+from featurestore.extract.launch import extract_features
 
 
 def images_folder(workdir: Path, count: int) -> Path:

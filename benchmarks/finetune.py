@@ -24,10 +24,10 @@ from pathlib import Path
 import yaml
 
 from featurestore.configs import FinetuneConfig, HeadConfig
-from featurestore.extract import extract_features
-from featurestore.finetune import finetune, trunk_cache_for
-from featurestore.heads import train_head
-from featurestore.prepare import prepare_fashion_mnist
+from featurestore.data.prepare import prepare_fashion_mnist
+from featurestore.extract.launch import extract_features
+from featurestore.heads.train import train_head
+from featurestore.transfer.finetune import finetune, trunk_cache_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

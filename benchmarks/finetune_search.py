@@ -27,10 +27,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from featurestore.configs import FinetuneConfig, HeadConfig
-from featurestore.extract import extract_features
-from featurestore.finetune import finetune
-from featurestore.heads import train_head
-from featurestore.prepare import prepare_fashion_mnist
+from featurestore.data.prepare import prepare_fashion_mnist
+from featurestore.extract.launch import extract_features
+from featurestore.heads.train import train_head
+from featurestore.transfer.finetune import finetune
 
 BASE = FinetuneConfig(epochs=12, patience=4, views=0, workers=1)
 GRID = [replace(BASE, unfreeze_blocks=depth, head_lr=lr, backbone_lr_factor=factor)

@@ -66,11 +66,11 @@ def rate(count: int, function) -> float:
 
 @section("extraction")
 def extraction(data: Path, work: Path, batch_size: int, workers: int) -> dict:
-    from featurestore.backbones import load_backbone
-    from featurestore.data import scan_source
-    from featurestore.engines import TorchEngine
-    from featurestore.extract import extract_features
-    from featurestore.images import load_image
+    from featurestore.data.sources import scan_source
+    from featurestore.encode.backbones import load_backbone
+    from featurestore.encode.engines import TorchEngine
+    from featurestore.encode.images import load_image
+    from featurestore.extract.launch import extract_features
 
     model = load_backbone("efficientnet_lite0", image_size=112, crop_pct=1.0)
     extract_features(data, work / "warm.h5", model=model, device="cuda", engine="torch", batch_size=batch_size,
@@ -102,10 +102,10 @@ def extraction(data: Path, work: Path, batch_size: int, workers: int) -> dict:
 @section("predict")
 def predict_provider(data: Path, work: Path) -> dict:
     from featurestore.configs import HeadConfig
+    from featurestore.deploy.export import export_onnx
+    from featurestore.encode.runtime import make_session
     from featurestore.errors import ProviderError
-    from featurestore.export import export_onnx
-    from featurestore.heads import train_head
-    from featurestore.runtime import make_session
+    from featurestore.heads.train import train_head
 
     head = train_head(work / "cuda.h5", HeadConfig(c_points=6, n_jobs=1)) if (work / "cuda.h5").exists() else None
     if head is None:
@@ -132,9 +132,9 @@ def finetune_epochs(data: Path, work: Path) -> dict:
     import yaml
 
     from featurestore.configs import FinetuneConfig, HeadConfig
-    from featurestore.extract import extract_features
-    from featurestore.finetune import finetune
-    from featurestore.heads import train_head
+    from featurestore.extract.launch import extract_features
+    from featurestore.heads.train import train_head
+    from featurestore.transfer.finetune import finetune
 
     params = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
     settings = params["finetune"]["efficientnet_lite0"]
@@ -200,7 +200,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fs-gpu-"))
     data = args.data
     if data is None:
-        from featurestore.prepare import prepare_fashion_mnist
+        from featurestore.data.prepare import prepare_fashion_mnist
 
         data = work / "prepared"
         prepare_fashion_mnist(data, max(1, args.images // 10 - 25), 5, 20, progress=False)

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import yaml
 
-from featurestore.extract import extract_features
-from featurestore.heads import HeadConfig, sweep_c
-from featurestore.prepare import prepare_fashion_mnist
-from featurestore.store import FeatureStore
+from featurestore.configs import HeadConfig
+from featurestore.data.prepare import prepare_fashion_mnist
+from featurestore.extract.launch import extract_features
+from featurestore.heads.estimators import sweep_c
+from featurestore.store.hdf5 import FeatureStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurestore.data import scan_source
-from featurestore.export import backbone_for, export_onnx, linear_head_params
-from featurestore.extract import extract_features
-from featurestore.heads import HeadConfig, train_head
-from featurestore.images import load_image
-from featurestore.predict import predict
-from featurestore.prepare import prepare_fashion_mnist
-from featurestore.runtime import ProviderError, make_session
+from featurestore.configs import HeadConfig
+from featurestore.data.prepare import prepare_fashion_mnist
+from featurestore.data.sources import scan_source
+from featurestore.deploy.export import backbone_for, export_onnx, linear_head_params
+from featurestore.deploy.predict import predict
+from featurestore.encode.images import load_image
+from featurestore.encode.runtime import ProviderError, make_session
+from featurestore.extract.launch import extract_features
+from featurestore.heads.train import train_head
 
 
 def rate(run, batches: list[np.ndarray], repeats: int) -> float:

@@ -27,13 +27,14 @@ from pathlib import Path
 import yaml
 
 from featurestore.configs import FinetuneConfig, HeadConfig, extract_options
-from featurestore.decision import run_finetune_stage
-from featurestore.extract import extract_features
-from featurestore.heads import load_head, train_head
-from featurestore.plateau import PlateauRule, detect_plateau
-from featurestore.prepare import prepare_fashion_mnist
-from featurestore.reports import evaluate_head
-from featurestore.store import FeatureStore
+from featurestore.data.prepare import prepare_fashion_mnist
+from featurestore.extract.launch import extract_features
+from featurestore.heads.head import load_head
+from featurestore.heads.reports import evaluate_head
+from featurestore.heads.train import train_head
+from featurestore.store.hdf5 import FeatureStore
+from featurestore.transfer.decision import run_finetune_stage
+from featurestore.transfer.plateau import PlateauRule, detect_plateau
 
 ROOT = Path(__file__).resolve().parent.parent
 

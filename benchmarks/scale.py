@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.store import FeatureStore, SplitArrays, store_writer
+from featurestore.store.hdf5 import FeatureStore, SplitArrays, store_writer
 
 BLOCK = 50_000
 CLASSES = 10
@@ -37,7 +37,7 @@ CLASSES = 10
 HEAD_CHILD = """
 import json, sys, time
 from featurestore.configs import HeadConfig
-from featurestore.heads import train_head
+from featurestore.heads.train import train_head
 started = time.perf_counter()
 head = train_head(sys.argv[1], HeadConfig(head="sgd_logreg", c_min=1e-3, c_max=1e1, c_points=3, max_iter=1))
 seconds = time.perf_counter() - started

@@ -15,8 +15,8 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from featurestore.baselines import train_from_scratch
 from featurestore.configs import ScratchConfig
+from featurestore.transfer.baselines import train_from_scratch
 
 GRID = [{"lr": lr, "image_size": size} for size in (56, 112) for lr in (1e-3, 3e-3)]
 

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from featurestore.backbones.text_models import load_text_backbone
-from featurestore.configs import extract_options
-from featurestore.data import scan_source
-from featurestore.extract import extract_features
-from featurestore.prepare import prepare_bbc_news
-from featurestore.texts import TextRunner, Tokenization, Tokenizer, item_text
+from featurestore.configs import Tokenization, extract_options
+from featurestore.data.prepare import prepare_bbc_news
+from featurestore.data.sources import scan_source
+from featurestore.encode.backbones import load_text_backbone
+from featurestore.encode.texts import TextRunner, Tokenizer, item_text
+from featurestore.extract.launch import extract_features
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,16 +27,16 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from featurestore.baselines import tfidf_logreg
-from featurestore.configs import FinetuneConfig, HeadConfig
-from featurestore.curve import CURVE_HEAD, fit_probe
-from featurestore.extract import extract_features
-from featurestore.heads import TrainedHead, train_head
-from featurestore.prepare import prepare_bbc_news
-from featurestore.reports import evaluate_head
-from featurestore.store import FeatureStore
-from featurestore.text_finetune import finetune_text
-from featurestore.texts import Tokenization
+from featurestore.configs import FinetuneConfig, HeadConfig, Tokenization
+from featurestore.data.prepare import prepare_bbc_news
+from featurestore.extract.launch import extract_features
+from featurestore.heads.head import TrainedHead
+from featurestore.heads.reports import evaluate_head
+from featurestore.heads.train import train_head
+from featurestore.store.hdf5 import FeatureStore
+from featurestore.transfer.baselines import tfidf_logreg
+from featurestore.transfer.curve import CURVE_HEAD, fit_probe
+from featurestore.transfer.text_finetune import finetune_text
 
 BASE = FinetuneConfig(epochs=8, patience=3, batch_size=16, workers=0)
 GRID = [replace(BASE, unfreeze_blocks=depth, head_lr=lr, backbone_lr_factor=factor)

@@ -2,26 +2,33 @@
 
 Notebook entry points::
 
-    from featurestore import FeatureStore, extract_features, load_backbone
+    from featurestore import FeatureStore, extract_features, load_backbone, train_head, HeadConfig
+
+The layers, from the bottom: ``errors``, ``utils``, ``configs``, ``data`` | ``store``, ``encode``,
+``extract`` | ``heads``, ``transfer`` | ``deploy``, ``commands``, ``cli`` (README, "Architecture").
 """
 
 __version__ = "0.1.0"
 
+from .configs import FinetuneConfig, HeadConfig  # noqa: E402
 from .errors import FeaturestoreError  # noqa: E402
 from .store import FeatureStore  # noqa: E402
 
+# torch and scikit-learn are heavy: these names are imported when first used.
+_LAZY = {
+    "extract_features": "featurestore.extract", "ExtractSummary": "featurestore.extract",
+    "load_backbone": "featurestore.encode.backbones", "list_backbones": "featurestore.encode.backbones",
+    "get_spec": "featurestore.encode.backbones",
+    "train_head": "featurestore.heads", "load_head": "featurestore.heads", "TrainedHead": "featurestore.heads",
+}
+
 
 def __getattr__(name: str):
-    # torch is heavy: import the extraction API only when it is used.
-    if name in ("extract_features", "ExtractSummary"):
-        from . import extract
+    if name in _LAZY:
+        import importlib
 
-        return getattr(extract, name)
-    if name in ("load_backbone", "list_backbones", "get_spec"):
-        from . import backbones
-
-        return getattr(backbones, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'featurestore' has no attribute {name!r}")
 
 
-__all__ = ["FeatureStore", "FeaturestoreError", "extract_features", "load_backbone", "list_backbones", "get_spec"]
+__all__ = ["FeatureStore", "FeaturestoreError", "FinetuneConfig", "HeadConfig", *_LAZY]

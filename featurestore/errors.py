@@ -8,6 +8,10 @@ class FeaturestoreError(Exception):
     """Base class: the CLI prints these without a traceback and exits non-zero."""
 
 
+class BadValueError(FeaturestoreError, ValueError):
+    """A setting or argument has a value it may not have (not one of its choices, or out of its range)."""
+
+
 class UnknownBackboneError(FeaturestoreError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])

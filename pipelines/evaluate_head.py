@@ -1,17 +1,15 @@
-"""DVC stage `evaluate_head@<backbone>-<head>`: one head on the test split → its files under data/reports/."""
+"""DVC stage `evaluate_head@<backbone>-<head>`: one head on the test split → its files under OUT."""
 
 import json
-import sys
 
-from _params import ROOT, load_params
+from _params import load_params, stage_arguments
 
-from featurestore.heads import load_head
-from featurestore.reports import write_head_report
+from featurestore.heads import load_head, write_head_report
 from featurestore.store import FeatureStore
 
 if __name__ == "__main__":
-    backbone, head_name = sys.argv[1], sys.argv[2]
-    head = load_head(ROOT / "data" / "heads" / f"{backbone}__{head_name}.skops")
-    metrics = write_head_report(head, FeatureStore(ROOT / "data" / "features" / f"{backbone}.h5"),
-                                ROOT / "data" / "reports", split=load_params("evaluate")["split"])
+    args = stage_arguments(__doc__, ("backbone", "head"), {"head_file": "the head", "features": "its feature store",
+                                                          "out": "the reports folder"})
+    metrics = write_head_report(load_head(args.head_file), FeatureStore(args.features), args.out,
+                                split=load_params("evaluate")["split"])
     print(json.dumps(metrics))

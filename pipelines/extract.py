@@ -1,21 +1,19 @@
-"""DVC stage `extract@<backbone>`: data/<its data set> → data/features/<backbone>.h5 (+ a summary JSON).
+"""DVC stage `extract@<backbone>`: its data set → its feature store (+ a summary JSON of what the run did).
 
 Image backbones take `extract.<backbone>`'s image settings, text backbones its tokenization.
 """
 
-import sys
-
-from _params import ROOT, load_params
+from _params import load_params, stage_arguments
 
 from featurestore.configs import extract_options
-from featurestore.console import setup_logging
 from featurestore.extract import extract_features
+from featurestore.utils.console import setup_logging
 
 if __name__ == "__main__":
     setup_logging()
-    backbone = sys.argv[1]
-    data = ROOT / "data" / load_params("stores")[backbone]
-    out = ROOT / "data" / "features" / f"{backbone}.h5"
-    summary = extract_features(data, out, backbone, **extract_options(load_params("extract")[backbone]))
-    out.with_name(f"{backbone}.summary.json").write_text(summary.to_json() + "\n")
+    args = stage_arguments(__doc__, ("backbone",), {"data": "the prepared data set", "out": "the feature store",
+                                                     "summary": "what the run did (JSON)"})
+    summary = extract_features(args.data, args.out, args.backbone,
+                               **extract_options(load_params("extract")[args.backbone]))
+    args.summary.write_text(summary.to_json() + "\n")
     print(summary.to_json())

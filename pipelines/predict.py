@@ -1,19 +1,16 @@
-"""DVC stage `predict@<name>`: data/export/<name>.onnx on its data set's test split → data/predictions/<name>.csv."""
+"""DVC stage `predict@<name>`: an exported model on its data set's test split → a CSV (+ a summary JSON beside it)."""
 
-import sys
+from _params import load_params, stage_arguments
 
-from _params import ROOT, load_params
-
-from featurestore.console import setup_logging
-from featurestore.predict import predict
+from featurestore.deploy import predict
+from featurestore.utils.console import setup_logging
 
 if __name__ == "__main__":
     setup_logging()
-    name = sys.argv[1]
-    p, entry = load_params("predict"), load_params("export")[name]
-    out = ROOT / "data" / "predictions" / f"{name}.csv"
-    summary = predict(ROOT / "data" / "export" / f"{name}.onnx", ROOT / "data" / entry["data"], out,
-                      batch_size=p["batch_size"], workers=p["workers"], provider=p["provider"], top_k=p["top_k"],
-                      split=p["split"], progress=False)
-    out.with_suffix(".json").write_text(summary.to_json() + "\n")
+    args = stage_arguments(__doc__, ("name",), {"model": "the ONNX file", "data": "the prepared data set",
+                                                 "out": "the predictions (CSV)"})
+    p = load_params("predict")
+    summary = predict(args.model, args.data, args.out, batch_size=p["batch_size"], workers=p["workers"],
+                      provider=p["provider"], top_k=p["top_k"], split=p["split"], progress=False)
+    args.out.with_suffix(".json").write_text(summary.to_json() + "\n")
     print(summary.to_json())

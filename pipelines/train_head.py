@@ -1,15 +1,14 @@
-"""DVC stage `train_head@<backbone>-<head>`: data/features/<backbone>.h5 → data/heads/<backbone>__<head>.skops."""
+"""DVC stage `train_head@<backbone>-<head>`: a feature store → a head file (skops), C chosen on validation."""
 
 import json
-import sys
 
-from _params import ROOT, load_params
+from _params import load_params, stage_arguments
 
-from featurestore.heads import config_from_params, train_head
+from featurestore.configs import config_from_params
+from featurestore.heads import train_head
 
 if __name__ == "__main__":
-    backbone, head_name = sys.argv[1], sys.argv[2]
-    config = config_from_params(load_params("train_head"), head_name)
-    head = train_head(ROOT / "data" / "features" / f"{backbone}.h5", config)
-    head.save(ROOT / "data" / "heads" / f"{backbone}__{head_name}.skops")
+    args = stage_arguments(__doc__, ("backbone", "head"), {"features": "the feature store", "out": "the head file"})
+    head = train_head(args.features, config_from_params(load_params("train_head"), args.head))
+    head.save(args.out)
     print(json.dumps(head.summary()))

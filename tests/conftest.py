@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from featurestore.prepare import FASHION_MNIST_DIR, prepare_fashion_mnist
+from featurestore.data.prepare import FASHION_MNIST_DIR, prepare_fashion_mnist
 
 # Small input keeps the real EfficientNet-Lite0 fast on 2 cores; correctness tests that need the
 # native resolution (ImageNet top-5) build their own.
@@ -49,7 +49,7 @@ def fashion_folder(fashion_folder_master, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def lite0_small():
     """The real EfficientNet-Lite0 with ImageNet weights, at 64 px without centre crop."""
-    from featurestore.backbones import load_backbone
+    from featurestore.encode.backbones import load_backbone
 
     return load_backbone("efficientnet_lite0", image_size=TEST_IMAGE_SIZE, crop_pct=1.0)
 

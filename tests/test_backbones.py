@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from featurestore.backbones import get_spec, list_backbones, load_backbone, load_classifier
-from featurestore.backbones.torchvision_models import cached_weights_path, default_weights
+from featurestore.encode.backbones import get_spec, list_backbones, load_backbone, load_classifier
+from featurestore.encode.backbones.torchvision_models import cached_weights_path, default_weights
 from featurestore.errors import UnknownBackboneError, WeightsMismatchError, WeightsUnavailableError
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -10,9 +10,11 @@ import joblib
 import numpy as np
 import pytest
 
+from featurestore.configs import HeadConfig
 from featurestore.errors import HeadFileError
-from featurestore.extract import extract_features
-from featurestore.heads import HeadConfig, load_head, train_head
+from featurestore.extract.launch import extract_features
+from featurestore.heads.head import load_head
+from featurestore.heads.train import train_head
 
 GRID = {"c_min": 1e-2, "c_max": 1e1, "c_points": 3, "n_jobs": 1}
 

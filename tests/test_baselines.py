@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from featurestore.baselines import convergence, pixel_logreg, train_from_scratch
 from featurestore.configs import CURVE_METHODS, FinetuneConfig, ScratchConfig
-from featurestore.curve import merge_curves, run_curve
 from featurestore.errors import FeaturestoreError
-from featurestore.extract import extract_features
+from featurestore.extract.launch import extract_features
+from featurestore.transfer.baselines import convergence, pixel_logreg, train_from_scratch
+from featurestore.transfer.curve import merge_curves, run_curve
 
 
 def history(train_accuracy, val_accuracy):
@@ -38,7 +38,7 @@ def test_pixel_logistic_regression_chooses_c_on_val(fashion_folder_master):
 
 @pytest.mark.slow
 def test_scratch_starts_from_random_weights_and_trains_every_layer(fashion_folder_master):
-    from featurestore.backbones import load_classifier
+    from featurestore.encode.backbones import load_classifier
 
     config = ScratchConfig(steps=6, image_size=32, batch_size=8, workers=0)
     result = train_from_scratch(fashion_folder_master, config, device="cpu")
@@ -47,7 +47,7 @@ def test_scratch_starts_from_random_weights_and_trains_every_layer(fashion_folde
     assert set(result.converged) >= {"by", "final_train_accuracy", "best_val_step"}
     _, pretrained, _ = load_classifier("efficientnet_lite0")
     torch.manual_seed(config.seed)
-    from featurestore.backbones import get_spec
+    from featurestore.encode.backbones import get_spec
 
     random_init = get_spec("efficientnet_lite0").build()
     assert not torch.equal(random_init._conv_stem.weight, pretrained._conv_stem.weight)

@@ -11,10 +11,10 @@ import pytest
 from PIL import ImageOps
 
 from featurestore import FeatureStore
-from featurestore.atomic import temp_files_of
-from featurestore.backbones import load_backbone
-from featurestore.extract import extract_features
-from featurestore.images import load_rgb
+from featurestore.encode.backbones import load_backbone
+from featurestore.encode.images import load_rgb
+from featurestore.extract.launch import extract_features
+from featurestore.utils.atomic import temp_files_of
 
 pytestmark = pytest.mark.slow
 

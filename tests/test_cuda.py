@@ -8,8 +8,8 @@ from PIL import Image
 
 from featurestore import FeatureStore
 from featurestore.configs import HeadConfig
-from featurestore.extract import extract_features
-from featurestore.heads import train_head
+from featurestore.extract.launch import extract_features
+from featurestore.heads.train import train_head
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available())")]
@@ -70,7 +70,7 @@ class RandomBatches:
 def test_a_resumed_cuda_run_equals_an_uninterrupted_one(tmp_path):
     """Float16 autocast with a GradScaler: its state is in the checkpoint, so a run that crashes after epoch 1 and
     resumes ends with the same weights as a run that never stopped."""
-    from featurestore.training import train
+    from featurestore.transfer.training import train
 
     def run(checkpoint, crash_at=None):
         torch.manual_seed(0)
@@ -100,9 +100,9 @@ def test_a_resumed_cuda_run_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_the_cuda_provider_is_used_when_it_really_works(shapes, tmp_path):
+    from featurestore.deploy.export import export_onnx
+    from featurestore.encode.runtime import make_session
     from featurestore.errors import ProviderError
-    from featurestore.export import export_onnx
-    from featurestore.runtime import make_session
 
     extract_features(shapes, tmp_path / "f.h5", image_size=64, crop_pct=1.0, workers=0, progress=False)
     export_onnx(train_head(tmp_path / "f.h5", HeadConfig(c_points=3, n_jobs=1)), tmp_path / "m.onnx")

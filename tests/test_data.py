@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featurestore.data import content_id, scan_source
+from featurestore.data.sources import content_id, scan_source
+from featurestore.encode.images import load_image, load_rgb
+from featurestore.encode.preprocess import Preprocessing
 from featurestore.errors import DataError, ImageDecodeError
-from featurestore.images import load_image, load_rgb
-from featurestore.preprocess import Preprocessing
 
 
 def save(image: Image.Image, path, **kwargs):

@@ -9,13 +9,13 @@ import pytest
 
 from featurestore import FeatureStore
 from featurestore.configs import FinetuneConfig, HeadConfig
-from featurestore.decision import choose, run_finetune_stage, should_finetune
-from featurestore.deploy import deployed_head
+from featurestore.data.prepare import prepare_fashion_mnist
+from featurestore.deploy.deployment import deployed_head
 from featurestore.errors import FeaturestoreError
-from featurestore.extract import extract_features
-from featurestore.heads import train_head
-from featurestore.prepare import prepare_fashion_mnist
-from featurestore.training import TrainResult
+from featurestore.extract.launch import extract_features
+from featurestore.heads.train import train_head
+from featurestore.transfer.decision import choose, run_finetune_stage, should_finetune
+from featurestore.transfer.training import TrainResult
 
 PLATEAUED = {"plateaued": True, "reason": "flat"}
 RISING = {"plateaued": False, "reason": "still rising"}
@@ -76,11 +76,16 @@ def test_the_stage_skips_fine_tunes_chooses_and_deploys(project):
     config = FinetuneConfig(unfreeze_blocks=2, epochs=6, head_lr=1e-3, backbone_lr_factor=1.0, batch_size=16,
                             workers=0)
 
+    finetuned_head = out / "heads" / "efficientnet_lite0_ft__logreg.skops"
+
+    def deployed():
+        return deployed_head(out / "decision.json", head_path, finetuned_head)
+
     skipped = run_finetune_stage("efficientnet_lite0", head_path, data, out, RISING, "auto", config, heads, options,
                                  device="cpu")
     assert not skipped["finetuned"] and skipped["chosen"] == "probe"
     assert json.loads((out / "decision.json").read_text())["reason"] == "still rising"
-    assert deployed_head(project, "efficientnet_lite0", "logreg") == head_path
+    assert deployed() == head_path
 
     chosen = run_finetune_stage("efficientnet_lite0", head_path, data, out, RISING, "always", config, heads,
                                 options, device="cpu")
@@ -89,11 +94,10 @@ def test_the_stage_skips_fine_tunes_chooses_and_deploys(project):
     assert chosen["choice"]["val_finetuned"] > chosen["choice"]["val_probe"] and chosen["choice"]["gain"]["low"] > 0
     ft_store = FeatureStore(out / "features.h5")
     assert ft_store.fingerprint["backbone"] == "efficientnet_lite0_ft"
-    finetuned_head = out / "heads" / "efficientnet_lite0_ft__logreg.skops"
-    assert deployed_head(project, "efficientnet_lite0", "logreg") == finetuned_head
+    assert deployed() == finetuned_head
     assert (out / "trunk.h5").is_file()  # kept: the next run reuses it
 
     never = run_finetune_stage("efficientnet_lite0", head_path, data, out, PLATEAUED, "never",
                                replace(config, epochs=1), heads, options, device="cpu")
     assert never["chosen"] == "probe" and not (out / "heads").exists() and not (out / "backbone.json").exists()
-    assert deployed_head(project, "efficientnet_lite0", "logreg") == head_path
+    assert deployed() == head_path

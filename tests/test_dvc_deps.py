@@ -24,9 +24,28 @@ def module_path(name: str) -> Path | None:
     return None
 
 
+def lazy_homes(package: str) -> dict[str, str]:
+    """A subpackage's lazily re-exported names (``_HOMES`` in its ``__init__``: name → module relative to it)."""
+    init = module_path(package)
+    if init is None or init.name != "__init__.py":
+        return {}
+    for node in ast.parse(init.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_HOMES" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return {}
+
+
+def resolve_relative(package: str, home: str) -> str:
+    """``home`` (``"train"`` or ``".configs"``) relative to ``package``, as an absolute module name."""
+    level = len(home) - len(home.lstrip(".")) + 1
+    anchor = package.split(".")
+    return ".".join(anchor[: len(anchor) - level + 1] + [home.lstrip(".")])
+
+
 def imported_modules(path: Path) -> set[str]:
-    """featurestore modules imported anywhere in ``path`` (relative imports resolved). The package's own
-    ``__init__`` is read for its top-level imports only: its lazy ``__getattr__`` imports serve notebooks."""
+    """featurestore modules imported anywhere in ``path`` (relative imports resolved; a name that a subpackage
+    re-exports lazily counts as an import of its home module). The package's own ``__init__`` is read for its
+    top-level imports only: its lazy ``__getattr__`` imports serve notebooks."""
     tree = ast.parse(path.read_text())
     parts = path.relative_to(ROOT).with_suffix("").parts
     package = ".".join(parts[:-1])  # the package a relative import starts from (also for an __init__)
@@ -43,6 +62,8 @@ def imported_modules(path: Path) -> set[str]:
                 base = ".".join(anchor + ([node.module] if node.module else []))
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}
+            homes = lazy_homes(base)
+            found |= {resolve_relative(base, homes[alias.name]) for alias in node.names if alias.name in homes}
     modules = set()
     for name in found:
         while name and module_path(name) is None:
@@ -95,12 +116,14 @@ def test_every_module_and_params_section_a_stage_reads_is_declared(name, stage):
     assert not undeclared, f"stage {name} reads params sections it does not declare: {undeclared}"
 
 
-def test_the_closure_follows_imports_inside_functions_and_through_modules():
+def test_the_closure_follows_imports_inside_functions_through_modules_and_lazy_re_exports():
     deps = closure(ROOT / "pipelines" / "export.py")
-    assert Path("featurestore/export.py") in deps
-    assert Path("featurestore/fingerprint.py") in deps  # imported inside export.backbone_for
-    assert Path("featurestore/extract.py") not in deps
-    assert Path("featurestore/backbones/efficientnet_lite.py") in deps  # through backbones/__init__
+    assert Path("featurestore/deploy/export.py") in deps
+    assert Path("featurestore/encode/fingerprint.py") in deps  # imported inside export.backbone_for
+    assert not any(str(path).startswith("featurestore/extract") for path in deps)
+    assert Path("featurestore/encode/backbones/efficientnet_lite.py") in deps  # through backbones/__init__
+    heads = closure(ROOT / "pipelines" / "train_head.py")  # train_head is re-exported lazily by featurestore.heads
+    assert {Path("featurestore/heads/train.py"), Path("featurestore/heads/streaming.py")} <= heads
 
 
 def test_every_store_has_its_sections_and_every_export_a_store():

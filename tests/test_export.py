@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from featurestore import FeatureStore
-from featurestore.export import ExportError, export_onnx
-from featurestore.extract import extract_features
-from featurestore.heads import HeadConfig, train_head
-from featurestore.predict import OnnxClassifier, predict
-from featurestore.runtime import ProviderError, make_session
+from featurestore.configs import HeadConfig
+from featurestore.deploy.export import ExportError, export_onnx
+from featurestore.deploy.predict import OnnxClassifier, predict
+from featurestore.encode.runtime import ProviderError, make_session
+from featurestore.extract.launch import extract_features
+from featurestore.heads.train import train_head
 
 GRID = {"c_min": 1e-3, "c_max": 1e2, "c_points": 6, "n_jobs": 1}
 
@@ -64,7 +65,7 @@ def test_export_is_one_verified_graph(tiny, exported, name):
 
 
 def _features(images):
-    from featurestore.backbones import load_backbone
+    from featurestore.encode.backbones import load_backbone
 
     model = load_backbone("efficientnet_lite0", image_size=64, crop_pct=1.0)
     return model(torch.from_numpy(images)).numpy()
@@ -123,7 +124,7 @@ def test_provider_is_checked_not_assumed(exported):
 
 
 def test_a_graph_that_disagrees_fails_the_export(tiny, monkeypatch, tmp_path):
-    from featurestore import export as export_module
+    from featurestore.deploy import export as export_module
 
     _, _, heads = tiny
     real = export_module.linear_head_params

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from featurestore import FeatureStore
+from featurestore.encode.images import load_rgb
 from featurestore.errors import ImageDecodeError
-from featurestore.extract import extract_features
-from featurestore.images import load_rgb
+from featurestore.extract.launch import extract_features
 
 from .conftest import TEST_IMAGE_SIZE
 
@@ -84,7 +84,7 @@ def test_rerun_is_incremental(fashion_folder, tmp_path, lite0_small, count_model
 
 
 def test_another_fingerprint_never_mixes(fashion_folder, tmp_path, lite0_small, count_model_images):
-    from featurestore.backbones import load_backbone
+    from featurestore.encode.backbones import load_backbone
 
     out = tmp_path / "f.h5"
     extract(fashion_folder, out, lite0_small)
@@ -200,7 +200,7 @@ def test_onnxruntime_engine_agrees_with_torch_and_shares_the_cache(fashion_folde
 
 
 def edited_copy(tmp_path: Path, module: str, edit: tuple[str, str] | None = None) -> Path:
-    """A copy of the featurestore package under ``tmp_path``, with ``module`` (e.g. "preprocess.py") edited:
+    """A copy of the featurestore package under ``tmp_path``, with ``module`` (e.g. "encode/preprocess.py") edited:
     ``edit`` replaces one string (default: appends a comment, which changes no behaviour)."""
     import featurestore
 
@@ -228,16 +228,16 @@ BILINEAR_EDIT = ("image.resize((new_w, new_h), INTERPOLATIONS[self.interpolation
 
 FINGERPRINT_CODE = """
 import json
-from featurestore.backbones import load_backbone
-from featurestore.engines import onnx_path_for
-from featurestore.fingerprint import fingerprint_for
+from featurestore.encode.backbones import load_backbone
+from featurestore.encode.engines import onnx_path_for
+from featurestore.encode.fingerprint import fingerprint_for
 model = load_backbone("efficientnet_lite0", image_size=32, crop_pct=1.0)
 print(json.dumps([fingerprint_for(model, "float32", False)["code_sha256"], onnx_path_for(model).name]))
 """
 
 
-@pytest.mark.parametrize("module", ["backbones/efficientnet_lite.py", "preprocess.py", "images.py",
-                                    "backbones/model.py"])
+@pytest.mark.parametrize("module", ["encode/backbones/efficientnet_lite.py", "encode/preprocess.py",
+                                    "encode/images.py", "encode/backbones/model.py"])
 def test_editing_the_feature_code_changes_the_fingerprint_and_the_cached_graph(tmp_path, module):
     """The store fingerprint and the ONNX cache key cover the code on the feature path."""
     original = json.loads(in_copy(edited_copy(tmp_path / "same", "configs.py"), FINGERPRINT_CODE))
@@ -246,13 +246,13 @@ def test_editing_the_feature_code_changes_the_fingerprint_and_the_cached_graph(t
 
 
 def test_code_outside_the_feature_path_keeps_the_fingerprint(tmp_path, lite0_small):
-    from featurestore.fingerprint import fingerprint_for
+    from featurestore.encode.fingerprint import fingerprint_for
 
     here = fingerprint_for(lite0_small, "float32", False)
     assert {"torch", "torchvision", "onnxruntime", "pillow"} <= set(here["libraries"])
     assert here["libraries"]["onnxruntime"].startswith("onnxruntime-gpu ")
     code = FINGERPRINT_CODE.replace("image_size=32", "image_size=64")
-    copied = json.loads(in_copy(edited_copy(tmp_path, "heads.py"), code))  # a head edit is not a feature edit
+    copied = json.loads(in_copy(edited_copy(tmp_path, "heads/estimators.py"), code))  # a head edit: not a feature
     assert copied[0] == here["code_sha256"]
 
 
@@ -264,7 +264,7 @@ def test_a_rerun_after_a_code_edit_extracts_everything_again(fashion_folder, tmp
             "--workers", 0, "--no-progress", "--json"]
     first = json.loads(run_cli(*args, check=True).stdout)
     assert first["extracted"] == 40
-    copy = edited_copy(tmp_path, "preprocess.py", BILINEAR_EDIT)
+    copy = edited_copy(tmp_path, "encode/preprocess.py", BILINEAR_EDIT)
     result = subprocess.run([sys.executable, "-m", "featurestore.cli", *map(str, args)], capture_output=True,
                             text=True, cwd=copy, env={**os.environ, "PYTHONPATH": str(copy)}, check=True)
     second = json.loads(result.stdout)

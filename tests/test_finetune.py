@@ -12,22 +12,17 @@ import pytest
 import torch
 
 from featurestore import FeatureStore
-from featurestore.augment import ViewRecipe
-from featurestore.backbones.model import PixelNormalize
-from featurestore.data import content_id, scan_source
-from featurestore.encoders import Item, view_id
-from featurestore.extract import extract_features
-from featurestore.finetune import (
-    FinetuneConfig,
-    build_model,
-    finetune,
-    probe_weights,
-    train_only_probe,
-    trunk_cache_for,
-)
-from featurestore.heads import HeadConfig, train_head
-from featurestore.preprocess import Preprocessing
-from featurestore.trunk import TrunkCache, UpperBlocks, ViewImages
+from featurestore.configs import HeadConfig
+from featurestore.data.sources import content_id, scan_source
+from featurestore.encode.backbones.model import PixelNormalize
+from featurestore.encode.encoders import Item, view_id
+from featurestore.encode.preprocess import Preprocessing
+from featurestore.extract.launch import extract_features
+from featurestore.heads.train import train_head
+from featurestore.transfer.augment import ViewRecipe
+from featurestore.transfer.finetune import FinetuneConfig, build_model, finetune, trunk_cache_for
+from featurestore.transfer.probe import probe_weights, train_only_probe
+from featurestore.transfer.trunk import TrunkCache, UpperBlocks, ViewImages
 
 pytestmark = pytest.mark.slow
 
@@ -215,7 +210,7 @@ def test_a_checkpoint_resumes_only_the_run_that_wrote_it(probe, fashion_folder_m
 
 
 def test_a_head_on_custom_weights_fine_tunes_those_weights(probe, fashion_folder_master, tmp_path):
-    from featurestore.backbones import load_classifier
+    from featurestore.encode.backbones import load_classifier
     from featurestore.errors import WeightsMismatchError
 
     _, network, _ = load_classifier("efficientnet_lite0")

@@ -10,12 +10,15 @@ from PIL import Image
 from sklearn.calibration import CalibratedClassifierCV
 
 from featurestore import FeatureStore
-from featurestore.errors import FeaturestoreError
-from featurestore.extract import extract_features
-from featurestore.heads import HeadConfig, HeadMismatchError, choose_c, load_head, sweep_c, sweep_jobs, train_head
-from featurestore.prepare import prepare_fashion_mnist
-from featurestore.reports import write_reports
-from featurestore.summary import read_head_metrics
+from featurestore.configs import HeadConfig
+from featurestore.data.prepare import prepare_fashion_mnist
+from featurestore.errors import FeaturestoreError, HeadMismatchError
+from featurestore.extract.launch import extract_features
+from featurestore.heads.estimators import choose_c, sweep_c, sweep_jobs
+from featurestore.heads.head import load_head
+from featurestore.heads.reports import write_reports
+from featurestore.heads.summary import read_head_metrics
+from featurestore.heads.train import train_head
 
 SMALL_GRID = {"c_min": 1e-4, "c_max": 1e2, "c_points": 7, "n_jobs": 2}
 
@@ -83,7 +86,7 @@ def test_logreg_warm_started_sweep_matches_cold_fits(tiny_store):
 
 
 def test_head_refuses_features_from_another_cache(tiny_store, fashion_folder_master, tmp_path):
-    from featurestore.backbones import load_backbone
+    from featurestore.encode.backbones import load_backbone
 
     trained = train_head(tiny_store, HeadConfig(**SMALL_GRID))
     other_model = load_backbone("efficientnet_lite0", image_size=48, crop_pct=1.0)
@@ -151,8 +154,8 @@ def test_linear_probe_on_real_features_is_accurate(tmp_path, lite0_small):
 
 
 def test_params_sections_make_a_head_config():
+    from featurestore.configs import config_from_params
     from featurestore.errors import FeaturestoreError
-    from featurestore.heads import config_from_params
 
     params = {"heads": ["logreg"], "sweep": {"c_min": "1e-3", "c_points": 5}, "logreg": {"normalize": "l2"}}
     config = config_from_params(params, "logreg")
@@ -172,7 +175,7 @@ def test_small_sweeps_run_in_process_and_large_ones_on_every_core():
 
 
 def test_the_feature_scaler_treats_float_noise_as_constant():
-    from featurestore.scaling import FeatureScaler
+    from featurestore.heads.scaling import FeatureScaler
 
     rng = np.random.default_rng(0)
     X = rng.normal(0, 0.05, (200, 4)).astype(np.float32)

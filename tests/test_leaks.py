@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from featurestore import FeatureStore
+from featurestore.configs import HeadConfig
 from featurestore.errors import DuplicateItemsError, LeakError
-from featurestore.extract import extract_features
-from featurestore.heads import HeadConfig, train_head
-from featurestore.reports import evaluate_head
+from featurestore.extract.launch import extract_features
+from featurestore.heads.reports import evaluate_head
+from featurestore.heads.train import train_head
 
 GRID = {"c_min": 1e-3, "c_max": 1e2, "c_points": 4, "n_jobs": 1}
 

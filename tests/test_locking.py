@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from featurestore import FeatureStore
-from featurestore.atomic import atomic_path, temp_files_of
-from featurestore.locking import owner_path, store_lock
+from featurestore.store.locking import owner_path, store_lock
+from featurestore.utils.atomic import atomic_path, temp_files_of
 
 ARGS = ["--image-size", "32", "--crop-pct", "1.0", "--batch-size", "8", "--workers", "0", "--device", "cpu",
         "--engine", "torch", "--no-progress"]

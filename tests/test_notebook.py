@@ -6,15 +6,15 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from featurestore.extract import extract_features
+from featurestore.extract.launch import extract_features
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "head_experiments.ipynb"
 
 
 @pytest.mark.slow
 def test_head_experiments_notebook_executes(fashion_folder_master, lite0_small, tmp_path, monkeypatch):
-    from featurestore.prepare import prepare_bbc_news
-    from featurestore.texts import Tokenization
+    from featurestore.configs import Tokenization
+    from featurestore.data.prepare import prepare_bbc_news
 
     store = tmp_path / "tiny.h5"
     extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from featurestore import FeatureStore
-from featurestore.heads import load_head
+from featurestore.heads.head import load_head
 
 pytestmark = pytest.mark.slow
 

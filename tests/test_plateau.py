@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from featurestore import FeatureStore
-from featurestore.data import nested_subset
-from featurestore.extract import extract_features
-from featurestore.plateau import PlateauRule, detect_plateau, verdict
-from featurestore.stats import paired_gain
+from featurestore.data.sources import nested_subset
+from featurestore.extract.launch import extract_features
+from featurestore.transfer.plateau import PlateauRule, detect_plateau, verdict
+from featurestore.transfer.stats import paired_gain
 
 
 def curve(*budgets):

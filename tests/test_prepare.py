@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from featurestore.prepare import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, prepare_fashion_mnist, read_idx
+from featurestore.data.prepare import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, prepare_fashion_mnist, read_idx
 
 
 def test_prepare_writes_balanced_disjoint_splits(tmp_path):
@@ -37,7 +37,7 @@ def test_prepare_is_deterministic_and_matches_the_idx_source(tmp_path):
 def test_bbc_news_is_prepared_without_its_duplicate_articles(tmp_path):
     import hashlib
 
-    from featurestore.prepare import prepare_bbc_news
+    from featurestore.data.prepare import prepare_bbc_news
 
     counts = prepare_bbc_news(tmp_path / "bbc", labels_per_class=50, val_per_class=50, test_per_class=100)
     assert (counts.train, counts.val, counts.test, counts.duplicates_dropped) == (250, 250, 500, 98)
@@ -50,7 +50,7 @@ def test_bbc_news_is_prepared_without_its_duplicate_articles(tmp_path):
 def test_bbc_news_latin1_article_is_written_as_utf8(tmp_path):
     import shutil
 
-    from featurestore.prepare import bbc_news_dir, prepare_bbc_news
+    from featurestore.data.prepare import bbc_news_dir, prepare_bbc_news
 
     corpus = bbc_news_dir() / "sports"
     assert b"\xa3" in (corpus / "199.txt").read_bytes()  # the corpus's one Latin-1 file: a pound sign

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from featurestore.configs import HeadConfig
-from featurestore.heads import train_head
-from featurestore.store import FeatureStore, SplitArrays, _chunk_infos, _contiguous_runs, store_writer, write_store
+from featurestore.heads.train import train_head
+from featurestore.store.hdf5 import FeatureStore, SplitArrays, chunk_infos, contiguous_runs, store_writer, write_store
 
 
 def synthetic(path, rows: int, dim: int = 64, classes: int = 4, seed: int = 0, block: int = 20_000,
@@ -57,8 +57,8 @@ def test_the_fast_loader_reads_contiguous_chunks_at_once_and_any_order_right(tmp
     with h5py.File(store.path) as handle:
         dataset = handle["train/features"]
         expected = dataset[...]
-        chunks = _chunk_infos(dataset)
-        runs = _contiguous_runs(chunks, dataset.chunks[0], 1024 * 4, dataset.shape[0])
+        chunks = chunk_infos(dataset)
+        runs = contiguous_runs(chunks, dataset.chunks[0], 1024 * 4, dataset.shape[0])
     assert len(chunks) == 36  # 256-row chunks of 1 MiB
     assert sum(length for _, _, length in runs) == expected.nbytes
     assert len(runs) <= 10  # at most one read per block written (10 here), not one per chunk
@@ -75,11 +75,11 @@ def test_the_streaming_head_learns_and_exports_like_the_others(tmp_path):
     proba = head.predict_proba(X)
     assert proba.shape == (200, 4) and np.allclose(proba.sum(1), 1) and np.mean(head.predict(X) == y) > 0.9
     saved = head.save(tmp_path / "sgd.skops")
-    from featurestore.heads import load_head
+    from featurestore.heads.head import load_head
 
     assert np.array_equal(load_head(saved).predict(X), head.predict(X))
-    from featurestore.export import linear_head_graph, linear_head_params
-    from featurestore.runtime import make_session
+    from featurestore.deploy.export import linear_head_graph, linear_head_params
+    from featurestore.encode.runtime import make_session
 
     graph = linear_head_graph(linear_head_params(head), store.feature_dim)  # the head part of an export
     (tmp_path / "head.onnx").write_bytes(graph.SerializeToString())
@@ -91,7 +91,7 @@ def test_the_streaming_head_learns_and_exports_like_the_others(tmp_path):
 PEAK = """
 import json, resource, sys
 from featurestore.configs import HeadConfig
-from featurestore.heads import train_head
+from featurestore.heads.train import train_head
 train_head(sys.argv[1], HeadConfig(head="sgd_logreg", c_min=1e-2, c_max=1e0, c_points=2, max_iter=1))
 print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
 """

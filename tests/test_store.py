@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from featurestore.errors import StoreError
-from featurestore.store import FeatureStore, SplitArrays, chunk_rows, fingerprint_hash, write_store
+from featurestore.store.hdf5 import FeatureStore, SplitArrays, chunk_rows, fingerprint_hash, write_store
 
 FINGERPRINT = {"backbone": "demo", "feature_dim": 1280, "weights_sha256": "0" * 64, "dtype": "float32"}
 
@@ -75,12 +75,12 @@ def test_unreadable_or_foreign_files_are_clear_errors(tmp_path):
 
 
 def test_ids_come_back_as_the_same_strings_as_a_plain_decode():
-    from featurestore.store import _as_str
+    from featurestore.store.hdf5 import ascii_to_str
 
     raw = np.array([b"ab", b"c", b"", b"0123456789abcdef"], dtype="S16")
-    widened = _as_str(raw)
+    widened = ascii_to_str(raw)
     assert widened.dtype == np.dtype("U16")
     assert widened.tolist() == ["ab", "c", "", "0123456789abcdef"]
     assert widened[0] == "ab" and widened[2] == ""
     with pytest.raises(UnicodeDecodeError):  # not ASCII: the same error as astype(str), never wrong text
-        _as_str(np.array(["é".encode()], dtype="S4"))
+        ascii_to_str(np.array(["é".encode()], dtype="S4"))

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from featurestore import FeatureStore
-from featurestore.data import scan_source
+from featurestore.configs import HeadConfig, Tokenization
+from featurestore.data.prepare import prepare_bbc_news
+from featurestore.data.sources import scan_source
+from featurestore.encode.texts import Tokenizer, read_text
 from featurestore.errors import ImageDecodeError
-from featurestore.extract import extract_features
-from featurestore.heads import HeadConfig, train_head
-from featurestore.prepare import prepare_bbc_news
-from featurestore.texts import Tokenization, Tokenizer, read_text
+from featurestore.extract.launch import extract_features
+from featurestore.heads.train import train_head
 
 GRID = {"c_min": 1e-2, "c_max": 1e2, "c_points": 5, "n_jobs": 1}
 
@@ -39,7 +40,7 @@ def text_store(bbc, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def minilm():
-    from featurestore.backbones.text_models import load_text_backbone
+    from featurestore.encode.backbones import load_text_backbone
 
     return load_text_backbone("minilm_l6")
 
@@ -157,8 +158,8 @@ def test_a_missing_model_package_says_what_to_install(bbc, tmp_path):
 
 
 def test_export_and_predict_texts(text_store, bbc, tmp_path):
-    from featurestore.export import export_onnx
-    from featurestore.predict import OnnxClassifier, predict, read_model_metadata
+    from featurestore.deploy.export import export_onnx
+    from featurestore.deploy.predict import OnnxClassifier, predict, read_model_metadata
 
     store = FeatureStore(text_store)
     head = train_head(store, HeadConfig(**GRID))
@@ -180,7 +181,7 @@ def test_export_and_predict_texts(text_store, bbc, tmp_path):
 
 
 def test_the_heads_scaler_leaves_minilms_float_noise_dimensions_alone(text_store):
-    from featurestore.finetune import probe_weights
+    from featurestore.transfer.probe import probe_weights
 
     store = FeatureStore(text_store)
     X, _, _ = store.load("train")
@@ -196,8 +197,8 @@ def test_the_heads_scaler_leaves_minilms_float_noise_dimensions_alone(text_store
 @pytest.mark.slow
 def test_text_fine_tuning_starts_as_the_probe(text_store, bbc, tmp_path):
     from featurestore.configs import FinetuneConfig
-    from featurestore.finetune import train_only_probe
-    from featurestore.text_finetune import finetune_text
+    from featurestore.transfer.probe import train_only_probe
+    from featurestore.transfer.text_finetune import finetune_text
 
     store = FeatureStore(text_store)
     head = train_head(store, HeadConfig(**GRID))
@@ -219,7 +220,7 @@ def test_text_fine_tuning_starts_as_the_probe(text_store, bbc, tmp_path):
     assert wrecked.test_accuracy == pytest.approx(float(np.mean(probe.predict(Xt) == yt)))
     state = torch.load(tmp_path / "ft.pth", weights_only=True)
     assert "encoder.layer.5.attention.self.query.weight" in state
-    from featurestore.backbones import register_finetuned
+    from featurestore.encode.backbones import register_finetuned
 
     register_finetuned("minilm_l6_test_ft", "minilm_l6", tmp_path / "ft.pth")
     ft_store = tmp_path / "ft.h5"
@@ -232,8 +233,8 @@ def test_text_fine_tuning_starts_as_the_probe(text_store, bbc, tmp_path):
 def test_the_text_encoder_from_scratch_fits_its_training_articles(bbc):
     """From random weights the network must be able to fit 15 articles: the first version classified
     L2-normalised states, which capped its logits and held it at chance or short of fitting."""
-    from featurestore.baselines import train_text_from_scratch
     from featurestore.configs import ScratchConfig
+    from featurestore.transfer.baselines import train_text_from_scratch
 
     config = ScratchConfig(lr=5e-4, max_length=32, steps=40, batch_size=16, weight_decay=1e-2, augment=False)
     result = train_text_from_scratch(bbc, config, device="cpu", progress=False)

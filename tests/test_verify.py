@@ -8,9 +8,9 @@ import sys
 import pytest
 from PIL import ImageOps
 
-from featurestore.extract import extract_features
-from featurestore.images import load_rgb
-from featurestore.verify import verify_store
+from featurestore.encode.images import load_rgb
+from featurestore.extract.launch import extract_features
+from featurestore.extract.verify import verify_store
 
 from .test_extract import BILINEAR_EDIT, edited_copy
 
@@ -52,7 +52,7 @@ def test_an_image_edited_on_disk_fails_with_exit_1(store, fashion_folder):
 @pytest.mark.slow
 def test_features_that_moved_since_extraction_fail_with_exit_1(store, tmp_path):
     """Today's code resizes bilinear instead of bicubic: the sample no longer reproduces the stored rows."""
-    copy = edited_copy(tmp_path, "preprocess.py", BILINEAR_EDIT)
+    copy = edited_copy(tmp_path, "encode/preprocess.py", BILINEAR_EDIT)
     result = verify_cli(store, "--sample", 8, copy=copy)
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)

@@ -1,0 +1,14 @@
+"""Deployment: backbone + head as one verified ONNX graph, batch inference with onnxruntime, and which head a
+pipeline deploys.
+"""
+
+from .deployment import deployed_head
+from .export import export_onnx
+from .predict import OnnxClassifier, predict
+
+__all__ = [
+    "deployed_head",
+    "export_onnx",
+    "OnnxClassifier",
+    "predict",
+]

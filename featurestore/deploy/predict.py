@@ -1,0 +1,186 @@
+"""Batch inference with an exported model: images or texts in, one CSV (or JSONL) row per item out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from ..data.sources import FLAT_SPLIT, Record, Source, is_utf8_name, printable_name, scan_source
+from ..encode.images import DecodedImages, collate_decoded, lower_worker_priority
+from ..encode.preprocess import Preprocessing
+from ..encode.runtime import make_session
+from ..errors import FeaturestoreError
+from ..utils.atomic import atomic_path
+from ..utils.console import progress_bar
+
+log = logging.getLogger("featurestore")
+
+
+@dataclass
+class PredictSummary:
+    out: str
+    provider: str
+    predicted: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    accuracy: float | None = None  # when the source has labels that match the model's classes
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _preprocessing_of(meta: dict) -> Preprocessing:
+    return Preprocessing.from_dict(json.loads(meta["featurestore_preprocessing"]))
+
+
+def read_model_metadata(path: str | Path) -> dict[str, str]:
+    """The featurestore metadata of an exported model, read without starting a session."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeaturestoreError(f"{path}: model file not found (run `featurestore export` first)")
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as exc:
+        raise FeaturestoreError(f"{path}: not a readable ONNX model ({exc})") from exc
+    if "featurestore_class_names" not in meta:
+        raise FeaturestoreError(f"{path}: not a featurestore model (no class names in its metadata)")
+    return meta
+
+
+class OnnxClassifier:
+    """An exported featurestore model in an onnxruntime session.
+
+    Images: call with uint8 images (N, 3, S, S). Texts: call with a list of N strings (tokenised with the
+    tokenizer stored in the model). Returns probabilities (N, K) float32, labels (N,) int64.
+    """
+
+    def __init__(self, path: str | Path, provider: str = "auto", meta: dict[str, str] | None = None):
+        meta = meta if meta is not None else read_model_metadata(path)
+        self.session, self.provider = make_session(str(path), provider)
+        self.class_names: list[str] = json.loads(meta["featurestore_class_names"])
+        self.fingerprint_hash = meta.get("featurestore_fingerprint_hash")
+        self.modality = meta.get("featurestore_modality", "image")
+        self.preprocessing = _preprocessing_of(meta) if self.modality == "image" else None
+        self.tokenizer = None
+        if self.modality == "text":
+            from ..configs import Tokenization
+            from ..encode.texts import Tokenizer
+
+            self.tokenizer = Tokenizer(None, Tokenization(**json.loads(meta["featurestore_tokenization"])),
+                                       tokenizer_json=meta["featurestore_tokenizer_json"])
+
+    def __call__(self, inputs) -> tuple[np.ndarray, np.ndarray]:
+        if self.modality == "text":
+            if isinstance(inputs, str) or not all(isinstance(text, str) for text in inputs):
+                raise TypeError("a text model takes a list of strings")
+            ids, mask, _ = self.tokenizer(list(inputs))
+            return self.run_batch({"input_ids": ids, "attention_mask": mask})
+        size = self.preprocessing.image_size
+        if not isinstance(inputs, np.ndarray) or inputs.dtype != np.uint8:
+            raise TypeError(f"images must be a uint8 numpy array (N, 3, {size}, {size}), "
+                            f"got {type(inputs).__name__} {getattr(inputs, 'dtype', '')}")
+        if inputs.ndim != 4 or inputs.shape[1:] != (3, size, size):
+            raise ValueError(f"images must have shape (N, 3, {size}, {size}), got {inputs.shape}")
+        return self.run_batch(inputs)
+
+    def run_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """A batch as the data loader makes it: uint8 images, or the tokenizer's dict."""
+        if isinstance(batch, dict):
+            feed = {"input_ids": np.asarray(batch["input_ids"]), "attention_mask": np.asarray(batch["attention_mask"])}
+        else:
+            feed = {"images": np.asarray(batch)}
+        probabilities, labels = self.session.run(["probabilities", "label"], feed)
+        return probabilities, labels
+
+    def loader(self, records: list[Record], batch_size: int, workers: int) -> DataLoader:
+        """Decoding (or reading and tokenising) in DataLoader workers: batches of (indices, batch, failures)."""
+        if self.modality == "text":
+            from ..encode.texts import TextDocuments, TokenizingCollate
+
+            dataset, collate = TextDocuments(records), TokenizingCollate(self.tokenizer)
+        else:
+            dataset, collate = DecodedImages([r.path for r in records], self.preprocessing), collate_decoded
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                          prefetch_factor=4 if workers else None, worker_init_fn=lower_worker_priority)
+
+
+def _unlabelled_folder(folder: Path) -> Source:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FeaturestoreError(f"{folder}: no files to predict")
+    records = [Record(p, p.name, -1, FLAT_SPLIT) for p in files if is_utf8_name(p.name)]
+    unusable = [{"path": printable_name(p.name), "reason": "file name is not valid UTF-8"}
+                for p in files if not is_utf8_name(p.name)]
+    return Source(folder, [], records, unusable)
+
+
+def predict(model: str | Path, data: str | Path, out: str | Path, batch_size: int = 64, workers: int = 1,
+            provider: str = "auto", top_k: int = 3, split: str | None = None, progress: bool = True) -> PredictSummary:
+    """Classify every image or text of ``data`` (a folder tree, a CSV/JSONL manifest, or a flat folder) with an
+    exported model and write ``out`` (.csv, or .jsonl): path, split, label, probability, top-k (and the true
+    label if known). ``split`` keeps only that split of the source. Unreadable items are skipped with a reason."""
+    started = time.perf_counter()
+    meta = read_model_metadata(model)
+    data, out = Path(data), Path(out)
+    if batch_size < 1 or workers < 0 or top_k < 1:
+        raise FeaturestoreError(f"batch_size and top_k must be >= 1 and workers >= 0 (got {batch_size}, {top_k}, "
+                                f"{workers})")
+    if not data.exists():
+        raise FeaturestoreError(f"{data}: data folder or manifest not found")
+    has_class_folders = data.is_dir() and any(p.is_dir() for p in data.iterdir())
+    source = scan_source(data) if data.is_file() or has_class_folders else _unlabelled_folder(data)
+    records = [r for r in source.records if split is None or r.split == split]
+    if not records:
+        raise FeaturestoreError(f"{data}: nothing to predict{f' in split {split!r}' if split else ''}")
+    classifier = OnnxClassifier(model, provider, meta)
+    batches = iter(classifier.loader(records, batch_size, workers))  # fork the decoders before the session runs
+    summary = PredictSummary(out=str(out), provider=classifier.provider, skipped=list(source.unusable))
+    names = classifier.class_names
+    top_k = max(1, min(top_k, len(names)))
+    rows, correct, labelled = [], 0, 0
+    unit = "text" if classifier.modality == "text" else "img"
+    with progress_bar(len(records), "predict", unit=unit, enabled=progress) as bar:
+        for indices, batch, failed in batches:
+            for index, reason in failed:
+                summary.skipped.append({"path": records[index].rel_path, "reason": reason})
+            if batch is not None:
+                probabilities, labels = classifier.run_batch(batch)
+                best = np.argsort(-probabilities, axis=1)[:, :top_k]
+                for row, index in enumerate(indices):
+                    record = records[index]
+                    truth = source.class_names[record.label] if record.label >= 0 else ""
+                    predicted = names[int(labels[row])]
+                    if truth:
+                        labelled += 1
+                        correct += truth == predicted
+                    rows.append({
+                        "path": record.rel_path, "split": record.split, "label": predicted,
+                        "probability": round(float(probabilities[row, labels[row]]), 6),
+                        "top_k": ";".join(f"{names[j]}:{probabilities[row, j]:.4f}" for j in best[row]),
+                        "true_label": truth,
+                    })
+            bar.update(len(indices) + len(failed))
+    for item in summary.skipped:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
+    with atomic_path(out, fsync=False) as tmp:
+        if out.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["path", "split", "label", "probability", "top_k",
+                                                            "true_label"])
+                writer.writeheader()
+                writer.writerows(rows)
+    summary.predicted = len(rows)
+    summary.accuracy = round(correct / labelled, 6) if labelled and set(source.class_names) <= set(names) else None
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary

@@ -1,0 +1,80 @@
+"""Reading checkpoints: file hashing, unwrapping common containers, strict loading of a trunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...data.sources import content_id
+from ...errors import WeightsMismatchError, WeightsUnavailableError
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, memoised on (path, size, mtime) for this process."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        _HASH_CACHE[key] = content_id(path)
+    return _HASH_CACHE[key]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file and return its tensor state dict.
+
+    Accepts a bare state dict or one wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``, and
+    strips a DataParallel ``module.`` prefix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{path}: weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise WeightsMismatchError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsMismatchError(f"{path}: expected a state dict of tensors")
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def load_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, classifier: str | None = None
+) -> None:
+    """Load ``state`` into ``model`` so that every trunk weight comes from the checkpoint.
+
+    Every key of the model must be present with the same shape and the checkpoint may hold no
+    other key, except under the ``classifier`` prefix: a checkpoint fine-tuned for other classes
+    may carry a classifier of another shape (or none), since feature extraction drops it.
+    """
+    expected = model.state_dict()
+
+    def is_classifier(key: str) -> bool:
+        return classifier is not None and key.startswith(classifier + ".")
+
+    missing = [k for k in expected if k not in state and not is_classifier(k)]
+    unexpected = [k for k in state if k not in expected and not is_classifier(k)]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape and not is_classifier(k)
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                shown = ", ".join(keys[:5]) + (f" … ({len(keys)} in all)" if len(keys) > 5 else "")
+                parts.append(f"{label}: {shown}")
+        raise WeightsMismatchError(f"{source}: checkpoint does not fit the architecture; " + "; ".join(parts))
+    usable = {
+        k: v for k, v in state.items() if not (is_classifier(k) and (k not in expected or v.shape != expected[k].shape))
+    }
+    model.load_state_dict(usable, strict=False)  # completeness was checked above

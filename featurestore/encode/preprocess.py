@@ -1,0 +1,94 @@
+"""Deterministic evaluation preprocessing: resize the shorter side, centre-crop, to uint8 CHW.
+
+Normalisation (mean/std) is not applied here but inside the feature model, so worker processes
+ship compact uint8 tensors and an exported graph can take raw pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..configs import MIN_IMAGE_SIZE
+from ..utils.validation import check_choice, check_range
+
+INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image becomes model input.
+
+    The shorter side is resized to ``round(image_size / crop_pct)`` with ``interpolation``, then the
+    centre ``image_size`` square is cropped. ``mean``/``std`` apply to pixels scaled to [0, 1].
+    """
+
+    image_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        check_range("image_size", self.image_size, MIN_IMAGE_SIZE)
+        check_range("crop_pct", self.crop_pct, 0.0, 1.0, low_open=True)
+        check_choice("interpolation", self.interpolation, sorted(INTERPOLATIONS))
+
+    @property
+    def resize_size(self) -> int:
+        return int(round(self.image_size / self.crop_pct))
+
+    def with_overrides(self, image_size: int | None = None, crop_pct: float | None = None) -> Preprocessing:
+        """A copy with the input size and/or crop fraction replaced (None keeps the current value)."""
+        return replace(
+            self,
+            image_size=self.image_size if image_size is None else int(image_size),
+            crop_pct=self.crop_pct if crop_pct is None else float(crop_pct),
+        )
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"] = [float(v) for v in self.mean]
+        d["std"] = [float(v) for v in self.std]
+        d["resize_size"] = self.resize_size
+        d["crop"] = "center"
+        return d
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> Preprocessing:
+        """The inverse of :meth:`as_dict` (derived keys such as ``resize_size`` are recomputed)."""
+        return cls(
+            image_size=int(saved["image_size"]),
+            crop_pct=float(saved["crop_pct"]),
+            interpolation=saved["interpolation"],
+            mean=tuple(float(v) for v in saved["mean"]),
+            std=tuple(float(v) for v in saved["std"]),
+        )
+
+    def as_json(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """RGB or L PIL image → uint8 tensor (3, image_size, image_size); L becomes 3 equal channels."""
+        width, height = image.size
+        scale = self.resize_size / min(width, height)
+        new_w = max(self.image_size, int(round(width * scale)))
+        new_h = max(self.image_size, int(round(height * scale)))
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), INTERPOLATIONS[self.interpolation])
+        if (new_w, new_h) != (self.image_size, self.image_size):
+            left = (new_w - self.image_size) // 2
+            top = (new_h - self.image_size) // 2
+            image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(array, (3, *array.shape))))
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

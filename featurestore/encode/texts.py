@@ -1,0 +1,217 @@
+"""Texts: reading documents, tokenising them into windows, and the sentence-encoder Encoder.
+
+A document is a UTF-8 file (or a manifest's ``text`` cell). Other encodings are a failure with the
+reason (the byte and its position), and so is an empty document; both are skipped like unreadable images.
+
+Long documents (more tokens than the encoder's ``max_length``) are handled as the tokenisation says,
+and that is part of the store's fingerprint:
+
+- ``truncate``: the first ``max_length`` tokens ([CLS] and [SEP] included; ``side: left`` keeps the last);
+- ``chunk-mean``: overlapping windows of ``max_length`` tokens (``stride`` tokens shared by neighbours, at
+  most ``max_windows``), each encoded, their normalised embeddings averaged (``TextFeatureModel``).
+
+Batches are sorted by length before encoding, so padding wastes little.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..configs import Tokenization
+from ..data.sources import Record
+from ..errors import ImageDecodeError
+from ..store.hdf5 import SCHEMA_VERSION
+from ..utils.provenance import feature_code_digest, library_versions
+from .backbones.text_models import TextFeatureModel
+from .encoders import Item, Runner
+
+
+def read_text(path: Path) -> str:
+    """A document's text. Raises :class:`ImageDecodeError` (path, reason) for non-UTF-8 or empty files."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError(str(path), "file not found") from None
+    except OSError as exc:
+        raise ImageDecodeError(str(path), f"cannot read file ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ImageDecodeError(str(path), f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at position {exc.start}); "
+                                          f"convert it to UTF-8") from None
+    if not text.strip():
+        raise ImageDecodeError(str(path), "empty document")
+    return text
+
+
+class Tokenizer:
+    """A ``tokenizers`` tokenizer (the model's tokenizer.json, as a file or its text) that makes windows of ids
+    for a :class:`Tokenization`. Call: list of texts → (ids (D, W, L) int64, mask (D, W, L) int64, truncated
+    count)."""
+
+    def __init__(self, tokenizer_file: Path | None, tokenization: Tokenization, tokenizer_json: str | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.tokenizer = (HFTokenizer.from_str(tokenizer_json) if tokenizer_json is not None
+                          else HFTokenizer.from_file(str(tokenizer_file)))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.tokenization = tokenization
+        self.cls_id = self.tokenizer.token_to_id("[CLS]")
+        self.sep_id = self.tokenizer.token_to_id("[SEP]")
+
+    def windows(self, text: str) -> tuple[list[list[int]], bool]:
+        """Token-id windows of one document ([CLS] … [SEP] each), and whether any token was left out."""
+        t = self.tokenization
+        tokens = self.tokenizer.encode(text, add_special_tokens=False).ids
+        room = t.max_length - 2
+        if len(tokens) <= room:
+            return [[self.cls_id, *tokens, self.sep_id]], False
+        if t.long_documents == "truncate":
+            kept = tokens[:room] if t.side == "right" else tokens[-room:]
+            return [[self.cls_id, *kept, self.sep_id]], True
+        step = room - t.stride
+        starts = list(range(0, len(tokens) - t.stride, step))[: t.max_windows]
+        windows = [[self.cls_id, *tokens[start:start + room], self.sep_id] for start in starts]
+        covered = starts[-1] + room >= len(tokens)
+        return windows, not covered
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        per_document = [self.windows(text) for text in texts]
+        width = max(len(windows) for windows, _ in per_document)
+        length = max(len(window) for windows, _ in per_document for window in windows)
+        ids = np.zeros((len(texts), width, length), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for d, (windows, _) in enumerate(per_document):
+            for w, window in enumerate(windows):
+                ids[d, w, :len(window)] = window
+                mask[d, w, :len(window)] = 1
+        return torch.from_numpy(ids), torch.from_numpy(mask), sum(cut for _, cut in per_document)
+
+
+def item_text(item: Item | Record) -> str:
+    """The text of an item: its manifest cell, or its file read as UTF-8."""
+    text = getattr(item, "text", None)
+    if text is not None:
+        if not text.strip():
+            raise ImageDecodeError(item.rel_path, "empty document")
+        return text
+    return read_text(item.path)
+
+
+class TextDocuments(Dataset):
+    """Item i → (i, text or None, failure reason or None)."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, item_text(self.items[index]), None
+        except ImageDecodeError as exc:
+            return index, None, exc.reason
+
+
+class TokenizingCollate:
+    """DataLoader collate: texts → {"input_ids", "attention_mask"} (D, W, L) int64 and the truncated count."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items):
+        ok = [(index, text) for index, text, _ in items if text is not None]
+        failed = [(index, reason) for index, text, reason in items if text is None]
+        batch = None
+        if ok:
+            ids, mask, truncated = self.tokenizer([text for _, text in ok])
+            batch = {"input_ids": ids, "attention_mask": mask, "truncated": truncated}
+        return [index for index, _ in ok], batch, failed
+
+
+class TextRunner:
+    """Runs a :class:`TextFeatureModel` (eager torch, or its exported graph on onnxruntime) over batches from
+    :class:`TokenizingCollate`; counts the documents it saw truncated. Call → (D, feature_dim) float32."""
+
+    def __init__(self, model: TextFeatureModel, device: torch.device, engine: str = "auto"):
+        from .text_engines import make_text_session
+
+        self.model, self.device = model, device
+        self.session = make_text_session(model, engine) if device.type == "cpu" else None
+        self.name = "onnxruntime" if self.session is not None else "torch"
+        self.truncated = 0
+        if self.session is None:
+            self.model.to(device)
+
+    def __call__(self, batch: dict) -> np.ndarray:
+        self.truncated += batch["truncated"]
+        if self.session is not None:
+            return self.session.run(None, {"input_ids": batch["input_ids"].numpy(),
+                                           "attention_mask": batch["attention_mask"].numpy()})[0]
+        with torch.inference_mode():
+            return self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)).cpu().numpy()
+
+
+class TextEncoder:
+    """Encoder (see encoders.py) of a sentence encoder: one normalised embedding per document."""
+
+    unit = "text"
+
+    def __init__(self, model: TextFeatureModel, tokenization: Tokenization, dtype: str, engine: str = "auto"):
+        self.model, self.tokenization, self.dtype, self.engine = model, tokenization, dtype, engine
+        self.name = model.name
+        self.feature_dim = model.feature_dim
+        self.feature_shape = (model.feature_dim,)
+        self.tokenizer = Tokenizer(model.model_dir / "tokenizer.json", tokenization)
+
+    def fingerprint(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "text",
+            "backbone": self.model.name,
+            "weights_sha256": self.model.weights_sha256,
+            "tokenizer_sha256": self.model.tokenizer_sha256,
+            "layer": "last hidden state, mean-pooled over tokens, L2-normalised",
+            "feature_dim": self.feature_dim,
+            "tokenization": self.tokenization.as_dict(),
+            "text_decoding": "UTF-8 (BOM stripped); empty documents skipped",
+            "dtype": self.dtype,
+            "compute": "float32",
+            "code_sha256": feature_code_digest(self.model.code_modules),
+            "libraries": {**library_versions(), **text_library_versions()},
+        }
+
+    def items(self, record: Record, content_id: str) -> list[Item]:
+        return [Item(content_id, record.path, record.rel_path, record.label, record.split, text=record.text)]
+
+    def dataset(self, items: list[Item]) -> Dataset:
+        return TextDocuments(items)
+
+    @property
+    def collate(self):
+        return TokenizingCollate(self.tokenizer)
+
+    def runner(self, device: torch.device) -> Runner:
+        return TextRunner(self.model, device, self.engine)
+
+    def order(self, items: list[Item]) -> list[Item]:
+        """Shortest first (by characters or file size): documents of similar length share a batch."""
+        return sorted(items, key=lambda item: len(item.text) if item.text is not None else item.path.stat().st_size)
+
+
+def text_library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("transformers", "tokenizers"):
+        try:
+            found[name] = f"{name} {version(name)}"
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found

@@ -1,0 +1,123 @@
+"""Extraction on many processes or GPUs, launched by ``torchrun`` (``torch.distributed``).
+
+    torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT ...] -m featurestore.cli extract ...
+    featurestore extract --nproc N ...        # the same, launched for you on this machine
+
+Rank 0 takes the store's lock (once for the group), hashes the source and plans as a single process would
+(``extract.plan_extraction``: what the store or the journal already holds is not run again), and sends the
+list of items still to encode to every rank. Rank r encodes items r, r+N, r+2N, … on its own device
+(``cuda:LOCAL_RANK`` with NCCL, the CPU with gloo) and journals every batch under rank-qualified names
+(``rank<r>-part-NNNNNN.npz``) in the store's shared journal. After a barrier, rank 0 assembles the store
+from the journal exactly as a single process does: the same rows in the same order, the same fingerprint
+(the number of ranks is not part of it). Killed ranks lose only their unfinished batches: a rerun, or
+torchrun's own restart (``--max-restarts``), plans again and resumes from the journal.
+
+Nodes must share the file system that holds the data, the store and its journal (the same paths on every
+node, e.g. NFS): featurestore moves no data between nodes itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data.sources import Source
+from ..encode.encoders import Encoder
+from ..store.journal import ExtractionJournal
+from ..store.locking import store_lock
+from ..utils.atomic import temp_files_of
+from ..utils.devices import resolve_device
+from .phases import ExtractSummary, assemble_store, plan_extraction, run_items
+
+
+@dataclass(frozen=True)
+class Group:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_group() -> Group | None:
+    """The process group torchrun describes in the environment (None when not launched by torchrun)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def rank_device(group: Group, device: str) -> torch.device:
+    """``cuda:LOCAL_RANK`` when this rank should use a GPU (``device`` auto with CUDA available, or cuda), else
+    the CPU."""
+    chosen = resolve_device(device)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(group.local_rank)
+        return torch.device("cuda", group.local_rank)
+    return chosen
+
+
+def init_group(group: Group, backend: str) -> None:
+    """``init_process_group`` through torchrun's store, under a key prefix of this restart round: the agent's
+    store outlives a failed round, and a restarted group must not read the dead ranks' addresses."""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"featurestore/round{restart}/", store), rank=rank,
+                            world_size=world_size)
+
+
+def extract_distributed(encoder: Encoder, source: Source, out: str | Path, group: Group, *, device: torch.device,
+                        dtype: str = "float32", batch_size: int = 64, workers: int = 1, on_error: str = "skip",
+                        on_duplicate: str = "warn", wait: bool = True, progress: bool = True):
+    """This rank's part of a distributed extraction; returns the summary on rank 0, None elsewhere."""
+    started = time.perf_counter()
+    out = Path(out)
+    if not dist.is_initialized():
+        init_group(group, "nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":  # the ranks share this machine's cores
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // min(group.world_size, cores)))
+    with contextlib.ExitStack() as held:
+        plan, payload = None, [None]
+        if group.leader:
+            try:
+                held.enter_context(store_lock(out, wait=wait))  # once for the whole group
+                for stale in temp_files_of(out):
+                    stale.unlink(missing_ok=True)
+                plan, _ = plan_extraction(source, out, encoder, on_error, on_duplicate, progress)
+                payload = [(plan.fp_hash, plan.todo)]
+            except BaseException as exc:  # tell the other ranks to stop, then fail here too
+                payload = [exc]
+        dist.broadcast_object_list(payload, src=0)
+        if isinstance(payload[0], BaseException):
+            dist.destroy_process_group()
+            raise payload[0]
+        fp_hash, todo = payload[0]
+        journal = ExtractionJournal(out, fp_hash, prefix=f"rank{group.rank}-part")
+        journal.load(pattern=f"rank{group.rank}-part-*.npz")  # continue this rank's numbering after a restart
+        _, failures, runner = run_items(todo[group.rank::group.world_size], encoder, journal, device, batch_size,
+                                        workers, on_error, progress and group.leader,
+                                        desc=f"extract {encoder.name} (rank 0 of {group.world_size})")
+        gathered: list = [None] * group.world_size
+        dist.all_gather_object(gathered, (failures, getattr(runner, "truncated", 0)))
+        dist.destroy_process_group()
+        if not group.leader:
+            return None
+        everything = ExtractionJournal(out, fp_hash).load()  # every rank's parts, earlier runs' included
+        new = {cid: everything[cid] for cid in everything.keys() - plan.resumed.keys()}
+        summary = ExtractSummary(out=str(out), backbone=encoder.name, fingerprint_hash=fp_hash,
+                                 device=f"{device.type} × {group.world_size} ranks",
+                                 engine=runner.name if runner else None)
+        summary.model_images = len(new)
+        summary.truncated = sum(truncated for _, truncated in gathered)
+        assemble_store(plan, encoder, new, {k: v for rank, _ in gathered for k, v in rank.items()}, dtype, summary)
+        journal.clear()
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary

@@ -1,0 +1,163 @@
+"""Evaluation of one head on a held-out split: metrics, confusion matrix, C-sweep curve.
+
+Files written under ``out`` per head (the DVC ``evaluate_head@<backbone>-<head>`` stage's outputs)::
+
+    heads/<name>.json               {top1, top5, mean_per_class_accuracy, macro_f1, n, C, ...}
+    confusion/<name>.csv            one row per test image: actual,predicted (for `dvc plots`)
+    sweep/<name>.csv                C,log10_C,val_accuracy (for `dvc plots`)
+    figures/<name>_confusion.png    row-normalised confusion matrix with counts
+    figures/<name>_sweep.png        validation accuracy against C, chosen C marked
+
+summary.py gathers the heads' metrics into metrics.json and comparison.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
+
+from ..errors import LeakError, StoreError
+from ..store.hdf5 import FeatureStore
+from .head import TrainedHead
+from .summary import write_summary
+
+TUNING_SPLITS = ("train", "val")
+
+
+def check_no_overlap(store: FeatureStore, split: str) -> None:
+    """Refuse to score ``split`` when it shares items (identical content) with the splits the head was trained
+    or tuned on: the score would be inflated by memorised answers."""
+    if split in TUNING_SPLITS:
+        return
+    seen = {cid for other in TUNING_SPLITS if other in store.splits for cid in store.ids(other)}
+    ids, paths = store.ids(split), store.paths(split)
+    shared = [str(path) for cid, path in zip(ids, paths, strict=True) if cid in seen]
+    if shared:
+        examples = ", ".join(shared[:3]) + (f" (and {len(shared) - 3} more)" if len(shared) > 3 else "")
+        raise LeakError(f"{store.path}: {len(shared)} of {len(ids)} {split} images also appear in train/val "
+                        f"(identical bytes): {examples}. Remove them from {split}, or pass --allow-overlap")
+
+
+def evaluate_head(head: TrainedHead, store: FeatureStore, split: str = "test",
+                  allow_overlap: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics of ``head`` on ``split`` of ``store``, with the true and predicted labels (N,) int64.
+
+    Raises :class:`LeakError` when ``split`` shares items with train/val, unless ``allow_overlap``."""
+    head.check_store(store)
+    if not allow_overlap:
+        check_no_overlap(store, split)
+    y = store.labels(split)
+    if not len(y):
+        raise StoreError(f"{store.path}: split {split!r} is empty: nothing to evaluate")
+    proba = np.concatenate([head.predict_proba(X) for X, _ in store.iter_chunks(split)])  # one chunk in memory
+    predicted = np.argmax(proba, axis=1)
+    k = len(head.class_names)
+    labels = np.arange(k)
+    metrics = {
+        "backbone": head.backbone,
+        "head": head.config.head,
+        "split": split,
+        "n": int(len(y)),
+        "top1": float(np.mean(predicted == y)),
+        "top5": float(top_k_accuracy_score(y, proba, k=min(5, k), labels=labels)) if k > 2 else None,
+        "mean_per_class_accuracy": float(balanced_accuracy_score(y, predicted)),
+        "macro_f1": float(f1_score(y, predicted, average="macro", labels=labels, zero_division=0)),
+        "C": head.C,
+        "normalize": head.config.normalize,
+        "train_seconds": round(head.train_seconds, 3),
+        "n_train": head.n_train,
+        "fingerprint_hash": head.fingerprint_hash,
+    }
+    return metrics, y, predicted
+
+
+def plot_confusion(y: np.ndarray, predicted: np.ndarray, class_names: list[str], title: str, path: Path) -> Path:
+    """Row-normalised confusion matrix (colour) with raw counts (text), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = confusion_matrix(y, predicted, labels=np.arange(len(class_names)))
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.55 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    if len(class_names) <= 30:
+        for i in range(len(class_names)):
+            for j in range(len(class_names)):
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the actual class")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(head: TrainedHead, path: Path) -> Path:
+    """Validation accuracy against C (log scale) with the chosen C marked, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Cs = [p["C"] for p in head.sweep]
+    accuracy = [p["val_accuracy"] for p in head.sweep]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.semilogx(Cs, accuracy, marker="o", markersize=3)
+    ax.axvline(head.C, color="tab:red", linestyle="--", label=f"chosen C = {head.C:.3g}")
+    ax.set_xlabel("C (inverse regularisation)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"{head.name}: C sweep")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_head_report(head: TrainedHead, store: FeatureStore, out: str | Path, split: str = "test",
+                      allow_overlap: bool = False) -> dict:
+    """Evaluate ``head`` on ``split`` of the store it was trained on; write its files under ``out``."""
+    out = Path(out)
+    metrics, y, predicted = evaluate_head(head, store, split, allow_overlap)
+    names = head.class_names
+    for folder in ("heads", "confusion", "sweep"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    with open(out / "confusion" / f"{head.name}.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((names[a], names[p]) for a, p in zip(y, predicted, strict=True))
+    with open(out / "sweep" / f"{head.name}.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["C", "log10_C", "val_accuracy"])
+        writer.writerows((p["C"], round(float(np.log10(p["C"])), 4), p["val_accuracy"]) for p in head.sweep)
+    plot_confusion(y, predicted, names, f"{head.name} on {split} (top-1 {metrics['top1']:.3f})",
+                   out / "figures" / f"{head.name}_confusion.png")
+    plot_sweep(head, out / "figures" / f"{head.name}_sweep.png")
+    (out / "heads" / f"{head.name}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+def write_reports(heads: list[TrainedHead], stores: dict[str, FeatureStore], out: str | Path,
+                  split: str = "test", allow_overlap: bool = False) -> dict[str, dict]:
+    """Evaluate each head on the store it was trained on (``stores`` maps backbone → store), write
+    every head's files and the summary under ``out``; returns the metrics by ``<backbone>__<head>``."""
+    results = {head.name: write_head_report(head, stores[head.backbone], out, split, allow_overlap)
+               for head in heads}
+    write_summary(results, out)
+    return results

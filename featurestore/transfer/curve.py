@@ -1,0 +1,207 @@
+"""Transfer learning's promise, measured against baselines no one can dismiss, per label budget.
+
+For each budget (labels per class, nested subsets of the train split), scored on the test split:
+
+- ``pixels`` (images) or ``tfidf`` (texts): logistic regression on raw pixels, or on TF-IDF word and bigram
+  counts, C chosen on val: the floor any method must clear;
+- ``scratch``: the same architecture from random weights, every layer training, for the same step budget
+  at every label budget, with its own learning rate and input size (``ScratchConfig``), its best
+  validation round kept; whether it converged, and by which measure, is recorded per point;
+- ``linear_probe``: logistic regression on the cached features, C chosen on val;
+- ``probe_finetune``: that probe as the classifier, the top blocks fine-tuned from the trunk cache (texts:
+  the top transformer layers) with the fine-tuning settings, early-stopped on val.
+
+Test accuracy and training wall-clock go to ``curve.json``, a CSV for ``dvc plots`` and two PNGs. The trunk
+cache is built once for all budgets (its seconds are reported apart, with the feature extraction they
+share the cost of); the probes' seconds do not count the one-off feature extraction either. A text fine-tune
+counts its own pass of the lower layers over its documents.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+from sklearn.exceptions import ConvergenceWarning
+
+from ..configs import CURVE_METHODS, TEXT_CURVE_METHODS, FinetuneConfig, HeadConfig, ScratchConfig
+from ..data.sources import nested_subset, scan_source
+from ..errors import FeaturestoreError
+from ..heads.estimators import build_estimator, choose_c, sweep_c
+from ..heads.head import TrainedHead
+from ..store.hdf5 import FeatureStore
+from ..utils.atomic import write_text_atomic
+from .plateau import CURVE_HEAD
+
+METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
+POINT_ORDER = ("pixels", "tfidf", "linear_probe", "probe_finetune", "scratch")  # as run_curve appends them
+
+
+def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -> tuple[object, float, float, float]:
+    """(fitted probe, C, test accuracy, seconds) of the logistic-regression probe on ``budget`` per class."""
+    X, y, _ = store.load("train")
+    Xv, yv, _ = store.load("val")
+    Xt, yt, _ = store.load("test")
+    rows = nested_subset(y, budget, seed)
+    started = time.perf_counter()
+    C = choose_c(sweep_c(config, X[rows], y[rows], Xv, yv))
+    probe = build_estimator(config, C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe.fit(X[rows], y[rows])
+    return probe, C, float(probe.score(Xt, yt)), time.perf_counter() - started
+
+
+def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Path, budgets: list[int],
+              finetune_config: FinetuneConfig = FinetuneConfig(), scratch_config: ScratchConfig = ScratchConfig(),
+              probe_config: HeadConfig = CURVE_HEAD, methods: tuple[str, ...] | None = None, device: str = "auto",
+              progress: bool = False) -> dict:
+    """Train ``methods`` (default: all of the store's modality) at every budget; write ``out``/curve.json,
+    curve.csv and the PNGs; return the result.
+
+    ``store`` holds the cached features of the items in ``data`` (train, val and test splits).
+    """
+    from .baselines import pixel_logreg, tfidf_logreg, train_from_scratch, train_text_from_scratch
+    from .finetune import finetune
+    from .text_finetune import finetune_text
+
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    text = store.fingerprint.get("kind") == "text"
+    allowed = TEXT_CURVE_METHODS if text else CURVE_METHODS
+    methods = tuple(methods or allowed)
+    if set(methods) - set(allowed):
+        raise FeaturestoreError(f"methods {sorted(set(methods) - set(allowed))} do not apply to this store's "
+                                f"{'texts' if text else 'images'}; choose from {', '.join(allowed)}")
+    source = scan_source(data)
+    seed = finetune_config.seed
+    work = Path(tempfile.mkdtemp(prefix=".curve-", dir=out))
+    points, cache_seconds = [], 0.0
+    try:
+        for budget in budgets:
+            base = {"labels_per_class": budget, "n_train": int(len(nested_subset(store.labels("train"), budget, seed)))}
+            for name, baseline in (("pixels", pixel_logreg), ("tfidf", tfidf_logreg)):
+                if name in methods:
+                    linear = baseline(source, budget, seed)
+                    points.append({**base, "method": name, "test_accuracy": linear.test_accuracy,
+                                   "val_accuracy": linear.val_accuracy, "seconds": linear.seconds, "C": linear.C})
+            probe, C, probe_test, probe_seconds = fit_probe(store, budget, seed, probe_config)
+            if "linear_probe" in methods:
+                points.append({**base, "method": "linear_probe", "test_accuracy": probe_test,
+                               "seconds": round(probe_seconds, 2), "C": C})
+            if "probe_finetune" in methods:
+                head = TrainedHead.fitted_on(store, probe, probe_config, C, n_train=base["n_train"])
+                options = {"device": device, "progress": progress, "checkpoint_dir": work / f"ft_{budget}",
+                           "train_per_class": budget, "probe": probe}
+                result = (finetune_text(head, data, work / f"ft_{budget}.pth", finetune_config, **options) if text
+                          else finetune(head, data, work / f"ft_{budget}.pth", finetune_config,
+                                        cache=work / "trunk.h5", **options))
+                # The image trunk cache serves every budget (reported apart); a text run's lower-layer pass is
+                # its own. ``result.seconds`` is the training loop alone.
+                own = result.cache_seconds if text else 0.0
+                cache_seconds += 0.0 if text else result.cache_seconds
+                points.append({**base, "method": "probe_finetune", "test_accuracy": result.test_accuracy,
+                               "seconds": round(probe_seconds + own + result.seconds, 2),
+                               "epochs": result.epochs_run, "val_probe": result.start_val_accuracy,
+                               "best_val_accuracy": result.best_val_accuracy})
+            if "scratch" in methods:
+                trainer = train_text_from_scratch if text else train_from_scratch
+                scratch = trainer(source, scratch_config, store.fingerprint["backbone"].removesuffix("_ft"), device,
+                                  train_per_class=budget, progress=progress)
+                points.append({**base, "method": "scratch", "test_accuracy": scratch.test_accuracy,
+                               "seconds": scratch.seconds, "steps": scratch.steps,
+                               "best_val_accuracy": scratch.best_val_accuracy, "converged": scratch.converged})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"backbone": store.fingerprint["backbone"], "budgets": budgets, "points": points,
+              "trunk_cache_seconds": round(cache_seconds, 2), "probe": asdict(probe_config),
+              "finetune": asdict(finetune_config), "scratch": asdict(scratch_config)}
+    write_curve(result, out)
+    return result
+
+
+def write_curve(result: dict, out: Path) -> None:
+    """``out``/curve.json, curve.csv (method, labels_per_class, test_accuracy, seconds) and the two PNGs."""
+    points = result["points"]
+    write_text_atomic(out / "curve.json", json.dumps(result, indent=2) + "\n")
+    with open(out / "curve.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["method", "labels_per_class", "test_accuracy", "seconds"])
+        writer.writeheader()
+        writer.writerows({k: p[k] for k in writer.fieldnames} for p in points)
+    plot_curves(points, out)
+
+
+def merge_curves(earlier: dict, added: dict) -> dict:
+    """``earlier``'s curve with ``added``'s methods run again or added (say, a from-scratch line trained on a
+    GPU beside a curve run on a CPU). The two must share the backbone, the budgets, the probe's settings and
+    the seed that draws each budget's subset; ``added``'s points replace ``earlier``'s for the methods it has,
+    and the fine-tuning and from-scratch settings recorded are those of the run that made their points."""
+    for key in ("backbone", "budgets", "probe"):
+        if earlier[key] != added[key]:
+            raise FeaturestoreError(f"cannot merge curves with different {key}: {earlier[key]} vs {added[key]}")
+    if earlier["finetune"]["seed"] != added["finetune"]["seed"]:
+        raise FeaturestoreError("cannot merge curves whose budgets are drawn with different seeds")
+    methods = {p["method"] for p in added["points"]}
+    order = {m: i for i, m in enumerate(POINT_ORDER)}
+    points = sorted([p for p in earlier["points"] if p["method"] not in methods] + added["points"],
+                    key=lambda p: (p["labels_per_class"], order[p["method"]]))
+    finetuned = "probe_finetune" in methods
+    return {**earlier, "points": points, "finetune": (added if finetuned else earlier)["finetune"],
+            "trunk_cache_seconds": (added if finetuned else earlier)["trunk_cache_seconds"],
+            "scratch": (added if "scratch" in methods else earlier)["scratch"]}
+
+
+STYLES = {"scratch": ("o", "-"), "pixels": ("x", ":"), "tfidf": ("x", ":"), "linear_probe": ("s", "-"),
+          "probe_finetune": ("^", "--")}
+
+
+def plot_curves(points: list[dict], out: Path) -> None:
+    """curve_labels.png (test accuracy vs labels per class) and curve_seconds.png (vs training seconds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    for x_key, name, label in (("labels_per_class", "curve_labels.png", "labels per class"),
+                               ("seconds", "curve_seconds.png", "training wall-clock (s)")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for method in METHODS:  # distinct markers and dashes: curves can coincide
+            series = sorted((p[x_key], p["test_accuracy"]) for p in points if p["method"] == method)
+            if series:
+                marker, line = STYLES[method]
+                ax.plot(*zip(*series, strict=True), marker=marker, linestyle=line, label=method.replace("_", " "))
+        ax.set_xscale("log")
+        if x_key == "labels_per_class":  # the budgets themselves, not 2×10^0, 3×10^0, …
+            budgets = sorted({p[x_key] for p in points})
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+
+def accuracy_table(points: list[dict]) -> str:
+    """Markdown: one row per budget, one column per method: test accuracy (seconds)."""
+    budgets = sorted({p["labels_per_class"] for p in points})
+    methods = [m for m in METHODS if any(p["method"] == m for p in points)]
+    lines = ["| labels/class | " + " | ".join(m.replace("_", " ") for m in methods) + " |",
+             "| --- |" + " --- |" * len(methods)]
+    for b in budgets:
+        cells = []
+        for m in methods:
+            p = next((p for p in points if p["labels_per_class"] == b and p["method"] == m), None)
+            cells.append("–" if p is None else f"{p['test_accuracy']:.4f} ({p['seconds']:.0f} s)")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,127 @@
+"""Has the cache-only head stopped improving with more labels? A learning curve and a rule that accounts
+for the noise of the validation split.
+
+The curve: the logistic-regression probe (C chosen on val) trained on nested subsets of the train split,
+``labels_per_class`` images per class, scored on val. The rule: take the last doubling of the label budget
+(the largest budget against the largest one at most half of it) and its validation gain with a paired
+bootstrap interval over the validation images (``stats.paired_gain``). The cache-only curve has plateaued
+only when the interval's upper bound is below ``min_gain``: the data say that more labels would gain less
+than that. A gain that is merely not significant is not called a plateau (with 500 validation images the
+interval of one doubling spans about ±2.5 points); a larger validation split narrows it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..configs import HeadConfig
+from ..data.sources import nested_subset
+from ..errors import FeaturestoreError
+from ..heads.estimators import build_estimator, choose_c, sweep_c
+from ..store.hdf5 import FeatureStore
+from ..utils.atomic import write_text_atomic
+from .stats import paired_gain
+
+
+@dataclass(frozen=True)
+class PlateauRule:
+    budgets: tuple[int, ...] = (10, 25, 50, 100)
+    min_gain: float = 0.01
+    level: float = 0.8  # central interval: its upper bound is a one-sided 90% bound
+    seed: int = 0
+
+
+def learning_curve(store: FeatureStore, rule: PlateauRule, head: HeadConfig) -> tuple[list[dict], list[np.ndarray]]:
+    """``[{labels_per_class, n_train, val_accuracy, C}]`` for every budget the train split can fill, and for
+    each the per-image correctness on val, (N_val,) bool."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, y, _ = store.load("train")
+    Xv, yv, _ = store.load("val")
+    smallest_class = int(np.bincount(y).min())
+    curve, correct = [], []
+    for budget in sorted(set(rule.budgets)):
+        if budget > smallest_class:
+            continue
+        rows = nested_subset(y, budget, rule.seed)
+        C = choose_c(sweep_c(head, X[rows], y[rows], Xv, yv))
+        probe = build_estimator(head, C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            probe.fit(X[rows], y[rows])
+        right = probe.predict(Xv) == yv
+        curve.append({"labels_per_class": budget, "n_train": int(len(rows)), "val_accuracy": float(right.mean()),
+                      "C": C})
+        correct.append(right)
+    if len(curve) < 2:
+        raise FeaturestoreError(
+            f"{store.path}: need at least two label budgets the train split can fill (smallest class has "
+            f"{smallest_class} images; budgets {list(rule.budgets)})"
+        )
+    return curve, correct
+
+
+def verdict(curve: list[dict], correct: list[np.ndarray], rule: PlateauRule) -> dict:
+    """Compare the largest budget with the largest budget at most half of it, with a paired interval."""
+    last = len(curve) - 1
+    halves = [i for i in range(last) if curve[i]["labels_per_class"] * 2 <= curve[last]["labels_per_class"]]
+    before = halves[-1] if halves else last - 1
+    gain = paired_gain(correct[before], correct[last], level=rule.level, seed=rule.seed)
+    plateaued = gain["high"] < rule.min_gain
+    frm, to = curve[before]["labels_per_class"], curve[last]["labels_per_class"]
+    return {
+        "plateaued": bool(plateaued),
+        "gain": gain["gain"],
+        "interval": [gain["low"], gain["high"]],
+        "interval_level": rule.level,
+        "min_gain": rule.min_gain,
+        "from": curve[before],
+        "to": curve[last],
+        "reason": (
+            f"going from {frm} to {to} labels per class gained {gain['gain']:+.4f} validation accuracy, "
+            f"{rule.level:.0%} interval [{gain['low']:+.4f}, {gain['high']:+.4f}] over {gain['n']} validation "
+            f"images ({gain['disagreements']} on which the two probes disagree): "
+            + (f"even its upper bound is below min_gain {rule.min_gain}, so more labels no longer pay"
+               if plateaued else f"its upper bound reaches min_gain {rule.min_gain}, so more labels may still pay")
+        ),
+    }
+
+
+def plot_curve(curve: list[dict], title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogx([p["labels_per_class"] for p in curve], [p["val_accuracy"] for p in curve], marker="o")
+    ax.set_xlabel("labels per class")
+    ax.set_ylabel("validation accuracy (linear probe)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+CURVE_HEAD = HeadConfig(head="logreg", c_points=12)  # a coarser C grid: one sweep per budget
+
+
+def detect_plateau(store: str | Path | FeatureStore, rule: PlateauRule = PlateauRule(),
+                   head: HeadConfig = CURVE_HEAD, out: str | Path | None = None) -> dict:
+    """The curve and its verdict; written as JSON to ``out`` (with a PNG beside it) when given."""
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    curve, correct = learning_curve(store, rule, head)
+    result = {"store": str(store.path), "rule": asdict(rule), **verdict(curve, correct, rule), "curve": curve}
+    if out is not None:
+        out = Path(out)
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+        plot_curve(curve, f"{store.fingerprint['backbone']}: cache-only learning curve", out.with_suffix(".png"))
+    return result

@@ -1,0 +1,211 @@
+"""Fine-tune the top transformer layers of a sentence encoder, starting from the linear probe.
+
+As for images (``finetune.py``), the classifier starts as the logistic-regression head (scaler folded in),
+so epoch 0 is exactly the probe, and the same loop trains (``training.train``: AdamW, warmup + cosine,
+early stopping on val, checkpoints). ``unfreeze_blocks`` counts transformer layers here.
+
+The frozen part (embeddings and the layers below the cut) runs once per document, before the first epoch,
+and its hidden states are kept in memory (float16): the text counterpart of the trunk cache. They are
+(windows, tokens, 384) per document — about 200 KB per 256-token window — so they are not worth a file;
+computing them costs one forward pass of the lower layers. The documents are tokenised exactly as the
+head's store says (truncation or chunk-mean windows), so epoch 0 reproduces the probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..configs import FinetuneConfig, Tokenization
+from ..data.sources import Record, scan_source
+from ..encode.backbones import load_text_backbone
+from ..encode.backbones.text_models import TextFeatureModel
+from ..encode.texts import Tokenizer, item_text
+from ..errors import FeaturestoreError, WeightsMismatchError
+from ..heads.head import TrainedHead
+from ..utils.devices import resolve_device
+from ..utils.validation import check_range
+from .probe import (
+    FinetuneResult,
+    ProbeClassifier,
+    head_spec,
+    probe_weights,
+    run_identity,
+    split_records,
+    train_only_probe,
+)
+from .training import accuracy, checkpoint_folder, save_atomic, train
+
+log = logging.getLogger("featurestore")
+
+
+def _attention_mask(encoder, embeddings: torch.Tensor, mask: torch.Tensor):
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=encoder.config, inputs_embeds=embeddings, attention_mask=mask)
+
+
+def lower_hidden(model: TextFeatureModel, ids: torch.Tensor, mask: torch.Tensor, first_layer: int) -> torch.Tensor:
+    """Hidden states entering layer ``first_layer``: ids, mask (B, L) int64 → (B, L, H) float32."""
+    encoder = model.encoder
+    hidden = encoder.embeddings(input_ids=ids)
+    attention = _attention_mask(encoder, hidden, mask)
+    for layer in encoder.encoder.layer[:first_layer]:
+        hidden = layer(hidden, attention)
+    return hidden
+
+
+class TextTop(nn.Module):
+    """Layers from ``first_layer`` up, pooling and window mean, and the classifier: input a pair (hidden
+    (D, W, L, H) float32, attention mask (D, W, L) int64) → logits (D, K)."""
+
+    def __init__(self, model: TextFeatureModel, first_layer: int, classifier: nn.Module):
+        super().__init__()
+        self.model, self.first_layer, self.classifier = model, first_layer, classifier
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden, mask = inputs
+        documents, windows, length, width = hidden.shape
+        flat, flat_mask = hidden.reshape(-1, length, width), mask.reshape(-1, length)
+        encoder = self.model.encoder
+        attention = _attention_mask(encoder, flat, flat_mask)
+        for layer in encoder.encoder.layer[self.first_layer:]:
+            flat = layer(flat, attention)
+        pooled = TextFeatureModel.pool(flat, flat_mask).reshape(documents, windows, -1)
+        return self.classifier(TextFeatureModel.combine(pooled, mask))
+
+
+class CachedHidden:
+    """Batches of documents' lower hidden states, computed once (float16, in memory), padded per batch."""
+
+    def __init__(self, model: TextFeatureModel, tokenizer: Tokenizer, splits: dict[str, list[Record]],
+                 first_layer: int, device: torch.device, seed: int = 0, batch_documents: int = 16):
+        self.device, self.seed = device, seed
+        self.documents: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.labels: dict[str, np.ndarray] = {}
+        model.to(device).eval()
+        for split, records in splits.items():
+            texts, labels = [], []
+            for record in records:
+                try:
+                    texts.append(item_text(record))
+                    labels.append(record.label)
+                except FeaturestoreError:
+                    continue  # unreadable: extraction skipped it too
+            hidden = []
+            with torch.inference_mode():
+                for start in range(0, len(texts), batch_documents):
+                    ids, mask, _ = tokenizer(texts[start:start + batch_documents])
+                    d, w, length = ids.shape
+                    out = lower_hidden(model, ids.reshape(-1, length).to(device), mask.reshape(-1, length).to(device),
+                                       first_layer).reshape(d, w, length, -1)
+                    for i in range(d):
+                        windows = int((mask[i].amax(-1) > 0).sum())
+                        tokens = int(mask[i].sum(-1).max())
+                        hidden.append((out[i, :windows, :tokens].half().cpu(), mask[i, :windows, :tokens].clone()))
+            self.documents[split], self.labels[split] = hidden, np.array(labels, dtype=np.int64)
+        self.n_train = len(self.documents["train"])
+
+    def _batch(self, split: str, indices) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        docs = [self.documents[split][i] for i in indices]
+        windows = max(h.shape[0] for h, _ in docs)
+        tokens = max(h.shape[1] for h, _ in docs)
+        hidden = torch.zeros(len(docs), windows, tokens, docs[0][0].shape[-1])
+        mask = torch.zeros(len(docs), windows, tokens, dtype=torch.int64)
+        for j, (h, m) in enumerate(docs):
+            hidden[j, :h.shape[0], :h.shape[1]] = h.float()
+            mask[j, :m.shape[0], :m.shape[1]] = m
+        labels = torch.from_numpy(self.labels[split][list(indices)])
+        return (hidden.to(self.device), mask.to(self.device)), labels.to(self.device)
+
+    def train_batches(self, epoch: int, batch_size: int):
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)
+        for start in range(0, self.n_train, batch_size):
+            yield self._batch("train", order[start:start + batch_size])
+
+    def eval_batches(self, split: str):
+        for start in range(0, len(self.documents[split]), 32):
+            yield self._batch(split, range(start, min(start + 32, len(self.documents[split]))))
+
+
+def _optimizer(top: TextTop, config: FinetuneConfig) -> torch.optim.AdamW:
+    layers = top.model.encoder.encoder.layer
+    groups = [{"params": list(top.classifier.parameters()), "lr": config.head_lr}]
+    for index in range(top.first_layer, len(layers)):
+        depth = len(layers) - 1 - index
+        groups.append({"params": [p for p in layers[index].parameters() if p.requires_grad],
+                       "lr": config.head_lr * config.backbone_lr_factor * config.layer_lr_decay ** depth})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def _epoch_setup(top: TextTop, config: FinetuneConfig):
+    layers = top.model.encoder.encoder.layer
+
+    def setup(epoch: int) -> None:
+        top.train()  # dropout in the trainable layers; the frozen ones only run on cached states
+        active = config.unfreeze_blocks if config.schedule == "fixed" else min(config.unfreeze_blocks, epoch)
+        for index in range(top.first_layer, len(layers)):
+            layers[index].requires_grad_(index >= len(layers) - active)
+
+    return setup
+
+
+def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(),
+                  device: str = "auto", progress: bool = True, checkpoint_dir: str | Path | None = None,
+                  keep_checkpoint: bool = False, train_per_class: int | None = None, probe=None) -> FinetuneResult:
+    """Fine-tune the top ``config.unfreeze_blocks`` layers of the head's sentence encoder on ``data``'s train
+    split, early-stopped on val; write the encoder's state dict to ``out`` (a checkpoint for ``--weights``)."""
+    fp = head.fingerprint
+    if fp.get("kind") != "text":
+        raise FeaturestoreError(f"{head.name} is not a text head")
+    if config.views:
+        raise FeaturestoreError("augmented views are for images; set views to 0 for a text backbone")
+    out = Path(out)
+    checkpoints = checkpoint_folder(out, checkpoint_dir)
+    torch_device = resolve_device(device)
+    source = scan_source(data)
+    train_records, val_records, test_records, _ = split_records(source, head, data, train_per_class, config.seed)
+    model = load_text_backbone(head_spec(head))
+    if model.weights_sha256 != fp["weights_sha256"]:
+        raise WeightsMismatchError(f"{model.name}: its weights are not the ones head {head.name} was trained on")
+    layers = len(model.encoder.encoder.layer)
+    check_range("unfreeze_blocks (transformer layers)", config.unfreeze_blocks, 1, layers)
+    first = layers - config.unfreeze_blocks
+    tokenizer = Tokenizer(model.model_dir / "tokenizer.json", Tokenization(**fp["tokenization"]))
+    started = time.perf_counter()
+    cache = CachedHidden(model, tokenizer, {"train": train_records, "val": val_records}, first, torch_device,
+                         seed=config.seed)
+    cache_seconds = time.perf_counter() - started  # this run's own: the lower layers, once per document
+    estimator = probe if probe is not None else train_only_probe(head)
+    classifier = ProbeClassifier(*probe_weights(estimator, len(head.class_names)))
+    model.requires_grad_(False)
+    for layer in model.encoder.encoder.layer[first:]:
+        layer.requires_grad_(True)
+    top = TextTop(model, first, classifier).to(torch_device)
+    run_key = run_identity(head, config, classifier.state_dict(), train_records, val_records,
+                           torch_device.type == "cuda")
+    torch.manual_seed(config.seed)
+    steps_per_epoch = -(-cache.n_train // config.batch_size)
+    # The best epoch is the encoder *and* the classifier of that epoch: restoring the encoder alone would
+    # score it with the last epoch's classifier.
+    result, best_state = train(
+        top, top.state_dict, _optimizer(top, config), cache, epochs=config.epochs,
+        batch_size=config.batch_size, patience=config.patience, device=torch_device, run_key=run_key,
+        checkpoint=checkpoints / "last.pt", warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        on_epoch=_epoch_setup(top, config), progress=progress, desc="fine-tune text", unit="text")
+    top.load_state_dict(best_state)
+    test_accuracy = None
+    if test_records:  # the lower layers have not changed: their states for test are computed once, here
+        test = CachedHidden(model, tokenizer, {"train": [], "test": test_records}, first, torch_device)
+        test_accuracy = accuracy(top, test.eval_batches("test"))
+    save_atomic(out, model.encoder.state_dict())  # the encoder: what --weights loads
+    if not keep_checkpoint:
+        (checkpoints / "last.pt").unlink(missing_ok=True)
+    return FinetuneResult(**asdict(result), out=str(out), cache_seconds=round(cache_seconds, 3),
+                          test_accuracy=test_accuracy, config=asdict(config))

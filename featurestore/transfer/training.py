@@ -1,0 +1,327 @@
+"""One training loop for the trainable top of a network, fed from the trunk cache or from images.
+
+- :class:`CachedActivations` reads the trunk cache (``trunk.py``): each epoch draws one cached view per
+  train image; no image is decoded and no frozen layer runs.
+
+Both visit the train images in the same seeded order each epoch, so without augmentation the two
+sources give the same batches.
+- :class:`ImageBatches` decodes (and augments) images every epoch and runs the frozen lower part under
+  ``no_grad``: the reference the trunk cache is measured against, and, with nothing frozen, the
+  from-scratch baseline.
+
+:func:`train` runs epochs with AdamW and a per-step cosine schedule, early stopping on validation accuracy
+(or a fixed step budget), keeps the best epoch's weights, and checkpoints after every epoch so that a
+killed run resumes and ends as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.sources import Record
+from ..encode.images import load_image
+from ..encode.preprocess import Preprocessing
+from ..utils.atomic import atomic_path
+from ..utils.console import progress_bar
+from .augment import ViewRecipe, random_view
+from .trunk import TrunkCache
+
+log = logging.getLogger("featurestore")
+EVAL_BATCH = 256
+
+
+class TrainImages(Dataset):
+    """Item i → (uint8 (3, S, S), label): the decoded image, or with ``recipe`` a random view drawn from a
+    generator seeded by (``seed``, i), so every epoch's augmentation is reproducible on any worker."""
+
+    def __init__(self, records: list[Record], preprocessing: Preprocessing, recipe: ViewRecipe | None = None,
+                 seed: int = 0):
+        self.records, self.preprocessing, self.recipe, self.seed = records, preprocessing, recipe, seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        image = load_image(record.path)
+        if self.recipe is not None:
+            image = random_view(image, self.preprocessing, self.recipe, np.random.default_rng([self.seed, index]))
+        return self.preprocessing(image), record.label
+
+
+class BatchSource(Protocol):
+    """Batches for the trainable top: inputs float32 (B, …) on the device, labels int64 (B,)."""
+
+    n_train: int
+
+    def train_batches(self, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class CachedActivations:
+    """Batches from a :class:`TrunkCache`: ``rows`` of the train split (default all), one of the clean view
+    and the first ``views`` augmented views drawn per image and epoch (seeded by ``seed`` and the epoch)."""
+
+    def __init__(self, cache: TrunkCache, device: torch.device, rows: np.ndarray | None = None, views: int = 0,
+                 seed: int = 0):
+        if views > cache.views:
+            raise ValueError(f"{cache.store.path} holds {cache.views} augmented views, {views} asked for")
+        rows = np.arange(cache.train_views.shape[1]) if rows is None else np.asarray(rows)
+        # On the training device once, in the stored dtype: a batch is then an index, not a copy from the host.
+        self.train = torch.from_numpy(np.ascontiguousarray(cache.train_views[: views + 1, rows])).to(device)
+        self.labels = torch.from_numpy(cache.train_labels[rows]).to(device)
+        self.cache, self.device, self.seed = cache, device, seed
+        self.n_train = len(rows)
+
+    def train_batches(self, epoch: int, batch_size: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n_train)
+        view = torch.from_numpy(rng.integers(0, self.train.shape[0], self.n_train)).to(self.device)
+        order = torch.from_numpy(order).to(self.device)
+        for start in range(0, self.n_train, batch_size):
+            picked = order[start:start + batch_size]
+            yield self.train[view[picked], picked].float(), self.labels[picked]
+
+    def eval_batches(self, split: str):
+        features, labels = self.cache.split(split)
+        features, labels = torch.from_numpy(features).to(self.device), torch.from_numpy(labels).to(self.device)
+        for start in range(0, len(labels), EVAL_BATCH):
+            yield features[start:start + EVAL_BATCH].float(), labels[start:start + EVAL_BATCH]
+
+
+def _loader_generator(seed: int, epoch: int) -> torch.Generator:
+    """A DataLoader's own generator: without one, each iteration draws its worker seed from torch's global
+    generator and shifts the dropout masks of training, so the same run would differ by its data source."""
+    return torch.Generator().manual_seed(seed * 1000 + epoch)
+
+
+class ImageBatches:
+    """Batches decoded from images every epoch, passed through the frozen ``lower`` module (uint8 images →
+    inputs of the top; e.g. normalisation + the trunk, reshaped to ``shape``) under ``no_grad``."""
+
+    def __init__(self, train: list[Record], evaluation: dict[str, list[Record]], preprocessing: Preprocessing,
+                 lower: nn.Module, device: torch.device, shape: tuple[int, ...] | None = None,
+                 recipe: ViewRecipe | None = None, workers: int = 1, seed: int = 0):
+        self.train, self.evaluation, self.preprocessing = train, evaluation, preprocessing
+        self.lower, self.device, self.shape, self.recipe = lower.to(device).eval(), device, shape, recipe
+        self.workers, self.seed = workers, seed
+        self.n_train = len(train)
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.lower(images.to(self.device, non_blocking=True))
+        return x.view(len(x), *self.shape) if self.shape else x
+
+    def train_batches(self, epoch: int, batch_size: int):
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)  # as CachedActivations
+        dataset = TrainImages(self.train, self.preprocessing, self.recipe, seed=self.seed * 1000 + epoch)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda", generator=_loader_generator(self.seed, epoch))
+        for images, labels in loader:
+            yield self._inputs(images), labels.to(self.device)
+
+    def eval_batches(self, split: str):
+        loader = DataLoader(TrainImages(self.evaluation[split], self.preprocessing), batch_size=EVAL_BATCH,
+                            num_workers=self.workers, generator=_loader_generator(self.seed, 0))
+        for images, labels in loader:
+            yield self._inputs(images), labels.to(self.device)
+
+
+def predict(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted classes, true labels), both (N,) int64, in eval mode."""
+    model.eval()
+    predicted, truth = [], []
+    with torch.inference_mode():
+        for x, y in batches:
+            predicted.append(model(x).argmax(1).cpu())
+            truth.append(y.cpu())
+    if not predicted:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return torch.cat(predicted).numpy(), torch.cat(truth).numpy()
+
+
+def accuracy(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    predicted, truth = predict(model, batches)
+    return float(np.mean(predicted == truth)) if len(truth) else 0.0
+
+
+@dataclass
+class TrainResult:
+    """How a run went. ``history``: one entry per epoch (train loss and accuracy on its own batches, val
+    accuracy, steps so far). ``*_predictions``: val predictions of the starting and the best weights."""
+
+    best_val_accuracy: float
+    start_val_accuracy: float
+    epochs_run: int
+    steps: int
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from_epoch: int = 0
+    val_labels: list[int] = field(default_factory=list)
+    start_val_predictions: list[int] = field(default_factory=list)
+    best_val_predictions: list[int] = field(default_factory=list)
+
+
+def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None) -> Path:
+    """Where a run writing ``out`` keeps its resumable checkpoint (default ``<out>.checkpoints``), created."""
+    folder = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.stem + ".checkpoints")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def save_atomic(path: Path, payload) -> None:
+    """``torch.save`` under a unique temporary name, renamed into place."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor at step s: linear from 1/warmup to 1 over ``warmup_steps``, then cosine to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _rounds(source: BatchSource, batch_size: int, round_steps: int | None):
+    """Round r's batches: epoch r of the source, or (``round_steps``) the next ``round_steps`` batches of the
+    source's epochs one after the other (a stream that cannot be resumed mid-way)."""
+    if round_steps is None:
+        return lambda r: source.train_batches(r, batch_size)
+    stream = itertools.chain.from_iterable(source.train_batches(e, batch_size) for e in itertools.count(1))
+    return lambda r: itertools.islice(stream, round_steps)
+
+
+def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim.Optimizer, source: BatchSource, *,
+          epochs: int, batch_size: int, patience: int | None, device: torch.device, run_key: str,
+          checkpoint: Path | None = None, max_steps: int | None = None, round_steps: int | None = None,
+          warmup_steps: int = 0, on_epoch: Callable[[int], None] = lambda epoch: None, progress: bool = True,
+          desc: str = "train", unit: str = "img") -> tuple[TrainResult, dict]:
+    """Train ``top`` (whose trainable parameters ``optimizer`` holds) on ``source``; return the result and the
+    best round's weights (``weights_of()``, by default the starting weights when no round beats them).
+
+    A round is an epoch, or with ``round_steps`` that many steps (validation then runs every ``round_steps``
+    steps, whatever the epoch length: used by step budgets on small label budgets; not resumable).
+    ``on_epoch(round)`` runs before each round in train mode (it sets which layers train and which BatchNorms
+    stay frozen). Training stops after ``patience`` rounds without a gain over the best trained round (None:
+    never); the weights kept are the best of the starting point and every round; ``max_steps`` ends the run
+    after that many optimiser steps. The learning rate rises linearly over ``warmup_steps`` (Adam's first steps
+    move every weight by about the full rate, which otherwise knocks a good starting classifier off), then
+    follows a cosine to zero. A checkpoint whose ``run_key`` differs is ignored (another run wrote it).
+    ``desc`` and ``unit`` label the progress bar (``unit``: what one training example is, img or text).
+    """
+    if round_steps is not None and checkpoint is not None:
+        raise ValueError("runs in rounds of steps cannot resume from a checkpoint")
+    started = time.perf_counter()
+    steps_per_epoch = round_steps or math.ceil(source.n_train / batch_size)
+    total_steps = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    state = {"epoch": 0, "steps": 0, "best": -1.0, "best_trained": -1.0, "bad_epochs": 0, "history": [],
+             "best_state": None}
+    resumed_from = _resume(checkpoint, run_key, top, optimizer, scheduler, scaler, state)
+    if state["epoch"] == 0:
+        predicted, truth = predict(top, source.eval_batches("val"))
+        state.update(start_val_accuracy=float(np.mean(predicted == truth)), best=float(np.mean(predicted == truth)),
+                     val_labels=truth.tolist(), start_predictions=predicted.tolist(),
+                     best_predictions=predicted.tolist(),
+                     best_state={k: v.detach().cpu().clone() for k, v in weights_of().items()})
+    stopped_early = False
+    batches_of = _rounds(source, batch_size, round_steps)
+    while state["epoch"] < epochs and state["steps"] < total_steps:
+        epoch = state["epoch"] + 1
+        on_epoch(epoch)
+        losses, correct, seen = [], 0, 0
+        epoch_started = time.perf_counter()
+        size = round_steps * batch_size if round_steps else source.n_train
+        with progress_bar(size, f"{desc} {'round' if round_steps else 'epoch'} {epoch}/{epochs}",
+                          unit=unit, enabled=progress) as bar:
+            for x, y in batches_of(epoch):
+                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    logits = top(x)
+                    loss = nn.functional.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                state["steps"] += 1
+                bar.update(len(y))
+                if state["steps"] >= total_steps:
+                    break
+        predicted, truth = predict(top, source.eval_batches("val"))
+        val_accuracy = float(np.mean(predicted == truth))
+        state["history"].append({"epoch": epoch, "steps": state["steps"], "train_loss": float(np.mean(losses)),
+                                 "train_accuracy": correct / max(seen, 1), "val_accuracy": val_accuracy,
+                                 "seconds": round(time.perf_counter() - epoch_started, 3)})
+        # Patience asks whether training still improves, so it is counted against the best trained round, not
+        # the starting point: fine-tuning often dips below the probe for a few epochs before it climbs past it.
+        if val_accuracy > state["best_trained"]:
+            state.update(best_trained=val_accuracy, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        if val_accuracy > state["best"]:  # what is kept: the best of the start and every round
+            state.update(best=val_accuracy, best_predictions=predicted.tolist(),
+                         best_state={k: v.detach().cpu().clone() for k, v in weights_of().items()})
+        state["epoch"] = epoch
+        if checkpoint is not None:
+            save_atomic(checkpoint, {"run": run_key, "model": top.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
+                                          "torch_rng": torch.get_rng_state(), "state": state})
+        log.info("%s epoch %d: train loss %.4f, val accuracy %.4f", desc, epoch, state["history"][-1]["train_loss"],
+                 val_accuracy)
+        if patience is not None and state["bad_epochs"] >= patience:
+            stopped_early = True
+            break
+    result = TrainResult(
+        best_val_accuracy=state["best"], start_val_accuracy=state["start_val_accuracy"], epochs_run=state["epoch"],
+        steps=state["steps"], stopped_early=stopped_early, history=state["history"],
+        seconds=round(time.perf_counter() - started, 2), resumed_from_epoch=resumed_from,
+        val_labels=state["val_labels"], start_val_predictions=state["start_predictions"],
+        best_val_predictions=state["best_predictions"],
+    )
+    return result, state["best_state"]
+
+
+def _resume(checkpoint: Path | None, run_key: str, top: nn.Module, optimizer, scheduler, scaler, state: dict) -> int:
+    """Load ``checkpoint`` into the run if it belongs to it; return the epoch it resumes after (0: none)."""
+    if checkpoint is None or not checkpoint.is_file():
+        return 0
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        log.warning("%s: unreadable checkpoint ignored, starting over (%s)", checkpoint, exc)
+        return 0
+    if saved.get("run") != run_key:
+        log.warning("%s belongs to another run (config, head, probe, data or precision differ); starting over",
+                    checkpoint)
+        return 0
+    top.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["grad_scaler"])
+    torch.set_rng_state(saved["torch_rng"])
+    state.update(saved["state"])
+    log.info("resuming after epoch %d (%s)", state["epoch"], checkpoint)
+    return state["epoch"]

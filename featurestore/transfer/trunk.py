@@ -1,0 +1,225 @@
+"""The frozen trunk of an EfficientNet-Lite below its top blocks, and a cache of its activations.
+
+Fine-tuning the top ``k`` MBConv blocks runs the frozen part (stem and the blocks below, BatchNorm in eval
+mode) on exactly the same input every epoch. The trunk cache runs it once per image and per augmented view
+and keeps the activations (N, C, H, W), flattened, in an HDF5 store written by the extraction core (same
+fingerprinting, incremental reuse, journal, lock). Splits: ``train`` (the clean view), ``train.view1`` …
+``train.viewV`` (seeded random resized crops + flips), ``val`` and ``test`` (clean only). View k of an
+image is drawn from a generator seeded by (seed, the view's id), so adding views later reuses the ones
+already cached, and a resumed or distributed run computes the same pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data.sources import Record, Source
+from ..encode.backbones import FeatureModel
+from ..encode.backbones.efficientnet_lite import EfficientNetLite
+from ..encode.encoders import Item, Runner, view_id
+from ..encode.engines import make_engine
+from ..encode.images import collate_decoded, load_image
+from ..encode.preprocess import Preprocessing
+from ..errors import ImageDecodeError, StoreError
+from ..store.hdf5 import SCHEMA_VERSION, FeatureStore
+from ..utils.provenance import feature_code_digest, library_versions
+from ..utils.validation import check_range
+from .augment import ViewRecipe, random_view, view_rng
+
+TRUNK_MODULES = ("featurestore.trunk", "featurestore.augment")
+
+
+def first_trainable_block(network: EfficientNetLite, unfreeze_blocks: int) -> int:
+    """Index of the lowest block that trains when the top ``unfreeze_blocks`` do."""
+    total = len(network._blocks)
+    check_range("unfreeze_blocks", unfreeze_blocks, 0, total)
+    return total - unfreeze_blocks
+
+
+class LowerBlocks(nn.Module):
+    """Stem and ``blocks[:first_block]``: normalised images (N, 3, S, S) float32 → activations (N, C·H·W)."""
+
+    def __init__(self, network: EfficientNetLite, first_block: int):
+        super().__init__()
+        self._conv_stem, self._bn0 = network._conv_stem, network._bn0
+        self.blocks = nn.ModuleList(network._blocks[:first_block])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return torch.flatten(x, 1)
+
+
+class UpperBlocks(nn.Module):
+    """``blocks[first_block:]``, the head convolution, pooling, dropout and the classifier: activations
+    (N, C, H, W) float32 → logits (N, K). With ``first_block=0`` and ``with_stem`` it is the whole network on
+    normalised images (the from-scratch baseline). Shares its modules with ``network``."""
+
+    def __init__(self, network: EfficientNetLite, first_block: int, with_stem: bool = False):
+        super().__init__()
+        self.network = network
+        self.first_block = first_block
+        self.with_stem = with_stem
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.network
+        if self.with_stem:
+            x = F.relu6(net._bn0(net._conv_stem(x)))
+        for block in net._blocks[self.first_block:]:
+            x = block(x)
+        x = F.relu6(net._bn1(net._conv_head(x)))
+        return net._fc(net._dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def activation_shape(network: EfficientNetLite, first_block: int, image_size: int) -> tuple[int, int, int]:
+    """(C, H, W) of the activations entering ``blocks[first_block]`` for ``image_size`` inputs."""
+    lower = LowerBlocks(network, first_block).eval()
+    with torch.inference_mode():
+        x = F.relu6(lower._bn0(lower._conv_stem(torch.zeros(1, 3, image_size, image_size))))
+        for block in lower.blocks:
+            x = block(x)
+    return tuple(x.shape[1:])
+
+
+def trunk_model(network: EfficientNetLite, preprocessing: Preprocessing, first_block: int, backbone: str,
+                weights_path: str, weights_sha256: str, code_modules: tuple[str, ...]) -> FeatureModel:
+    """The frozen trunk as a :class:`FeatureModel` (uint8 images in, flattened activations out), so the
+    extraction engines (eager torch, or the cached ONNX graph on onnxruntime) run it like any backbone."""
+    shape = activation_shape(network, first_block, preprocessing.image_size)
+    return FeatureModel(LowerBlocks(network, first_block), int(np.prod(shape)), preprocessing,
+                        f"{backbone}.trunk{first_block}", weights_path, weights_sha256,
+                        tuple(code_modules) + TRUNK_MODULES)
+
+
+class ViewImages(Dataset):
+    """Item i → (i, uint8 (3, S, S) or None, failure reason or None): the clean preprocessing for view 0,
+    a seeded random view (see :mod:`featurestore.augment`) otherwise."""
+
+    def __init__(self, items: list[Item], preprocessing: Preprocessing, recipe: ViewRecipe, seed: int):
+        self.items, self.preprocessing, self.recipe, self.seed = items, preprocessing, recipe, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        try:
+            image = load_image(item.path)
+            if item.view:
+                image = random_view(image, self.preprocessing, self.recipe, view_rng(self.seed, item.id))
+            return index, self.preprocessing(image), None
+        except ImageDecodeError as exc:
+            return index, None, exc.reason
+        except Exception as exc:  # a decoder bug must cost one image, not the run
+            return index, None, f"cannot preprocess ({type(exc).__name__}: {exc})"
+
+
+class TrunkViewsEncoder:
+    """Encoder (see encoders.py) of the trunk cache: the frozen trunk on the clean view of every image and on
+    ``views`` seeded augmented views of every train image."""
+
+    unit = "view"
+
+    def __init__(self, trunk: FeatureModel, shape: tuple[int, int, int], store_fingerprint_hash: str,
+                 views: int, recipe: ViewRecipe, seed: int, dtype: str, engine: str = "auto"):
+        self.trunk, self.views, self.recipe, self.seed, self.dtype, self.engine = (
+            trunk, views, recipe, seed, dtype, engine)
+        self.name = trunk.name
+        self.feature_dim = trunk.feature_dim
+        self.feature_shape = tuple(shape)
+        self.store_fingerprint_hash = store_fingerprint_hash
+
+    def fingerprint(self) -> dict:
+        """The features' store, the cut, the view recipe and seed (not the number of views: view k is the same
+        whatever their number, so adding views reuses the cached ones), dtype, code and libraries."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "trunk activations",
+            "backbone": self.trunk.name,
+            "store_fingerprint_hash": self.store_fingerprint_hash,
+            "weights_sha256": self.trunk.weights_sha256,
+            "feature_dim": self.feature_dim,
+            "activation_shape": list(self.feature_shape),
+            "preprocessing": self.trunk.preprocessing.as_dict(),
+            "view_recipe": self.recipe.as_dict(),
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "compute": "float32",
+            "code_sha256": feature_code_digest(self.trunk.code_modules),
+            "libraries": library_versions(),
+        }
+
+    def items(self, record: Record, content_id: str) -> list[Item]:
+        clean = Item(content_id, record.path, record.rel_path, record.label, record.split)
+        if record.split != "train":
+            return [clean]
+        return [clean] + [Item(view_id(content_id, k), record.path, record.rel_path, record.label,
+                               f"train.view{k}", view=k) for k in range(1, self.views + 1)]
+
+    def dataset(self, items: list[Item]) -> Dataset:
+        return ViewImages(items, self.trunk.preprocessing, self.recipe, self.seed)
+
+    collate = staticmethod(collate_decoded)
+
+    def runner(self, device: torch.device) -> Runner:
+        return make_engine(self.trunk, device, self.engine if device.type == "cpu" else "torch")
+
+    def order(self, items: list[Item]) -> list[Item]:
+        return items
+
+
+def build_trunk_cache(network: EfficientNetLite, preprocessing: Preprocessing, first_block: int, source: Source,
+                      out: str | Path, *, backbone: str, weights_path: str, weights_sha256: str,
+                      code_modules: tuple[str, ...], store_fingerprint_hash: str, views: int, recipe: ViewRecipe,
+                      seed: int, dtype: str = "float16", device: str = "auto", engine: str = "auto",
+                      batch_size: int = 64, workers: int = 1, progress: bool = True):
+    """Run the frozen trunk below ``blocks[first_block]`` over ``source`` (every split's clean view, and
+    ``views`` augmented views of train) into the store ``out``; returns the extraction summary."""
+    from ..extract.phases import extract_with
+    from ..utils.devices import resolve_device
+
+    trunk = trunk_model(network, preprocessing, first_block, backbone, weights_path, weights_sha256, code_modules)
+    shape = activation_shape(network, first_block, preprocessing.image_size)
+    encoder = TrunkViewsEncoder(trunk, shape, store_fingerprint_hash, views, recipe, seed, dtype, engine)
+    return extract_with(encoder, source, out, device=resolve_device(device), dtype=dtype, batch_size=batch_size,
+                        workers=workers, progress=progress, on_duplicate="keep")
+
+
+class TrunkCache:
+    """The trunk cache in memory for training: clean and augmented train activations aligned by image, and
+    the clean val/test activations. Arrays are float16 or float32 as stored, (…, C, H, W)."""
+
+    def __init__(self, path: str | Path):
+        store = FeatureStore(path)
+        if store.fingerprint.get("kind") != "trunk activations":
+            raise StoreError(f"{store.path}: not a trunk cache (no trunk activations fingerprint)")
+        self.store = store
+        self.shape = tuple(store.feature_shape)
+        self.class_names = store.class_names
+        clean, self.train_labels, _ = store.load("train")
+        train_paths = list(store.paths("train"))
+        view_splits = sorted((s for s in store.splits if s.startswith("train.view")), key=lambda s: int(s[10:]))
+        views = [clean]
+        for split in view_splits:
+            features, _, _ = store.load(split)
+            paths = list(store.paths(split))
+            if paths != train_paths:  # a view split always follows the clean one, row for row
+                raise StoreError(f"{store.path}: split {split} is not aligned with train")
+            views.append(features)
+        self.train_views = np.stack(views).reshape(len(views), len(clean), *self.shape)  # (V+1, N, C, H, W)
+
+    @property
+    def views(self) -> int:
+        return self.train_views.shape[0] - 1
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Clean activations (N, C, H, W) and labels (N,) int64 of ``val`` or ``test``."""
+        features, labels, _ = self.store.load(name)
+        return features.reshape(len(features), *self.shape), labels
