@@ -32,7 +32,7 @@ from ..utils.provenance import feature_code_digest, library_versions
 from ..utils.validation import check_range
 from .augment import ViewRecipe, random_view, view_rng
 
-TRUNK_MODULES = ("featurestore.trunk", "featurestore.augment")
+TRUNK_MODULES = ("featurestore.transfer.trunk", "featurestore.transfer.augment")
 
 
 def first_trainable_block(network: EfficientNetLite, unfreeze_blocks: int) -> int:
@@ -100,7 +100,7 @@ def trunk_model(network: EfficientNetLite, preprocessing: Preprocessing, first_b
 
 class ViewImages(Dataset):
     """Item i → (i, uint8 (3, S, S) or None, failure reason or None): the clean preprocessing for view 0,
-    a seeded random view (see :mod:`featurestore.augment`) otherwise."""
+    a seeded random view (see :mod:`featurestore.transfer.augment`) otherwise."""
 
     def __init__(self, items: list[Item], preprocessing: Preprocessing, recipe: ViewRecipe, seed: int):
         self.items, self.preprocessing, self.recipe, self.seed = items, preprocessing, recipe, seed
