@@ -12,6 +12,14 @@
    Prints both times, their ratio (target: under 5%) and the stages the rerun ran.
 3. The same on the part of the pipeline the head experiment loop needs, `dvc repro evaluate`
    (prepare → extract → heads → plateau → finetune decision → evaluate): reported, no target.
+
+    python benchmarks/heads.py --sgd-passes STORE [--passes 20] [--train-rows N ...]
+
+How ``sgd_logreg``'s defaults (passes over the store, C grid; ``configs.HEAD_DEFAULTS``) were chosen: on a
+real store (e.g. EfficientNet-Lite0 features of Fashion-MNIST), one classifier per C of the wide grid (34 values
+from 1e-6 to 1e5) trained side by side as the head trains them, validation accuracy after every pass, against
+the in-memory ``logreg`` head's best validation accuracy on the same splits. ``--train-rows`` repeats it on
+seeded subsets of the train split (how the passes needed change with the store's size).
 """
 
 from __future__ import annotations
@@ -27,13 +35,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from featurestore.configs import HeadConfig
 from featurestore.data.prepare import prepare_fashion_mnist
 from featurestore.extract.launch import extract_features
 from featurestore.heads.estimators import sweep_c
-from featurestore.store.hdf5 import FeatureStore
+from featurestore.store.hdf5 import FeatureStore, SplitArrays, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,10 +102,68 @@ def head_rerun_benchmark(workdir: Path, *targets: str) -> dict:
             "head_only_vs_cold": round(head_only / cold, 3), "rerun_stages": rerun_stages}
 
 
+def train_subset(store: FeatureStore, rows: int, out: Path, seed: int = 0) -> FeatureStore:
+    """A copy of ``store`` whose train split is ``rows`` rows drawn without replacement (val as it is)."""
+    splits = {}
+    for split in ("train", "val"):
+        X, y, ids = store.load(split)
+        keep = np.sort(np.random.default_rng(seed).permutation(len(y))[:rows]) if split == "train" else slice(None)
+        paths = store.paths(split)
+        splits[split] = SplitArrays(X[keep], y[keep], list(ids[keep]), list(paths[keep]))
+    return FeatureStore(write_store(out, store.fingerprint, store.class_names, splits, dtype=store.dtype))
+
+
+def sgd_passes_benchmark(store: FeatureStore, passes: int) -> dict:
+    """Validation accuracy of sgd_logreg against passes over train, for every C of the wide grid."""
+    from featurestore.heads.streaming import chunked_accuracies, fit_scaler, fit_sgd, present_classes
+
+    config = HeadConfig(head="sgd_logreg", c_min=1e-6, c_max=1e5, c_points=34, max_iter=passes)
+    grid = config.c_grid()
+    scaler = fit_scaler(store, ("train",))
+    curve, started = [], time.perf_counter()
+
+    def on_pass(done: int, classifiers: list) -> None:
+        accuracies = chunked_accuracies(store, "val", scaler, classifiers)
+        best = int(np.argmax(accuracies))
+        curve.append({"passes": done, "seconds": round(time.perf_counter() - started, 1),
+                      "best_C": float(grid[best]), "best_val_accuracy": round(accuracies[best], 4),
+                      "val_accuracy": [round(a, 4) for a in accuracies]})
+        print(f"  pass {done:3d}: best C {grid[best]:.3g} val {accuracies[best]:.4f} "
+              f"({curve[-1]['seconds']} s)", flush=True)
+
+    fit_sgd(store, ("train",), scaler, grid, store.count("train"), config, present_classes(store, ("train",)),
+            on_pass=on_pass)
+    X, y, _ = store.load("train", dtype=np.float32)
+    Xv, yv, _ = store.load("val", dtype=np.float32)
+    logreg = sweep_c(HeadConfig(head="logreg", n_jobs=1), X, y, Xv, yv)
+    best = max(logreg, key=lambda p: p["val_accuracy"])
+    return {"store": str(store.path), "train_rows": store.count("train"), "val_rows": store.count("val"),
+            "grid": grid.tolist(), "curve": curve, "logreg_best_C": best["C"],
+            "logreg_val_accuracy": best["val_accuracy"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-pipeline", action="store_true", help="only the sweep")
+    parser.add_argument("--sgd-passes", type=Path, metavar="STORE", help="only sgd_logreg's accuracy against passes "
+                                                                        "on STORE (see above)")
+    parser.add_argument("--passes", type=int, default=20, help="with --sgd-passes: passes over train")
+    parser.add_argument("--train-rows", type=int, nargs="*", default=[], help="with --sgd-passes: also on subsets "
+                                                                              "of train of these sizes")
     args = parser.parse_args()
+    if args.sgd_passes:
+        results = []
+        with tempfile.TemporaryDirectory() as tmp:
+            stores = [FeatureStore(args.sgd_passes)] + [train_subset(FeatureStore(args.sgd_passes), rows,
+                                                                     Path(tmp) / f"train{rows}.h5")
+                                                        for rows in args.train_rows]
+            for store in stores:
+                print(f"sgd_logreg on {store.count('train')} train rows, {store.count('val')} val rows:", flush=True)
+                results.append(sgd_passes_benchmark(store, args.passes))
+                print(f"  logreg (in memory): best C {results[-1]['logreg_best_C']:.3g} val "
+                      f"{results[-1]['logreg_val_accuracy']:.4f}", flush=True)
+        print(json.dumps(results))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         figures = sweep_benchmark(Path(tmp))
         print(f"logreg C sweep: {figures['sweep_points']} values of C on {figures['sweep_rows']} × "

@@ -1,15 +1,17 @@
 """Past memory: a feature store larger than a head should hold, on the 2-core reference machine.
 
-    python benchmarks/scale.py [--rows 1050000] [--dim 1024] [--workdir DIR] [--keep] [--skip-head]
+    python benchmarks/scale.py [--rows 1050000] [--dim 1024] [--workdir DIR] [--keep] [--skip-head] [--repeats 7]
 
 (``--workdir`` with the files of an earlier run of the same size reuses them.)
 
 1. Writes a synthetic store (``store_writer``, block by block: never in memory whole) of ``--rows`` float32
    rows of ``--dim`` features (default 4.3 GB), 10 classes with a real signal (class means + noise),
    95% train and 5% val, and the same train array as a ``.npy`` file.
-2. Trains the streaming head (``sgd_logreg``: scaler and SGD by ``partial_fit`` over the store's shuffled
-   chunks, a 3-value C sweep, one pass each, refit on train+val) in a child process and prints its peak
-   RSS (target: < 1 GB) and rows/s.
+2. Trains the streaming head (``sgd_logreg`` with its defaults: scaler and averaged SGD by ``partial_fit`` over
+   the store's shuffled chunks, every value of C fed each minibatch of one read of the store, ``max_iter``
+   passes, refit on train+val; configs.HEAD_DEFAULTS) in a child process and prints its peak RSS (target:
+   < 1 GB) and two rates: rows read from the store per second (every pass: the scalers', the sweep's, val's and
+   the refit's), and row updates per second (one row through one classifier's ``partial_fit``).
 3. ``FeatureStore.load`` of the train split against ``np.load`` of the same array from ``.npy`` (GB/s, best
    of 7 interleaved, page cache warm for both; target: ≥ 0.8×), and random-row reads per second (single rows, and
    batches of 256 random rows).
@@ -38,14 +40,26 @@ HEAD_CHILD = """
 import json, sys, time
 from featurestore.configs import HeadConfig
 from featurestore.heads.train import train_head
+from featurestore.store.hdf5 import FeatureStore
+read = {"rows": 0}
+def counted(method):
+    def wrapper(*args, **kwargs):
+        for X, y in method(*args, **kwargs):
+            read["rows"] += len(y)
+            yield X, y
+    return wrapper
+FeatureStore.iter_chunks = counted(FeatureStore.iter_chunks)  # rows read: every pass over the store counts
+FeatureStore.iter_shuffled = counted(FeatureStore.iter_shuffled)
+config = HeadConfig(head="sgd_logreg")
 started = time.perf_counter()
-head = train_head(sys.argv[1], HeadConfig(head="sgd_logreg", c_min=1e-3, c_max=1e1, c_points=3, max_iter=1))
+head = train_head(sys.argv[1], config)
 seconds = time.perf_counter() - started
 # VmHWM: this process image's own peak. (getrusage's ru_maxrss survives exec on Linux, so a child started
 # from a large parent would report the parent's peak.)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": seconds, "C": head.C, "val": max(p["val_accuracy"] for p in head.sweep),
-                  "peak_rss_bytes": int(hwm.split()[1]) * 1024}))
+                  "peak_rss_bytes": int(hwm.split()[1]) * 1024, "rows_read": read["rows"],
+                  "passes": config.max_iter, "c_values": len(head.sweep), "c_grid": head.c_grid}))
 """
 
 
@@ -75,13 +89,18 @@ def write_synthetic(path: Path, npy: Path, rows: int, dim: int) -> dict[str, int
 
 
 def train_streaming_head(path: Path, rows: int) -> dict:
-    """Step 2 in a child process (its own peak memory): seconds, val accuracy, peak RSS and rows/s."""
+    """Step 2 in a child process (its own peak memory): seconds, val accuracy, peak RSS and rates."""
     child = subprocess.run([sys.executable, "-c", HEAD_CHILD, str(path)], capture_output=True, text=True, check=True)
     head = json.loads(child.stdout.strip().splitlines()[-1])
-    passes = 3 * 1 + 1  # three C values, one pass each, then the refit on train+val
+    counts = split_counts(rows)
+    # every C of the sweep (extension included) for `passes` passes over train, then the refit on train+val
+    updates = head["passes"] * (head["c_values"] * counts["train"] + rows)
     return {"head_seconds": round(head["seconds"], 1), "head_val_accuracy": round(head["val"], 4),
-            "head_peak_rss_mb": round(head["peak_rss_bytes"] / 2**20),
-            "head_rows_per_second": round(passes * rows / head["seconds"])}
+            "head_C": head["C"], "head_c_values": head["c_values"], "head_passes": head["passes"],
+            "head_c_grid": head["c_grid"], "head_peak_rss_mb": round(head["peak_rss_bytes"] / 2**20),
+            "head_store_passes": round(head["rows_read"] / rows, 2),
+            "head_rows_read_per_second": round(head["rows_read"] / head["seconds"]),
+            "head_row_updates_per_second": round(updates / head["seconds"])}
 
 
 def best_of(runs: int, function, warm_bytes: int = 0) -> float:
@@ -150,8 +169,11 @@ def main() -> None:
     print(f"store {size / 1e9:.2f} GB ({args.rows:,} x {args.dim} float32) "
           + (f"written in {report['write_seconds']} s" if not reused else "reused"))
     if not args.skip_head:
-        print(f"streaming head (sgd_logreg): peak RSS {report['head_peak_rss_mb']} MB (target < 1024), "
-              f"{report['head_rows_per_second']:,} rows/s, val accuracy {report['head_val_accuracy']}")
+        print(f"streaming head (sgd_logreg, {report['head_c_values']} values of C, {report['head_passes']} passes): "
+              f"peak RSS {report['head_peak_rss_mb']} MB (target < 1024) in {report['head_seconds']} s; "
+              f"{report['head_rows_read_per_second']:,} rows read/s ({report['head_store_passes']} passes over the "
+              f"store), {report['head_row_updates_per_second']:,} row updates/s; val accuracy "
+              f"{report['head_val_accuracy']} at C = {report['head_C']:g}")
     print(f"FeatureStore.load {report['load_gb_per_second']} GB/s vs np.load {report['npy_gb_per_second']} GB/s: "
           f"{report['load_vs_npy']}x (target >= 0.8)")
     print(f"random reads: {report['random_single_rows_per_second']:,} single rows/s, "

@@ -14,8 +14,10 @@ from dataclasses import MISSING, fields
 
 from . import __version__, commands
 from .configs import (
-    CURVE_METHODS,
+    ALL_CURVE_METHODS,
+    DEFAULT_CURVE_METHODS,
     ENGINE_CHOICES,
+    FINETUNE_DEFAULTS,
     LONG_DOCUMENT_MODES,
     MIN_IMAGE_SIZE,
     NORMALIZATIONS,
@@ -65,20 +67,30 @@ FIELD_TYPES = {
 }
 
 
-def add_config_options(parser: argparse.ArgumentParser, config_class, skip: tuple[str, ...] = ()) -> None:
-    """One ``--field-name`` option per field of a configs dataclass, with its default, choices and help."""
+def add_config_options(parser: argparse.ArgumentParser, config_class, skip: tuple[str, ...] = (),
+                       by_modality: dict[str, object] | None = None) -> None:
+    """One ``--field-name`` option per field of a configs dataclass, with its default, choices and help.
+
+    With ``by_modality`` (modality → the config of its defaults) every option defaults to None, and the command
+    fills what was not given from the defaults of the data's modality (see ``commands.finetune_config``)."""
     for f in fields(config_class):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         help_text = f.metadata.get("help", "")
-        if isinstance(default, bool):
+        if by_modality:
+            values = {kind: getattr(config, f.name) for kind, config in by_modality.items()}
+            shown = (f"default {default}" if len(set(values.values())) == 1
+                     else "default " + ", ".join(f"{kind}s {value}" for kind, value in values.items()))
+            help_text, default = f"{help_text} ({shown})", None
+        elif not isinstance(default, bool) and default is not None:  # None: the help names each case's default
+            help_text = f"{help_text} (default {default})"
+        if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            kind = FIELD_TYPES.get(f.name, type(default))
-            parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
-                                help=f"{help_text} (default {default})")
+            kind = FIELD_TYPES.get(f.name, type(f.default))
+            parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
 
 
 def add_output_options(parser: argparse.ArgumentParser, progress: bool = True) -> None:
@@ -239,16 +251,18 @@ def _predict_parser(sub) -> None:
 
 
 def _finetune_parser(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune the top blocks of the backbone, starting from a logreg head",
-                       description="Unfreeze the top blocks, start the classifier from the linear probe, train from "
-                                   "the trunk cache with AdamW + cosine schedule and early stopping on val; "
-                                   "checkpoints every epoch, a rerun resumes.")
+    p = sub.add_parser("finetune", help="fine-tune the top of the backbone (image blocks or transformer layers), "
+                                        "starting from a logreg head",
+                       description="Unfreeze the top blocks (texts: transformer layers), start the classifier from the "
+                                   "linear probe, train from the cached frozen part with AdamW + cosine schedule and "
+                                   "early stopping on val; checkpoints every epoch, a rerun resumes. Defaults follow "
+                                   "the head's modality (chosen on validation for images and for texts).")
     p.add_argument("--head", required=True, help="a logreg HEAD.skops (the starting classifier)")
-    p.add_argument("--data", required=True, help="ImageFolder with train and val splits")
+    p.add_argument("--data", required=True, help="the data the head's store was extracted from (train and val)")
     p.add_argument("--out", required=True, help="fine-tuned weights (.pth), usable as extract --weights")
-    p.add_argument("--weights", help="the local checkpoint the head's features came from, if not the default")
-    p.add_argument("--cache", help="the trunk cache to build or reuse (default: OUT's name + .trunk.h5)")
-    add_config_options(p, FinetuneConfig)
+    p.add_argument("--weights", help="images: the local checkpoint the head's features came from, if not the default")
+    p.add_argument("--cache", help="images: the trunk cache to build or reuse (default: OUT's name + .trunk.h5)")
+    add_config_options(p, FinetuneConfig, by_modality=FINETUNE_DEFAULTS)
     add_device_option(p)
     add_trust_pickle(p)
     add_output_options(p)
@@ -256,16 +270,22 @@ def _finetune_parser(sub) -> None:
 
 
 def _curve_parser(sub) -> None:
-    p = sub.add_parser("curve", help="pixels, scratch, linear probe and probe-then-fine-tune per label budget",
+    p = sub.add_parser("curve", help="baselines, linear probe and probe-then-fine-tune per label budget",
                        description="Train the methods per labels-per-class budget; write curve.json, CSV and plots. "
-                                   "Fine-tuning options are the finetune command's; --scratch-* set the baseline.")
+                                   "Fine-tuning options are the finetune command's (defaults by the store's "
+                                   "modality); --scratch-* set the from-scratch baseline.")
     p.add_argument("--features", required=True, help="FILE.h5: the cache of DATA (train, val and test splits)")
-    p.add_argument("--data", required=True, help="the ImageFolder the cache was extracted from")
+    p.add_argument("--data", required=True, help="the data (folder or manifest) the cache was extracted from")
     p.add_argument("--out", required=True, help="output folder: curve.json, curve.csv and the plots")
     p.add_argument("--budgets", type=int_at_least(1), nargs="+", default=[10, 100], help="labels per class")
-    p.add_argument("--methods", nargs="+", choices=CURVE_METHODS, default=list(CURVE_METHODS))
+    p.add_argument("--methods", nargs="+", choices=ALL_CURVE_METHODS,
+                   help="default: " + "; ".join(f"{kind}s {' '.join(methods)}" for kind, methods
+                                                in DEFAULT_CURVE_METHODS.items())
+                        + " (pixels and scratch apply to images, tfidf to texts; scratch takes hours on a CPU)")
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="standard", help="feature scaling of the probe")
-    add_config_options(p, FinetuneConfig)
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="score a test split that shares items with train/val (refused by default: a leak)")
+    add_config_options(p, FinetuneConfig, by_modality=FINETUNE_DEFAULTS)
     scratch = p.add_argument_group("from-scratch baseline")
     for f in fields(ScratchConfig):
         default = f.default

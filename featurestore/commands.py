@@ -277,16 +277,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def finetune_config(args: argparse.Namespace, kind: str):
+    """The fine-tuning settings: the options given on the command line over the defaults of the modality
+    (``image`` or ``text``)."""
+    from dataclasses import replace
+
+    from .configs import FinetuneConfig, finetune_defaults
+
+    given = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if getattr(args, f.name, None) is not None}
+    return replace(finetune_defaults(kind), **given)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .configs import FinetuneConfig
-    from .heads.head import load_head
-    from .transfer.finetune import finetune
+    from .errors import BadValueError
+    from .heads import load_head
 
-    config = config_from_args(FinetuneConfig, args)
-    result = finetune(load_head(args.head, trust_pickle=args.trust_pickle), args.data, args.out, config,
-                      device=args.device, progress=not args.no_progress, weights=args.weights, cache=args.cache)
+    head = load_head(args.head, trust_pickle=args.trust_pickle)
+    kind = head.fingerprint.get("kind", "image")
+    config = finetune_config(args, kind)
+    options = {"device": args.device, "progress": not args.no_progress}
+    if kind == "text":
+        given = [flag for flag, value in (("--weights", args.weights), ("--cache", args.cache)) if value]
+        if given:
+            raise BadValueError(f"{', '.join(given)} apply to image heads; {head.name} is a text head")
+        from .transfer.text_finetune import finetune_text
+
+        result = finetune_text(head, args.data, args.out, config, **options)
+    else:
+        from .transfer.finetune import finetune
+
+        result = finetune(head, args.data, args.out, config, weights=args.weights, cache=args.cache, **options)
     if args.json:
         print(json.dumps(asdict(result)))
     else:
@@ -299,13 +321,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_curve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .configs import FinetuneConfig, ScratchConfig
+    from .configs import ScratchConfig
+    from .store import FeatureStore
     from .transfer.curve import accuracy_table, run_curve
     from .transfer.plateau import CURVE_HEAD
 
+    store = FeatureStore(args.features)
     scratch = ScratchConfig(**{f.name: getattr(args, "scratch_" + f.name) for f in fields(ScratchConfig)})
-    result = run_curve(args.features, args.data, args.out, args.budgets, config_from_args(FinetuneConfig, args),
-                       scratch, probe_config=replace(CURVE_HEAD, normalize=args.normalize),
-                       methods=tuple(args.methods), device=args.device, progress=not args.no_progress)
+    result = run_curve(store, args.data, args.out, args.budgets,
+                       finetune_config(args, store.fingerprint.get("kind", "image")), scratch,
+                       probe_config=replace(CURVE_HEAD, normalize=args.normalize),
+                       methods=tuple(args.methods) if args.methods else None, device=args.device,
+                       progress=not args.no_progress, allow_overlap=args.allow_overlap)
     print(json.dumps(result) if args.json else accuracy_table(result["points"]), end="" if not args.json else "\n")
     return 0

@@ -24,6 +24,10 @@ ON_DUPLICATE_CHOICES = ("warn", "error", "keep")
 FINETUNE_MODES = ("auto", "always", "never")
 CURVE_METHODS = ("scratch", "pixels", "linear_probe", "probe_finetune")
 TEXT_CURVE_METHODS = ("tfidf", "linear_probe", "probe_finetune", "scratch")
+ALL_CURVE_METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
+# What a curve runs unless told otherwise: everything but the from-scratch network, which takes hours on a CPU.
+DEFAULT_CURVE_METHODS = {"image": ("pixels", "linear_probe", "probe_finetune"),
+                         "text": ("tfidf", "linear_probe", "probe_finetune")}
 LONG_DOCUMENT_MODES = ("truncate", "chunk-mean")
 MIN_IMAGE_SIZE = 8
 
@@ -33,17 +37,42 @@ def option(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+# The sweep and solver defaults of each head: a field of HeadConfig left at None takes its head's value here, so an
+# explicit value always wins. sgd_logreg's are its own, measured (README "Past one machine", benchmarks/heads.py
+# --sgd-passes, Lite0 features of 2,000-8,000 Fashion-MNIST images): each of its passes reads the whole store, and
+# its validation accuracy (averaged SGD) levels off after about 5 passes over 8,000 rows (0.874; in-memory logreg
+# 0.880) where the in-memory solvers need hundreds of iterations; it is flat within noise from C = 0.1 to 10 (the
+# best was 1-22) and 1-2 points lower at C <= 1e-3, so a grid of one value per decade from 1e-2 to 1e2 suffices
+# (an edge extends it, estimators.extend_sweep). Its cost: 5 passes for the 5 values of C together, 5 for the refit.
+HEAD_SWEEP_DEFAULTS = {"c_min": 1e-6, "c_max": 1e5, "c_points": 34, "max_iter": 300}
+HEAD_DEFAULTS: dict[str, dict] = {
+    "sgd_logreg": {"c_min": 1e-2, "c_max": 1e2, "c_points": 5, "max_iter": 5},
+}
+
+
+def _per_head(name: str) -> str:
+    """The defaults of one HeadConfig field as help text, e.g. ``default 300; sgd_logreg 5``."""
+    special = "; ".join(f"{head} {values[name]:g}" for head, values in HEAD_DEFAULTS.items() if name in values)
+    return f"default {HEAD_SWEEP_DEFAULTS[name]:g}" + (f"; {special}" if special else "")
+
+
 @dataclass(frozen=True)
 class HeadConfig:
-    """How to train a head. The C grid is ``c_points`` values from ``c_min`` to ``c_max`` (log-spaced)."""
+    """How to train a head. The C grid is ``c_points`` values from ``c_min`` to ``c_max`` (log-spaced).
+
+    ``c_min``, ``c_max``, ``c_points`` and ``max_iter`` left at None take the head's defaults
+    (:data:`HEAD_DEFAULTS`, else :data:`HEAD_SWEEP_DEFAULTS`) when the config is made, so a config always holds
+    numbers and an explicit value always wins.
+    """
 
     head: str = option("logreg", "the head: multinomial logistic regression, linear SVM, RBF SVM, or logistic "
                                  "regression by SGD streamed from the store (memory independent of its size)", HEADS)
     normalize: str = option("standard", "feature standardisation, L2 normalisation, or none", NORMALIZATIONS)
-    c_min: float = option(1e-6, "smallest C of the sweep")
-    c_max: float = option(1e5, "largest C of the sweep")
-    c_points: int = option(34, "log-spaced values of C in the sweep")
-    max_iter: int = option(300, "solver iterations per fit (sgd_logreg: passes over the store)")
+    c_min: float | None = option(None, f"smallest C of the sweep ({_per_head('c_min')})")
+    c_max: float | None = option(None, f"largest C of the sweep ({_per_head('c_max')})")
+    c_points: int | None = option(None, f"log-spaced values of C in the sweep ({_per_head('c_points')})")
+    max_iter: int | None = option(None, f"solver iterations per fit, for sgd_logreg passes over the store "
+                                        f"({_per_head('max_iter')})")
     n_jobs: int = option(-1, "parallel segments of the sweep (-1: all cores; small sweeps run in-process)")
     calibration_folds: int = option(3, "cross-validation folds of the SVMs' probability calibration")
     seed: int = option(0, "random seed")
@@ -51,11 +80,16 @@ class HeadConfig:
     def __post_init__(self) -> None:
         check_choice("head", self.head, HEADS)
         check_choice("normalize", self.normalize, NORMALIZATIONS)
+        for name, value in {**HEAD_SWEEP_DEFAULTS, **HEAD_DEFAULTS.get(self.head, {})}.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: resolved once, here
         check_range("c_min", self.c_min, 0, low_open=True)
         check_range("c_max", self.c_max, self.c_min)
         check_range("c_points", self.c_points, 1)
+        check_range("max_iter", self.max_iter, 1)
 
     def c_grid(self) -> np.ndarray:
+        """The configured C values, (c_points,) float64 ascending."""
         return np.logspace(np.log10(self.c_min), np.log10(self.c_max), self.c_points)
 
 
@@ -94,6 +128,20 @@ class FinetuneConfig:
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+# The defaults of each modality, chosen on validation (README "Fine-tuning" and "Texts"): the code's, the CLI's
+# and params.yaml's (a test keeps the three equal).
+FINETUNE_DEFAULTS = {
+    "image": FinetuneConfig(),
+    "text": FinetuneConfig(unfreeze_blocks=2, backbone_lr_factor=0.1, epochs=8, batch_size=16, patience=3,
+                           workers=0),
+}
+
+
+def finetune_defaults(kind: str) -> FinetuneConfig:
+    """The fine-tuning defaults of a modality: ``image`` or ``text`` (a store fingerprint's ``kind``)."""
+    return FINETUNE_DEFAULTS[check_choice("modality", kind, tuple(FINETUNE_DEFAULTS))]
 
 
 @dataclass(frozen=True)

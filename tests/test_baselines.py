@@ -9,7 +9,7 @@ import torch
 from featurestore.configs import CURVE_METHODS, FinetuneConfig, ScratchConfig
 from featurestore.errors import FeaturestoreError
 from featurestore.extract.launch import extract_features
-from featurestore.transfer.baselines import convergence, pixel_logreg, train_from_scratch
+from featurestore.transfer.baselines import convergence, pixel_features, pixel_logreg, train_from_scratch
 from featurestore.transfer.curve import merge_curves, run_curve
 
 
@@ -31,26 +31,59 @@ def test_convergence_needs_a_fitted_training_set_or_an_early_validation_peak():
     assert annealed["by"] is None
 
 
-def test_pixel_logistic_regression_chooses_c_on_val(fashion_folder_master):
+def test_pixel_logistic_regression_chooses_c_on_val(fashion_folder_master, monkeypatch):
+    import featurestore.heads.estimators as estimators
+    from featurestore.data.sources import scan_source
+    from featurestore.heads.estimators import choose_c
+
+    records = scan_source(fashion_folder_master).records
+    pixels = {split: pixel_features([r for r in records if r.split == split]) for split in ("train", "val", "test")}
+    labels = {split: np.array([r.label for r in records if r.split == split]) for split in ("train", "val", "test")}
+    swept, original = [], estimators.sweep_c
+    monkeypatch.setattr(estimators, "sweep_c", lambda config, X, y, Xv, yv, **kw: swept.append(
+        (config, X, y, Xv, yv, original(config, X, y, Xv, yv, **kw))) or swept[-1][-1])
     result = pixel_logreg(fashion_folder_master)
-    assert 0.0 <= result.test_accuracy <= 1.0 and 1e-4 <= result.C <= 1e2 and result.seconds >= 0
+    assert len(swept) == 1
+    config, X, y, Xv, yv, sweep = swept[0]
+    # the sweep fitted on the train pixels and scored on the val pixels: never on test
+    assert np.array_equal(X, pixels["train"]) and np.array_equal(y, labels["train"])
+    assert np.array_equal(Xv, pixels["val"]) and np.array_equal(yv, labels["val"])
+    # and the C the baseline reports is the one that sweep chose, with that sweep's val accuracy
+    assert result.C == choose_c(sweep)
+    assert result.val_accuracy == next(p["val_accuracy"] for p in sweep if p["C"] == result.C)
+    assert 0.0 <= result.test_accuracy <= 1.0 and result.seconds >= 0
 
 
 @pytest.mark.slow
-def test_scratch_starts_from_random_weights_and_trains_every_layer(fashion_folder_master):
+def test_scratch_starts_from_random_weights_and_trains_every_layer(fashion_folder_master, monkeypatch):
+    import featurestore.transfer.baselines as baselines
     from featurestore.encode.backbones import load_classifier
 
+    # The run's own network, seen through the training loop it is handed to: train(top, network.state_dict, ...).
+    runs, original = [], baselines.train
+
+    def watched(top, weights_of, optimizer, *args, **kwargs):
+        network = weights_of.__self__
+        start = {name: p.detach().clone() for name, p in network.named_parameters()}
+        outcome = original(top, weights_of, optimizer, *args, **kwargs)
+        end = {name: p.detach().clone() for name, p in network.named_parameters()}  # after the last step
+        runs.append((start, end))
+        return outcome
+
+    monkeypatch.setattr(baselines, "train", watched)
     config = ScratchConfig(steps=6, image_size=32, batch_size=8, workers=0)
     result = train_from_scratch(fashion_folder_master, config, device="cpu")
     assert result.steps == 6 and len(result.history) == 6  # validation every ceil(6 / 20) = 1 step
     assert result.test_accuracy is not None and 0 <= result.best_val_accuracy <= 1
     assert set(result.converged) >= {"by", "final_train_accuracy", "best_val_step"}
+    (start, end), = runs
+    # random weights: no tensor of the starting network is the pretrained one
     _, pretrained, _ = load_classifier("efficientnet_lite0")
-    torch.manual_seed(config.seed)
-    from featurestore.encode.backbones import get_spec
-
-    random_init = get_spec("efficientnet_lite0").build()
-    assert not torch.equal(random_init._conv_stem.weight, pretrained._conv_stem.weight)
+    shared = {name: p for name, p in pretrained.named_parameters() if name in start and p.shape == start[name].shape}
+    assert len(shared) == len(start) - 2  # all but the new 10-class classifier's weight and bias
+    assert not [name for name, p in shared.items() if torch.equal(p, start[name])]
+    # every layer trained: every parameter of the network moved during the run (a frozen one would not)
+    assert len(start) > 100 and not [name for name in start if torch.equal(start[name], end[name])]
 
 
 @pytest.mark.slow
@@ -59,7 +92,8 @@ def test_the_curve_trains_four_methods_per_budget(fashion_folder_master, tmp_pat
     extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
     result = run_curve(store, fashion_folder_master, tmp_path / "curve", [1, 2],
                        FinetuneConfig(unfreeze_blocks=1, epochs=1, batch_size=8, workers=0),
-                       ScratchConfig(steps=4, image_size=32, batch_size=8, workers=0), device="cpu")
+                       ScratchConfig(steps=4, image_size=32, batch_size=8, workers=0), device="cpu",
+                       methods=CURVE_METHODS)  # the default leaves the from-scratch network out
     points = {(p["labels_per_class"], p["method"]): p for p in result["points"]}
     assert set(points) == {(b, m) for b in (1, 2) for m in CURVE_METHODS}  # the image methods: no tfidf
     for point in points.values():

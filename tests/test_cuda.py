@@ -68,13 +68,15 @@ class RandomBatches:
 
 
 def test_a_resumed_cuda_run_equals_an_uninterrupted_one(tmp_path):
-    """Float16 autocast with a GradScaler: its state is in the checkpoint, so a run that crashes after epoch 1 and
-    resumes ends with the same weights as a run that never stopped."""
+    """Float16 autocast with a GradScaler, and dropout drawing its masks from the GPU's generator: both states are
+    in the checkpoint, so a run that crashes after epoch 1 and resumes ends with the same weights as a run that
+    never stopped."""
     from featurestore.transfer.training import train
 
     def run(checkpoint, crash_at=None):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).cuda()
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                                    torch.nn.Linear(64, 2)).cuda()
 
         def on_epoch(epoch):
             model.train()
@@ -92,6 +94,7 @@ def test_a_resumed_cuda_run_equals_an_uninterrupted_one(tmp_path):
         run(tmp_path / "b.pt", crash_at=2)
     saved = torch.load(tmp_path / "b.pt", weights_only=True)
     assert saved["state"]["epoch"] == 1 and saved["grad_scaler"]["scale"] > 0  # a live scaler was saved
+    assert len(saved["cuda_rng"]) == torch.cuda.device_count()  # the GPUs' generators: the dropout masks
     resumed, resumed_weights = run(tmp_path / "b.pt")
     assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == 3
     for key in straight_weights:

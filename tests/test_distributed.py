@@ -54,6 +54,18 @@ def assert_same_store(a, b):
         np.testing.assert_allclose(X, X2, rtol=1e-4, atol=5e-5)
 
 
+
+def test_cpu_ranks_share_their_own_nodes_cores_not_the_whole_groups(monkeypatch):
+    from featurestore.extract.distributed import Group, threads_per_rank, torchrun_group
+
+    for name, value in {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert torchrun_group() == Group(rank=5, world_size=8, local_rank=1, local_world_size=2)
+    # 4 nodes × 2 ranks, 16 cores each: a rank gets half its node, not a sixteenth
+    assert threads_per_rank(Group(rank=5, world_size=8, local_rank=1, local_world_size=2), cores=16) == 8
+    assert threads_per_rank(Group(rank=0, world_size=1, local_rank=0, local_world_size=1), cores=16) == 16
+    assert threads_per_rank(Group(rank=3, world_size=64, local_rank=3, local_world_size=64), cores=16) == 1
+
 @pytest.fixture
 def single(fashion_folder, tmp_path):
     out = tmp_path / "single.h5"

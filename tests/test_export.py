@@ -45,6 +45,9 @@ def test_export_is_one_verified_graph(tiny, exported, name):
                                                                                     f"{name}.onnx.report.json"]
     model = onnx.load(str(path))
     assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    domains = [entry.domain or "ai.onnx" for entry in model.opset_import]
+    assert len(domains) == len(set(domains))  # each opset domain once
+    onnx.checker.check_model(model, full_check=True)
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["featurestore_class_names"]) == store.class_names
     assert meta["featurestore_fingerprint_hash"] == store.fingerprint_hash

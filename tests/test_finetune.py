@@ -152,11 +152,12 @@ def test_training_from_images_and_from_the_cache_are_the_same_run(probe, fashion
         torch.testing.assert_close(first[key], second[key], rtol=1e-3, atol=1e-4)
 
 
-def test_a_killed_run_resumes_from_its_checkpoint(probe, fashion_folder_master, tmp_path):
+@pytest.mark.parametrize("source", ["cache", "images"])
+def test_a_killed_run_resumes_from_its_checkpoint(probe, fashion_folder_master, tmp_path, source):
     head, _ = probe
     head_path = head.save(tmp_path / "head.skops")
     config = ["--unfreeze-blocks", "1", "--epochs", "4", "--batch-size", "8", "--patience", "9", "--workers", "0",
-              "--source", "images"]
+              "--source", source]
 
     def command(name):
         return [sys.executable, "-m", "featurestore.cli", "finetune", "--head", str(head_path), "--data",
@@ -226,3 +227,95 @@ def test_a_head_on_custom_weights_fine_tunes_those_weights(probe, fashion_folder
         build_model(head, CONFIG)  # the registry's ImageNet weights are not what the head was trained on
     model, _ = build_model(head, CONFIG, weights=custom)
     assert torch.equal(model.network._conv_stem.weight, state["_conv_stem.weight"])
+
+
+def test_a_run_killed_after_its_stopping_epoch_does_not_train_on(probe, fashion_folder_master, tmp_path):
+    """The checkpoint of the epoch at which patience ran out says so: rerunning the finished (or killed-after-
+    that-epoch) run resumes to the same result instead of training one more epoch."""
+    head, _ = probe
+    frozen_rate = replace(CONFIG, epochs=6, patience=1, head_lr=1e-12)  # nothing moves: epoch 2 cannot beat 1
+    options = {"device": "cpu", "progress": False, "checkpoint_dir": tmp_path / "ckpt", "keep_checkpoint": True}
+    first = finetune(head, fashion_folder_master, tmp_path / "a.pth", frozen_rate, **options)
+    assert first.stopped_early and first.epochs_run == 2
+    again = finetune(head, fashion_folder_master, tmp_path / "b.pth", frozen_rate, **options)
+    assert again.resumed_from_epoch == 2 and again.stopped_early and again.epochs_run == 2
+    assert [h["epoch"] for h in again.history] == [1, 2]
+    a, b = (torch.load(tmp_path / f"{name}.pth", weights_only=True) for name in ("a", "b"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.fixture(scope="module")
+def broken(fashion_folder_master, tmp_path_factory, lite0_small):
+    """The tiny data set plus one train file that is not an image, named to sort first in its class folder: the
+    store skips it, so every later train row sits one place before its file in the folder listing."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("broken") / "images"
+    shutil.copytree(fashion_folder_master, root)
+    first_class = sorted(p.name for p in (root / "train").iterdir())[0]
+    (root / "train" / first_class / "0-not-an-image.png").write_bytes(b"this is not a PNG")
+    store = root.parent / "lite0.h5"
+    summary = extract_features(root, store, model=lite0_small, workers=0, progress=False)
+    assert [entry["path"] for entry in summary.skipped] == [f"train/{first_class}/0-not-an-image.png"]
+    head = train_head(store, HeadConfig(head="logreg", c_min=1e-3, c_max=1e1, c_points=5, n_jobs=1))
+    return root, store, head.save(root.parent / "head.skops")
+
+
+@pytest.mark.parametrize("source", ["cache", "images"])
+def test_an_unreadable_image_fine_tunes_on_exactly_the_probes_rows(broken, tmp_path, source):
+    data, store, head_path = broken
+    result = subprocess.run(
+        [sys.executable, "-m", "featurestore.cli", "finetune", "--head", str(head_path), "--data", str(data),
+         "--out", str(tmp_path / "ft.pth"), "--unfreeze-blocks", "1", "--epochs", "1", "--batch-size", "8",
+         "--workers", "0", "--source", source, "--device", "cpu", "--json", "--no-progress"],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["train_ids"] == list(FeatureStore(store).ids("train"))
+
+
+def test_a_nested_budget_fine_tunes_on_the_probes_subset(broken, tmp_path):
+    from featurestore.heads import load_head
+    from featurestore.transfer.probe import probe_rows
+
+    data, store, head_path = broken
+    result = finetune(load_head(head_path), data, tmp_path / "ft.pth", replace(CONFIG, epochs=1), device="cpu",
+                      progress=False, train_per_class=1)
+    store = FeatureStore(store)
+    rows = probe_rows(store.labels("train"), 1, CONFIG.seed)
+    assert result.train_ids == list(store.ids("train")[rows]) and len(rows) == 10
+
+
+def test_the_trunk_cache_records_float16_autocast_compute_on_cuda(probe):
+    """CPU- and GPU-built activations differ (float16 autocast on CUDA): their caches must not share a
+    fingerprint, or an incremental run would mix them."""
+    from featurestore.encode.backbones import load_classifier
+    from featurestore.transfer.trunk import TrunkViewsEncoder, activation_shape, trunk_model
+
+    head, _ = probe
+    _, network, path = load_classifier("efficientnet_lite0")
+    pre = Preprocessing.from_dict(head.fingerprint["preprocessing"])
+    trunk = trunk_model(network, pre, 14, "efficientnet_lite0", str(path), "x", ())
+    shape = activation_shape(network, 14, pre.image_size)
+
+    def fingerprint(device):
+        return TrunkViewsEncoder(trunk, shape, head.fingerprint_hash, 0, ViewRecipe(), 0, "float16",
+                                 device=torch.device(device)).fingerprint()
+
+    cpu, cuda = fingerprint("cpu"), fingerprint("cuda")
+    assert cpu["compute"] == "float32" and cuda["compute"] == "autocast-float16"
+    from featurestore.store.hdf5 import fingerprint_hash
+
+    assert fingerprint_hash(cpu) != fingerprint_hash(cuda)
+
+
+def test_the_finetune_stage_trains_on_the_probes_rows_despite_an_unreadable_image(broken, tmp_path):
+    from featurestore.data.sources import ids_digest
+    from featurestore.transfer.decision import run_finetune_stage
+
+    data, store, head_path = broken
+    plateau = {"plateaued": False, "reason": "still rising"}
+    decision = run_finetune_stage("efficientnet_lite0", head_path, data, tmp_path / "stage", plateau, "always",
+                                  replace(CONFIG, epochs=1), {}, {"image_size": 64, "crop_pct": 1.0, "workers": 0},
+                                  device="cpu")
+    assert decision["finetuned"]
+    assert decision["result"]["train_ids"] == ids_digest(FeatureStore(store).ids("train"))

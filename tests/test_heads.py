@@ -19,6 +19,7 @@ from featurestore.heads.head import load_head
 from featurestore.heads.reports import write_reports
 from featurestore.heads.summary import read_head_metrics
 from featurestore.heads.train import train_head
+from featurestore.store.hdf5 import SplitArrays, write_store
 
 SMALL_GRID = {"c_min": 1e-4, "c_max": 1e2, "c_points": 7, "n_jobs": 2}
 
@@ -34,10 +35,15 @@ def tiny_store(fashion_folder_master, tmp_path_factory, lite0_small):
 def test_train_head_sweeps_on_val_and_refits_on_train_plus_val(tiny_store, head, tmp_path, monkeypatch):
     loaded = []
     original = FeatureStore.load
-    monkeypatch.setattr(FeatureStore, "load", lambda self, split: loaded.append(split) or original(self, split))
+    monkeypatch.setattr(FeatureStore, "load", lambda self, split, **kw: loaded.append(split) or original(self, split,
+                                                                                                         **kw))
     trained = train_head(tiny_store, HeadConfig(head=head, **SMALL_GRID))
     assert "test" not in loaded  # C is never chosen on test
-    assert [p["C"] for p in trained.sweep] == pytest.approx(np.logspace(-4, 2, 7).tolist())
+    swept = [p["C"] for p in trained.sweep]
+    grid = trained.summary()["c_grid"]
+    assert [C for C in swept if 1e-4 * (1 - 1e-9) <= C <= 1e2 * (1 + 1e-9)] == pytest.approx(np.logspace(-4, 2, 7))
+    assert (grid["min"], grid["max"]) == (min(swept), max(swept))  # beyond the grid only if it was extended
+    assert grid["extended"] == ("down" if min(swept) < 1e-4 * 0.99 else "up" if max(swept) > 1e2 * 1.01 else None)
     assert trained.C == choose_c(trained.sweep)
     assert trained.n_train == 30  # refitted on train (20) + val (10)
     assert trained.feature_dim == 1280 and trained.fingerprint_hash == tiny_store.fingerprint_hash
@@ -52,6 +58,7 @@ def test_train_head_sweeps_on_val_and_refits_on_train_plus_val(tiny_store, head,
     again = load_head(path)
     assert np.array_equal(again.predict(X), trained.predict(X)) and again.C == trained.C
     assert again.sweep == trained.sweep and again.fingerprint == trained.fingerprint
+    assert again.c_grid == trained.c_grid == trained.summary()["c_grid"]
     assert again.config == trained.config and again.class_names == trained.class_names
 
 
@@ -79,7 +86,7 @@ def test_logreg_warm_started_sweep_matches_cold_fits(tiny_store):
     Xv, yv, _ = tiny_store.load("val")
     # Where regularisation shapes the optimum (C <= 1), starting from the previous C must not change the
     # answer. Above that, 20 images in 1280 dimensions are separable and the loss is flat near its minimum.
-    warm = [p for p in sweep_c(HeadConfig(head="logreg", **SMALL_GRID), X, y, Xv, yv) if p["C"] <= 1]
+    warm = [p for p in sweep_c(HeadConfig(head="logreg", **SMALL_GRID), X, y, Xv, yv, extend=False) if p["C"] <= 1]
     cold = [sweep_c(HeadConfig(head="logreg", c_min=p["C"], c_max=p["C"], c_points=1), X, y, Xv, yv)[0] for p in warm]
     assert len(warm) == 5
     assert [p["val_accuracy"] for p in warm] == [p["val_accuracy"] for p in cold]
@@ -111,7 +118,7 @@ def test_reports_files_and_metrics(tiny_store, tmp_path):
     rows = (tmp_path / "confusion" / "efficientnet_lite0__logreg.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 11
     sweep_rows = (tmp_path / "sweep" / "efficientnet_lite0__svm_rbf.csv").read_text().splitlines()
-    assert sweep_rows[0] == "C,log10_C,val_accuracy" and len(sweep_rows) == 8
+    assert sweep_rows[0] == "C,log10_C,val_accuracy" and len(sweep_rows) == len(heads[1].sweep) + 1  # extended too
     for name in ("efficientnet_lite0__logreg_confusion.png", "efficientnet_lite0__svm_rbf_sweep.png"):
         with Image.open(tmp_path / "figures" / name) as image:
             assert image.size[0] > 300
@@ -188,3 +195,98 @@ def test_the_feature_scaler_treats_float_noise_as_constant():
     for block in np.array_split(X, 5):
         streamed.partial_fit(block)
     assert np.allclose(streamed.scale_, scaler.scale_)
+
+
+def test_heads_have_their_own_sweep_defaults_and_explicit_values_win():
+    from featurestore.configs import HEAD_DEFAULTS, HEAD_SWEEP_DEFAULTS, config_from_params
+
+    sgd = HeadConfig(head="sgd_logreg")
+    assert (sgd.max_iter, sgd.c_points) == (HEAD_DEFAULTS["sgd_logreg"]["max_iter"],
+                                           HEAD_DEFAULTS["sgd_logreg"]["c_points"])
+    assert sgd.max_iter < 300 and sgd.c_points < 34  # its own: not the in-memory solvers' 300 iterations x 34 C
+    assert len(sgd.c_grid()) == sgd.c_points
+    for head in ("logreg", "linear_svm", "svm_rbf"):
+        config = HeadConfig(head=head)
+        assert {name: getattr(config, name) for name in HEAD_SWEEP_DEFAULTS} == HEAD_SWEEP_DEFAULTS
+    explicit = HeadConfig(head="sgd_logreg", max_iter=300, c_points=34, c_min=1e-6, c_max=1e5)
+    assert (explicit.max_iter, explicit.c_points, explicit.c_min, explicit.c_max) == (300, 34, 1e-6, 1e5)
+    assert HeadConfig(head="sgd_logreg", max_iter=sgd.max_iter) == sgd  # resolved when made: equal configs
+    from_params = config_from_params({"sweep": {"seed": 1}, "sgd_logreg": {"max_iter": 2}}, "sgd_logreg")
+    assert (from_params.max_iter, from_params.c_points) == (2, sgd.c_points)
+    help_text = subprocess.run([sys.executable, "-m", "featurestore.cli", "train-head", "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    assert "--max-iter" in help_text and "sgd_logreg" in help_text
+
+
+def two_class_problem(seed: int = 0, train: int = 60, val: int = 400, dim: int = 50, majority: float = 0.7):
+    """A weak signal in one of ``dim`` noisy features; train is imbalanced (``majority`` of class 0), val balanced.
+
+    Logistic regression's intercept is not regularised, so a tiny C predicts the training majority (val accuracy
+    0.5) and a large C fits the noise: the best C lies in between."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(train) > majority).astype(np.int64)
+    yv = np.repeat([0, 1], val // 2)
+    X, Xv = (rng.normal(0, 1, (len(labels), dim)) for labels in (y, yv))
+    X[:, 0] += 1.5 * y
+    Xv[:, 0] += 1.5 * yv
+    return X.astype(np.float32), y, Xv.astype(np.float32), yv
+
+
+def test_a_best_c_below_the_grid_extends_it_down_until_it_is_inside(caplog):
+    from featurestore.heads.estimators import grid_report
+
+    X, y, Xv, yv = two_class_problem()
+    wide = sweep_c(HeadConfig(c_min=1e-6, c_max=1e4, c_points=31, n_jobs=1), X, y, Xv, yv, extend=False)
+    best = choose_c(wide)
+    assert 1e-5 < best < 1e3  # the problem's best C is inside the wide grid: a real optimum, not a tie plateau
+    # A grid that starts 1.5 decades above it, with steps of half a decade: its floor is its best C
+    config = HeadConfig(c_min=best * 10 ** 1.5, c_max=best * 10 ** 4, c_points=6, n_jobs=1)
+    plain = sweep_c(config, X, y, Xv, yv, extend=False)
+    assert choose_c(plain) == plain[0]["C"] and grid_report(config, plain)["on_edge"] == "down"
+    with caplog.at_level("INFO", logger="featurestore"):
+        extended = sweep_c(config, X, y, Xv, yv)
+    report = grid_report(config, extended)
+    chosen = choose_c(extended)
+    assert report["extended"] == "down" and report["on_edge"] is None and not report["limit_reached"]
+    assert report["min"] < chosen < config.c_min  # now inside the swept range, below the configured floor
+    assert max(p["val_accuracy"] for p in extended) > max(p["val_accuracy"] for p in plain)
+    steps = np.diff(np.log10([p["C"] for p in extended]))
+    assert steps == pytest.approx(np.full(len(steps), 0.5))  # the grid's own log step, continued
+    assert report["min"] >= config.c_min / 1e3 * (1 - 1e-9)  # within the stated limit
+    assert "extending it down" in caplog.text
+    # the mirror image: a grid below the best C extends up
+    low = HeadConfig(c_min=best / 10 ** 4, c_max=best / 10 ** 1.5, c_points=6, n_jobs=1)
+    up = grid_report(low, sweep_c(low, X, y, Xv, yv))
+    assert up["extended"] == "up" and up["on_edge"] is None and up["max"] > low.c_max
+
+
+def test_a_tie_plateau_on_the_floor_extends_to_the_limit_and_says_so(tmp_path, caplog):
+    splits = {}
+    for name, n in (("train", 40), ("val", 20)):  # features that say nothing: every C ties
+        labels = np.repeat([0, 1], n // 2)
+        ids = [f"{name}{i:060d}" for i in range(n)]
+        splits[name] = SplitArrays(np.ones((n, 8), np.float32), labels, ids, ids)
+    path = write_store(tmp_path / "s.h5", {"backbone": "synthetic", "feature_dim": 8}, ["a", "b"], splits)
+    config = HeadConfig(c_min=1e-2, c_max=1e2, c_points=5, n_jobs=1)
+    with caplog.at_level("INFO", logger="featurestore"):
+        head = train_head(path, config)
+    grid = head.summary()["c_grid"]
+    assert len({p["val_accuracy"] for p in head.sweep}) == 1  # a plateau: the smallest C is chosen, on the floor
+    assert grid["extended"] == "down" and grid["on_edge"] == "down" and grid["limit_reached"] is True
+    assert grid["min"] == pytest.approx(1e-5) and head.C == pytest.approx(1e-5)  # 3 decades below the floor
+    assert grid["limits"] == pytest.approx([1e-5, 1e5]) and grid["configured"] == pytest.approx([1e-2, 1e2])
+    assert [r for r in caplog.records if r.levelname == "WARNING" and "limit" in r.getMessage()]
+    saved = load_head(head.save(tmp_path / "h.skops"))  # the head file keeps it (JSON metadata)
+    assert saved.summary()["c_grid"] == grid and json.loads(json.dumps(grid)) == grid
+
+
+def test_a_fixed_c_is_not_a_grid_and_is_never_extended():
+    X, y, Xv, yv = two_class_problem()
+    config = HeadConfig(c_min=1e-3, c_max=1e-3, c_points=1, n_jobs=1)
+    from featurestore.heads.estimators import grid_report
+
+    sweep = sweep_c(config, X, y, Xv, yv)
+    assert [p["C"] for p in sweep] == [1e-3]
+    assert grid_report(config, sweep) | {"limits": None} == {
+        "min": 1e-3, "max": 1e-3, "configured": [1e-3, 1e-3], "limits": None, "extended": None, "on_edge": None,
+        "limit_reached": False}

@@ -84,7 +84,8 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
         decision = json.loads((project / "data" / "finetune" / backbone / "decision.json").read_text())
         assert decision["finetuned"] and decision["reason"] == "mode is always"
         assert decision["chosen"] == decision["choice"]["chosen"] and "gain" in decision["choice"]
-        deployed = f"{backbone}_ft__logreg" if decision["chosen"] == "finetuned" else f"{backbone}__logreg"
+        chose_finetuned = decision["chosen"] == "finetuned" and decision["heads"]["logreg"]["deployed"] == "finetuned"
+        deployed = f"{backbone}_ft__logreg" if chose_finetuned else f"{backbone}__logreg"
         assert deployed in metrics  # the deployed head is evaluated, and its exported model agrees with it
         predicted = json.loads((project / "data" / "predictions" / f"{backbone}__logreg.json").read_text())
         assert predicted["predicted"] == metrics[deployed]["n"]

@@ -70,3 +70,36 @@ def test_detect_plateau_writes_curve_verdict_and_interval(fashion_folder_master,
     low, high = saved["interval"]
     assert low <= saved["gain"] <= high and saved["interval_level"] == 0.8
     assert (tmp_path / "p.png").is_file()
+    # The verdict is the rule applied to this curve: 1 → 2 labels per class, a paired gain on the same val images
+    # (so exactly the difference of the two accuracies), plateaued exactly when the upper bound is below min_gain.
+    assert saved["from"] == saved["curve"][0] and saved["to"] == saved["curve"][1]
+    assert saved["gain"] == pytest.approx(saved["curve"][1]["val_accuracy"] - saved["curve"][0]["val_accuracy"])
+    assert saved["plateaued"] == (high < rule.min_gain) and saved["min_gain"] == rule.min_gain
+    assert ("no longer pay" if saved["plateaued"] else "may still pay") in saved["reason"]
+    # The same curve judged with min_gain just above and at its upper bound: both verdicts, as the rule says.
+    above = detect_plateau(FeatureStore(store), PlateauRule(budgets=(1, 2), min_gain=high + 0.005))
+    at = detect_plateau(FeatureStore(store), PlateauRule(budgets=(1, 2), min_gain=high))
+    assert above["interval"] == at["interval"] == [low, high]  # the curve and its interval do not depend on it
+    assert above["plateaued"] is True and "no longer pay" in above["reason"]
+    assert at["plateaued"] is False and "may still pay" in at["reason"]
+
+
+def test_the_curve_reads_a_float16_store_as_float32_like_the_head(tmp_path, monkeypatch):
+    import featurestore.transfer.plateau as plateau
+    from featurestore.store.hdf5 import SplitArrays, write_store
+
+    rng = np.random.default_rng(0)
+
+    def split(per_class: int, name: str) -> SplitArrays:
+        labels = np.repeat(np.arange(3), per_class)
+        features = (np.eye(3, 16)[labels] * 3 + rng.normal(0, 1, (len(labels), 16))).astype(np.float16)
+        ids = [f"{name}{i:060d}" for i in range(len(labels))]
+        return SplitArrays(features, labels, ids, ids)
+
+    path = write_store(tmp_path / "h.h5", {"backbone": "synthetic", "feature_dim": 16}, ["a", "b", "c"],
+                       {"train": split(8, "train"), "val": split(4, "val")}, dtype="float16")
+    seen, original = [], plateau.sweep_c
+    monkeypatch.setattr(plateau, "sweep_c", lambda config, X, y, Xv, yv, **kw: seen.append((X.dtype, Xv.dtype))
+                        or original(config, X, y, Xv, yv, **kw))
+    curve, _ = plateau.learning_curve(FeatureStore(path), PlateauRule(budgets=(2, 4)), plateau.CURVE_HEAD)
+    assert len(curve) == 2 and seen == [(np.float32, np.float32)] * 2

@@ -70,7 +70,8 @@ def test_the_fast_loader_reads_contiguous_chunks_at_once_and_any_order_right(tmp
 def test_the_streaming_head_learns_and_exports_like_the_others(tmp_path):
     store = synthetic(tmp_path / "s.h5", 8_000)
     head = train_head(store, HeadConfig(head="sgd_logreg", c_min=1e-3, c_max=1e1, c_points=3, max_iter=2))
-    assert len(head.sweep) == 3 and head.n_train == 8_000 + 400
+    assert [p["C"] for p in head.sweep if 1e-3 * 0.99 <= p["C"] <= 1e1 * 1.01] == pytest.approx([1e-3, 1e-1, 1e1])
+    assert len(head.sweep) == 3 + (head.c_grid["extended"] is not None) and head.n_train == 8_000 + 400
     X, y, _ = store.load("test")
     proba = head.predict_proba(X)
     assert proba.shape == (200, 4) and np.allclose(proba.sum(1), 1) and np.mean(head.predict(X) == y) > 0.9
@@ -113,19 +114,39 @@ def test_the_streaming_heads_memory_does_not_grow_with_the_rows(tmp_path):
 
 def test_sweeps_on_a_dask_cluster_choose_the_same_c_and_coefficients(tmp_path):
     from distributed import LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class FinishedTasks(SchedulerPlugin):
+        def __init__(self):
+            self.tasks = []
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if finish == "memory":
+                self.tasks.append((str(key), kwargs.get("worker")))
 
     rng = np.random.default_rng(0)
-    splits = {name: SplitArrays(rng.normal(0, 1, (n, 32)).astype(np.float32) + np.repeat(np.eye(4, 32), n // 4, 0),
-                                np.repeat(np.arange(4), n // 4), [f"{name}{i:060d}" for i in range(n)],
-                                [f"{name}{i}" for i in range(n)]) for name, n in (("train", 400), ("val", 200))}
+    splits = {}  # 4 classes, imbalanced train, balanced val: the best C is inside the grid, not on a tie plateau
+    for name, labels in (("train", rng.choice(4, 400, p=[0.4, 0.3, 0.2, 0.1])), ("val", np.repeat(np.arange(4), 50))):
+        signal = 1.5 * np.eye(4, 32, dtype=np.float32)[labels]
+        features = rng.normal(0, 1, (len(labels), 32)).astype(np.float32) + signal
+        ids = [f"{name}{i:060d}" for i in range(len(labels))]
+        splits[name] = SplitArrays(features, labels.astype(np.int64), ids, ids)
     path = write_store(tmp_path / "s.h5", {"backbone": "synthetic", "feature_dim": 32}, list("abcd"), splits)
-    config = HeadConfig(c_min=1e-3, c_max=1e2, c_points=8, n_jobs=2)
-    local = train_head(path, config)
+    config = HeadConfig(c_min=1e-3, c_max=1e2, c_points=8, n_jobs=1)
+    local = train_head(path, config)  # in-process: one segment, warm-started along the whole grid
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       host="127.0.0.1") as cluster:
+        finished = FinishedTasks()
+        cluster.scheduler.add_plugin(finished)
         remote = train_head(path, config, scheduler=cluster.scheduler_address)
-    assert remote.C == local.C and remote.sweep == [{**p, "seconds": q["seconds"]} for p, q in
-                                                    zip(local.sweep, remote.sweep, strict=True)]
+        workers = set(cluster.scheduler.workers)
+    # the sweep really ran on the cluster: its segments as tasks, on both worker processes
+    segments = [worker for key, worker in finished.tasks if "_sweep_segment" in key]
+    assert remote.config.n_jobs == 2 and len(segments) == 2 and set(segments) == workers
+    assert local.c_grid["extended"] is None and local.c_grid["on_edge"] is None
+    # cut into two segments on two machines, it finds what one local segment finds
+    assert [(p["C"], p["val_accuracy"]) for p in remote.sweep] == [(p["C"], p["val_accuracy"]) for p in local.sweep]
+    assert remote.C == local.C and 1e-3 < local.C < 1e2
     local_coef = local.estimator.named_steps["classify"].coef_
     assert np.array_equal(remote.estimator.named_steps["classify"].coef_, local_coef)
 
@@ -139,3 +160,99 @@ def test_an_unreachable_scheduler_is_a_clear_error(tmp_path):
                             text=True)
     assert result.returncode == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def marked_store(path, train: int = 3_000, val: int = 1_000, dim: int = 16, classes: int = 4, absent: tuple = ()):
+    """A store whose rows say where they come from: column 0 is the split (0 train, 1 val), column 1 the row's
+    index in it; the rest a class signal. Labels are class-sorted, and the classes in ``absent`` have no rows."""
+    rng = np.random.default_rng(0)
+    present = [k for k in range(classes) if k not in absent]
+    means = rng.normal(0, 2, (classes, dim)).astype(np.float32)
+    splits = {}
+    for number, (name, n) in enumerate((("train", train), ("val", val), ("test", 200))):
+        labels = np.sort(rng.choice(present, n)).astype(np.int64)
+        features = means[labels] + rng.normal(0, 1, (n, dim)).astype(np.float32)
+        features[:, 0], features[:, 1] = number, np.arange(n)
+        ids = [f"{name}{i:060d}" for i in range(n)]
+        splits[name] = SplitArrays(features, labels, ids, ids)
+    return FeatureStore(write_store(path, {"backbone": "synthetic", "feature_dim": dim},
+                                    [f"c{k}" for k in range(classes)], splits))
+
+
+def test_the_shuffle_reader_mixes_several_splits_in_one_seeded_order(tmp_path):
+    store = marked_store(tmp_path / "s.h5", train=30_000, val=10_000, dim=256)  # 1,024-row chunks: 40 of them
+    batches = list(store.iter_shuffled(("train", "val"), batch_rows=512, seed=3, buffer_chunks=4))
+    rows = np.concatenate([X[:, :2] for X, _ in batches]).astype(np.int64)
+    for number, n in ((0, 30_000), (1, 10_000)):  # every row of both splits exactly once
+        assert np.array_equal(np.sort(rows[rows[:, 0] == number, 1]), np.arange(n))
+    # both splits from the start to the end of the pass, not all of train and then all of val
+    val_share = [float(np.mean(X[:, 0] == 1)) for X, _ in batches]
+    quarter = len(val_share) // 4
+    assert 0 < np.mean(val_share[:quarter]) < 0.5 and 0 < np.mean(val_share[-quarter:]) < 0.5
+    again = list(store.iter_shuffled(("train", "val"), batch_rows=512, seed=3, buffer_chunks=4))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))  # seeded
+    other = next(store.iter_shuffled(("train", "val"), batch_rows=512, seed=4, buffer_chunks=4))
+    assert not np.array_equal(other[0], batches[0][0])
+    assert sum(len(y) for _, y in store.iter_shuffled(["val"], batch_rows=512, seed=0)) == 10_000  # a list works
+
+
+def counted_passes(monkeypatch) -> list[tuple[tuple[str, ...], list[np.ndarray]]]:
+    """Every call of FeatureStore.iter_shuffled (one pass): its splits, and per minibatch the split column."""
+    passes, original = [], FeatureStore.iter_shuffled
+
+    def counted(self, splits, *args, **kwargs):
+        passes.append(((splits,) if isinstance(splits, str) else tuple(splits), []))
+        for X, y in original(self, splits, *args, **kwargs):
+            passes[-1][1].append(X[:, 0].copy())
+            yield X, y
+
+    monkeypatch.setattr(FeatureStore, "iter_shuffled", counted)
+    return passes
+
+
+def test_the_streaming_sweep_reads_the_store_once_per_pass_for_every_c(tmp_path, monkeypatch):
+    store = marked_store(tmp_path / "s.h5", train=30_000, val=10_000, dim=256)
+    passes = counted_passes(monkeypatch)
+    config = HeadConfig(head="sgd_logreg", c_min=1e-3, c_max=1e1, c_points=5, max_iter=3)
+    head = train_head(store, config)
+    rounds = 1 + (head.c_grid["extended"] is not None)  # the grid, and its extension round if it had one
+    assert len(head.sweep) >= 5
+    assert [splits for splits, _ in passes] == [("train",)] * (rounds * 3) + [("train", "val")] * 3
+    for splits, marks in passes:  # each a whole pass: passes x rows were read, not passes x rows x C
+        assert sum(len(m) for m in marks) == (30_000 if splits == ("train",) else 40_000)
+    for _, marks in passes[-3:]:  # every pass of the refit mixes the splits: it does not end on val rows only
+        assert len(marks) >= 8
+        assert 0 < np.concatenate(marks[-len(marks) // 4:]).mean() < 1
+        assert 0 < np.concatenate(marks[:len(marks) // 4]).mean() < 1
+
+
+def test_the_streaming_head_gives_a_class_without_rows_no_model(tmp_path, caplog):
+    store = marked_store(tmp_path / "s.h5", absent=(2,))
+    with caplog.at_level("WARNING", logger="featurestore"):
+        head = train_head(store, HeadConfig(head="sgd_logreg", c_min=1e-2, c_max=1e0, c_points=3, max_iter=2))
+    assert head.missing_classes == ["c2"] and head.classes.tolist() == [0, 1, 3]
+    assert head.summary()["missing_classes"] == ["c2"] and "c2" in caplog.text
+    X, y, _ = store.load("test")
+    proba = head.predict_proba(X)
+    assert proba.shape == (200, 4) and np.all(proba[:, 2] == 0) and np.allclose(proba.sum(1), 1)
+    assert np.mean(head.predict(X) == y) > 0.9
+    from featurestore.deploy.export import linear_head_graph, linear_head_params, spread_to_classes
+    from featurestore.encode.runtime import make_session
+
+    graph = spread_to_classes(linear_head_graph(linear_head_params(head), store.feature_dim), head.classes, 4)
+    (tmp_path / "head.onnx").write_bytes(graph.SerializeToString())
+    session, _ = make_session(str(tmp_path / "head.onnx"), "cpu")
+    np.testing.assert_allclose(session.run(["probabilities"], {"head_features": X})[0], proba, atol=1e-5)
+
+
+def test_the_streaming_head_extends_an_edge_in_one_round_of_passes(tmp_path, monkeypatch):
+    store = marked_store(tmp_path / "s.h5")
+    passes = counted_passes(monkeypatch)
+    # a grid below the useful range (alpha = 1 / (C N) about 30 at C = 1e-5: chance), rising at its top
+    config = HeadConfig(head="sgd_logreg", c_min=1e-6, c_max=1e-4, c_points=3, max_iter=2)
+    head = train_head(store, config)
+    grid = head.summary()["c_grid"]
+    assert grid["extended"] == "up" and grid["on_edge"] is None and grid["max"] == pytest.approx(1e-1)
+    assert [p["C"] for p in head.sweep] == pytest.approx([1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])  # to the limit at once
+    assert 1e-4 < head.C < 1e-1
+    assert [splits for splits, _ in passes].count(("train",)) == 2 * config.max_iter  # one round for the 3 new C

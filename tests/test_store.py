@@ -1,3 +1,5 @@
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -84,3 +86,56 @@ def test_ids_come_back_as_the_same_strings_as_a_plain_decode():
     assert widened[0] == "ab" and widened[2] == ""
     with pytest.raises(UnicodeDecodeError):  # not ASCII: the same error as astype(str), never wrong text
         ascii_to_str(np.array(["é".encode()], dtype="S4"))
+
+
+def test_a_store_replaced_during_a_load_is_read_whole_from_one_file(tmp_path, monkeypatch):
+    """extract renames a new store over the old one; a load running meanwhile must not mix their bytes (it planned
+    chunk offsets on one file and read them from the path, i.e. from the other file, and labels from the first)."""
+    import featurestore.store.hdf5 as hdf5
+
+    path, replacement = tmp_path / "s.h5", tmp_path / "new.h5"
+    old_split, new_split = make_split(600, 1), make_split(600, 2)
+    new_split.labels = (old_split.labels + 1) % 3  # every array differs between the two files
+    write_store(path, FINGERPRINT, ["a", "b", "c"], {"train": old_split})
+    write_store(replacement, FINGERPRINT, ["a", "b", "c"], {"train": new_split})
+    store = FeatureStore(path)
+    original, replaced = hdf5.contiguous_runs, []
+
+    def replace_then_plan(*args, **kwargs):  # runs after the chunk index is read, before the bytes are
+        if not replaced:
+            os.replace(replacement, path)
+            replaced.append(True)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hdf5, "contiguous_runs", replace_then_plan)
+    X, y, ids = store.load("train")
+    assert replaced, "the fast reader no longer plans runs: move the replacement to what it calls in between"
+    arrays = {"old": old_split, "new": new_split}
+    whole = [name for name, split in arrays.items()
+             if np.array_equal(X, split.features) and np.array_equal(y, split.labels) and list(ids) == split.ids]
+    assert whole == ["old"], "features, labels and ids must all come from the file the call opened"
+    assert np.array_equal(FeatureStore(path).load("train")[0], new_split.features)  # the next call: the new file
+
+
+@pytest.mark.parametrize("stored", ["float16", "float32"])
+def test_load_converts_to_the_dtype_asked_for(tmp_path, stored):
+    split = make_split(700, 4)
+    store = FeatureStore(write_store(tmp_path / "h.h5", FINGERPRINT, ["a", "b", "c"], {"train": split}, dtype=stored))
+    with h5py.File(store.path) as handle:
+        expected = handle["train/features"][...]
+    assert store.load("train")[0].dtype == np.dtype(stored)  # no dtype: the stored one
+    X, y, ids = store.load("train", dtype=np.float32)
+    assert X.dtype == np.float32 and X.shape == (700, 1280)
+    assert np.array_equal(X, expected.astype(np.float32)) and np.array_equal(y, split.labels) and list(ids) == split.ids
+    half = store.load("train", dtype="float16")[0]
+    assert half.dtype == np.float16 and np.array_equal(half, expected.astype(np.float16))
+
+
+def test_a_converting_load_reads_in_bounded_pieces(tmp_path, monkeypatch):
+    import featurestore.store.hdf5 as hdf5
+
+    split = make_split(1000, 5)
+    store = FeatureStore(write_store(tmp_path / "h.h5", FINGERPRINT, ["a"], {"train": split}, dtype="float16"))
+    monkeypatch.setattr(hdf5, "CONVERT_BYTES", 3 * 1280 * 2 + 5)  # 3 rows a piece: pieces cross chunk runs
+    X = store.load("train", dtype=np.float64)[0]
+    assert X.dtype == np.float64 and np.array_equal(X, split.features.astype(np.float16).astype(np.float64))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -178,6 +179,14 @@ def test_export_and_predict_texts(text_store, bbc, tmp_path):
     with pytest.raises(TypeError, match="list of strings"):
         classifier("a single string")
     assert os.path.getsize(tmp_path / "text.onnx") > 80e6  # weights included: one self-contained file
+    model = onnx.load(str(tmp_path / "text.onnx"))
+    domains = [entry.domain or "ai.onnx" for entry in model.opset_import]
+    assert len(domains) == len(set(domains))  # each opset domain once: onnxruntime's quantiser refuses a repeat
+    onnx.checker.check_model(model, full_check=True)
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(tmp_path / "text.onnx"), str(tmp_path / "text.int8.onnx"))  # refused before
+    assert os.path.getsize(tmp_path / "text.int8.onnx") < 0.5 * os.path.getsize(tmp_path / "text.onnx")
 
 
 def test_the_heads_scaler_leaves_minilms_float_noise_dimensions_alone(text_store):

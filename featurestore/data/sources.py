@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import os
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,3 +220,24 @@ def nested_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     order = np.random.default_rng(seed).permutation(len(labels))
     picked = [order[labels[order] == cls][:per_class] for cls in np.unique(labels)]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def rows_for_ids(available: np.ndarray, wanted: np.ndarray, where: str) -> np.ndarray:
+    """Positions in ``available`` (N,) str of the content ids ``wanted`` (M,) str, in ``wanted``'s order → (M,)
+    int64. An id wanted twice (identical files) takes two distinct rows with that id. Raises
+    :class:`DataError` naming ``where`` when an id is missing."""
+    positions: dict[str, deque[int]] = defaultdict(deque)
+    for index, cid in enumerate(available):
+        positions[str(cid)].append(index)
+    found = []
+    for cid in wanted:
+        if not positions[str(cid)]:
+            raise DataError(f"{where} has no row for item {str(cid)[:12]}…: the data changed since it was "
+                            f"extracted; extract again")
+        found.append(positions[str(cid)].popleft())
+    return np.asarray(found, dtype=np.int64)
+
+
+def ids_digest(ids) -> str:
+    """A short SHA-256 of content ids in order: what a curve point trained on (probe and fine-tune must agree)."""
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]

@@ -38,9 +38,13 @@ from .phases import ExtractSummary, assemble_store, plan_extraction, run_items
 
 @dataclass(frozen=True)
 class Group:
+    """This process's place in a torchrun group: its global ``rank`` of ``world_size``, and its ``local_rank`` of
+    the ``local_world_size`` processes on this node."""
+
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1
 
     @property
     def leader(self) -> bool:
@@ -51,7 +55,16 @@ def torchrun_group() -> Group | None:
     """The process group torchrun describes in the environment (None when not launched by torchrun)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
-    return Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    world_size = int(os.environ["WORLD_SIZE"])
+    return Group(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)),
+                 int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+
+
+def threads_per_rank(group: Group, cores: int | None = None) -> int:
+    """CPU threads for one rank: this node's cores shared by the ranks on this node (not by every rank of the
+    group: 4 nodes of 2 ranks on 16 cores give each rank 8 threads, not 2)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // min(group.local_world_size, cores))
 
 
 def rank_device(group: Group, device: str) -> torch.device:
@@ -81,9 +94,8 @@ def extract_distributed(encoder: Encoder, source: Source, out: str | Path, group
     out = Path(out)
     if not dist.is_initialized():
         init_group(group, "nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":  # the ranks share this machine's cores
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // min(group.world_size, cores)))
+    if device.type == "cpu":  # the ranks on this node share its cores
+        torch.set_num_threads(threads_per_rank(group))
     with contextlib.ExitStack() as held:
         plan, payload = None, [None]
         if group.leader:

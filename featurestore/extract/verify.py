@@ -1,12 +1,13 @@
-"""Is a store still what its images and backbone give today? Re-extract a sample and compare.
+"""Is a store still what its items and backbone give today? Re-extract a sample and compare.
 
-``verify_store`` checks two things:
+``verify_store`` checks two things, for image and text stores alike:
 
-1. every row's file still exists under the data root and still hashes to the row's content id (an
-   image edited or replaced on disk since extraction is a drift);
-2. a seeded sample of rows, decoded and run through the backbone again with today's code and
-   libraries, gives the stored features within a tolerance set by how they were stored (float32,
-   float16, float16-autocast compute). The largest difference is reported either way.
+1. every row's item still exists under the data root (a file, or a row of a manifest for a document given
+   inline) and still hashes to the row's content id (an item edited or replaced since extraction is a drift);
+2. a seeded sample of rows, decoded (texts: read and tokenised as the store's tokenization says) and run
+   through the backbone again with today's code and libraries, gives the stored features within a tolerance
+   set by how they were stored (float32, float16, float16-autocast compute). The largest difference is
+   reported either way.
 
 The fingerprint of today's code and libraries is compared too: a difference (an upgrade, an edit) is
 reported, and the sample says whether it moved the features.
@@ -15,17 +16,19 @@ reported, and the sample says whether it moved the features.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
 
-from ..data.sources import content_id
-from ..encode.backbones import get_spec, load_backbone
-from ..encode.engines import make_engine
-from ..encode.fingerprint import changed_keys, fingerprint_for
-from ..encode.images import DecodedImages, collate_decoded
+from ..configs import Tokenization
+from ..data.sources import Record, read_manifest, record_content_id
+from ..encode.backbones import get_spec, load_backbone, load_text_backbone
+from ..encode.encoders import Encoder, ImageEncoder, Item
+from ..encode.fingerprint import changed_keys
+from ..encode.texts import TextEncoder
 from ..errors import DataError, WeightsMismatchError
 from ..store.hdf5 import FeatureStore
 from ..utils.console import progress_bar
@@ -41,6 +44,7 @@ TOLERANCES = {
     ("float32", "autocast-float16"): (2e-2, 3e-2),
     ("float16", "autocast-float16"): (2e-2, 3e-2),
 }
+INLINE_ROW = re.compile(r"^(?P<manifest>.+\.(?:csv|jsonl)):(?P<line>\d+)$")
 
 
 @dataclass
@@ -66,81 +70,108 @@ class VerifyReport:
         return asdict(self)
 
 
-def _check_hashes(store: FeatureStore, root: Path, report: VerifyReport, progress: bool) -> list[tuple[str, int]]:
-    """Hash every row's file; return the (split, row) pairs whose file is intact."""
+class ItemsOnDisk:
+    """The records behind a store's rows under ``root``: a file at ``root/<path>``, or for a document given
+    inline in a manifest (``<manifest>:<line>``) that manifest's row (each manifest read once)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.manifests: dict[str, dict[str, Record]] = {}
+
+    def record(self, rel_path: str, split: str, label: int) -> Record | None:
+        inline = INLINE_ROW.match(rel_path)
+        if inline and not (self.root / rel_path).exists() and (self.root / inline["manifest"]).is_file():
+            name = inline["manifest"]
+            if name not in self.manifests:
+                self.manifests[name] = {r.rel_path: r for r in read_manifest(self.root / name).records}
+            return self.manifests[name].get(rel_path)
+        path = self.root / rel_path
+        return Record(path, rel_path, label, split) if path.is_file() else None
+
+
+def _check_hashes(store: FeatureStore, items: ItemsOnDisk, report: VerifyReport,
+                  progress: bool) -> list[tuple[Item, int]]:
+    """Hash every row's item; return the intact ones as (item, row of its split)."""
     intact = []
-    with progress_bar(report.rows, "verify hashes", unit="file", enabled=progress) as bar:
+    with progress_bar(report.rows, "verify hashes", unit="item", enabled=progress) as bar:
         for split in store.splits:
-            for row, (rel, cid) in enumerate(zip(store.paths(split), store.ids(split), strict=True)):
-                path = root / rel
-                if not path.is_file():
-                    report.missing.append(rel)
-                elif content_id(path) != cid:
-                    report.changed.append(rel)
+            rows = zip(store.paths(split), store.ids(split), store.labels(split), strict=True)
+            for row, (rel, cid, label) in enumerate(rows):
+                record = items.record(str(rel), split, int(label))
+                if record is None:
+                    report.missing.append(str(rel))
+                elif record_content_id(record) != cid:
+                    report.changed.append(str(rel))
                 else:
-                    intact.append((split, row))
+                    intact.append((Item(cid, record.path, record.rel_path, record.label, split, text=record.text),
+                                   row))
                 bar.update(1)
     return intact
+
+
+def encoder_of(store: FeatureStore, weights: str | Path | None, device, engine: str) -> Encoder:
+    """The encoder that would extract ``store`` today: its backbone (with ``weights``, checked against the
+    store's), its preprocessing or tokenization, its stored dtype."""
+    fp = store.fingerprint
+    spec = get_spec(fp["backbone"], search=(store.path.parent,))
+    if fp.get("kind") == "text":
+        model = load_text_backbone(spec, weights)
+        encoder = TextEncoder(model, Tokenization(**fp["tokenization"]), fp["dtype"], engine)
+        weights_path = weights or spec.weights_file or spec.model_dir()
+    else:
+        pre = fp["preprocessing"]
+        model = load_backbone(spec, weights=weights, image_size=pre["image_size"], crop_pct=pre["crop_pct"])
+        encoder = ImageEncoder(model, fp["dtype"], device, engine)
+        weights_path = model.weights_path
+    if model.weights_sha256 != fp["weights_sha256"]:
+        raise WeightsMismatchError(
+            f"{weights_path}: not the weights {store.path} was extracted with (sha256 {fp['weights_sha256'][:12]}…); "
+            f"pass --weights with that checkpoint"
+        )
+    return encoder
 
 
 def verify_store(store: str | Path | FeatureStore, data: str | Path | None = None, sample: int = 32, seed: int = 0,
                  weights: str | Path | None = None, device: str = "cpu", engine: str = "auto",
                  progress: bool = True) -> VerifyReport:
-    """Check ``store`` against its images (under ``data``, default: the root it was extracted from)."""
+    """Check ``store`` against its items (under ``data``, default: the root it was extracted from)."""
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     root = Path(data) if data is not None else store.source_folder()
     if root is None or not root.is_dir():
         raise DataError(f"{store.path}: its data folder {root} is not there; pass --data with the folder it was "
                         f"extracted from")
-    fp = store.fingerprint
     report = VerifyReport(store=str(store.path), data_root=str(root),
                           rows=sum(store.count(split) for split in store.splits))
-    intact = _check_hashes(store, root, report, progress)
-
-    pre = fp["preprocessing"]
-    spec = get_spec(fp["backbone"], search=(store.path.parent,))
-    model = load_backbone(spec, weights=weights, image_size=pre["image_size"], crop_pct=pre["crop_pct"])
-    if model.weights_sha256 != fp["weights_sha256"]:
-        raise WeightsMismatchError(
-            f"{model.weights_path}: not the weights {store.path} was extracted with (sha256 "
-            f"{fp['weights_sha256'][:12]}…); pass --weights with that checkpoint"
-        )
+    intact = _check_hashes(store, ItemsOnDisk(root), report, progress)
     torch_device = resolve_device(device)
-    autocast = fp.get("compute") == "autocast-float16" and torch_device.type == "cuda"
-    report.fingerprint_changes = changed_keys(fp, fingerprint_for(model, fp["dtype"], autocast))
+    encoder = encoder_of(store, weights, torch_device, engine if torch_device.type == "cpu" else "torch")
+    fp = store.fingerprint
+    report.fingerprint_changes = changed_keys(fp, encoder.fingerprint())
     report.atol, report.rtol = TOLERANCES[(fp["dtype"], fp.get("compute", "float32"))]
-
     rng = np.random.default_rng(seed)
     picked = [intact[i] for i in sorted(rng.choice(len(intact), size=min(sample, len(intact)), replace=False))]
     if picked:
-        _compare_sample(store, root, picked, model, torch_device, engine, report, progress)
+        _compare_sample(store, picked, encoder, torch_device, report, progress)
     report.ok = not (report.missing or report.changed or report.undecodable or report.drifted_rows)
     return report
 
 
-def _compare_sample(store: FeatureStore, root: Path, picked: list[tuple[str, int]], model, torch_device,
-                    engine: str, report: VerifyReport, progress: bool) -> None:
-    paths = {split: store.paths(split) for split in store.splits}
-    rel_paths = [str(paths[split][row]) for split, row in picked]
-    stored = np.concatenate([store.rows(split, [row]) for split, row in picked]).astype(np.float32)
-    loader = DataLoader(DecodedImages([root / rel for rel in rel_paths], model.preprocessing), batch_size=32,
-                        num_workers=0, collate_fn=collate_decoded)
-    runner = make_engine(model, torch_device, engine if torch_device.type == "cpu" else "torch")
-    with progress_bar(len(picked), "verify features", enabled=progress) as bar:
-        offset = 0
-        for indices, batch, failed in loader:
+def _compare_sample(store: FeatureStore, picked: list[tuple[Item, int]], encoder: Encoder, torch_device,
+                    report: VerifyReport, progress: bool) -> None:
+    items = [item for item, _ in picked]
+    stored = np.concatenate([store.rows(item.split, [row]) for item, row in picked]).astype(np.float32)
+    loader = DataLoader(encoder.dataset(items), batch_size=32, num_workers=0, collate_fn=encoder.collate)
+    runner = encoder.runner(torch_device)
+    with progress_bar(len(picked), "verify features", unit=getattr(encoder, "unit", "img"), enabled=progress) as bar:
+        for indices, batch, failed in loader:  # indices are positions in ``items``
             for index, reason in failed:
-                report.undecodable.append({"path": rel_paths[offset + index], "reason": reason})
+                report.undecodable.append({"path": items[index].rel_path, "reason": reason})
             if batch is not None:
                 fresh = runner(batch)
                 for row, index in enumerate(indices):
-                    reference = stored[offset + index]
-                    diff = np.abs(fresh[row] - reference)
+                    diff = np.abs(fresh[row] - stored[index])
                     report.max_abs_diff = max(report.max_abs_diff, float(diff.max()))
-                    excess = diff - (report.atol + report.rtol * np.abs(reference))
-                    if (excess > 0).any():
-                        report.drifted_rows.append({"path": rel_paths[offset + index],
-                                                    "max_abs_diff": float(diff.max())})
+                    if (diff > report.atol + report.rtol * np.abs(stored[index])).any():
+                        report.drifted_rows.append({"path": items[index].rel_path, "max_abs_diff": float(diff.max())})
                 report.sampled += len(indices)
-            offset += len(indices) + len(failed)
             bar.update(len(indices) + len(failed))

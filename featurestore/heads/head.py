@@ -54,6 +54,7 @@ class TrainedHead:
     fingerprint: dict
     store_path: str
     sweep: list[dict] = field(default_factory=list)
+    c_grid: dict | None = None  # estimators.grid_report of the sweep: its range, extension and edge
     train_seconds: float = 0.0
     n_train: int = 0
     format_version: int = HEAD_FORMAT
@@ -62,7 +63,7 @@ class TrainedHead:
     def fitted_on(cls, store: FeatureStore, estimator: Pipeline, config: HeadConfig, C: float,
                   **details) -> TrainedHead:
         """A head fitted on ``store``'s features: class names, width and fingerprint come from the store;
-        ``details`` are the optional fields (sweep, train_seconds, n_train)."""
+        ``details`` are the optional fields (sweep, c_grid, train_seconds, n_train)."""
         return cls(estimator=estimator, config=config, C=C, class_names=store.class_names,
                    feature_dim=store.feature_dim, fingerprint_hash=store.fingerprint_hash,
                    fingerprint=store.fingerprint, store_path=str(store.path), **details)
@@ -122,12 +123,21 @@ class TrainedHead:
         return np.asarray(self.estimator.predict(self._check_features(X)), dtype=np.int64)
 
     def summary(self) -> dict:
+        """What the head is, JSON-serialisable. ``c_grid``: the range of C swept, whether the grid was extended
+        past its configured end (``extended``: ``"down"``/``"up"``/None) and whether the chosen C is still on its
+        edge with the extension's limit reached (``limit_reached``); see ``estimators.grid_report``. Heads
+        written before it was recorded get it worked out from their config and sweep."""
+        c_grid = self.c_grid
+        if c_grid is None and self.sweep:
+            from .estimators import grid_report
+
+            c_grid = grid_report(self.config, self.sweep)
         return {
             "name": self.name, "head": self.config.head, "backbone": self.backbone, "C": self.C,
             "normalize": self.config.normalize, "feature_dim": self.feature_dim,
             "fingerprint_hash": self.fingerprint_hash, "train_seconds": round(self.train_seconds, 3),
             "n_train": self.n_train, "classes": len(self.class_names), "missing_classes": self.missing_classes,
-            "best_val_accuracy": max((p["val_accuracy"] for p in self.sweep), default=None),
+            "best_val_accuracy": max((p["val_accuracy"] for p in self.sweep), default=None), "c_grid": c_grid,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -145,7 +155,7 @@ TRUSTED_TYPES = (
 # Where types of older head files live now: their module names are in the files.
 MOVED_MODULES = {"featurestore.scaling": "featurestore.heads.scaling"}
 METADATA_FIELDS = ("C", "class_names", "feature_dim", "fingerprint_hash", "fingerprint", "store_path", "sweep",
-                   "train_seconds", "n_train")
+                   "c_grid", "train_seconds", "n_train")
 
 
 def save_head(head: TrainedHead, path: str | Path) -> Path:

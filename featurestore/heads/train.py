@@ -19,7 +19,7 @@ from ..configs import HeadConfig
 from ..errors import FeaturestoreError, StoreError
 from ..store.hdf5 import FeatureStore
 from .cluster import dask_backend
-from .estimators import build_estimator, choose_c, sweep_c
+from .estimators import build_estimator, choose_c, grid_report, sweep_c
 from .head import TrainedHead
 from .streaming import train_streaming_head
 
@@ -48,21 +48,20 @@ def _train_head(features: str | Path | FeatureStore, config: HeadConfig, progres
     started = time.perf_counter()
     if config.head == "sgd_logreg":  # streamed from the store: memory does not grow with its rows
         estimator, C, sweep, n_train = train_streaming_head(store, config, progress)
-        return TrainedHead.fitted_on(store, estimator, config, C, sweep=sweep,
-                                     train_seconds=time.perf_counter() - started, n_train=n_train)
-    X, y, _ = store.load("train")
-    Xv, yv, _ = store.load("val")
-    X, Xv = X.astype(np.float32, copy=False), Xv.astype(np.float32, copy=False)
-    if len(np.unique(y)) < 2:
-        raise FeaturestoreError(f"{store.path}: the train split holds {len(np.unique(y))} class; a head needs two")
-    sweep = sweep_c(config, X, y, Xv, yv, progress=progress)
-    C = choose_c(sweep)
-    estimator = build_estimator(config, C)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        estimator.fit(np.concatenate([X, Xv]), np.concatenate([y, yv]))
-    head = TrainedHead.fitted_on(store, estimator, config, C, sweep=sweep,
-                                 train_seconds=time.perf_counter() - started, n_train=len(y) + len(yv))
+    else:
+        X, y, _ = store.load("train", dtype=np.float32)
+        Xv, yv, _ = store.load("val", dtype=np.float32)
+        if len(np.unique(y)) < 2:
+            raise FeaturestoreError(f"{store.path}: the train split holds {len(np.unique(y))} class; a head needs two")
+        sweep = sweep_c(config, X, y, Xv, yv, progress=progress)
+        C = choose_c(sweep)
+        estimator = build_estimator(config, C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            estimator.fit(np.concatenate([X, Xv]), np.concatenate([y, yv]))
+        n_train = len(y) + len(yv)
+    head = TrainedHead.fitted_on(store, estimator, config, C, sweep=sweep, c_grid=grid_report(config, sweep),
+                                 train_seconds=time.perf_counter() - started, n_train=n_train)
     if head.missing_classes:
         log.warning("%s: class(es) %s have no train or val rows: head %s never predicts them (probability 0)",
                     store.path, ", ".join(head.missing_classes), head.name)

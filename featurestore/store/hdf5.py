@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from ..utils.validation import check_choice
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 20
+CONVERT_BYTES = 64 << 20  # a load that converts the dtype reads this much at a time
 ID_DTYPE = "S64"
 DTYPES = STORE_DTYPES
 
@@ -183,6 +184,11 @@ def contiguous_runs(chunks: list, rows: int, width: int, total_rows: int) -> lis
     return [tuple(run) for run in runs]
 
 
+def _h5py_read(dataset: h5py.Dataset, dtype: np.dtype) -> np.ndarray:
+    """The whole dataset through h5py, converted to ``dtype`` as it is read."""
+    return dataset[...] if dtype == dataset.dtype else dataset.astype(dtype)[...]
+
+
 def _read_exactly(fd: int, view: memoryview, byte_offset: int, path: Path) -> None:
     """Fill ``view`` from ``byte_offset`` of ``fd``; one ``pread`` returns at most about 2 GiB on Linux."""
     done = 0
@@ -253,37 +259,60 @@ class FeatureStore:
         if split not in self._splits:
             raise StoreError(f"{self.path}: no split {split!r}; splits are {self._splits}")
 
-    def load(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(X, y, ids)``: features (N, D) in the stored dtype, labels (N,) int64, ids (N,) str."""
+    def load(self, split: str, dtype: str | np.dtype | type | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(X, y, ids)``: features (N, D) in the stored dtype (float32 or float16), or converted to ``dtype``
+        (e.g. ``np.float32``) when given; labels (N,) int64; ids (N,) str.
+
+        Everything comes through one open handle on one file: a store replaced on disk during the call (a rerun
+        of extract renames a new file over it) gives the old file's rows or the new file's, never a mix.
+        """
         self._check_split(split)
+        target = None if dtype is None else np.dtype(dtype)
         with self._reading() as handle:
             group = handle[split]
-            features = self._read_features(group["features"])
+            features = self._read_features(handle, group["features"], target)
             labels = group["labels"][...]
             ids = ascii_to_str(group["ids"][...])
         return features, labels, ids
 
-    def _read_features(self, dataset: h5py.Dataset) -> np.ndarray:
-        """The whole dataset. Uncompressed chunks of whole rows (what :func:`store_writer` makes) are read by
-        their file offsets straight into the result, one copy like ``np.load``; anything else through h5py."""
+    def _read_features(self, handle: h5py.File, dataset: h5py.Dataset, dtype: np.dtype | None = None) -> np.ndarray:
+        """The whole dataset, (N, D) in ``dtype`` (default: the stored one). Uncompressed chunks of whole rows
+        (what :func:`store_writer` makes) are read by their file offsets straight into the result, one copy like
+        ``np.load``; anything else through h5py.
+
+        The offsets are read through the file descriptor of ``handle`` itself (the sec2 driver's, which h5py
+        exposes as ``FileID.get_vfd_handle()``), never by opening the path again: the chunk index and the bytes
+        therefore always come from the same inode, even if the path has been replaced since ``handle`` opened it.
+        """
+        dtype = dataset.dtype if dtype is None else np.dtype(dtype)
         raw = (dataset.chunks is not None and dataset.compression is None and not dataset.shuffle
-               and not dataset.fletcher32 and dataset.scaleoffset is None and dataset.chunks[1] == dataset.shape[1])
+               and not dataset.fletcher32 and dataset.scaleoffset is None and dataset.chunks[1] == dataset.shape[1]
+               and handle.driver == "sec2")
         if not raw or not dataset.shape[0]:
-            return dataset[...]
+            return _h5py_read(dataset, dtype)
         width, rows = dataset.shape[1] * dataset.dtype.itemsize, dataset.chunks[0]
         chunks = chunk_infos(dataset)
         if len(chunks) != -(-dataset.shape[0] // rows):  # a chunk never written: let h5py fill it in
-            return dataset[...]
+            return _h5py_read(dataset, dtype)
         runs = contiguous_runs(chunks, rows, width, dataset.shape[0])
-        out = np.empty(dataset.shape, dataset.dtype)
-        flat = out.reshape(-1).view(np.uint8)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
+        fd = handle.id.get_vfd_handle()  # HDF5's own descriptor: not ours to close
+        out = np.empty(dataset.shape, dtype)
+        if dtype == dataset.dtype:
+            flat = out.reshape(-1).view(np.uint8)
             for first_row, byte_offset, length in runs:
                 _read_exactly(fd, memoryview(flat[first_row * width:first_row * width + length]), byte_offset,
                               self.path)
-        finally:
-            os.close(fd)
+            return out
+        # Converting: read a bounded piece of whole rows at a time and convert it into place, so that the stored
+        # copy never exists whole beside the converted one.
+        piece_rows = max(1, CONVERT_BYTES // width)
+        scratch = np.empty((min(piece_rows, dataset.shape[0]), dataset.shape[1]), dataset.dtype)
+        for first_row, byte_offset, length in runs:
+            for offset in range(0, length // width, piece_rows):
+                count = min(piece_rows, length // width - offset)
+                _read_exactly(fd, memoryview(scratch[:count].reshape(-1).view(np.uint8)),
+                              byte_offset + offset * width, self.path)
+                out[first_row + offset:first_row + offset + count] = scratch[:count]
         return out
 
     def labels(self, split: str) -> np.ndarray:
@@ -330,24 +359,35 @@ class FeatureStore:
         """The data root the store was extracted from (None if not recorded)."""
         return (self.path.parent / self.source_root).resolve() if self.source_root else None
 
-    def iter_shuffled(self, split: str, batch_rows: int, seed: int, buffer_chunks: int = 16):
-        """``(X, y)`` minibatches of about ``batch_rows`` rows of a split in a seeded random order, with memory
-        bounded by the buffer: chunks are read in a random order, ``buffer_chunks`` at a time, and their rows
-        shuffled together (a store written in class order still gives mixed minibatches)."""
-        self._check_split(split)
-        n = self._counts[split]
-        step = (self._chunks[split] or (max(1, n),))[0]
+    def iter_shuffled(self, splits: str | Sequence[str], batch_rows: int, seed: int,
+                      buffer_chunks: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(X, y)`` minibatches of about ``batch_rows`` rows in a seeded random order: X (≤ batch_rows, D) in the
+        stored dtype, y (≤ batch_rows,) int64. ``splits`` is one split or several (e.g. ``("train", "val")``),
+        whose chunks are mixed in one random order, so every part of a pass sees rows of each split.
+
+        Memory is bounded by the buffer: chunks are read in a random order, ``buffer_chunks`` at a time, and their
+        rows shuffled together (a store written in class order still gives mixed minibatches).
+        """
+        names = [splits] if isinstance(splits, str) else list(splits)
+        for split in names:
+            self._check_split(split)
+        pieces = []  # (split, first row, rows) of every chunk of every split
+        for split in names:
+            n = self._counts[split]
+            step = (self._chunks[split] or (max(1, n),))[0]
+            pieces += [(split, start, step) for start in range(0, n, step)]
         rng = np.random.default_rng(seed)
-        starts = rng.permutation(np.arange(0, n, step))
+        order = rng.permutation(len(pieces))
         with self._reading() as handle:
-            features, labels = handle[split]["features"], handle[split]["labels"]
-            for group in range(0, len(starts), buffer_chunks):
-                pieces = [(features[s:s + step], labels[s:s + step]) for s in starts[group:group + buffer_chunks]]
-                X = np.concatenate([p[0] for p in pieces])
-                y = np.concatenate([p[1] for p in pieces])
-                order = rng.permutation(len(y))
+            features = {split: handle[split]["features"] for split in names}
+            labels = {split: handle[split]["labels"] for split in names}
+            for group in range(0, len(order), buffer_chunks):
+                read = [pieces[i] for i in order[group:group + buffer_chunks]]
+                X = np.concatenate([features[split][s:s + step] for split, s, step in read])
+                y = np.concatenate([labels[split][s:s + step] for split, s, step in read])
+                mixed = rng.permutation(len(y))
                 for start in range(0, len(y), batch_rows):
-                    picked = order[start:start + batch_rows]
+                    picked = mixed[start:start + batch_rows]
                     yield X[picked], y[picked]
 
     def info(self) -> dict:

@@ -69,23 +69,30 @@ def convergence(history: list[dict]) -> dict:
             "best_val_step": history[best]["steps"]}
 
 
-def _records(source: Source, train_per_class: int | None, seed: int) -> tuple[list[Record], dict[str, list[Record]]]:
-    train = [r for r in source.records if r.split == "train"]
-    if train_per_class is not None:
-        train = [train[i] for i in nested_subset(np.array([r.label for r in train]), train_per_class, seed)]
-    evaluation = {split: [r for r in source.records if r.split == split] for split in ("val", "test")}
+def _records(source: Source, train_per_class: int | None, seed: int,
+             chosen: dict[str, list[Record]] | None = None) -> tuple[list[Record], dict[str, list[Record]]]:
+    """The train records (all of ``source``'s, or a nested subset of ``train_per_class`` per class) and the val and
+    test ones; ``chosen`` gives them instead (the curve passes the rows its probe trained on, picked in the feature
+    store by content id, so that every method of a budget sees the same images)."""
+    if chosen is not None:
+        train, evaluation = chosen["train"], {split: chosen.get(split, []) for split in ("val", "test")}
+    else:
+        train = [r for r in source.records if r.split == "train"]
+        if train_per_class is not None:
+            train = [train[i] for i in nested_subset(np.array([r.label for r in train]), train_per_class, seed)]
+        evaluation = {split: [r for r in source.records if r.split == split] for split in ("val", "test")}
     if not train or not evaluation["val"]:
-        raise FeaturestoreError(f"{source.root}: training from scratch needs train and val splits")
+        raise FeaturestoreError(f"{source.root}: a baseline needs train and val items")
     return train, evaluation
 
 
 def train_from_scratch(data: str | Path | Source, config: ScratchConfig = ScratchConfig(),
                        backbone: str = "efficientnet_lite0", device: str = "auto", train_per_class: int | None = None,
-                       progress: bool = True) -> ScratchResult:
+                       progress: bool = True, chosen: dict[str, list[Record]] | None = None) -> ScratchResult:
     """Train ``backbone``'s architecture from random weights on ``data``'s train split (or a nested subset of
     ``train_per_class`` images per class) for ``config.steps`` steps; score its best validation round on test."""
     source = data if isinstance(data, Source) else scan_source(data)
-    train_records, evaluation = _records(source, train_per_class, config.seed)
+    train_records, evaluation = _records(source, train_per_class, config.seed, chosen)
     torch_device = resolve_device(device)
     spec = get_spec(backbone)
     torch.manual_seed(config.seed)
@@ -164,7 +171,7 @@ class TextScratchNet(nn.Module):
 
 def train_text_from_scratch(data: str | Path | Source, config: ScratchConfig = ScratchConfig(),
                             backbone: str = "minilm_l6", device: str = "auto", train_per_class: int | None = None,
-                            progress: bool = True) -> ScratchResult:
+                            progress: bool = True, chosen: dict[str, list[Record]] | None = None) -> ScratchResult:
     """The from-scratch line for texts: ``backbone``'s architecture and tokenizer, random weights, every layer
     training on the train split (or ``train_per_class`` per class) for ``config.steps`` steps; documents
     truncated to ``config.max_length`` tokens. Its best validation round is scored on test."""
@@ -174,7 +181,7 @@ def train_text_from_scratch(data: str | Path | Source, config: ScratchConfig = S
     from ..encode.texts import Tokenizer
 
     source = data if isinstance(data, Source) else scan_source(data)
-    train_records, evaluation = _records(source, train_per_class, config.seed)
+    train_records, evaluation = _records(source, train_per_class, config.seed, chosen)
     torch_device = resolve_device(device)
     folder = get_spec(backbone).model_dir()
     tokenizer = Tokenizer(folder / "tokenizer.json", Tokenization(max_length=config.max_length))
@@ -236,11 +243,12 @@ def _fit_linear(X, y, Xv, yv, Xt, yt, config: HeadConfig, started: float) -> Lin
 
 
 def pixel_logreg(data: str | Path | Source, train_per_class: int | None = None, seed: int = 0,
-                 config: HeadConfig = BASELINE_GRID) -> LinearBaselineResult:
+                 config: HeadConfig = BASELINE_GRID,
+                 chosen: dict[str, list[Record]] | None = None) -> LinearBaselineResult:
     """Logistic regression on raw pixels (standardised), C chosen on val, trained on the train subset."""
     started = time.perf_counter()
     source = data if isinstance(data, Source) else scan_source(data)
-    train, evaluation = _records(source, train_per_class, seed)
+    train, evaluation = _records(source, train_per_class, seed, chosen)
     test = evaluation["test"]
     return _fit_linear(pixel_features(train), _labels(train), pixel_features(evaluation["val"]),
                        _labels(evaluation["val"]), pixel_features(test) if test else None,
@@ -267,14 +275,15 @@ def _readable_texts(records: list[Record]) -> tuple[list[str], np.ndarray]:
 
 
 def tfidf_logreg(data: str | Path | Source, train_per_class: int | None = None, seed: int = 0,
-                 config: HeadConfig = replace(BASELINE_GRID, normalize="none")) -> LinearBaselineResult:
+                 config: HeadConfig = replace(BASELINE_GRID, normalize="none"),
+                 chosen: dict[str, list[Record]] | None = None) -> LinearBaselineResult:
     """TF-IDF (word unigrams and bigrams, sublinear term frequency, fitted on the train subset only) + logistic
     regression, C chosen on val: the bag-of-words baseline a sentence encoder must beat."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     started = time.perf_counter()
     source = data if isinstance(data, Source) else scan_source(data)
-    train, evaluation = _records(source, train_per_class, seed)
+    train, evaluation = _records(source, train_per_class, seed, chosen)
     texts, y = _readable_texts(train)
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
     X = vectorizer.fit_transform(texts)

@@ -28,44 +28,59 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from ..configs import CURVE_METHODS, TEXT_CURVE_METHODS, FinetuneConfig, HeadConfig, ScratchConfig
-from ..data.sources import nested_subset, scan_source
+from ..configs import (
+    CURVE_METHODS,
+    DEFAULT_CURVE_METHODS,
+    TEXT_CURVE_METHODS,
+    FinetuneConfig,
+    HeadConfig,
+    ScratchConfig,
+)
+from ..data.sources import ids_digest, scan_source
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, choose_c, sweep_c
 from ..heads.head import TrainedHead
+from ..heads.reports import check_no_overlap
 from ..store.hdf5 import FeatureStore
 from ..utils.atomic import write_text_atomic
 from .plateau import CURVE_HEAD
+from .probe import probe_rows, records_for, split_rows
 
 METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
 POINT_ORDER = ("pixels", "tfidf", "linear_probe", "probe_finetune", "scratch")  # as run_curve appends them
 
 
-def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -> tuple[object, float, float, float]:
-    """(fitted probe, C, test accuracy, seconds) of the logistic-regression probe on ``budget`` per class."""
-    X, y, _ = store.load("train")
-    Xv, yv, _ = store.load("val")
-    Xt, yt, _ = store.load("test")
-    rows = nested_subset(y, budget, seed)
+def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -> tuple[object, float, float, float,
+                                                                                        np.ndarray]:
+    """(fitted probe, C, test accuracy, seconds, the train rows it fitted) of the logistic-regression probe on
+    ``budget`` per class (the store's rows, float32 whatever the stored dtype)."""
+    X, y, _ = store.load("train", dtype=np.float32)
+    Xv, yv, _ = store.load("val", dtype=np.float32)
+    Xt, yt, _ = store.load("test", dtype=np.float32)
+    rows = probe_rows(y, budget, seed)
     started = time.perf_counter()
     C = choose_c(sweep_c(config, X[rows], y[rows], Xv, yv))
     probe = build_estimator(config, C)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(X[rows], y[rows])
-    return probe, C, float(probe.score(Xt, yt)), time.perf_counter() - started
+    return probe, C, float(probe.score(Xt, yt)), time.perf_counter() - started, rows
 
 
 def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Path, budgets: list[int],
               finetune_config: FinetuneConfig = FinetuneConfig(), scratch_config: ScratchConfig = ScratchConfig(),
               probe_config: HeadConfig = CURVE_HEAD, methods: tuple[str, ...] | None = None, device: str = "auto",
-              progress: bool = False) -> dict:
-    """Train ``methods`` (default: all of the store's modality) at every budget; write ``out``/curve.json,
+              progress: bool = False, allow_overlap: bool = False) -> dict:
+    """Train ``methods`` (default: the modality's ``DEFAULT_CURVE_METHODS``: all but the from-scratch network)
+    at every budget; write ``out``/curve.json,
     curve.csv and the PNGs; return the result.
 
-    ``store`` holds the cached features of the items in ``data`` (train, val and test splits).
+    ``store`` holds the cached features of the items in ``data`` (train, val and test splits). Like evaluation,
+    the curve refuses a test split that shares items with train or val (:class:`LeakError`) unless
+    ``allow_overlap``.
     """
     from .baselines import pixel_logreg, tfidf_logreg, train_from_scratch, train_text_from_scratch
     from .finetune import finetune
@@ -76,26 +91,33 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     text = store.fingerprint.get("kind") == "text"
     allowed = TEXT_CURVE_METHODS if text else CURVE_METHODS
-    methods = tuple(methods or allowed)
+    methods = tuple(methods or DEFAULT_CURVE_METHODS["text" if text else "image"])
     if set(methods) - set(allowed):
         raise FeaturestoreError(f"methods {sorted(set(methods) - set(allowed))} do not apply to this store's "
                                 f"{'texts' if text else 'images'}; choose from {', '.join(allowed)}")
+    if not allow_overlap:
+        check_no_overlap(store, "test")
     source = scan_source(data)
     seed = finetune_config.seed
+    evaluation = {split: records_for(source, split_rows(store, split), store) for split in ("val", "test")}
     work = Path(tempfile.mkdtemp(prefix=".curve-", dir=out))
     points, cache_seconds = [], 0.0
     try:
         for budget in budgets:
-            base = {"labels_per_class": budget, "n_train": int(len(nested_subset(store.labels("train"), budget, seed)))}
+            probe, C, probe_test, probe_seconds, rows = fit_probe(store, budget, seed, probe_config)
+            train = split_rows(store, "train", rows)
+            base = {"labels_per_class": budget, "n_train": int(len(rows))}
+            # Every method of a budget trains on the probe's rows (by content id), not on a folder listing.
+            chosen = {"train": records_for(source, train, store), **evaluation}
             for name, baseline in (("pixels", pixel_logreg), ("tfidf", tfidf_logreg)):
                 if name in methods:
-                    linear = baseline(source, budget, seed)
+                    linear = baseline(source, budget, seed, chosen=chosen)
                     points.append({**base, "method": name, "test_accuracy": linear.test_accuracy,
                                    "val_accuracy": linear.val_accuracy, "seconds": linear.seconds, "C": linear.C})
-            probe, C, probe_test, probe_seconds = fit_probe(store, budget, seed, probe_config)
+            probe_ids = ids_digest(train.ids)
             if "linear_probe" in methods:
                 points.append({**base, "method": "linear_probe", "test_accuracy": probe_test,
-                               "seconds": round(probe_seconds, 2), "C": C})
+                               "seconds": round(probe_seconds, 2), "C": C, "train_ids": probe_ids})
             if "probe_finetune" in methods:
                 head = TrainedHead.fitted_on(store, probe, probe_config, C, n_train=base["n_train"])
                 options = {"device": device, "progress": progress, "checkpoint_dir": work / f"ft_{budget}",
@@ -110,11 +132,12 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                 points.append({**base, "method": "probe_finetune", "test_accuracy": result.test_accuracy,
                                "seconds": round(probe_seconds + own + result.seconds, 2),
                                "epochs": result.epochs_run, "val_probe": result.start_val_accuracy,
-                               "best_val_accuracy": result.best_val_accuracy})
+                               "best_val_accuracy": result.best_val_accuracy,
+                               "train_ids": ids_digest(result.train_ids)})
             if "scratch" in methods:
                 trainer = train_text_from_scratch if text else train_from_scratch
                 scratch = trainer(source, scratch_config, store.fingerprint["backbone"].removesuffix("_ft"), device,
-                                  train_per_class=budget, progress=progress)
+                                  progress=progress, chosen=chosen)
                 points.append({**base, "method": "scratch", "test_accuracy": scratch.test_accuracy,
                                "seconds": scratch.seconds, "steps": scratch.steps,
                                "best_val_accuracy": scratch.best_val_accuracy, "converged": scratch.converged})

@@ -34,10 +34,11 @@ from .augment import ViewRecipe
 from .probe import (
     FinetuneResult,
     ProbeClassifier,
+    finetune_rows,
     head_spec,
     probe_weights,
+    records_for,
     run_identity,
-    split_records,
     train_only_probe,
 )
 from .training import CachedActivations, ImageBatches, accuracy, checkpoint_folder, save_atomic, train
@@ -197,7 +198,7 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     checkpoints = checkpoint_folder(out, checkpoint_dir)
     torch_device = resolve_device(device)
     source = scan_source(data)
-    train_records, val_records, test_records, rows = split_records(source, head, data, train_per_class, config.seed)
+    rows = finetune_rows(head, train_per_class, config.seed)  # the probe's rows, by content id
     spec = head_spec(head)
     network, weights_path = base_network(head, weights, spec)
     preprocessing = Preprocessing.from_dict(head.fingerprint["preprocessing"])
@@ -206,19 +207,23 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
         cache_path = Path(cache) if cache else out.with_name(out.stem + ".trunk.h5")
         cache_seconds = _build_trunk_cache(head, spec, network, weights_path, source, cache_path, config, device,
                                            progress).seconds
-        batches = CachedActivations(TrunkCache(cache_path), torch_device, rows, config.views, config.seed)
+        trunk = TrunkCache(cache_path)
+        batches = CachedActivations(trunk, torch_device, trunk.rows_of("train", rows.train.ids), config.views,
+                                    config.seed, labels=rows.train.labels,
+                                    eval_rows={name: trunk.rows_of(name, chosen.ids)
+                                               for name, chosen in rows.splits().items() if name != "train"})
     else:  # the frozen lower blocks run inside the loop, every epoch, on freshly decoded images
         first = first_trainable_block(network, config.unfreeze_blocks)
         lower = trunk_model(network, preprocessing, first, head.fingerprint["backbone"], str(weights_path),
                             file_sha256(weights_path), ())
-        batches = ImageBatches(train_records, {"val": val_records, "test": test_records}, preprocessing, lower,
-                               torch_device, shape=activation_shape(network, first, preprocessing.image_size),
+        records = {name: records_for(source, chosen, rows.store) for name, chosen in rows.splits().items()}
+        batches = ImageBatches(records.pop("train"), records, preprocessing, lower, torch_device,
+                               shape=activation_shape(network, first, preprocessing.image_size),
                                recipe=ViewRecipe(config.crop_scale_min) if config.views else None,
                                workers=config.workers, seed=config.seed)
-    top, _ = prepare_top(network, head, config, probe)
+    top, _ = prepare_top(network, head, config, probe if probe is not None else train_only_probe(head, rows.train.rows))
     top.to(torch_device)
-    run_key = run_identity(head, config, network._fc.state_dict(), train_records, val_records,
-                           torch_device.type == "cuda")
+    run_key = run_identity(head, config, network._fc.state_dict(), rows, torch_device.type == "cuda")
     torch.manual_seed(config.seed)  # here, after every setup step that may draw from it: dropout starts alike
     steps_per_epoch = -(-batches.n_train // config.batch_size)
     result, best_state = train(
@@ -227,9 +232,10 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
         checkpoint=checkpoints / "last.pt", warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         on_epoch=epoch_setup(top, config), progress=progress, desc="fine-tune")
     network.load_state_dict(best_state)
-    test_accuracy = accuracy(top, batches.eval_batches("test")) if test_records else None
+    test_accuracy = accuracy(top, batches.eval_batches("test")) if rows.test is not None else None
     save_atomic(out, best_state)
     if not keep_checkpoint:
         (checkpoints / "last.pt").unlink(missing_ok=True)  # finished: nothing left to resume
     return FinetuneResult(**asdict(result), out=str(out), cache=str(cache_path) if cache_path else None,
-                          cache_seconds=cache_seconds, test_accuracy=test_accuracy, config=asdict(config))
+                          cache_seconds=cache_seconds, test_accuracy=test_accuracy, config=asdict(config),
+                          train_ids=[str(cid) for cid in rows.train.ids])

@@ -38,11 +38,14 @@ class PlateauRule:
 
 def learning_curve(store: FeatureStore, rule: PlateauRule, head: HeadConfig) -> tuple[list[dict], list[np.ndarray]]:
     """``[{labels_per_class, n_train, val_accuracy, C}]`` for every budget the train split can fill, and for
-    each the per-image correctness on val, (N_val,) bool."""
+    each the per-image correctness on val, (N_val,) bool.
+
+    Features are read as float32 whatever the store holds (a float16 store is converted as it is read), as
+    ``train_head`` does: the scaler and the solvers then see the same numbers for the rule as for the head."""
     from sklearn.exceptions import ConvergenceWarning
 
-    X, y, _ = store.load("train")
-    Xv, yv, _ = store.load("val")
+    X, y, _ = store.load("train", dtype=np.float32)
+    Xv, yv, _ = store.load("val", dtype=np.float32)
     smallest_class = int(np.bincount(y).min())
     curve, correct = [], []
     for budget in sorted(set(rule.budgets)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..configs import FinetuneConfig
-from ..data.sources import Record, Source, nested_subset
+from ..data.sources import Record, Source, nested_subset, record_content_id
 from ..encode.backbones import Spec, get_spec
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, fold_scaler
@@ -33,8 +33,8 @@ def head_spec(head: TrainedHead) -> Spec:
     return get_spec(head.backbone, search=(Path(head.store_path).parent,))
 
 
-def train_only_probe(head: TrainedHead):
-    """The head's pipeline refitted at its chosen C on the train split alone.
+def train_only_probe(head: TrainedHead, rows: np.ndarray | None = None):
+    """The head's pipeline refitted at its chosen C on the train split alone (``rows`` of it; default all).
 
     The saved head was refitted on train+val; starting from it would make the validation split, which early
     stopping watches, part of the starting point's training data.
@@ -45,11 +45,13 @@ def train_only_probe(head: TrainedHead):
         raise FeaturestoreError(f"fine-tuning starts from a logreg head; {head.name} is {head.config.head}")
     store = FeatureStore(head.store_path)
     head.check_store(store)
-    X, y, _ = store.load("train")
+    X, y, _ = store.load("train", dtype=np.float32)
+    if rows is not None:
+        X, y = X[rows], y[rows]
     estimator = build_estimator(head.config, head.C)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return estimator.fit(X.astype(np.float32), y)
+        return estimator.fit(X, y)
 
 
 def probe_weights(estimator, n_classes: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -93,36 +95,94 @@ class FinetuneResult(TrainResult):
     cache_seconds: float = 0.0
     test_accuracy: float | None = None
     config: dict = field(default_factory=dict)
+    train_ids: list[str] = field(default_factory=list)  # the content ids it trained on: the probe's rows
 
 
-def run_identity(head: TrainedHead, config: FinetuneConfig, probe_state: dict, train: list[Record],
-                 val: list[Record], amp: bool) -> str:
+def run_identity(head: TrainedHead, config: FinetuneConfig, probe_state: dict, rows: FinetuneRows,
+                 amp: bool) -> str:
     """SHA-256 of everything that shapes a fine-tuning run: the config, the head (fingerprint, C, scaling),
-    the starting classifier's exact weights, the images and labels of train and val, and mixed precision.
-    A checkpoint resumes only a run with the same identity."""
+    the starting classifier's exact weights, the content ids and labels of the train and val rows, and mixed
+    precision. A checkpoint resumes only a run with the same identity."""
     digest = hashlib.sha256()
     digest.update(config.key().encode())
     digest.update(json.dumps({"head": head.name, "fingerprint": head.fingerprint_hash, "C": head.C,
                               "normalize": head.config.normalize, "amp": amp}, sort_keys=True).encode())
     for name in sorted(probe_state):
         digest.update(name.encode() + probe_state[name].detach().cpu().numpy().tobytes())
-    for record in train + val:
-        digest.update(f"{record.split}|{record.rel_path}|{record.label}\n".encode())
+    for split, chosen in (("train", rows.train), ("val", rows.val)):
+        for cid, label in zip(chosen.ids, chosen.labels, strict=True):
+            digest.update(f"{split}|{cid}|{label}\n".encode())
     return digest.hexdigest()
 
 
-def split_records(source: Source, head: TrainedHead, data, train_per_class: int | None, seed: int):
-    """(train, val, test) records of ``source`` for fine-tuning ``head``, and the train rows kept (a nested
-    subset of ``train_per_class`` per class, or all)."""
-    if source.class_names != head.class_names:
-        raise FeaturestoreError(f"{data}: classes {source.class_names} differ from the head's {head.class_names}")
-    train = [r for r in source.records if r.split == "train"]
-    rows = np.arange(len(train))
-    if train_per_class is not None:
-        rows = nested_subset(np.array([r.label for r in train]), train_per_class, seed)
-        train = [train[i] for i in rows]
-    val = [r for r in source.records if r.split == "val"]
-    test = [r for r in source.records if r.split == "test"]
-    if not train or not val:
-        raise FeaturestoreError(f"{data}: fine-tuning needs train and val splits")
-    return train, val, test, rows
+def probe_rows(labels: np.ndarray, train_per_class: int | None, seed: int) -> np.ndarray:
+    """Rows of a store's train split that a probe, and the fine-tune that starts from it, train on: every row, or
+    a nested subset of ``train_per_class`` per class drawn by ``seed`` from the store's labels (N,) int →
+    sorted rows (M,) int64. Rows are positions in the store, never in a folder listing: an image that did not
+    decode has no row."""
+    if train_per_class is None:
+        return np.arange(len(labels), dtype=np.int64)
+    return nested_subset(np.asarray(labels), train_per_class, seed).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """The rows of one split of the head's feature store that a fine-tune uses: their positions in the store
+    ``rows`` (N,) int64, content ids ``ids`` (N,) str and labels ``labels`` (N,) int64, in store order."""
+
+    split: str
+    rows: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class FinetuneRows:
+    """What a fine-tune trains on (``train``: the probe's rows), early-stops on (``val``) and scores (``test``,
+    None without a test split), all selected in the head's feature store by content id."""
+
+    store: FeatureStore
+    train: SplitRows
+    val: SplitRows
+    test: SplitRows | None
+
+    def splits(self) -> dict[str, SplitRows]:
+        return {r.split: r for r in (self.train, self.val, self.test) if r is not None}
+
+
+def split_rows(store: FeatureStore, split: str, rows: np.ndarray | None = None) -> SplitRows:
+    """``rows`` (default all) of ``split`` of ``store``, with their content ids and labels."""
+    labels, ids = store.labels(split), store.ids(split)
+    rows = np.arange(len(labels), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    return SplitRows(split, rows, ids[rows], labels[rows])
+
+
+def finetune_rows(head: TrainedHead, train_per_class: int | None, seed: int) -> FinetuneRows:
+    """The rows of the head's feature store a fine-tune uses: the probe's train rows (all, or the nested subset of
+    ``train_per_class`` per class), and every val and test row."""
+    store = FeatureStore(head.store_path)
+    head.check_store(store)
+    chosen = {split: split_rows(store, split) for split in ("val", "test") if split in store.splits}
+    if "train" in store.splits:
+        chosen["train"] = split_rows(store, "train", probe_rows(store.labels("train"), train_per_class, seed))
+    if "train" not in chosen or not len(chosen["train"].rows) or "val" not in chosen:
+        raise FeaturestoreError(f"{store.path}: fine-tuning needs rows in the train and val splits")
+    return FinetuneRows(store, chosen["train"], chosen["val"], chosen.get("test"))
+
+
+def records_for(source: Source, rows: SplitRows, store: FeatureStore) -> list[Record]:
+    """The source's records of ``rows`` (in their order), each checked against its content id and given the
+    store's label: an item edited, renamed away or relabelled since extraction is an error, not a silent shift."""
+    if source.class_names != store.class_names:
+        raise FeaturestoreError(f"{source.root}: classes {source.class_names} differ from the store's "
+                                f"{store.class_names} ({store.path})")
+    by_path = {record.rel_path: record for record in source.records if record.split == rows.split}
+    records = []
+    for rel_path, cid, label in zip(store.paths(rows.split)[rows.rows], rows.ids, rows.labels, strict=True):
+        record = by_path.get(str(rel_path))
+        if record is None or record_content_id(record) != cid:
+            problem = "is gone" if record is None else "changed"
+            raise FeaturestoreError(f"{source.root / str(rel_path)}: {problem} since {store.path} was extracted; "
+                                    f"extract again")
+        records.append(replace(record, label=int(label)))
+    return records

@@ -34,10 +34,11 @@ from ..utils.validation import check_range
 from .probe import (
     FinetuneResult,
     ProbeClassifier,
+    finetune_rows,
     head_spec,
     probe_weights,
+    records_for,
     run_identity,
-    split_records,
     train_only_probe,
 )
 from .training import accuracy, checkpoint_folder, save_atomic, train
@@ -91,13 +92,8 @@ class CachedHidden:
         self.labels: dict[str, np.ndarray] = {}
         model.to(device).eval()
         for split, records in splits.items():
-            texts, labels = [], []
-            for record in records:
-                try:
-                    texts.append(item_text(record))
-                    labels.append(record.label)
-                except FeaturestoreError:
-                    continue  # unreadable: extraction skipped it too
+            # The records are the store's rows, checked against their content ids: each reads.
+            texts, labels = [item_text(record) for record in records], [record.label for record in records]
             hidden = []
             with torch.inference_mode():
                 for start in range(0, len(texts), batch_documents):
@@ -170,7 +166,8 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
     checkpoints = checkpoint_folder(out, checkpoint_dir)
     torch_device = resolve_device(device)
     source = scan_source(data)
-    train_records, val_records, test_records, _ = split_records(source, head, data, train_per_class, config.seed)
+    rows = finetune_rows(head, train_per_class, config.seed)  # the probe's rows, by content id
+    records = {name: records_for(source, chosen, rows.store) for name, chosen in rows.splits().items()}
     model = load_text_backbone(head_spec(head))
     if model.weights_sha256 != fp["weights_sha256"]:
         raise WeightsMismatchError(f"{model.name}: its weights are not the ones head {head.name} was trained on")
@@ -179,17 +176,16 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
     first = layers - config.unfreeze_blocks
     tokenizer = Tokenizer(model.model_dir / "tokenizer.json", Tokenization(**fp["tokenization"]))
     started = time.perf_counter()
-    cache = CachedHidden(model, tokenizer, {"train": train_records, "val": val_records}, first, torch_device,
+    cache = CachedHidden(model, tokenizer, {"train": records["train"], "val": records["val"]}, first, torch_device,
                          seed=config.seed)
     cache_seconds = time.perf_counter() - started  # this run's own: the lower layers, once per document
-    estimator = probe if probe is not None else train_only_probe(head)
+    estimator = probe if probe is not None else train_only_probe(head, rows.train.rows)
     classifier = ProbeClassifier(*probe_weights(estimator, len(head.class_names)))
     model.requires_grad_(False)
     for layer in model.encoder.encoder.layer[first:]:
         layer.requires_grad_(True)
     top = TextTop(model, first, classifier).to(torch_device)
-    run_key = run_identity(head, config, classifier.state_dict(), train_records, val_records,
-                           torch_device.type == "cuda")
+    run_key = run_identity(head, config, classifier.state_dict(), rows, torch_device.type == "cuda")
     torch.manual_seed(config.seed)
     steps_per_epoch = -(-cache.n_train // config.batch_size)
     # The best epoch is the encoder *and* the classifier of that epoch: restoring the encoder alone would
@@ -201,11 +197,12 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
         on_epoch=_epoch_setup(top, config), progress=progress, desc="fine-tune text", unit="text")
     top.load_state_dict(best_state)
     test_accuracy = None
-    if test_records:  # the lower layers have not changed: their states for test are computed once, here
-        test = CachedHidden(model, tokenizer, {"train": [], "test": test_records}, first, torch_device)
+    if "test" in records:  # the lower layers have not changed: their states for test are computed once, here
+        test = CachedHidden(model, tokenizer, {"train": [], "test": records["test"]}, first, torch_device)
         test_accuracy = accuracy(top, test.eval_batches("test"))
     save_atomic(out, model.encoder.state_dict())  # the encoder: what --weights loads
     if not keep_checkpoint:
         (checkpoints / "last.pt").unlink(missing_ok=True)
     return FinetuneResult(**asdict(result), out=str(out), cache_seconds=round(cache_seconds, 3),
-                          test_accuracy=test_accuracy, config=asdict(config))
+                          test_accuracy=test_accuracy, config=asdict(config),
+                          train_ids=[str(cid) for cid in rows.train.ids])

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.sources import Record
 from ..encode.images import load_image
 from ..encode.preprocess import Preprocessing
+from ..errors import BadValueError
 from ..utils.atomic import atomic_path
 from ..utils.console import progress_bar
 from .augment import ViewRecipe, random_view
@@ -72,18 +73,21 @@ class BatchSource(Protocol):
 
 
 class CachedActivations:
-    """Batches from a :class:`TrunkCache`: ``rows`` of the train split (default all), one of the clean view
-    and the first ``views`` augmented views drawn per image and epoch (seeded by ``seed`` and the epoch)."""
+    """Batches from a :class:`TrunkCache`: ``rows`` of its train split (default all), one of the clean view and the
+    first ``views`` augmented views drawn per image and epoch (seeded by ``seed`` and the epoch), with ``labels``
+    (default the cache's); the evaluation splits are ``eval_rows[split]`` of theirs (default all). Every array
+    lives on the training device from the first use on, in the stored dtype: a batch is an index, not a copy."""
 
     def __init__(self, cache: TrunkCache, device: torch.device, rows: np.ndarray | None = None, views: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, labels: np.ndarray | None = None, eval_rows: dict[str, np.ndarray] | None = None):
         if views > cache.views:
-            raise ValueError(f"{cache.store.path} holds {cache.views} augmented views, {views} asked for")
+            raise BadValueError(f"{cache.store.path} holds {cache.views} augmented views, {views} asked for")
         rows = np.arange(cache.train_views.shape[1]) if rows is None else np.asarray(rows)
-        # On the training device once, in the stored dtype: a batch is then an index, not a copy from the host.
         self.train = torch.from_numpy(np.ascontiguousarray(cache.train_views[: views + 1, rows])).to(device)
-        self.labels = torch.from_numpy(cache.train_labels[rows]).to(device)
-        self.cache, self.device, self.seed = cache, device, seed
+        labels = cache.train_labels[rows] if labels is None else np.asarray(labels, dtype=np.int64)
+        self.labels = torch.from_numpy(labels).to(device)
+        self.cache, self.device, self.seed, self.eval_rows = cache, device, seed, eval_rows or {}
+        self.resident: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.n_train = len(rows)
 
     def train_batches(self, epoch: int, batch_size: int):
@@ -96,8 +100,11 @@ class CachedActivations:
             yield self.train[view[picked], picked].float(), self.labels[picked]
 
     def eval_batches(self, split: str):
-        features, labels = self.cache.split(split)
-        features, labels = torch.from_numpy(features).to(self.device), torch.from_numpy(labels).to(self.device)
+        if split not in self.resident:  # read once, then kept on the device for every epoch
+            features, labels = self.cache.split(split, self.eval_rows.get(split))
+            self.resident[split] = (torch.from_numpy(features).to(self.device),
+                                    torch.from_numpy(labels).to(self.device))
+        features, labels = self.resident[split]
         for start in range(0, len(labels), EVAL_BATCH):
             yield features[start:start + EVAL_BATCH].float(), labels[start:start + EVAL_BATCH]
 
@@ -174,6 +181,8 @@ class TrainResult:
     val_labels: list[int] = field(default_factory=list)
     start_val_predictions: list[int] = field(default_factory=list)
     best_val_predictions: list[int] = field(default_factory=list)
+    epoch_val_predictions: list[list[int]] = field(default_factory=list)  # every round's, in order
+    best_epoch: int = 0  # 0: the starting weights
 
 
 def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None) -> Path:
@@ -228,7 +237,7 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
     ``desc`` and ``unit`` label the progress bar (``unit``: what one training example is, img or text).
     """
     if round_steps is not None and checkpoint is not None:
-        raise ValueError("runs in rounds of steps cannot resume from a checkpoint")
+        raise BadValueError("runs in rounds of steps cannot resume from a checkpoint")
     started = time.perf_counter()
     steps_per_epoch = round_steps or math.ceil(source.n_train / batch_size)
     total_steps = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
@@ -236,7 +245,7 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     state = {"epoch": 0, "steps": 0, "best": -1.0, "best_trained": -1.0, "bad_epochs": 0, "history": [],
-             "best_state": None}
+             "best_state": None, "epoch_predictions": [], "best_epoch": 0}
     resumed_from = _resume(checkpoint, run_key, top, optimizer, scheduler, scaler, state)
     if state["epoch"] == 0:
         predicted, truth = predict(top, source.eval_batches("val"))
@@ -244,9 +253,10 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
                      val_labels=truth.tolist(), start_predictions=predicted.tolist(),
                      best_predictions=predicted.tolist(),
                      best_state={k: v.detach().cpu().clone() for k, v in weights_of().items()})
-    stopped_early = False
+    # A run killed after the epoch at which it stopped early does not train on when resumed.
+    stopped_early = bool(state.get("stopped")) or (patience is not None and state["bad_epochs"] >= patience)
     batches_of = _rounds(source, batch_size, round_steps)
-    while state["epoch"] < epochs and state["steps"] < total_steps:
+    while not stopped_early and state["epoch"] < epochs and state["steps"] < total_steps:
         epoch = state["epoch"] + 1
         on_epoch(epoch)
         losses, correct, seen = [], 0, 0
@@ -281,27 +291,37 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
             state.update(best_trained=val_accuracy, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
+        state["epoch_predictions"].append(predicted.tolist())
         if val_accuracy > state["best"]:  # what is kept: the best of the start and every round
-            state.update(best=val_accuracy, best_predictions=predicted.tolist(),
+            state.update(best=val_accuracy, best_predictions=predicted.tolist(), best_epoch=epoch,
                          best_state={k: v.detach().cpu().clone() for k, v in weights_of().items()})
         state["epoch"] = epoch
+        # Decided before the checkpoint is written, so that a run killed after this epoch stops here too.
+        stopped_early = state["stopped"] = patience is not None and state["bad_epochs"] >= patience
         if checkpoint is not None:
             save_atomic(checkpoint, {"run": run_key, "model": top.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
-                                          "torch_rng": torch.get_rng_state(), "state": state})
+                                     "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
+                                     **rng_states(device), "state": state})
         log.info("%s epoch %d: train loss %.4f, val accuracy %.4f", desc, epoch, state["history"][-1]["train_loss"],
                  val_accuracy)
-        if patience is not None and state["bad_epochs"] >= patience:
-            stopped_early = True
-            break
     result = TrainResult(
         best_val_accuracy=state["best"], start_val_accuracy=state["start_val_accuracy"], epochs_run=state["epoch"],
         steps=state["steps"], stopped_early=stopped_early, history=state["history"],
         seconds=round(time.perf_counter() - started, 2), resumed_from_epoch=resumed_from,
         val_labels=state["val_labels"], start_val_predictions=state["start_predictions"],
-        best_val_predictions=state["best_predictions"],
+        best_val_predictions=state["best_predictions"], epoch_val_predictions=state["epoch_predictions"],
+        best_epoch=state["best_epoch"],
     )
     return result, state["best_state"]
+
+
+def rng_states(device: torch.device) -> dict:
+    """The random generators a resumed run must continue from: torch's CPU generator, and on CUDA every GPU's
+    (``torch_rng``, ``cuda_rng``)."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return states
 
 
 def _resume(checkpoint: Path | None, run_key: str, top: nn.Module, optimizer, scheduler, scaler, state: dict) -> int:
@@ -322,6 +342,8 @@ def _resume(checkpoint: Path | None, run_key: str, top: nn.Module, optimizer, sc
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["grad_scaler"])
     torch.set_rng_state(saved["torch_rng"])
+    if "cuda_rng" in saved and torch.cuda.is_available():  # dropout masks on the GPU come from these
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
     state.update(saved["state"])
     log.info("resuming after epoch %d (%s)", state["epoch"], checkpoint)
     return state["epoch"]

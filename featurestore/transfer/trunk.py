@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.sources import Record, Source
+from ..data.sources import Record, Source, rows_for_ids
 from ..encode.backbones import FeatureModel
 from ..encode.backbones.efficientnet_lite import EfficientNetLite
 from ..encode.encoders import Item, Runner, view_id
@@ -128,9 +128,12 @@ class TrunkViewsEncoder:
     unit = "view"
 
     def __init__(self, trunk: FeatureModel, shape: tuple[int, int, int], store_fingerprint_hash: str,
-                 views: int, recipe: ViewRecipe, seed: int, dtype: str, engine: str = "auto"):
+                 views: int, recipe: ViewRecipe, seed: int, dtype: str, engine: str = "auto",
+                 device: torch.device | None = None):
         self.trunk, self.views, self.recipe, self.seed, self.dtype, self.engine = (
             trunk, views, recipe, seed, dtype, engine)
+        # On CUDA the trunk runs under float16 autocast (the torch engine), which changes its activations.
+        self.autocast = device is not None and device.type == "cuda"
         self.name = trunk.name
         self.feature_dim = trunk.feature_dim
         self.feature_shape = tuple(shape)
@@ -151,7 +154,7 @@ class TrunkViewsEncoder:
             "view_recipe": self.recipe.as_dict(),
             "seed": self.seed,
             "dtype": self.dtype,
-            "compute": "float32",
+            "compute": "autocast-float16" if self.autocast else "float32",
             "code_sha256": feature_code_digest(self.trunk.code_modules),
             "libraries": library_versions(),
         }
@@ -187,14 +190,17 @@ def build_trunk_cache(network: EfficientNetLite, preprocessing: Preprocessing, f
 
     trunk = trunk_model(network, preprocessing, first_block, backbone, weights_path, weights_sha256, code_modules)
     shape = activation_shape(network, first_block, preprocessing.image_size)
-    encoder = TrunkViewsEncoder(trunk, shape, store_fingerprint_hash, views, recipe, seed, dtype, engine)
-    return extract_with(encoder, source, out, device=resolve_device(device), dtype=dtype, batch_size=batch_size,
+    torch_device = resolve_device(device)
+    encoder = TrunkViewsEncoder(trunk, shape, store_fingerprint_hash, views, recipe, seed, dtype, engine,
+                                torch_device)
+    return extract_with(encoder, source, out, device=torch_device, dtype=dtype, batch_size=batch_size,
                         workers=workers, progress=progress, on_duplicate="keep")
 
 
 class TrunkCache:
     """The trunk cache in memory for training: clean and augmented train activations aligned by image, and
-    the clean val/test activations. Arrays are float16 or float32 as stored, (…, C, H, W)."""
+    the clean val/test activations. Arrays are float16 or float32 as stored, (…, C, H, W); ``ids`` maps a split
+    to its rows' content ids (N,) str, so a fine-tune picks its rows by content, never by position."""
 
     def __init__(self, path: str | Path):
         store = FeatureStore(path)
@@ -203,7 +209,8 @@ class TrunkCache:
         self.store = store
         self.shape = tuple(store.feature_shape)
         self.class_names = store.class_names
-        clean, self.train_labels, _ = store.load("train")
+        clean, self.train_labels, train_ids = store.load("train")
+        self.ids = {"train": train_ids}
         train_paths = list(store.paths("train"))
         view_splits = sorted((s for s in store.splits if s.startswith("train.view")), key=lambda s: int(s[10:]))
         views = [clean]
@@ -219,7 +226,15 @@ class TrunkCache:
     def views(self) -> int:
         return self.train_views.shape[0] - 1
 
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Clean activations (N, C, H, W) and labels (N,) int64 of ``val`` or ``test``."""
+    def rows_of(self, split: str, ids: np.ndarray) -> np.ndarray:
+        """Rows (M,) int64 of ``split`` holding the content ids ``ids`` (M,) str, in their order."""
+        if split not in self.ids:
+            self.ids[split] = self.store.ids(split) if split in self.store.splits else np.zeros(0, dtype=str)
+        return rows_for_ids(self.ids[split], ids, f"the trunk cache {self.store.path} ({split})")
+
+    def split(self, name: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Clean activations (N, C, H, W) and labels (N,) int64 of ``val`` or ``test`` (``rows`` of it)."""
         features, labels, _ = self.store.load(name)
+        if rows is not None:
+            features, labels = features[rows], labels[rows]
         return features.reshape(len(features), *self.shape), labels

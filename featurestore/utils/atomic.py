@@ -7,7 +7,8 @@ killed half-way) only ever sees the previous complete file or the new complete o
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,10 +26,26 @@ def fsync_path(path: Path) -> None:
 
 
 def unique_temp_path(target: Path) -> Path:
-    """A new, empty, uniquely named file beside ``target`` (``.<name>.<random>.tmp``)."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
-    os.close(fd)
-    return Path(name)
+    """A new, empty, uniquely named file beside ``target`` (``.<name>.<random>.tmp``) with the permissions an
+    ordinary ``open(target, "w")`` would leave: the existing file's mode, or for a new file 0666 less the umask
+    (``tempfile.mkstemp`` makes 0600, which would hide a shared store or head from the owner's team)."""
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+        keep = True
+    except FileNotFoundError:
+        mode, keep = 0o666, False  # the kernel applies the umask to a file it creates
+    while True:
+        candidate = target.parent / f".{target.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            continue
+        try:
+            if keep:
+                os.fchmod(fd, mode)  # exactly the target's mode, whatever the umask
+        finally:
+            os.close(fd)
+        return candidate
 
 
 @contextmanager
