@@ -156,7 +156,8 @@ def _extract_parser(sub) -> None:
                    "backbone's own)")
     p.add_argument("--crop-pct", type=fraction, help="centre-crop fraction of the resized image (1.0 = no crop)")
     p.add_argument("--batch-size", type=int_at_least(1), default=64)
-    p.add_argument("--workers", type=int_at_least(0), default=1, help="DataLoader processes that decode images")
+    p.add_argument("--workers", type=int_at_least(0), help="DataLoader processes that read, hash and decode items "
+                   "(default: 1 on the CPU, where the model takes the cores; up to 8 on CUDA)")
     add_device_option(p)
     p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                    help="auto: onnxruntime on the CPU (exported once, cached), torch on CUDA")
@@ -224,11 +225,22 @@ def _evaluate_parser(sub) -> None:
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="one ONNX graph for backbone + head, checked against the Python pipeline",
                        description="Export images → probabilities as a single ONNX file and verify it with "
-                                   "onnxruntime.")
+                                   "onnxruntime; optionally an int8 graph for CPUs and a float16 graph for CUDA "
+                                   "beside it, each checked against the float graph.")
     p.add_argument("--head", required=True, help="HEAD.skops from train-head")
     p.add_argument("--out", required=True, help="MODEL.onnx to write (a report goes to MODEL.onnx.report.json)")
     p.add_argument("--backbone", help="backbone name (default: the one the head's features came from)")
     p.add_argument("--weights", help="the local checkpoint the head's features came from, if not the default")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: also write MODEL.int8.onnx for CPUs (static quantisation calibrated on train images, "
+                        "dynamic for text encoders), kept only if it agrees with the float graph on the test split "
+                        "(default none)")
+    p.add_argument("--float16", action="store_true",
+                   help="also write MODEL.fp16.onnx (the encoder in float16), which predict runs on CUDA")
+    p.add_argument("--data", help="the data the head's store was extracted from, for --quantize int8's calibration "
+                                  "images and test split (default: the folder the store records)")
+    p.add_argument("--calibration-rows", type=int_at_least(1), default=256,
+                   help="train images that calibrate the int8 image graph (default 256)")
     add_trust_pickle(p)
     add_output_options(p, progress=False)
     p.set_defaults(func=commands.cmd_export)
@@ -237,7 +249,7 @@ def _export_parser(sub) -> None:
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="batch inference with an exported model (onnxruntime)",
                        description="Classify images with MODEL.onnx; one CSV (or .jsonl) row per image.")
-    p.add_argument("--model", required=True, help="MODEL.onnx from export")
+    p.add_argument("--model", required=True, help="MODEL.onnx (or MODEL.int8.onnx) from export")
     p.add_argument("--data", required=True, help="ImageFolder, CSV manifest, or a folder of images")
     p.add_argument("--out", required=True, help="PRED.csv or PRED.jsonl")
     p.add_argument("--split", help="only this split of the data (e.g. test)")
@@ -245,6 +257,8 @@ def _predict_parser(sub) -> None:
     p.add_argument("--workers", type=int_at_least(0), default=1, help="DataLoader processes that decode images")
     p.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto",
                    help="cuda fails unless the CUDA provider is really active; auto says which it used")
+    p.add_argument("--no-float16", action="store_true",
+                   help="on CUDA, run MODEL.onnx itself even where export --float16 wrote MODEL.fp16.onnx beside it")
     p.add_argument("--top-k", type=int_at_least(1), default=3)
     add_output_options(p)
     p.set_defaults(func=commands.cmd_predict)

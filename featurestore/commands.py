@@ -250,30 +250,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .deploy.export import export_onnx
 
+    # A variant (int8, float16) that fails its check raises ExportError after MODEL.onnx and its report, which
+    # holds the variant's figures and the reason, are written.
     report = export_onnx(args.head, args.out, backbone=args.backbone, weights=args.weights,
-                         trust_pickle=args.trust_pickle)
+                         trust_pickle=args.trust_pickle, quantize=args.quantize, float16=args.float16,
+                         data=args.data, calibration_rows=args.calibration_rows)
     if args.json:
         print(json.dumps(report))
-    else:
-        check = report["check"]
-        print(f"{report['model']}: {report['head']['name']}, {report['size_bytes'] / 1e6:.1f} MB, one graph; "
-              f"check on {check['n']} images: max probability difference {check['max_probability_diff']:.2e}, "
-              f"labels equal: {check['labels_equal']}")
+        return 0
+    check = report["check"]
+    unit = "texts" if report["modality"] == "text" else "images"
+    print(f"{report['model']}: {report['head']['name']}, {report['size_bytes'] / 1e6:.1f} MB, one graph; "
+          f"check on {check['n']} {unit}: max probability difference {check['max_probability_diff']:.2e}, "
+          f"labels equal: {check['labels_equal']}")
+    if "float16" in report:
+        fp16 = report["float16"]
+        print(f"{fp16['model']}: {fp16['size_bytes'] / 1e6:.1f} MB, float16 for CUDA; against the float32 graph on "
+              f"{fp16['check']['n']} {unit}: max probability difference {fp16['check']['max_probability_diff']:.2e}")
+    if "int8" in report:
+        int8, test = report["int8"], report["int8"]["test"]
+        print(f"{int8['model']}: {int8['size_bytes'] / 1e6:.1f} MB, int8 ({int8['quantization']['method']}); on "
+              f"{test['n']} test {unit}: accuracy {test['accuracy']:.4f} (float graph {test['reference_accuracy']:.4f})"
+              f", labels agree on {test['label_agreement']:.1%}, max probability difference "
+              f"{test['max_probability_diff']:.3f}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .deploy.predict import predict
 
     summary = predict(args.model, args.data, args.out, batch_size=args.batch_size, workers=args.workers,
-                             provider=args.provider, top_k=args.top_k, split=args.split,
-                             progress=not args.no_progress)
+                      provider=args.provider, top_k=args.top_k, split=args.split,
+                      progress=not args.no_progress, float16=not args.no_float16)
     if args.json:
         print(summary.to_json())
     else:
         accuracy = "" if summary.accuracy is None else f", accuracy {summary.accuracy:.4f}"
-        print(f"{summary.out}: {summary.predicted} images on {summary.provider}, {len(summary.skipped)} skipped "
-              f"in {summary.seconds:.1f} s{accuracy}")
+        print(f"{summary.out}: {summary.predicted} items on {summary.provider} ({Path(summary.model).name}), "
+              f"{len(summary.skipped)} skipped in {summary.seconds:.1f} s{accuracy}")
     return 0
 
 

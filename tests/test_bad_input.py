@@ -152,7 +152,8 @@ def test_file_names_that_are_not_utf8(fashion_folder, tmp_path, run):
     assert_one_clear_line(failed, "caf\\xe9.png", "not valid UTF-8")
 
 
-def test_a_corrupt_journal_part_costs_only_its_own_images(fashion_folder, tmp_path, lite0_small):
+def test_a_corrupt_journal_part_costs_only_its_own_images(fashion_folder, tmp_path, lite0_small, monkeypatch):
+    monkeypatch.setenv("FEATURESTORE_JOURNAL_ROWS", "8")  # a part per batch (by default ~1 s or 4,096 rows)
     out = tmp_path / "f.h5"
     broken = fashion_folder / "val" / "Trouser" / "zz_broken.png"
     broken.write_text("garbage")

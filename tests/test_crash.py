@@ -1,6 +1,7 @@
 """kill -9 a real extraction subprocess: the store stays readable and the rerun resumes."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,12 +29,16 @@ def cli(folder, out, *extra):
             *ARGS, "--no-progress", *extra]
 
 
+# One journal part per batch of 4, as the tests below count them (by default a part is ~1 s or 4,096 rows).
+PER_BATCH = {**os.environ, "FEATURESTORE_JOURNAL_ROWS": "4"}
+
+
 def parts(out):
     return sorted((out.parent / (out.name + ".partial")).rglob("part-*.npz"))
 
 
-def start_and_kill_after_parts(folder, out, min_parts, timeout=120.0):
-    process = subprocess.Popen(cli(folder, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start_and_kill_after_parts(folder, out, min_parts, timeout=120.0, env=PER_BATCH):
+    process = subprocess.Popen(cli(folder, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + timeout
     while len(parts(out)) < min_parts:
         if process.poll() is not None:
@@ -151,3 +156,21 @@ def test_kill_during_the_final_rename_keeps_the_old_store_and_the_rerun_finishes
     summary = json.loads(result.stdout)
     assert summary["resumed"] == 1 and summary["reused"] == 40 and summary["extracted"] == 0
     assert len(store_rows(out)[1]) == 41 and not temp_files_of(out)
+
+
+def test_kill_while_the_background_journal_writes_loses_only_unwritten_rows(fashion_folder, tmp_path):
+    """The default journal: a thread writes a part every second (or 4,096 rows). Killed after its first part,
+    the rerun resumes exactly the rows the parts on disk hold and computes only the others."""
+    for source in sorted(fashion_folder.rglob("*.png")):  # 80 images: several seconds at 224 px, eager torch
+        ImageOps.flip(load_rgb(source)).convert("L").save(source.with_name("flip_" + source.name))
+    out = tmp_path / "features.h5"
+    start_and_kill_after_parts(fashion_folder, out, min_parts=1, env=os.environ)
+    journaled = set()
+    for part in parts(out):
+        with np.load(part) as data:
+            journaled |= set(data["ids"].astype(str))
+    assert 0 < len(journaled) < 80 and not out.exists()
+    summary = json.loads(subprocess.run(cli(fashion_folder, out, "--json"), check=True, capture_output=True,
+                                        text=True).stdout)
+    assert summary["resumed"] == len(journaled) and summary["extracted"] == 80 - len(journaled)
+    assert len(store_rows(out)[1]) == 80 and not parts(out)

@@ -127,7 +127,8 @@ def kill_rank_after_parts(process, out: Path, rank: int, parts: int, timeout: fl
         os.kill(pid, signal.SIGKILL)
 
 
-def test_a_killed_rank_loses_only_its_unfinished_batches(fashion_folder, tmp_path, single_native):
+def test_a_killed_rank_loses_only_its_unfinished_batches(fashion_folder, tmp_path, single_native, monkeypatch):
+    monkeypatch.setenv("FEATURESTORE_JOURNAL_ROWS", "2")  # a part per batch of 2, as the kill counts them
     out = tmp_path / "killed.h5"
     process = subprocess.Popen(extract(fashion_folder, out, "--nproc-per-node=2", extra=SLOW), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -144,7 +145,8 @@ def test_a_killed_rank_loses_only_its_unfinished_batches(fashion_folder, tmp_pat
     assert_same_store(single_native, out)
 
 
-def test_torchrun_restarts_resume_by_themselves(fashion_folder, tmp_path, single_native):
+def test_torchrun_restarts_resume_by_themselves(fashion_folder, tmp_path, single_native, monkeypatch):
+    monkeypatch.setenv("FEATURESTORE_JOURNAL_ROWS", "2")
     out = tmp_path / "restarted.h5"
     process = subprocess.Popen(extract(fashion_folder, out, "--nproc-per-node=2", "--max-restarts=1", extra=SLOW),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -196,3 +196,132 @@ def test_export_refuses_a_head_whose_feature_code_changed(tiny, tmp_path):
     with pytest.raises(ExportError, match="code_sha256 changed since extraction"):
         export_onnx(stale, tmp_path / "stale.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_io_binding_gives_what_session_run_gives(exported):
+    """The IOBinding path (CUDA's, here on the CPU provider) returns session.run's outputs bit for bit, also with
+    the inputs copied into reused device-style buffers, across batch shapes."""
+    path = exported["logreg"][0]
+    plain = OnnxClassifier(path, "cpu", io_binding=False)
+    bound = OnnxClassifier(path, "cpu", io_binding=True)
+    assert not plain.io_binding and bound.io_binding  # default on the CPU provider: session.run (measured)
+    assert not OnnxClassifier(path, "cpu").io_binding
+    rng = np.random.default_rng(0)
+    for copy_inputs in (False, True):
+        bound.copy_inputs = copy_inputs
+        for n in (4, 4, 1):  # the same shape twice reuses the input buffer; a new shape makes a new one
+            images = rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8)
+            expected = plain.session.run(["probabilities", "label"], {"images": images})
+            probabilities, labels = bound(images)
+            assert probabilities.dtype == np.float32 and labels.dtype == np.int64
+            np.testing.assert_array_equal(probabilities, expected[0])
+            np.testing.assert_array_equal(labels, expected[1])
+            values = bound.run_on_device(bound.feed(images))
+            assert [value.device_name() for value in values] == ["cpu", "cpu"]
+            np.testing.assert_array_equal(values[0].numpy(), expected[0])
+    assert sorted(bound._device_inputs) == ["images"]
+
+
+def test_the_cuda_provider_gets_its_options(exported, monkeypatch):
+    """make_session hands CUDA_PROVIDER_OPTIONS (with overrides) to onnxruntime when it asks for CUDA, and nothing
+    to the CPU provider; the CPU-only session is the one it always was."""
+    import onnxruntime as ort
+
+    from featurestore.encode import runtime
+
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(path, options=None, providers=None, **kwargs):
+        seen.append(providers)
+        return real(path, options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [runtime.CUDA, runtime.CPU])
+    path = str(exported["logreg"][0])
+    runtime.make_session(path, "auto", cuda_options={"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"})
+    runtime.make_session(path, "cpu")
+    (cuda, options), cpu = seen[0]
+    assert cuda == runtime.CUDA and cpu == runtime.CPU
+    assert options == {**runtime.CUDA_PROVIDER_OPTIONS, "device_id": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+    assert {"cudnn_conv_algo_search", "do_copy_in_default_stream", "arena_extend_strategy"} <= set(options)
+    assert seen[1] == [runtime.CPU]
+
+
+def test_float16_graph_agrees_with_float32_and_is_the_cuda_sibling(tiny, fashion_folder_master, tmp_path):
+    """export --float16 writes model.fp16.onnx (the encoder in float16, same inputs, outputs and metadata), checked
+    against the float32 graph on the CPU provider; on real images the probabilities stay within float16 rounding
+    and the labels are equal except where the float32 graph has a tie. predict uses it only on CUDA, and only the
+    one made from this very float32 file."""
+    from featurestore.deploy.export import FLOAT16_MAX_PROBABILITY_DIFF, labels_match
+    from featurestore.deploy.predict import float16_sibling, read_model_metadata
+
+    _, store, heads = tiny
+    path = tmp_path / "m.onnx"
+    report = export_onnx(heads["logreg"], path, float16=True)
+    fp16 = tmp_path / "m.fp16.onnx"
+    assert report["float16"]["kept"] and report["float16"]["check"]["labels_equal"]
+    assert report["float16"]["check"]["max_probability_diff"] <= FLOAT16_MAX_PROBABILITY_DIFF
+    assert report["float16"]["size_bytes"] < 0.6 * report["size_bytes"]
+    model = onnx.load(str(fp16))
+    assert {onnx.TensorProto.FLOAT16} <= {init.data_type for init in model.graph.initializer}
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.UINT8]
+    meta, float_meta = read_model_metadata(fp16), read_model_metadata(path)
+    assert meta["featurestore_precision"] == "float16"
+    assert {k: v for k, v in meta.items() if k in float_meta} == float_meta
+    assert float16_sibling(path) == fp16
+
+    float32 = OnnxClassifier(path, "cpu")
+    images = np.stack([float32.preprocessing(_load(fashion_folder_master / p)).numpy()
+                       for split in store.splits for p in store.paths(split)])  # all 40 real images
+    p32, _ = float32(images)
+    p16, l16 = OnnxClassifier(fp16, "cpu")(images)  # any exported file runs as it is given
+    assert p16.dtype == np.float32 and l16.dtype == np.int64
+    assert np.abs(p16 - p32).max() <= FLOAT16_MAX_PROBABILITY_DIFF
+    assert labels_match(p32, l16, FLOAT16_MAX_PROBABILITY_DIFF).all()
+
+    summary = predict(path, fashion_folder_master, tmp_path / "p.csv", workers=0, progress=False)
+    assert summary.provider == "cpu" and summary.model == str(path)  # the CPU runs the float32 graph
+
+    export_onnx(heads["svm_rbf"], path)  # a new graph without --float16: the old sibling goes
+    assert not fp16.exists() and float16_sibling(path) is None
+    export_onnx(heads["logreg"], path, float16=True)
+    export_onnx(heads["svm_rbf"], tmp_path / "other.onnx")
+    (tmp_path / "other.onnx").replace(path)  # a float32 file the sibling was not made from
+    assert float16_sibling(path) is None
+
+
+def _load(path):
+    from featurestore.encode.images import load_image
+
+    return load_image(path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available())")
+def test_cuda_session_options_iobinding_and_float16(tiny, tmp_path):
+    """On a GPU: the CUDA provider runs with CUDA_PROVIDER_OPTIONS, predict's IOBinding keeps outputs on the device
+    until read, and the float16 sibling runs there within float16 rounding of the float32 graph on the CPU."""
+    from featurestore.deploy.export import FLOAT16_MAX_PROBABILITY_DIFF
+    from featurestore.encode.runtime import CUDA_PROVIDER_OPTIONS
+
+    _, _, heads = tiny
+    path = tmp_path / "m.onnx"
+    export_onnx(heads["logreg"], path, float16=True)
+    try:
+        session, used = make_session(str(path), "cuda")
+    except ProviderError as exc:
+        pytest.skip(f"onnxruntime's CUDA provider is not usable here: {exc}")
+    options = session.get_provider_options()["CUDAExecutionProvider"]
+    assert {k: options[k] for k in CUDA_PROVIDER_OPTIONS} == CUDA_PROVIDER_OPTIONS
+    gpu = OnnxClassifier(path, "cuda")
+    assert gpu.provider == "cuda" and gpu.io_binding and gpu.model_path == tmp_path / "m.fp16.onnx"
+    images = np.random.default_rng(0).integers(0, 256, (8, 3, 64, 64), dtype=np.uint8)
+    values = gpu.run_on_device(gpu.feed(images))
+    assert all(value.device_name().lower() == "cuda" for value in values)
+    expected, _ = OnnxClassifier(path, "cpu")(images)
+    assert np.abs(values[0].numpy() - expected).max() <= FLOAT16_MAX_PROBABILITY_DIFF
+    exact = OnnxClassifier(path, "cuda", float16=False)
+    assert exact.model_path == path
+    probabilities, _ = exact(images)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-3)  # TF32 convolutions on the GPU

@@ -319,3 +319,116 @@ def test_the_finetune_stage_trains_on_the_probes_rows_despite_an_unreadable_imag
                                   device="cpu")
     assert decision["finetuned"]
     assert decision["result"]["train_ids"] == ids_digest(FeatureStore(store).ids("train"))
+
+
+def _small_top(classes: int) -> torch.nn.Module:
+    """A small trainable top with dropout (so a run that drew one more random number than another would differ):
+    normalised images (N, 3, 32, 32) float32 → logits (N, classes)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, classes))
+
+
+def _per_step_reference(train_records, val_records, pre, recipe, workers, epochs, batch_size, seed, warmup):
+    """The loop as it was before issue 19: a new DataLoader every epoch over the epoch's seeded order, with
+    augmentation seeded by (seed × 1000 + epoch, index) and its own per-epoch generator, the loss and hits read
+    after every step, validation copied back batch by batch. Returns ((train loss, train accuracy, val accuracy)
+    per epoch, val predictions per epoch, the final weights)."""
+    from torch.utils.data import DataLoader
+
+    from featurestore.transfer.training import TrainImages, warmup_cosine
+
+    top, lower = _small_top(10), PixelNormalize(pre).eval()
+    optimizer = torch.optim.AdamW([{"params": list(top.parameters()), "lr": 1e-2}], weight_decay=1e-4)
+    total = epochs * -(-len(train_records) // batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
+    history, predictions = [], []
+    for epoch in range(1, epochs + 1):
+        top.train()
+        order = np.random.default_rng([seed, epoch]).permutation(len(train_records))
+        loader = DataLoader(TrainImages(train_records, pre, recipe, seed=seed * 1000 + epoch), batch_size=batch_size,
+                            sampler=order.tolist(), num_workers=workers,
+                            generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        losses, correct, seen = [], 0, 0
+        for images, labels in loader:
+            with torch.no_grad():
+                x = lower(images)
+            logits = top(x)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+        top.eval()
+        predicted, truth = [], []
+        with torch.inference_mode():
+            for images, labels in DataLoader(TrainImages(val_records, pre), batch_size=256, num_workers=workers,
+                                             generator=torch.Generator().manual_seed(seed * 1000)):
+                predicted.append(top(lower(images)).argmax(1).cpu())
+                truth.append(labels.cpu())
+        predicted, truth = torch.cat(predicted).numpy(), torch.cat(truth).numpy()
+        history.append((float(np.mean(losses)), correct / max(seen, 1), float(np.mean(predicted == truth))))
+        predictions.append(predicted.tolist())
+    return history, predictions, top.state_dict()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_cpu_run_is_exactly_the_run_of_the_per_step_loop(fashion_folder_master, workers):
+    """Issue 19 moved the loss and hits onto the device (read once per epoch), the validation answers into one
+    copy, and the image loaders into one persistent loader per run; on the CPU the run must not change at all:
+    the same losses, accuracies and validation answers to the last bit, and the same weights, as the loop before
+    it (inline above), with augmentation and dropout drawing their random numbers. With workers, the loader's
+    processes are the same ones in every epoch."""
+    from featurestore.encode.backbones import get_spec
+    from featurestore.transfer.training import ImageBatches, adamw, train
+
+    records = scan_source(fashion_folder_master).records
+    train_records = [r for r in records if r.split == "train"]
+    val_records = [r for r in records if r.split == "val"]
+    pre = get_spec("efficientnet_lite0").preprocessing.with_overrides(image_size=32, crop_pct=1.0)
+    settings = {"epochs": 3, "batch_size": 8, "seed": 3, "warmup": 2}
+    expected, expected_predictions, expected_weights = _per_step_reference(
+        train_records, val_records, pre, ViewRecipe(), workers, **settings)
+
+    top = _small_top(10)
+    batches = ImageBatches(train_records, {"val": val_records}, pre, PixelNormalize(pre), torch.device("cpu"),
+                           recipe=ViewRecipe(), workers=workers, seed=settings["seed"])
+    worker_pids = []
+
+    def on_epoch(epoch: int) -> None:
+        top.train()
+        loader = batches.loaders.get("train")
+        if workers and loader is not None:
+            worker_pids.append(tuple(worker.pid for worker in loader._iterator._workers))
+
+    result, _ = train(top, top.state_dict, adamw([{"params": list(top.parameters()), "lr": 1e-2}], 1e-4), batches,
+                      epochs=settings["epochs"], batch_size=settings["batch_size"], patience=None,
+                      device=torch.device("cpu"), run_key="reference", warmup_steps=settings["warmup"],
+                      on_epoch=on_epoch, progress=False)
+    assert [(h["train_loss"], h["train_accuracy"], h["val_accuracy"]) for h in result.history] == expected
+    assert result.epoch_val_predictions == expected_predictions
+    weights = top.state_dict()
+    assert all(torch.equal(weights[key], value) for key, value in expected_weights.items())
+    if workers:  # epochs 2 and 3 found the processes that epoch 1 started
+        assert len(worker_pids) == 2 and len(set(worker_pids)) == 1, worker_pids
+
+
+def test_the_cpu_optimisers_are_torchs_default_adamw(probe):
+    """Fused AdamW is for CUDA (tests/test_cuda.py); on the CPU the images' and the texts' optimisers stay
+    torch's default implementation, so CPU runs keep their numbers."""
+    from types import SimpleNamespace
+
+    from featurestore.transfer.finetune import optimizer_for
+    from featurestore.transfer.text_finetune import _optimizer
+
+    head, _ = probe
+    top, _ = build_model(head, CONFIG)
+    layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+    text_top = SimpleNamespace(model=SimpleNamespace(encoder=SimpleNamespace(encoder=SimpleNamespace(layer=layers))),
+                               first_layer=1, classifier=torch.nn.Linear(4, 2))
+    for optimizer in (optimizer_for(top, CONFIG), _optimizer(text_top, CONFIG)):
+        assert isinstance(optimizer, torch.optim.AdamW)
+        assert optimizer.defaults["fused"] is None and optimizer.defaults["foreach"] is None

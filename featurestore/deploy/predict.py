@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import time
@@ -22,11 +23,46 @@ from ..utils.console import progress_bar
 
 log = logging.getLogger("featurestore")
 
+OUTPUTS = ("probabilities", "label")
+PRECISION_KEY = "featurestore_precision"  # "float16" in the float16 graph export writes for CUDA
+FLOAT32_SHA256_KEY = "featurestore_float32_sha256"  # the float32 file the float16 graph was made from
+
+
+def variant_path(model: str | Path, variant: str) -> Path:
+    """Where export writes a variant of ``model``: ``model.onnx`` → ``model.<variant>.onnx`` (fp16, int8)."""
+    return Path(model).with_suffix(f".{variant}.onnx")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def float16_sibling(model: str | Path) -> Path | None:
+    """The float16 graph export wrote beside ``model`` (``--float16``), if it is there and was made from this very
+    file (its metadata holds the float32 file's sha256: a graph left by an older export is not used)."""
+    sibling = variant_path(model, "fp16")
+    if not sibling.is_file():
+        return None
+    try:
+        meta = read_model_metadata(sibling)
+    except FeaturestoreError as exc:
+        log.warning("ignoring %s: %s", sibling, exc)
+        return None
+    if meta.get(PRECISION_KEY) != "float16" or meta.get(FLOAT32_SHA256_KEY) != file_sha256(model):
+        log.warning("ignoring %s: not made from %s by its export (export again with --float16)", sibling, model)
+        return None
+    return sibling
+
 
 @dataclass
 class PredictSummary:
     out: str
     provider: str
+    model: str = ""  # the graph that ran: the file given, or its float16 sibling on CUDA
     predicted: int = 0
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -61,11 +97,31 @@ class OnnxClassifier:
 
     Images: call with uint8 images (N, 3, S, S). Texts: call with a list of N strings (tokenised with the
     tokenizer stored in the model). Returns probabilities (N, K) float32, labels (N,) int64.
+
+    On CUDA the float16 graph export wrote beside the file (``model.fp16.onnx``, ``export --float16``) runs instead
+    when it is there and was made from this file (``float16=False``: never); ``model_path`` is the file that runs.
+    Batches go through an IOBinding on CUDA (``io_binding``; default: on CUDA only, see :meth:`run_on_device`).
     """
 
-    def __init__(self, path: str | Path, provider: str = "auto", meta: dict[str, str] | None = None):
+    def __init__(self, path: str | Path, provider: str = "auto", meta: dict[str, str] | None = None,
+                 float16: bool = True, io_binding: bool | None = None,
+                 cuda_options: dict[str, object] | None = None):
         meta = meta if meta is not None else read_model_metadata(path)
-        self.session, self.provider = make_session(str(path), provider)
+        self.model_path = Path(path)
+        self.session, self.provider = make_session(str(path), provider, cuda_options=cuda_options)
+        if self.provider == "cuda" and float16:
+            sibling = float16_sibling(path)
+            if sibling is not None:
+                self.session, self.provider = make_session(str(sibling), "cuda", cuda_options=cuda_options)
+                self.model_path = sibling
+                log.info("onnxruntime runs the float16 graph %s on cuda", sibling)
+        # On the CPU provider the binding costs what session.run costs (measured: benchmarks/inference.py) and
+        # buys nothing (the output is in host memory either way): session.run stays the CPU path.
+        self.io_binding = self.provider == "cuda" if io_binding is None else io_binding
+        self.device_id = int(self.session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
+        # inputs copied into device buffers reused while the batch shape repeats (CUDA), else bound in place
+        self.copy_inputs = self.provider == "cuda"
+        self._device_inputs: dict[str, tuple] = {}  # name → (shape, dtype, OrtValue on the device)
         self.class_names: list[str] = json.loads(meta["featurestore_class_names"])
         self.fingerprint_hash = meta.get("featurestore_fingerprint_hash")
         self.modality = meta.get("featurestore_modality", "image")
@@ -92,14 +148,49 @@ class OnnxClassifier:
             raise ValueError(f"images must have shape (N, 3, {size}, {size}), got {inputs.shape}")
         return self.run_batch(inputs)
 
-    def run_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
-        """A batch as the data loader makes it: uint8 images, or the tokenizer's dict."""
+    @staticmethod
+    def feed(batch) -> dict[str, np.ndarray]:
+        """A batch as the data loader makes it (uint8 images (N, 3, S, S), or the tokenizer's dict of int64
+        (N, W, L) ``input_ids`` and ``attention_mask``) as the graph's inputs, C-contiguous numpy arrays."""
         if isinstance(batch, dict):
-            feed = {"input_ids": np.asarray(batch["input_ids"]), "attention_mask": np.asarray(batch["attention_mask"])}
-        else:
-            feed = {"images": np.asarray(batch)}
-        probabilities, labels = self.session.run(["probabilities", "label"], feed)
+            return {name: np.ascontiguousarray(batch[name]) for name in ("input_ids", "attention_mask")}
+        return {"images": np.ascontiguousarray(batch)}
+
+    def run_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """A batch as the data loader makes it: uint8 images, or the tokenizer's dict.
+        Returns probabilities (N, K) float32 and labels (N,) int64, in host memory."""
+        feed = self.feed(batch)
+        if not self.io_binding:
+            probabilities, labels = self.session.run(list(OUTPUTS), feed)
+            return probabilities, labels
+        probabilities, labels = (value.numpy() for value in self.run_on_device(feed))
         return probabilities, labels
+
+    def run_on_device(self, feed: dict[str, np.ndarray]) -> list:
+        """Run ``feed`` through an IOBinding; returns the outputs as onnxruntime ``OrtValue`` s (probabilities
+        (N, K) float32, labels (N,) int64) where the session computed them: on CUDA they stay in device memory
+        until read (``value.numpy()``). On CUDA each input is copied once, host to device, into a device buffer
+        that is reused while the batch shape repeats; on the CPU the inputs are bound in place (no copy)."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        device = "cuda" if self.provider == "cuda" else "cpu"
+        for name, array in feed.items():
+            if not self.copy_inputs:
+                binding.bind_cpu_input(name, array)
+                continue
+            shape, dtype, value = self._device_inputs.get(name, (None, None, None))
+            if shape != array.shape or dtype != array.dtype:
+                value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, device, self.device_id)
+                self._device_inputs[name] = (array.shape, array.dtype, value)
+            value.update_inplace(array)  # the one host → device copy
+            binding.bind_ortvalue_input(name, value)
+        for name in OUTPUTS:
+            binding.bind_output(name, device, self.device_id)
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return binding.get_outputs()
 
     def loader(self, records: list[Record], batch_size: int, workers: int) -> DataLoader:
         """Decoding (or reading and tokenising) in DataLoader workers: batches of (indices, batch, failures)."""
@@ -124,10 +215,13 @@ def _unlabelled_folder(folder: Path) -> Source:
 
 
 def predict(model: str | Path, data: str | Path, out: str | Path, batch_size: int = 64, workers: int = 1,
-            provider: str = "auto", top_k: int = 3, split: str | None = None, progress: bool = True) -> PredictSummary:
+            provider: str = "auto", top_k: int = 3, split: str | None = None, progress: bool = True,
+            float16: bool = True) -> PredictSummary:
     """Classify every image or text of ``data`` (a folder tree, a CSV/JSONL manifest, or a flat folder) with an
     exported model and write ``out`` (.csv, or .jsonl): path, split, label, probability, top-k (and the true
-    label if known). ``split`` keeps only that split of the source. Unreadable items are skipped with a reason."""
+    label if known). ``split`` keeps only that split of the source. Unreadable items are skipped with a reason.
+    ``model`` is any exported graph (float, or the int8 one ``export --quantize int8`` wrote); on CUDA its float16
+    sibling runs when export wrote one (``float16=False``: never)."""
     started = time.perf_counter()
     meta = read_model_metadata(model)
     data, out = Path(data), Path(out)
@@ -141,9 +235,10 @@ def predict(model: str | Path, data: str | Path, out: str | Path, batch_size: in
     records = [r for r in source.records if split is None or r.split == split]
     if not records:
         raise FeaturestoreError(f"{data}: nothing to predict{f' in split {split!r}' if split else ''}")
-    classifier = OnnxClassifier(model, provider, meta)
+    classifier = OnnxClassifier(model, provider, meta, float16=float16)
     batches = iter(classifier.loader(records, batch_size, workers))  # fork the decoders before the session runs
-    summary = PredictSummary(out=str(out), provider=classifier.provider, skipped=list(source.unusable))
+    summary = PredictSummary(out=str(out), provider=classifier.provider, model=str(classifier.model_path),
+                             skipped=list(source.unusable))
     names = classifier.class_names
     top_k = max(1, min(top_k, len(names)))
     rows, correct, labelled = [], 0, 0

@@ -27,10 +27,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.sources import Record
+from ..errors import ImageDecodeError
 from .backbones import FeatureModel
 from .engines import make_engine
 from .fingerprint import fingerprint_for
-from .images import DecodedImages, collate_decoded
+from .images import DecodedImages, collate_decoded, decode_image
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,15 @@ class Encoder(Protocol):
 class ImageEncoder:
     """A frozen image backbone (:class:`FeatureModel`): one pooled feature vector per image."""
 
-    def __init__(self, model: FeatureModel, dtype: str, device: torch.device, engine: str = "auto"):
+    def __init__(self, model: FeatureModel, dtype: str, device: torch.device, engine: str = "auto",
+                 autocast: bool | None = None):
         self.model = model
         self.name = model.name
         self.feature_dim = model.feature_dim
         self.feature_shape = (model.feature_dim,)
         self.engine = engine
-        self.autocast = device.type == "cuda" and engine != "onnxruntime"
+        cuda_torch = device.type == "cuda" and engine != "onnxruntime"
+        self.autocast = cuda_torch if autocast is None else (autocast and cuda_torch)  # in the fingerprint
         self.dtype = dtype
 
     def fingerprint(self) -> dict:
@@ -97,10 +100,67 @@ class ImageEncoder:
     def dataset(self, items: list[Item]) -> Dataset:
         return DecodedImages([item.path for item in items], self.model.preprocessing)
 
+    def decode(self, raw: bytes, item: Item | Record) -> torch.Tensor:
+        """The model's input from an image file's bytes: uint8 (3, S, S), or (1, S, S) for a grayscale image (the
+        engine expands it: a third of the bytes through the worker queue and to the device)."""
+        return self.model.preprocessing(decode_image(raw, str(item.path)), gray_channels=1)
+
     collate: Callable = staticmethod(collate_decoded)
 
     def runner(self, device: torch.device) -> Runner:
-        return make_engine(self.model, device, self.engine)
+        return make_engine(self.model, device, self.engine, self.autocast)
 
     def order(self, items: list[Item]) -> list[Item]:
         return items
+
+
+def item_bytes(record: Record) -> bytes:
+    """The bytes that identify a record's content: its file's, or its inline text as UTF-8."""
+    return record.text.encode("utf-8") if record.text is not None else record.path.read_bytes()
+
+
+class HashingDataset(Dataset):
+    """Record i → (i, content id or None, model input or None, failure reason or None), in DataLoader workers:
+    each file is read once, hashed (its identity in the store) and, unless its id is in ``known`` (rows the store
+    or the journal already hold), decoded from the same bytes by ``decode(raw, record)``. A file that cannot be
+    read has no id; one that does not decode has an id and a reason."""
+
+    def __init__(self, records: list[Record], decode: Callable[[bytes, Record], Any], known: frozenset[str]):
+        self.records, self.decode, self.known = records, decode, known
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        try:
+            raw = item_bytes(record)
+        except FileNotFoundError:
+            return index, None, None, "file not found"
+        except OSError as exc:
+            return index, None, None, f"cannot read file ({exc.strerror or exc})"
+        cid = hashlib.sha256(raw).hexdigest()
+        if cid in self.known:
+            return index, cid, None, None
+        try:
+            return index, cid, self.decode(raw, record), None
+        except ImageDecodeError as exc:
+            return index, cid, None, exc.reason
+        except Exception as exc:  # a decoder bug must cost one item, not the run
+            return index, cid, None, f"cannot preprocess ({type(exc).__name__}: {exc})"
+
+
+class HashedCollate:
+    """DataLoader collate for :class:`HashingDataset`: → (ids {index: content id} of every item that read,
+    indices of the decoded ones, their batch from the encoder's ``collate`` (or None), [(index, reason)] of those
+    that failed)."""
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, items):
+        ids = {index: cid for index, cid, _, _ in items if cid is not None}
+        decoded = [(index, value, None) for index, cid, value, _ in items if value is not None]
+        failed = [(index, reason) for index, _, value, reason in items if value is None and reason is not None]
+        indices, batch, more = self.collate(decoded) if decoded else ([], None, [])
+        return ids, indices, batch, failed + more

@@ -41,19 +41,37 @@ def cache_dir() -> Path:
 
 
 class TorchEngine:
-    """Eager PyTorch. Call: uint8 (B, 3, S, S) → float32 numpy (B, D)."""
+    """Eager PyTorch. Call: uint8 (B, C, S, S), C = 3, or 1 for grayscale (expanded on the device by the model's
+    normalisation, bit-identical to three equal channels) → float32 numpy (B, D).
+
+    On CUDA: float16 autocast (``autocast``, default on), channels-last under autocast and NCHW without it (in
+    float32, channels-last sends every depthwise convolution to cuDNN's slow grouped kernels), cuDNN's autotuner
+    on, and every batch padded to the first one's size (``pad``) so that the tail is not a second shape whose
+    plans are built inside the run; eval-mode BatchNorm makes the padded rows irrelevant to the real ones."""
 
     name = "torch"
 
-    def __init__(self, model: FeatureModel, device: torch.device):
+    def __init__(self, model: FeatureModel, device: torch.device, autocast: bool | None = None,
+                 pad: bool | None = None):
+        cuda = device.type == "cuda"
         self.device = device
-        self.model = model.to(device).to(memory_format=torch.channels_last)
-        self.autocast = device.type == "cuda"
+        self.autocast = cuda if autocast is None else autocast
+        self.pad = cuda if pad is None else pad
+        self.layout = torch.contiguous_format if cuda and not self.autocast else torch.channels_last
+        self.model = model.to(device).to(memory_format=self.layout)
+        self.full: int | None = None
+        if cuda:
+            torch.backends.cudnn.benchmark = True
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        count = len(batch)
+        if self.pad:
+            self.full = self.full or count
+            if count < self.full:  # repeat the last image: one batch shape for the whole run
+                batch = torch.cat([batch, batch[-1:].expand(self.full - count, *batch.shape[1:])])
+        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.layout)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
-            return self.model(batch).float().cpu().numpy()
+            return self.model(batch)[:count].float().cpu().numpy()
 
 
 def export_feature_model(model: FeatureModel, path: Path) -> Path:
@@ -103,7 +121,8 @@ def cached_feature_graph(model: FeatureModel) -> Path:
 
 
 class OnnxRuntimeEngine:
-    """onnxruntime on the CPU provider. Call: uint8 (B, 3, S, S) → float32 numpy (B, D)."""
+    """onnxruntime on the CPU provider. Call: uint8 (B, C, S, S), C = 3 or 1 (grayscale, expanded here to the
+    graph's three channels) → float32 numpy (B, D)."""
 
     name = "onnxruntime"
 
@@ -116,14 +135,19 @@ class OnnxRuntimeEngine:
         self.path = path
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        return self.session.run(None, {"images": batch.numpy()})[0]
+        images = batch.numpy()
+        if images.shape[1] == 1:
+            images = np.ascontiguousarray(np.broadcast_to(images, (len(images), 3, *images.shape[2:])))
+        return self.session.run(None, {"images": images})[0]
 
 
-def make_engine(model: FeatureModel, device: torch.device, engine: str = "auto") -> TorchEngine | OnnxRuntimeEngine:
-    """The engine to run ``model`` on ``device``; ``auto`` falls back to torch if export fails."""
+def make_engine(model: FeatureModel, device: torch.device, engine: str = "auto",
+                autocast: bool | None = None) -> TorchEngine | OnnxRuntimeEngine:
+    """The engine to run ``model`` on ``device``; ``auto`` falls back to torch if export fails. ``autocast``:
+    float16 autocast of the torch engine (default: on CUDA)."""
     check_choice("engine", engine, ENGINE_CHOICES)
     if engine == "torch" or (engine == "auto" and device.type != "cpu"):
-        return TorchEngine(model, device)
+        return TorchEngine(model, device, autocast)
     if device.type != "cpu":
         raise BadValueError("the onnxruntime engine runs on the CPU here; use --engine torch (or auto) for CUDA")
     try:

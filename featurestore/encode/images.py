@@ -7,6 +7,7 @@ This module is part of the feature path: its source is in every store's fingerpr
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -49,19 +50,29 @@ def load_image(path: Path) -> Image.Image:
     Raises :class:`ImageDecodeError` with the path and the reason.
     """
     try:
-        if path.stat().st_size == 0:
-            raise ImageDecodeError(str(path), "empty file (0 bytes)")
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb_or_gray(image)
-    except ImageDecodeError:
-        raise
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ImageDecodeError(str(path), "file not found") from None
+    except OSError as exc:
+        raise ImageDecodeError(str(path), f"cannot read file ({exc.strerror or exc})") from None
+    return decode_image(raw, str(path))
+
+
+def decode_image(raw: bytes, name: str) -> Image.Image:
+    """Decode an image file's bytes fully (the bytes extraction already read to hash them), as "RGB" or "L".
+
+    Raises :class:`ImageDecodeError` with ``name`` and the reason.
+    """
+    if not raw:
+        raise ImageDecodeError(name, "empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            return to_rgb_or_gray(image)
     except UnidentifiedImageError:
-        raise ImageDecodeError(str(path), "not an image (format not recognised)") from None
+        raise ImageDecodeError(name, "not an image (format not recognised)") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageDecodeError(str(path), f"corrupt or truncated image ({exc})") from None
+        raise ImageDecodeError(name, f"corrupt or truncated image ({exc})") from None
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -92,11 +103,19 @@ class DecodedImages(Dataset):
 
 
 def collate_decoded(items):
-    """→ (indices of decoded images, uint8 batch (B, 3, S, S) or None, [(index, reason)] failures)."""
+    """→ (indices of decoded images, uint8 batch (B, C, S, S) or None, [(index, reason)] failures).
+
+    Grayscale images may come as one channel (``Preprocessing(..., gray_channels=1)``): a batch of only those
+    stays (B, 1, S, S), and the model side expands it (bit-identical to three equal channels, a third of the
+    bytes through the worker queue and to the device); in a mixed batch they are expanded here."""
     ok = [(index, tensor) for index, tensor, _ in items if tensor is not None]
     failed = [(index, reason) for index, tensor, reason in items if tensor is None]
-    batch = torch.stack([tensor for _, tensor in ok]) if ok else None
-    return [index for index, _ in ok], batch, failed
+    if not ok:
+        return [], None, failed
+    tensors = [tensor for _, tensor in ok]
+    if len({t.shape[0] for t in tensors}) > 1:
+        tensors = [t.expand(3, -1, -1) for t in tensors]
+    return [index for index, _ in ok], torch.stack(tensors), failed
 
 
 def lower_worker_priority(worker_id: int) -> None:

@@ -76,8 +76,9 @@ class Preprocessing:
     def as_json(self) -> str:
         return json.dumps(self.as_dict(), sort_keys=True)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """RGB or L PIL image → uint8 tensor (3, image_size, image_size); L becomes 3 equal channels."""
+    def __call__(self, image: Image.Image, gray_channels: int = 3) -> torch.Tensor:
+        """RGB or L PIL image → uint8 tensor (3, image_size, image_size); L becomes 3 equal channels, or with
+        ``gray_channels=1`` stays one (1, S, S), for the model side to expand."""
         width, height = image.size
         scale = self.resize_size / min(width, height)
         new_w = max(self.image_size, int(round(width * scale)))
@@ -90,5 +91,7 @@ class Preprocessing:
             image = image.crop((left, top, left + self.image_size, top + self.image_size))
         array = np.asarray(image, dtype=np.uint8)
         if array.ndim == 2:
-            return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(array, (3, *array.shape))))
+            channels = np.empty((gray_channels, *array.shape), dtype=np.uint8)
+            channels[:] = array  # a writable copy, each channel the gray image
+            return torch.from_numpy(channels)
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

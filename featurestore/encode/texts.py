@@ -38,13 +38,19 @@ def read_text(path: Path) -> str:
         raise ImageDecodeError(str(path), "file not found") from None
     except OSError as exc:
         raise ImageDecodeError(str(path), f"cannot read file ({exc.strerror or exc})") from None
+    return decode_text(raw, str(path))
+
+
+def decode_text(raw: bytes, name: str) -> str:
+    """A document file's bytes (those extraction already read to hash them) as text: UTF-8, a BOM stripped.
+    Raises :class:`ImageDecodeError` (name, reason) for bytes that are not UTF-8 or hold no text."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ImageDecodeError(str(path), f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at position {exc.start}); "
-                                          f"convert it to UTF-8") from None
+        raise ImageDecodeError(name, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at position {exc.start}); "
+                                     f"convert it to UTF-8") from None
     if not text.strip():
-        raise ImageDecodeError(str(path), "empty document")
+        raise ImageDecodeError(name, "empty document")
     return text
 
 
@@ -192,6 +198,14 @@ class TextEncoder:
 
     def dataset(self, items: list[Item]) -> Dataset:
         return TextDocuments(items)
+
+    def decode(self, raw: bytes, item: Item | Record) -> str:
+        """The model's input from an item's bytes: its text (a manifest's inline text as it is)."""
+        if item.text is not None:
+            if not item.text.strip():
+                raise ImageDecodeError(item.rel_path, "empty document")
+            return item.text
+        return decode_text(raw, str(item.path))
 
     @property
     def collate(self):

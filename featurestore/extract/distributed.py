@@ -4,13 +4,14 @@
     featurestore extract --nproc N ...        # the same, launched for you on this machine
 
 Rank 0 takes the store's lock (once for the group), hashes the source and plans as a single process would
-(``extract.plan_extraction``: what the store or the journal already holds is not run again), and sends the
+(``phases.plan_extraction``: what the store or the journal already holds is not run again), and sends the
 list of items still to encode to every rank. Rank r encodes items r, r+N, r+2N, … on its own device
-(``cuda:LOCAL_RANK`` with NCCL, the CPU with gloo) and journals every batch under rank-qualified names
-(``rank<r>-part-NNNNNN.npz``) in the store's shared journal. After a barrier, rank 0 assembles the store
-from the journal exactly as a single process does: the same rows in the same order, the same fingerprint
-(the number of ranks is not part of it). Killed ranks lose only their unfinished batches: a rerun, or
-torchrun's own restart (``--max-restarts``), plans again and resumes from the journal.
+(``cuda:LOCAL_RANK`` or its share of the node's cores; the group exchanges only Python objects, over gloo)
+and journals its rows under rank-qualified names (``rank<r>-part-NNNNNN.npz``) in the store's shared
+journal. After a barrier, rank 0 assembles the store from its own rows (kept in memory) and the other
+ranks' journal parts exactly as a single process does: the same rows in the same order, the same
+fingerprint (the number of ranks is not part of it). Killed ranks lose only their unjournalled rows: a
+rerun, or torchrun's own restart (``--max-restarts``), plans again and resumes from the journal.
 
 Nodes must share the file system that holds the data, the store and its journal (the same paths on every
 node, e.g. NFS): featurestore moves no data between nodes itself.
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -60,6 +62,15 @@ def torchrun_group() -> Group | None:
                  int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
+def workers_per_rank(group: Group, workers: int | None, device: torch.device, cores: int | None = None) -> int:
+    """DataLoader workers of one rank: ``workers`` if given, else this node's cores shared by its ranks (less the
+    rank's own process), at most 8 on a GPU and 1 on a CPU rank, whose cores the model's threads already use."""
+    if workers is not None:
+        return workers
+    share = threads_per_rank(group, cores)
+    return 1 if device.type == "cpu" else max(1, min(8, share - 1))
+
+
 def threads_per_rank(group: Group, cores: int | None = None) -> int:
     """CPU threads for one rank: this node's cores shared by the ranks on this node (not by every rank of the
     group: 4 nodes of 2 ranks on 16 cores give each rank 8 threads, not 2)."""
@@ -87,13 +98,13 @@ def init_group(group: Group, backend: str) -> None:
 
 
 def extract_distributed(encoder: Encoder, source: Source, out: str | Path, group: Group, *, device: torch.device,
-                        dtype: str = "float32", batch_size: int = 64, workers: int = 1, on_error: str = "skip",
-                        on_duplicate: str = "warn", wait: bool = True, progress: bool = True):
+                        dtype: str = "float32", batch_size: int = 64, workers: int | None = None,
+                        on_error: str = "skip", on_duplicate: str = "warn", wait: bool = True, progress: bool = True):
     """This rank's part of a distributed extraction; returns the summary on rank 0, None elsewhere."""
     started = time.perf_counter()
     out = Path(out)
-    if not dist.is_initialized():
-        init_group(group, "nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # gloo: the group only exchanges Python objects, never tensors
+        init_group(group, "gloo")
     if device.type == "cpu":  # the ranks on this node share its cores
         torch.set_num_threads(threads_per_rank(group))
     with contextlib.ExitStack() as held:
@@ -114,16 +125,20 @@ def extract_distributed(encoder: Encoder, source: Source, out: str | Path, group
         fp_hash, todo = payload[0]
         journal = ExtractionJournal(out, fp_hash, prefix=f"rank{group.rank}-part")
         journal.load(pattern=f"rank{group.rank}-part-*.npz")  # continue this rank's numbering after a restart
-        _, failures, runner = run_items(todo[group.rank::group.world_size], encoder, journal, device, batch_size,
-                                        workers, on_error, progress and group.leader,
-                                        desc=f"extract {encoder.name} (rank 0 of {group.world_size})")
+        own, failures, runner = run_items(todo[group.rank::group.world_size], encoder, journal, device,
+                                          batch_size, workers_per_rank(group, workers, device), on_error,
+                                          progress and group.leader,
+                                          desc=f"extract {encoder.name} (rank 0 of {group.world_size})")
         gathered: list = [None] * group.world_size
         dist.all_gather_object(gathered, (failures, getattr(runner, "truncated", 0)))
         dist.destroy_process_group()
         if not group.leader:
             return None
-        everything = ExtractionJournal(out, fp_hash).load()  # every rank's parts, earlier runs' included
-        new = {cid: everything[cid] for cid in everything.keys() - plan.resumed.keys()}
+        # Rank 0's own rows are in memory; the other ranks' come from their journal parts.
+        others: dict[str, np.ndarray] = {}
+        for rank in range(1, group.world_size):
+            others.update(ExtractionJournal(out, fp_hash).load(pattern=f"rank{rank}-part-*.npz"))
+        new = {cid: row for cid, row in others.items() if cid not in plan.resumed} | own
         summary = ExtractSummary(out=str(out), backbone=encoder.name, fingerprint_hash=fp_hash,
                                  device=f"{device.type} × {group.world_size} ranks",
                                  engine=runner.name if runner else None)

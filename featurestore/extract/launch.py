@@ -32,7 +32,7 @@ def extract_features(
     image_size: int | None = None,
     crop_pct: float | None = None,
     batch_size: int = 64,
-    workers: int = 1,
+    workers: int | None = None,
     device: str = "auto",
     engine: str = "auto",
     dtype: str = "float32",

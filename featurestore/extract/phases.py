@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,12 +28,12 @@ from torch.utils.data import DataLoader
 
 from ..configs import ON_DUPLICATE_CHOICES, ON_ERROR_CHOICES
 from ..data.sources import Record, Source, record_content_id
-from ..encode.encoders import Encoder, Item, Runner
+from ..encode.encoders import Encoder, HashedCollate, HashingDataset, Item, Runner
 from ..encode.fingerprint import changed_keys
 from ..encode.images import lower_worker_priority
 from ..errors import DuplicateItemsError, ImageDecodeError, StoreError
 from ..store.hdf5 import DTYPES, FeatureStore, SplitArrays, fingerprint_hash, write_store
-from ..store.journal import ExtractionJournal
+from ..store.journal import ExtractionJournal, JournalWriter
 from ..store.locking import store_lock
 from ..utils.atomic import temp_files_of
 from ..utils.console import progress_bar
@@ -156,7 +157,8 @@ def check_options(dtype: str, on_error: str, on_duplicate: str, batch_size: int,
     check_choice("on_error", on_error, ON_ERROR_CHOICES)
     check_choice("on_duplicate", on_duplicate, ON_DUPLICATE_CHOICES)
     check_range("batch_size", batch_size, 1)
-    check_range("workers", workers, 0)
+    if workers is not None:
+        check_range("workers", workers, 0)
 
 
 @dataclass
@@ -204,10 +206,57 @@ def plan_extraction(source: Source, out: Path, encoder: Encoder, on_error: str =
     return plan, journal
 
 
+def auto_workers(workers: int | None, device: torch.device) -> int:
+    """DataLoader workers: ``workers``, or (None) one on the CPU, where the model's own threads take the cores,
+    and up to 8 on CUDA, where decoding is the critical path (the machine's cores less one for this process)."""
+    if workers is not None:
+        return workers
+    return 1 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _loader(dataset, collate, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    # Decoders yield to the model on the CPU (SCHED_IDLE: a decoder competing with the model's threads stalls
+    # every parallel step); on CUDA decoding is the critical path and runs at normal priority.
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                      worker_init_fn=lower_worker_priority if device.type == "cpu" else None)
+
+
+class Pipeline:
+    """The encoder's runner on a thread of its own, one batch in flight: while it computes batch i, this thread
+    fetches batch i+1 from the workers and hands batch i-1's rows to the journal writer. (onnxruntime and torch
+    release the GIL while they compute; on CUDA the runner's copy back to the host is what the thread waits on.)"""
+
+    def __init__(self, runner: Runner, journal: JournalWriter, new: dict[str, np.ndarray]):
+        self.runner, self.journal, self.new = runner, journal, new
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="featurestore-model")
+        self.pending: tuple[Future, list[str]] | None = None
+
+    def submit(self, batch, ids: list[str]) -> None:
+        future = self.executor.submit(self.runner, batch)
+        self.collect()
+        self.pending = (future, ids)
+
+    def collect(self) -> None:
+        if self.pending is not None:
+            future, ids = self.pending
+            self.pending = None
+            features = future.result()
+            self.journal.add(ids, features)
+            self.new.update(zip(ids, features, strict=True))
+
+    def close(self) -> None:
+        try:
+            self.collect()
+        finally:
+            self.executor.shutdown(wait=True)
+
+
 def run_items(todo: list[Item], encoder: Encoder, journal: ExtractionJournal, device: torch.device,
-              batch_size: int, workers: int, on_error: str, progress: bool,
+              batch_size: int, workers: int | None, on_error: str, progress: bool,
               desc: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, str], Runner | None]:
-    """Decode in workers, run the encoder batch by batch, journal each batch as soon as it is done.
+    """Decode planned items in workers, run the encoder a batch at a time on its own thread, journal the rows on
+    another (the path of encoders whose items need their ids first: the trunk cache's views; and of torchrun).
 
     Returns ``(new features by id, decode failure reason by id, the runner or None if nothing ran)``.
     """
@@ -215,33 +264,81 @@ def run_items(todo: list[Item], encoder: Encoder, journal: ExtractionJournal, de
     failures: dict[str, str] = {}
     if not todo:
         return new, failures, None
-    loader = DataLoader(
-        encoder.dataset(todo),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=encoder.collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=lower_worker_priority,
-    )
-    batches = iter(loader)
     # Workers are forked before the engine allocates its memory: forked after, they made the
     # onnxruntime session measurably slower (copy-on-write faults) for as long as they lived.
+    batches = iter(_loader(encoder.dataset(todo), encoder.collate, batch_size, auto_workers(workers, device),
+                           device))
     runner = encoder.runner(device)
+    writer = JournalWriter(journal)
+    pipeline = Pipeline(runner, writer, new)
     unit = getattr(encoder, "unit", "img")
-    with progress_bar(len(todo), desc or f"extract {encoder.name}", unit=unit, enabled=progress) as bar:
-        for indices, batch, failed in batches:
-            for index, reason in failed:
-                if on_error == "fail":
-                    raise ImageDecodeError(str(todo[index].path), reason)
-                failures[todo[index].id] = reason
-            if batch is not None:
-                features = runner(batch)
-                batch_ids = [todo[i].id for i in indices]
-                journal.append(batch_ids, features)
-                new.update(zip(batch_ids, features, strict=True))
-            bar.update(len(indices) + len(failed))
+    try:
+        with progress_bar(len(todo), desc or f"extract {encoder.name}", unit=unit, enabled=progress) as bar:
+            for indices, batch, failed in batches:
+                for index, reason in failed:
+                    if on_error == "fail":
+                        raise ImageDecodeError(str(todo[index].path), reason)
+                    failures[todo[index].id] = reason
+                if batch is not None:
+                    pipeline.submit(batch, [todo[i].id for i in indices])
+                bar.update(len(indices) + len(failed))
+    finally:  # what finished is journalled, also when the run stops on an error
+        try:
+            pipeline.close()
+        finally:
+            writer.close()
     return new, failures, runner
+
+
+@dataclass
+class StreamedRun:
+    """What a streamed run found: every readable record's content id, the rows it computed, the ids that did not
+    decode (with why), and the records that could not be read."""
+
+    ids: dict[Record, str]
+    new: dict[str, np.ndarray]
+    failures: dict[str, str]
+    unreadable: dict[Record, str]
+    runner: Runner | None
+
+
+def stream_records(records: list[Record], encoder: Encoder, known: frozenset[str], journal: ExtractionJournal,
+                   device: torch.device, batch_size: int, workers: int | None, on_error: str,
+                   progress: bool) -> StreamedRun:
+    """Read, hash and decode every record in DataLoader workers (each file read once; an item whose id ``known``
+    holds is hashed and not decoded), run the encoder on the rest a batch at a time on its own thread, and
+    journal the rows on another."""
+    run = StreamedRun({}, {}, {}, {}, None)
+    if not records:
+        return run
+    dataset = HashingDataset(records, encoder.decode, known)
+    batches = iter(_loader(dataset, HashedCollate(encoder.collate), batch_size, auto_workers(workers, device),
+                           device))
+    run.runner = encoder.runner(device)
+    writer = JournalWriter(journal)
+    pipeline = Pipeline(run.runner, writer, run.new)
+    unit = getattr(encoder, "unit", "img")
+    try:
+        with progress_bar(len(records), f"extract {encoder.name}", unit=unit, enabled=progress) as bar:
+            for ids, indices, batch, failed in batches:
+                run.ids.update((records[index], cid) for index, cid in ids.items())
+                for index, reason in failed:
+                    if on_error == "fail":
+                        raise ImageDecodeError(str(records[index].path), reason)
+                    if index in ids:
+                        run.failures[ids[index]] = reason
+                    else:
+                        run.unreadable[records[index]] = reason
+                if batch is not None:
+                    pipeline.submit(batch, [ids[index] for index in indices])
+                unread = sum(1 for index, _ in failed if index not in ids)  # items with no id: not in ``ids``
+                bar.update(len(ids) + unread)
+    finally:
+        try:
+            pipeline.close()
+        finally:
+            writer.close()
+    return run
 
 
 def assemble_store(plan: ExtractionPlan, encoder: Encoder, new: dict[str, np.ndarray], failures: dict[str, str],
@@ -283,10 +380,18 @@ def assemble_store(plan: ExtractionPlan, encoder: Encoder, new: dict[str, np.nda
         summary.written = True
 
 
+def streams(encoder: Encoder, on_duplicate: str) -> bool:
+    """Whether an extraction hashes in its workers (each file read once, while the model runs) rather than in a
+    pass of its own before: every encoder with one row per record and a ``decode``, unless duplicates must stop
+    the run before the model starts (``on_duplicate="error"``)."""
+    return callable(getattr(encoder, "decode", None)) and on_duplicate != "error"
+
+
 def extract_with(encoder: Encoder, source: Source, out: str | Path, *, device: str | torch.device = "auto",
-                 dtype: str = "float32", batch_size: int = 64, workers: int = 1, on_error: str = "skip",
+                 dtype: str = "float32", batch_size: int = 64, workers: int | None = None, on_error: str = "skip",
                  on_duplicate: str = "warn", wait: bool = True, progress: bool = True) -> ExtractSummary:
-    """Run ``encoder`` over ``source`` into the store ``out`` (the lock held throughout)."""
+    """Run ``encoder`` over ``source`` into the store ``out`` (the lock held throughout). ``workers``: DataLoader
+    processes (None: chosen by the device, :func:`auto_workers`)."""
     started = time.perf_counter()
     check_options(dtype, on_error, on_duplicate, batch_size, workers)
     out = Path(out)
@@ -294,11 +399,15 @@ def extract_with(encoder: Encoder, source: Source, out: str | Path, *, device: s
     with store_lock(out, wait=wait):
         for stale in temp_files_of(out):  # left by a writer killed mid-write; the lock says none is alive
             stale.unlink(missing_ok=True)
-        plan, journal = plan_extraction(source, out, encoder, on_error, on_duplicate, progress)
+        if streams(encoder, on_duplicate):
+            plan, journal, new, failures, runner = _streamed(encoder, source, out, torch_device, batch_size,
+                                                             workers, on_error, on_duplicate, progress)
+        else:
+            plan, journal = plan_extraction(source, out, encoder, on_error, on_duplicate, progress)
+            new, failures, runner = run_items(plan.todo, encoder, journal, torch_device, batch_size, workers,
+                                              on_error, progress)
         summary = ExtractSummary(out=str(out), backbone=encoder.name, fingerprint_hash=plan.fp_hash,
                                  device=str(torch_device))
-        new, failures, runner = run_items(plan.todo, encoder, journal, torch_device, batch_size, workers, on_error,
-                                          progress)
         summary.engine = runner.name if runner else None
         summary.truncated = getattr(runner, "truncated", 0)
         summary.model_images = len(new)
@@ -306,3 +415,26 @@ def extract_with(encoder: Encoder, source: Source, out: str | Path, *, device: s
         journal.clear()
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _streamed(encoder: Encoder, source: Source, out: Path, device: torch.device, batch_size: int,
+              workers: int | None, on_error: str, on_duplicate: str, progress: bool):
+    """The streamed extraction: what the store and the journal hold is known first; the workers hash every file
+    and decode the new ones; the plan (items, duplicates, skipped files) is made from the ids they found."""
+    fingerprint = encoder.fingerprint()
+    fp_hash = fingerprint_hash(fingerprint)
+    if on_error == "fail" and source.unusable:
+        raise ImageDecodeError(source.unusable[0]["path"], source.unusable[0]["reason"])
+    store, reused = _existing_rows(out, fingerprint)
+    journal = ExtractionJournal(out, fp_hash)
+    journal.drop_other_fingerprints()
+    resumed = journal.load()
+    run = stream_records(encoder.order(list(source.records)), encoder, frozenset(reused) | frozenset(resumed),
+                         journal, device, batch_size, workers, on_error, progress)
+    ids = {record: run.ids[record] for record in source.records if record in run.ids}  # the source's order
+    duplicates = find_duplicates(ids, source.class_names)
+    _apply_duplicate_policy(duplicates, on_duplicate, source.root)
+    items = [item for record, cid in ids.items() for item in encoder.items(record, cid)]
+    skipped = list(source.unusable) + [{"path": r.rel_path, "reason": why} for r, why in run.unreadable.items()]
+    plan = ExtractionPlan(source, out, fingerprint, fp_hash, items, skipped, duplicates, store, reused, resumed, [])
+    return plan, journal, run.new, run.failures, run.runner

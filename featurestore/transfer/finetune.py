@@ -41,7 +41,7 @@ from .probe import (
     run_identity,
     train_only_probe,
 )
-from .training import CachedActivations, ImageBatches, accuracy, checkpoint_folder, save_atomic, train
+from .training import CachedActivations, ImageBatches, accuracy, adamw, checkpoint_folder, save_atomic, train
 from .trunk import (
     TrunkCache,
     UpperBlocks,
@@ -119,7 +119,8 @@ def _block_depth(name: str, network: EfficientNetLite) -> int:
 
 
 def optimizer_for(top: UpperBlocks, config: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW: the classifier at ``head_lr``; the block at depth d from the top (the head convolution: 0) at
+    """AdamW (:func:`training.adamw`: fused when ``top`` is on CUDA, so call it after moving ``top``): the
+    classifier at ``head_lr``; the block at depth d from the top (the head convolution: 0) at
     ``head_lr × backbone_lr_factor × layer_lr_decay**d``."""
     network = top.network
     groups: dict[float, list[nn.Parameter]] = {}
@@ -129,8 +130,7 @@ def optimizer_for(top: UpperBlocks, config: FinetuneConfig) -> torch.optim.AdamW
         lr = config.head_lr if name.startswith("_fc.") else (
             config.head_lr * config.backbone_lr_factor * config.layer_lr_decay ** _block_depth(name, network))
         groups.setdefault(lr, []).append(parameter)
-    return torch.optim.AdamW([{"params": params, "lr": lr} for lr, params in groups.items()],
-                             weight_decay=config.weight_decay)
+    return adamw([{"params": params, "lr": lr} for lr, params in groups.items()], config.weight_decay)
 
 
 def epoch_setup(top: UpperBlocks, config: FinetuneConfig):

@@ -41,7 +41,7 @@ from .probe import (
     run_identity,
     train_only_probe,
 )
-from .training import accuracy, checkpoint_folder, save_atomic, train
+from .training import accuracy, adamw, checkpoint_folder, save_atomic, to_device, train
 
 log = logging.getLogger("featurestore")
 
@@ -83,11 +83,14 @@ class TextTop(nn.Module):
 
 
 class CachedHidden:
-    """Batches of documents' lower hidden states, computed once (float16, in memory), padded per batch."""
+    """Batches of documents' lower hidden states, computed once (float16, in memory), padded per batch: inputs
+    (hidden (D, W, L, H) float32, mask (D, W, L) int64), labels (D,) int64, on the device (copied from pinned
+    memory without waiting on a GPU, where the evaluation batches are padded once and stay)."""
 
     def __init__(self, model: TextFeatureModel, tokenizer: Tokenizer, splits: dict[str, list[Record]],
                  first_layer: int, device: torch.device, seed: int = 0, batch_documents: int = 16):
         self.device, self.seed = device, seed
+        self.resident: dict[str, list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]] = {}
         self.documents: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.labels: dict[str, np.ndarray] = {}
         model.to(device).eval()
@@ -117,8 +120,8 @@ class CachedHidden:
         for j, (h, m) in enumerate(docs):
             hidden[j, :h.shape[0], :h.shape[1]] = h.float()
             mask[j, :m.shape[0], :m.shape[1]] = m
-        labels = torch.from_numpy(self.labels[split][list(indices)])
-        return (hidden.to(self.device), mask.to(self.device)), labels.to(self.device)
+        labels = self.labels[split][list(indices)]
+        return (to_device(hidden, self.device), to_device(mask, self.device)), to_device(labels, self.device)
 
     def train_batches(self, epoch: int, batch_size: int):
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)
@@ -126,18 +129,28 @@ class CachedHidden:
             yield self._batch("train", order[start:start + batch_size])
 
     def eval_batches(self, split: str):
+        if split in self.resident:  # on a GPU: padded once, kept on the device for every epoch
+            yield from self.resident[split]
+            return
+        batches = []
         for start in range(0, len(self.documents[split]), 32):
-            yield self._batch(split, range(start, min(start + 32, len(self.documents[split]))))
+            batch = self._batch(split, range(start, min(start + 32, len(self.documents[split]))))
+            batches.append(batch)
+            yield batch
+        if self.device.type == "cuda":
+            self.resident[split] = batches
 
 
 def _optimizer(top: TextTop, config: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW (:func:`training.adamw`: fused when ``top`` is on CUDA): the classifier at ``head_lr``, the layer at
+    depth d from the top at ``head_lr × backbone_lr_factor × layer_lr_decay**d``."""
     layers = top.model.encoder.encoder.layer
     groups = [{"params": list(top.classifier.parameters()), "lr": config.head_lr}]
     for index in range(top.first_layer, len(layers)):
         depth = len(layers) - 1 - index
         groups.append({"params": [p for p in layers[index].parameters() if p.requires_grad],
                        "lr": config.head_lr * config.backbone_lr_factor * config.layer_lr_decay ** depth})
-    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    return adamw(groups, config.weight_decay)
 
 
 def _epoch_setup(top: TextTop, config: FinetuneConfig):

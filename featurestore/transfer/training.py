@@ -3,15 +3,19 @@
 - :class:`CachedActivations` reads the trunk cache (``trunk.py``): each epoch draws one cached view per
   train image; no image is decoded and no frozen layer runs.
 
-Both visit the train images in the same seeded order each epoch, so without augmentation the two
-sources give the same batches.
 - :class:`ImageBatches` decodes (and augments) images every epoch and runs the frozen lower part under
   ``no_grad``: the reference the trunk cache is measured against, and, with nothing frozen, the
-  from-scratch baseline.
+  from-scratch baseline. Its DataLoaders are made once per run (persistent workers); each epoch's order
+  and augmentation seeds travel with the indices, so they are the same as with a new loader per epoch.
 
-:func:`train` runs epochs with AdamW and a per-step cosine schedule, early stopping on validation accuracy
-(or a fixed step budget), keeps the best epoch's weights, and checkpoints after every epoch so that a
-killed run resumes and ends as an uninterrupted one would.
+Both visit the train images in the same seeded order each epoch, so without augmentation the two
+sources give the same batches.
+
+:func:`train` runs epochs with AdamW (:func:`adamw`: fused on CUDA) and a per-step cosine schedule, early
+stopping on validation accuracy (or a fixed step budget), keeps the best epoch's weights, and checkpoints
+after every epoch so that a killed run resumes and ends as an uninterrupted one would. On a GPU a step never
+waits for the device: the step's loss and hits stay on the device and are read once per epoch, and
+validation's predictions are copied to the host in one piece.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.sources import Record
 from ..encode.images import load_image
@@ -45,7 +49,9 @@ EVAL_BATCH = 256
 
 class TrainImages(Dataset):
     """Item i → (uint8 (3, S, S), label): the decoded image, or with ``recipe`` a random view drawn from a
-    generator seeded by (``seed``, i), so every epoch's augmentation is reproducible on any worker."""
+    generator seeded by (``seed``, i), so every epoch's augmentation is reproducible on any worker. An item may
+    also be asked for as (seed, i): the seed then comes with the index (:class:`EpochOrder`), so a loader whose
+    workers outlive the epoch still draws each epoch's own views."""
 
     def __init__(self, records: list[Record], preprocessing: Preprocessing, recipe: ViewRecipe | None = None,
                  seed: int = 0):
@@ -54,12 +60,34 @@ class TrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        seed, index = index if isinstance(index, tuple) else (self.seed, index)
         record = self.records[index]
         image = load_image(record.path)
         if self.recipe is not None:
-            image = random_view(image, self.preprocessing, self.recipe, np.random.default_rng([self.seed, index]))
+            image = random_view(image, self.preprocessing, self.recipe, np.random.default_rng([seed, index]))
         return self.preprocessing(image), record.label
+
+
+class EpochOrder(Sampler):
+    """The train order of the epoch last set (:meth:`set_epoch`, before each iteration): the permutation
+    ``np.random.default_rng([seed, epoch]).permutation(n)``, as (augmentation seed ``seed × 1000 + epoch``,
+    index) pairs for :class:`TrainImages`. Sampling runs in the main process, so one persistent loader
+    serves every epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        views = self.seed * 1000 + self.epoch
+        return iter([(views, index) for index in order.tolist()])
 
 
 class BatchSource(Protocol):
@@ -76,7 +104,8 @@ class CachedActivations:
     """Batches from a :class:`TrunkCache`: ``rows`` of its train split (default all), one of the clean view and the
     first ``views`` augmented views drawn per image and epoch (seeded by ``seed`` and the epoch), with ``labels``
     (default the cache's); the evaluation splits are ``eval_rows[split]`` of theirs (default all). Every array
-    lives on the training device from the first use on, in the stored dtype: a batch is an index, not a copy."""
+    lives on the training device from the first use on, in the stored dtype: a batch is an index, not a copy (the
+    epoch's order goes to a GPU from pinned memory, without waiting). Batches: float32 (B, C, H, W), int64 (B,)."""
 
     def __init__(self, cache: TrunkCache, device: torch.device, rows: np.ndarray | None = None, views: int = 0,
                  seed: int = 0, labels: np.ndarray | None = None, eval_rows: dict[str, np.ndarray] | None = None):
@@ -93,8 +122,8 @@ class CachedActivations:
     def train_batches(self, epoch: int, batch_size: int):
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.n_train)
-        view = torch.from_numpy(rng.integers(0, self.train.shape[0], self.n_train)).to(self.device)
-        order = torch.from_numpy(order).to(self.device)
+        view = to_device(rng.integers(0, self.train.shape[0], self.n_train), self.device)
+        order = to_device(order, self.device)
         for start in range(0, self.n_train, batch_size):
             picked = order[start:start + batch_size]
             yield self.train[view[picked], picked].float(), self.labels[picked]
@@ -109,6 +138,15 @@ class CachedActivations:
             yield features[start:start + EVAL_BATCH].float(), labels[start:start + EVAL_BATCH]
 
 
+def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``array`` (a CPU array or tensor, any shape and dtype) as a tensor on ``device``; to a GPU through pinned
+    memory without waiting (a copy from pageable memory would synchronise with the device)."""
+    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _loader_generator(seed: int, epoch: int) -> torch.Generator:
     """A DataLoader's own generator: without one, each iteration draws its worker seed from torch's global
     generator and shifts the dropout masks of training, so the same run would differ by its data source."""
@@ -117,7 +155,11 @@ def _loader_generator(seed: int, epoch: int) -> torch.Generator:
 
 class ImageBatches:
     """Batches decoded from images every epoch, passed through the frozen ``lower`` module (uint8 images →
-    inputs of the top; e.g. normalisation + the trunk, reshaped to ``shape``) under ``no_grad``."""
+    inputs of the top; e.g. normalisation + the trunk, reshaped to ``shape``) under ``no_grad``.
+
+    One DataLoader per split for the whole run: with ``workers`` > 0 its worker processes persist from epoch
+    to epoch instead of starting anew for each, and the epoch's order and augmentation seeds come from
+    :class:`EpochOrder` (the same batches as a new loader per epoch over ``order`` would give)."""
 
     def __init__(self, train: list[Record], evaluation: dict[str, list[Record]], preprocessing: Preprocessing,
                  lower: nn.Module, device: torch.device, shape: tuple[int, ...] | None = None,
@@ -126,6 +168,18 @@ class ImageBatches:
         self.lower, self.device, self.shape, self.recipe = lower.to(device).eval(), device, shape, recipe
         self.workers, self.seed = workers, seed
         self.n_train = len(train)
+        self.order = EpochOrder(self.n_train, seed)
+        self.loaders: dict[str, DataLoader] = {}
+
+    def _loader(self, split: str, dataset: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+        """The split's loader, made on first use (again only if the batch size changes)."""
+        loader = self.loaders.get(split)
+        if loader is None or loader.batch_size != batch_size:
+            loader = self.loaders[split] = DataLoader(
+                dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
+                persistent_workers=self.workers > 0, pin_memory=self.device.type == "cuda",
+                generator=_loader_generator(self.seed, 0))
+        return loader
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -133,36 +187,68 @@ class ImageBatches:
         return x.view(len(x), *self.shape) if self.shape else x
 
     def train_batches(self, epoch: int, batch_size: int):
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)  # as CachedActivations
-        dataset = TrainImages(self.train, self.preprocessing, self.recipe, seed=self.seed * 1000 + epoch)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda", generator=_loader_generator(self.seed, epoch))
+        loader = self._loader("train", TrainImages(self.train, self.preprocessing, self.recipe), batch_size,
+                              self.order)
+        self.order.set_epoch(epoch)  # before iter(): a persistent loader draws its first indices at once
         for images, labels in loader:
-            yield self._inputs(images), labels.to(self.device)
+            yield self._inputs(images), labels.to(self.device, non_blocking=True)
 
     def eval_batches(self, split: str):
-        loader = DataLoader(TrainImages(self.evaluation[split], self.preprocessing), batch_size=EVAL_BATCH,
-                            num_workers=self.workers, generator=_loader_generator(self.seed, 0))
+        loader = self._loader(split, TrainImages(self.evaluation[split], self.preprocessing), EVAL_BATCH)
         for images, labels in loader:
-            yield self._inputs(images), labels.to(self.device)
+            yield self._inputs(images), labels.to(self.device, non_blocking=True)
 
 
 def predict(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted classes, true labels), both (N,) int64, in eval mode."""
+    """(predicted classes, true labels), both (N,) int64, in eval mode. The batches' answers stay on the device
+    until the end and come back in one copy (one wait for a GPU, not one per batch)."""
     model.eval()
     predicted, truth = [], []
     with torch.inference_mode():
         for x, y in batches:
-            predicted.append(model(x).argmax(1).cpu())
-            truth.append(y.cpu())
-    if not predicted:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return torch.cat(predicted).numpy(), torch.cat(truth).numpy()
+            predicted.append(model(x).argmax(1))
+            truth.append(y)
+        if not predicted:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        answers = torch.cat(predicted)
+        both = torch.stack([answers, torch.cat(truth).to(answers.device, torch.int64)]).cpu().numpy()
+    return both[0], both[1]
 
 
 def accuracy(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Fraction of the batches' examples whose top logit is their label (0.0 for no examples)."""
     predicted, truth = predict(model, batches)
     return float(np.mean(predicted == truth)) if len(truth) else 0.0
+
+
+def adamw(groups: list[dict], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over parameter ``groups`` (``[{"params": [...], "lr": ...}, ...]``). When every parameter is on CUDA,
+    the fused implementation: one kernel for all tensors, and with a GradScaler it unscales and skips inf/NaN
+    steps on the device (the plain one reads the inf check back with ``.item()`` every step). Elsewhere torch's
+    default implementation, unchanged (so CPU runs keep their numbers)."""
+    parameters = [p for group in groups for p in group["params"]]
+    if parameters and all(p.device.type == "cuda" for p in parameters):
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def host_copy(tree, device: torch.device):
+    """``tree`` (nested dicts, lists and tuples; tensors and plain values) with every tensor copied to the CPU.
+    From a GPU every copy is queued without waiting and the stream is synchronised once, not once per tensor."""
+    def copy(node):
+        if isinstance(node, torch.Tensor):
+            node = node.detach()
+            return node.to("cpu", non_blocking=True) if node.device.type == "cuda" else node.clone()
+        if isinstance(node, dict):
+            return {key: copy(value) for key, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(copy(value) for value in node)
+        return node
+
+    copied = copy(tree)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return copied
 
 
 @dataclass
@@ -251,15 +337,16 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
         predicted, truth = predict(top, source.eval_batches("val"))
         state.update(start_val_accuracy=float(np.mean(predicted == truth)), best=float(np.mean(predicted == truth)),
                      val_labels=truth.tolist(), start_predictions=predicted.tolist(),
-                     best_predictions=predicted.tolist(),
-                     best_state={k: v.detach().cpu().clone() for k, v in weights_of().items()})
+                     best_predictions=predicted.tolist(), best_state=host_copy(weights_of(), device))
     # A run killed after the epoch at which it stopped early does not train on when resumed.
     stopped_early = bool(state.get("stopped")) or (patience is not None and state["bad_epochs"] >= patience)
     batches_of = _rounds(source, batch_size, round_steps)
     while not stopped_early and state["epoch"] < epochs and state["steps"] < total_steps:
         epoch = state["epoch"] + 1
         on_epoch(epoch)
-        losses, correct, seen = [], 0, 0
+        # The step's loss and hits stay on the device, read once after the round: a step never waits for the GPU.
+        losses: list[torch.Tensor] = []  # one float32 () per step
+        correct, seen = torch.zeros((), dtype=torch.int64, device=device), 0
         epoch_started = time.perf_counter()
         size = round_steps * batch_size if round_steps else source.n_train
         with progress_bar(size, f"{desc} {'round' if round_steps else 'epoch'} {epoch}/{epochs}",
@@ -273,17 +360,18 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                losses.append(float(loss.detach()))
-                correct += int((logits.argmax(1) == y).sum())
+                losses.append(loss.detach())
+                correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
                 state["steps"] += 1
                 bar.update(len(y))
                 if state["steps"] >= total_steps:
                     break
+        train_loss, hits = _read_round(losses, correct)
         predicted, truth = predict(top, source.eval_batches("val"))
         val_accuracy = float(np.mean(predicted == truth))
-        state["history"].append({"epoch": epoch, "steps": state["steps"], "train_loss": float(np.mean(losses)),
-                                 "train_accuracy": correct / max(seen, 1), "val_accuracy": val_accuracy,
+        state["history"].append({"epoch": epoch, "steps": state["steps"], "train_loss": train_loss,
+                                 "train_accuracy": hits / max(seen, 1), "val_accuracy": val_accuracy,
                                  "seconds": round(time.perf_counter() - epoch_started, 3)})
         # Patience asks whether training still improves, so it is counted against the best trained round, not
         # the starting point: fine-tuning often dips below the probe for a few epochs before it climbs past it.
@@ -294,14 +382,16 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
         state["epoch_predictions"].append(predicted.tolist())
         if val_accuracy > state["best"]:  # what is kept: the best of the start and every round
             state.update(best=val_accuracy, best_predictions=predicted.tolist(), best_epoch=epoch,
-                         best_state={k: v.detach().cpu().clone() for k, v in weights_of().items()})
+                         best_state=host_copy(weights_of(), device))
         state["epoch"] = epoch
         # Decided before the checkpoint is written, so that a run killed after this epoch stops here too.
         stopped_early = state["stopped"] = patience is not None and state["bad_epochs"] >= patience
         if checkpoint is not None:
-            save_atomic(checkpoint, {"run": run_key, "model": top.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
-                                     **rng_states(device), "state": state})
+            payload = {"run": run_key, "model": top.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
+                       **rng_states(device), "state": state}
+            # From a GPU: one wait for every tensor's copy instead of torch.save's one per tensor.
+            save_atomic(checkpoint, host_copy(payload, device) if device.type == "cuda" else payload)
         log.info("%s epoch %d: train loss %.4f, val accuracy %.4f", desc, epoch, state["history"][-1]["train_loss"],
                  val_accuracy)
     result = TrainResult(
@@ -313,6 +403,16 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
         best_epoch=state["best_epoch"],
     )
     return result, state["best_state"]
+
+
+def _read_round(losses: list[torch.Tensor], correct: torch.Tensor) -> tuple[float, int]:
+    """(mean loss, hits) of a round from its per-step losses (float32 () tensors on the device) and its hit count
+    (int64 () tensor): one copy to the host. The mean is numpy's float64 mean of the float32 values, as when
+    each step's loss was read on its own."""
+    if not losses:
+        return float("nan"), int(correct)
+    values = torch.cat([torch.stack(losses).double(), correct.double().view(1)]).cpu().numpy()
+    return float(np.mean(values[:-1])), int(values[-1])
 
 
 def rng_states(device: torch.device) -> dict:
