@@ -18,6 +18,7 @@ from .configs import (
     DEFAULT_CURVE_METHODS,
     ENGINE_CHOICES,
     FINETUNE_DEFAULTS,
+    FINETUNE_METHODS,
     LONG_DOCUMENT_MODES,
     MIN_IMAGE_SIZE,
     NORMALIZATIONS,
@@ -28,6 +29,8 @@ from .configs import (
     FinetuneConfig,
     HeadConfig,
     ScratchConfig,
+    SetFitConfig,
+    SmallCNNConfig,
 )
 from .errors import FeaturestoreError
 from .utils.console import setup_logging
@@ -91,6 +94,22 @@ def add_config_options(parser: argparse.ArgumentParser, config_class, skip: tupl
         else:
             kind = FIELD_TYPES.get(f.name, type(f.default))
             parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
+
+
+def add_prefixed_options(group, config_class, prefix: str) -> None:
+    """One ``--<prefix>-field-name`` option per field of a configs dataclass (dest ``<prefix>_field_name``), with
+    its default and help: a flag pair for a bool, one or more values for a tuple (say ``--small-cnn-lrs 1e-3 3e-3``).
+    The dataclass checks the values when the command makes it."""
+    for f in fields(config_class):
+        default, flag = f.default, f"--{prefix}-{f.name}".replace("_", "-")
+        options = {"dest": f"{prefix}_{f.name}", "default": default,
+                   "help": f"{f.metadata.get('help', '')} (default {default})"}
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        elif isinstance(default, tuple):
+            group.add_argument(flag, type=type(default[0]), nargs="+", **options)
+        else:
+            group.add_argument(flag, type=type(default), **options)
 
 
 def add_output_options(parser: argparse.ArgumentParser, progress: bool = True) -> None:
@@ -276,7 +295,12 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--out", required=True, help="fine-tuned weights (.pth), usable as extract --weights")
     p.add_argument("--weights", help="images: the local checkpoint the head's features came from, if not the default")
     p.add_argument("--cache", help="images: the trunk cache to build or reuse (default: OUT's name + .trunk.h5)")
+    p.add_argument("--method", choices=tuple(dict.fromkeys(m for ms in FINETUNE_METHODS.values() for m in ms)),
+                   help="probe_finetune: the top blocks or layers trained from the probe (the options below); setfit "
+                        "(texts): the top layers tuned on pairs of train texts, then the probe refitted (--setfit-*). "
+                        "Default: " + "; ".join(f"{kind}s {methods[0]}" for kind, methods in FINETUNE_METHODS.items()))
     add_config_options(p, FinetuneConfig, by_modality=FINETUNE_DEFAULTS)
+    add_prefixed_options(p.add_argument_group("SetFit (--method setfit, texts)"), SetFitConfig, "setfit")
     add_device_option(p)
     add_trust_pickle(p)
     add_output_options(p)
@@ -287,7 +311,8 @@ def _curve_parser(sub) -> None:
     p = sub.add_parser("curve", help="baselines, linear probe and probe-then-fine-tune per label budget",
                        description="Train the methods per labels-per-class budget; write curve.json, CSV and plots. "
                                    "Fine-tuning options are the finetune command's (defaults by the store's "
-                                   "modality); --scratch-* set the from-scratch baseline.")
+                                   "modality); --scratch-* set the from-scratch baseline, --small-cnn-* the small "
+                                   "CNN's.")
     p.add_argument("--features", required=True, help="FILE.h5: the cache of DATA (train, val and test splits)")
     p.add_argument("--data", required=True, help="the data (folder or manifest) the cache was extracted from")
     p.add_argument("--out", required=True, help="output folder: curve.json, curve.csv and the plots")
@@ -295,18 +320,18 @@ def _curve_parser(sub) -> None:
     p.add_argument("--methods", nargs="+", choices=ALL_CURVE_METHODS,
                    help="default: " + "; ".join(f"{kind}s {' '.join(methods)}" for kind, methods
                                                 in DEFAULT_CURVE_METHODS.items())
-                        + " (pixels and scratch apply to images, tfidf to texts; scratch takes hours on a CPU)")
+                        + " (pixels, scratch and small_cnn apply to images, tfidf to texts; scratch takes hours "
+                          "on a CPU)")
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="standard", help="feature scaling of the probe")
     p.add_argument("--allow-overlap", action="store_true",
                    help="score a test split that shares items with train/val (refused by default: a leak)")
+    p.add_argument("--weights", help="images, probe_finetune: the local checkpoint the store's features came from "
+                                     "(a tv: backbone's file), if not the registry's")
     add_config_options(p, FinetuneConfig, by_modality=FINETUNE_DEFAULTS)
-    scratch = p.add_argument_group("from-scratch baseline")
-    for f in fields(ScratchConfig):
-        default = f.default
-        scratch.add_argument("--scratch-" + f.name.replace("_", "-"), dest="scratch_" + f.name,
-                             type=type(default) if not isinstance(default, bool) else None, default=default,
-                             action=argparse.BooleanOptionalAction if isinstance(default, bool) else None,
-                             help=f"{f.metadata.get('help', '')} (default {default})")
+    add_prefixed_options(p.add_argument_group("from-scratch baseline"), ScratchConfig, "scratch")
+    add_prefixed_options(p.add_argument_group("small CNN from scratch (method small_cnn, images)"), SmallCNNConfig,
+                         "small_cnn")
+    add_prefixed_options(p.add_argument_group("SetFit (method setfit, texts)"), SetFitConfig, "setfit")
     add_device_option(p)
     add_output_options(p)
     p.set_defaults(func=commands.cmd_curve)

@@ -248,11 +248,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .deploy.export import export_onnx
+    from .deploy.deployment import export_model
 
     # A variant (int8, float16) that fails its check raises ExportError after MODEL.onnx and its report, which
-    # holds the variant's figures and the reason, are written.
-    report = export_onnx(args.head, args.out, backbone=args.backbone, weights=args.weights,
+    # holds the variant's figures and the reason, are written. A baseline or hybrid model file (the fine-tune
+    # stage's baseline.skops, hybrid.skops) is exported through the same check (deploy/baseline_export.py).
+    report = export_model(args.head, args.out, backbone=args.backbone, weights=args.weights,
                          trust_pickle=args.trust_pickle, quantize=args.quantize, float16=args.float16,
                          data=args.data, calibration_rows=args.calibration_rows)
     if args.json:
@@ -304,23 +305,44 @@ def finetune_config(args: argparse.Namespace, kind: str):
     return replace(finetune_defaults(kind), **given)
 
 
+def setfit_config(args: argparse.Namespace):
+    """SetFit's settings from the ``--setfit-*`` options (cli.add_prefixed_options), checked by the dataclass."""
+    from .configs import SetFitConfig
+
+    return SetFitConfig(**{f.name: getattr(args, "setfit_" + f.name) for f in fields(SetFitConfig)})
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from .configs import FINETUNE_METHODS, FinetuneConfig
     from .errors import BadValueError
     from .heads import load_head
 
     head = load_head(args.head, trust_pickle=args.trust_pickle)
     kind = head.fingerprint.get("kind", "image")
+    method = args.method or FINETUNE_METHODS[kind][0]
+    if method not in FINETUNE_METHODS[kind]:
+        raise BadValueError(f"--method {method} applies to text heads; {head.name} is an {kind} head")
     config = finetune_config(args, kind)
     options = {"device": args.device, "progress": not args.no_progress}
     if kind == "text":
         given = [flag for flag, value in (("--weights", args.weights), ("--cache", args.cache)) if value]
         if given:
             raise BadValueError(f"{', '.join(given)} apply to image heads; {head.name} is a text head")
-        from .transfer.text_finetune import finetune_text
+        if method == "setfit":
+            from .transfer.setfit import setfit_text
 
-        result = finetune_text(head, args.data, args.out, config, **options)
+            ignored = [f"--{f.name.replace('_', '-')}" for f in fields(FinetuneConfig)
+                       if getattr(args, f.name, None) is not None]
+            if ignored:
+                raise BadValueError(f"{', '.join(ignored)} set probe_finetune; SetFit's settings are the "
+                                    f"--setfit-* options")
+            result = setfit_text(head, args.data, args.out, setfit_config(args), **options)
+        else:
+            from .transfer.text_finetune import finetune_text
+
+            result = finetune_text(head, args.data, args.out, config, **options)
     else:
         from .transfer.finetune import finetune
 
@@ -329,7 +351,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(result)))
     else:
         cache = f" (trunk cache {result.cache}: {result.cache_seconds:.0f} s)" if result.cache else ""
-        print(f"{result.out}: validation accuracy {result.start_val_accuracy:.4f} (linear probe) → "
+        print(f"{result.out}: {method}, validation accuracy {result.start_val_accuracy:.4f} (linear probe) → "
               f"{result.best_val_accuracy:.4f} after {result.epochs_run} epochs in {result.seconds:.0f} s{cache}")
     return 0
 
@@ -337,17 +359,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_curve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .configs import ScratchConfig
+    from .configs import ScratchConfig, SmallCNNConfig
     from .store import FeatureStore
     from .transfer.curve import accuracy_table, run_curve
     from .transfer.plateau import CURVE_HEAD
 
     store = FeatureStore(args.features)
     scratch = ScratchConfig(**{f.name: getattr(args, "scratch_" + f.name) for f in fields(ScratchConfig)})
+    small_cnn = SmallCNNConfig(**{f.name: getattr(args, "small_cnn_" + f.name) for f in fields(SmallCNNConfig)})
     result = run_curve(store, args.data, args.out, args.budgets,
                        finetune_config(args, store.fingerprint.get("kind", "image")), scratch,
                        probe_config=replace(CURVE_HEAD, normalize=args.normalize),
                        methods=tuple(args.methods) if args.methods else None, device=args.device,
-                       progress=not args.no_progress, allow_overlap=args.allow_overlap)
+                       progress=not args.no_progress, allow_overlap=args.allow_overlap, small_cnn_config=small_cnn,
+                       setfit_config=setfit_config(args), weights=args.weights)
     print(json.dumps(result) if args.json else accuracy_table(result["points"]), end="" if not args.json else "\n")
     return 0

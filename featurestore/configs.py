@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import FeaturestoreError
+from .errors import BadValueError, FeaturestoreError
 from .utils.validation import check_choice, check_range
 
 HEADS = ("logreg", "linear_svm", "svm_rbf", "sgd_logreg")
@@ -22,8 +22,8 @@ STORE_DTYPES = ("float32", "float16")
 ON_ERROR_CHOICES = ("skip", "fail")
 ON_DUPLICATE_CHOICES = ("warn", "error", "keep")
 FINETUNE_MODES = ("auto", "always", "never")
-CURVE_METHODS = ("scratch", "pixels", "linear_probe", "probe_finetune")
-TEXT_CURVE_METHODS = ("tfidf", "linear_probe", "probe_finetune", "scratch")
+CURVE_METHODS = ("scratch", "small_cnn", "pixels", "linear_probe", "probe_finetune")
+TEXT_CURVE_METHODS = ("tfidf", "linear_probe", "probe_finetune", "setfit", "scratch")
 ALL_CURVE_METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
 # What a curve runs unless told otherwise: everything but the from-scratch network, which takes hours on a CPU.
 DEFAULT_CURVE_METHODS = {"image": ("pixels", "linear_probe", "probe_finetune"),
@@ -144,6 +144,53 @@ def finetune_defaults(kind: str) -> FinetuneConfig:
     return FINETUNE_DEFAULTS[check_choice("modality", kind, tuple(FINETUNE_DEFAULTS))]
 
 
+# How a backbone can be fine-tuned, per modality: ``probe_finetune`` (the top blocks or layers trained from the probe
+# with cross-entropy: finetune.py, text_finetune.py) and, for sentence encoders, ``setfit`` (contrastive tuning on
+# pairs, then the probe refitted: setfit.py). The first of each is what `featurestore finetune` runs by default.
+FINETUNE_METHODS = {"image": ("probe_finetune",), "text": ("probe_finetune", "setfit")}
+
+
+@dataclass(frozen=True)
+class SetFitConfig:
+    """SetFit's settings (``transfer/setfit.py``): the top transformer layers tuned on balanced pairs of the train
+    texts with the cosine-similarity loss, then the probe refitted on the tuned embeddings (C on val).
+
+    Defaults chosen on validation on BBC News (:data:`SETFIT_DEFAULTS`)."""
+
+    iterations: int = option(20, "rounds of pairs per epoch: each gives every train text one partner of its own "
+                                 "class and one of another")
+    max_pairs: int = option(2000, "at most this many pairs per epoch, drawn from the rounds' (0: no cap)")
+    unfreeze_blocks: int = option(4, "top transformer layers that train")
+    lr: float = option(2e-5, "AdamW learning rate of the unfrozen layers")
+    epochs: int = option(1, "passes over freshly drawn pairs; the probe is refitted and scored on val after each")
+    batch_size: int = option(16, "pairs per step")
+    max_length: int = option(128, "tokens per text while tuning (the refitted probe embeds as the store does)")
+    warmup_fraction: float = option(0.1, "the learning rate rises linearly over this share of the steps, then "
+                                         "decays along a cosine")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    seed: int = option(0, "random seed (pairs, dropout)")
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "unfreeze_blocks", "epochs", "batch_size"):
+            check_range(f"setfit {name}", getattr(self, name), 1)
+        check_range("setfit max_pairs", self.max_pairs, 0)
+        check_range("setfit lr", self.lr, 0, low_open=True)
+        check_range("setfit max_length", self.max_length, 8, 512)
+        check_range("setfit warmup_fraction", self.warmup_fraction, 0, 1)
+        check_range("setfit weight_decay", self.weight_decay, 0)
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+# Chosen on validation on BBC News at 5 labels/topic (25 train articles, 250 val; the probe: val 0.928), one epoch of
+# 1,000 pairs each, seed 0 (README "Texts"): top 2 layers at lr 2e-5 0.936, at 1e-4 0.936; top 4 at 2e-5 **0.952**,
+# at 1e-4 0.948 (seed 1: 0.940), at 1e-4 with 64-pair steps 0.936, at 3e-4 with 64-pair steps 0.932; all 6 at 2e-5
+# 0.940 (twice the time). At 2 labels/topic (val probe 0.748): top 2 at 2e-5 0.796, at 1e-4 0.824. max_pairs bounds an
+# epoch from 10 labels/topic on (2 × 20 rounds × 50 texts); a pair cost 0.1-0.2 s on these shared 2 cores.
+SETFIT_DEFAULTS = SetFitConfig()
+
+
 @dataclass(frozen=True)
 class ScratchConfig:
     """The from-scratch baseline: the same architecture from random weights, every layer training, for a fixed
@@ -159,6 +206,54 @@ class ScratchConfig:
     crop_scale_min: float = option(0.6, "smallest area fraction of a random crop")
     seed: int = option(0, "random seed")
     workers: int = option(1, "DataLoader processes that decode images")
+
+
+@dataclass(frozen=True)
+class SmallCNNConfig:
+    """The small from-scratch image network (``transfer/small_cnn.py``): conv blocks at the data's own resolution,
+    trained for ``rounds`` validation rounds (each whole epochs of at least ``round_images`` images) on a warmup +
+    cosine schedule, once per learning rate of ``lrs``; the rate and round with the best validation accuracy are
+    kept. Defaults chosen on validation on Fashion-MNIST (README "Baselines and learning curves")."""
+
+    lrs: tuple[float, ...] = option((1e-3, 3e-3, 1e-2), "AdamW learning rates tried; the best on validation is kept")
+    image_size: int = option(28, "input size in pixels (grayscale; Fashion-MNIST's own 28)")
+    widths: tuple[int, ...] = option((32, 64), "channels of each block (conv-BN-ReLU layers, then a 2× max-pool)")
+    convs: int = option(1, "3×3 conv-BN-ReLU layers per block")
+    hidden: int = option(128, "units of the hidden layer on the flattened maps (0: global average pooling, "
+                              "then the classifier)")
+    dropout: float = option(0.3, "dropout before each linear layer")
+    weight_decay: float = option(5e-4, "AdamW weight decay")
+    batch_size: int = option(32, "images per step")
+    rounds: int = option(30, "validation rounds; the learning rate follows a cosine to zero over them")
+    round_images: int = option(1000, "a round is the fewest whole epochs that see at least this many images")
+    augment: bool = option(False, "random shifts (zero padding) and horizontal flips")
+    shift: int = option(2, "largest random shift in pixels")
+    seed: int = option(0, "random seed (initial weights, batch order, augmentation)")
+    threads: int = option(0, "torch CPU threads while it trains (0: torch's default); on a 2-core machine shared "
+                             "with other jobs one thread was 3-7× faster than two")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lrs", tuple(float(lr) for lr in self.lrs))  # YAML and the CLI give lists
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if not self.lrs or not self.widths:
+            raise BadValueError("small_cnn needs at least one learning rate and one block")
+        for lr in self.lrs:
+            check_range("small_cnn lr", lr, 0, low_open=True)
+        for width in self.widths:
+            check_range("small_cnn width", width, 1)
+        check_range("small_cnn image_size", self.image_size, MIN_IMAGE_SIZE)
+        check_range("small_cnn dropout", self.dropout, 0, 1, high_open=True)
+        check_range("small_cnn weight_decay", self.weight_decay, 0)
+        check_range("small_cnn hidden", self.hidden, 0)
+        if self.image_size >> len(self.widths) < 1:
+            raise BadValueError(f"small_cnn: {len(self.widths)} blocks halve {self.image_size} px to nothing")
+        check_range("small_cnn threads", self.threads, 0)
+        for name in ("convs", "batch_size", "rounds", "round_images"):
+            check_range(f"small_cnn {name}", getattr(self, name), 1)
+        check_range("small_cnn shift", self.shift, 0)
+
+
+SMALL_CNN_DEFAULTS = SmallCNNConfig()
 
 
 def config_from_params(params: dict, head: str) -> HeadConfig:
@@ -203,7 +298,8 @@ class Tokenization:
 
 IMAGE_EXTRACT_KEYS = ("image_size", "crop_pct")
 TEXT_EXTRACT_KEYS = ("max_length", "long_documents", "stride", "max_windows")
-COMMON_EXTRACT_KEYS = ("batch_size", "workers", "device", "engine", "dtype", "on_error")
+# weights: a local checkpoint (a tv: backbone's file), relative to the project; default the registry's weights
+COMMON_EXTRACT_KEYS = ("batch_size", "workers", "device", "engine", "dtype", "on_error", "weights")
 
 
 def extract_options(params: dict) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from _params import load_params
 
-from featurestore.configs import FinetuneConfig, ScratchConfig
+from featurestore.configs import FinetuneConfig, ScratchConfig, SetFitConfig, SmallCNNConfig
 from featurestore.transfer.curve import accuracy_table, merge_curves, run_curve, write_curve
 from featurestore.transfer.plateau import CURVE_HEAD
 from featurestore.utils.console import setup_logging
@@ -44,8 +44,11 @@ if __name__ == "__main__":
     p = named.get("curve") or load_params("curve")[args.backbone]
     ft = named.get("finetune") or load_params("finetune")[args.backbone]
     configs = {"probe_config": replace(CURVE_HEAD, normalize=p["probe_normalize"]),
-               "finetune_config": FinetuneConfig(**{k: v for k, v in ft.items() if k not in ("mode", "device")}),
-               "scratch_config": ScratchConfig(**(p.get("scratch") or {}))}
+               "finetune_config": FinetuneConfig(**{k: v for k, v in ft.items()
+                                                    if k not in ("mode", "device", "methods", "setfit")}),
+               "setfit_config": SetFitConfig(**(ft.get("setfit") or {})),
+               "scratch_config": ScratchConfig(**(p.get("scratch") or {})),
+               "small_cnn_config": SmallCNNConfig(**(p.get("small_cnn") or {}))}
     earlier = None
     if args.merge and (args.out / "curve.json").is_file():
         earlier = json.loads((args.out / "curve.json").read_text())
@@ -56,7 +59,7 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix=".curve-run-") if merging else contextlib.nullcontext(args.out) as run_dir:
         result = run_curve(args.features, args.data, Path(run_dir), p["budgets"], **configs,
                            methods=tuple(m for m in p["methods"] if not args.methods or m in args.methods),
-                           device=p["device"])
+                           device=p["device"], weights=load_params("extract").get(args.backbone, {}).get("weights"))
     if merging:
         result = merge_curves(earlier, result)
         write_curve(result, args.out)

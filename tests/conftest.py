@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from featurestore.data.prepare import FASHION_MNIST_DIR, prepare_fashion_mnist
 
@@ -61,3 +62,35 @@ def count_model_images(lite0_small):
     handle = lite0_small.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
     yield seen
     handle.remove()
+
+
+def bbc_store_and_head(root: Path, train: int, val: int, test: int, seed: int):
+    """Real BBC articles per topic (``train``/``val``/``test`` of each) under ``root``/bbc, their all-MiniLM-L6-v2
+    store at 64 tokens and a logistic-regression head on it: (data folder, store path, TrainedHead)."""
+    from featurestore.configs import HeadConfig, Tokenization
+    from featurestore.data.prepare import prepare_bbc_news
+    from featurestore.extract import extract_features
+    from featurestore.heads.train import train_head
+
+    data, store = root / "bbc", root / "minilm.h5"
+    prepare_bbc_news(data, labels_per_class=train, val_per_class=val, test_per_class=test, seed=seed)
+    extract_features(data, store, "minilm_l6", tokenization=Tokenization(max_length=64), batch_size=8, workers=0,
+                     progress=False)
+    return data, store, train_head(store, HeadConfig(c_min=1e-2, c_max=1e2, c_points=5, n_jobs=1))
+
+
+def cached_view_images(head, folder: Path, config, view: int) -> torch.Tensor:
+    """View ``view`` of every train image of ``folder``, as the trunk cache draws it for ``head``'s preprocessing
+    and ``config``'s recipe and seed: (N, 3, S, S) float32, before pixel normalisation."""
+    from featurestore.data.sources import content_id, scan_source
+    from featurestore.encode.encoders import Item, view_id
+    from featurestore.encode.preprocess import Preprocessing
+    from featurestore.transfer.augment import ViewRecipe
+    from featurestore.transfer.trunk import ViewImages
+
+    pre = Preprocessing.from_dict(head.fingerprint["preprocessing"])
+    train = [r for r in scan_source(folder).records if r.split == "train"]
+    items = [Item(view_id(content_id(r.path), view), r.path, r.rel_path, r.label, f"train.view{view}", view=view)
+             for r in train]
+    views = ViewImages(items, pre, ViewRecipe(config.crop_scale_min), config.seed)
+    return torch.stack([views[i][1] for i in range(len(items))])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from featurestore.configs import CURVE_METHODS, FinetuneConfig, ScratchConfig
+from featurestore.configs import CURVE_METHODS, FinetuneConfig, ScratchConfig, SmallCNNConfig
 from featurestore.errors import FeaturestoreError
 from featurestore.extract.launch import extract_features
 from featurestore.transfer.baselines import convergence, pixel_features, pixel_logreg, train_from_scratch
@@ -87,19 +87,22 @@ def test_scratch_starts_from_random_weights_and_trains_every_layer(fashion_folde
 
 
 @pytest.mark.slow
-def test_the_curve_trains_four_methods_per_budget(fashion_folder_master, tmp_path, lite0_small):
+def test_the_curve_trains_every_image_method_per_budget(fashion_folder_master, tmp_path, lite0_small):
     store = tmp_path / "f.h5"
     extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
     result = run_curve(store, fashion_folder_master, tmp_path / "curve", [1, 2],
                        FinetuneConfig(unfreeze_blocks=1, epochs=1, batch_size=8, workers=0),
                        ScratchConfig(steps=4, image_size=32, batch_size=8, workers=0), device="cpu",
-                       methods=CURVE_METHODS)  # the default leaves the from-scratch network out
+                       methods=CURVE_METHODS,  # the default leaves the from-scratch networks out
+                       small_cnn_config=SmallCNNConfig(lrs=(3e-3,), widths=(8,), hidden=16, rounds=2, round_images=20,
+                                                       threads=1))
     points = {(p["labels_per_class"], p["method"]): p for p in result["points"]}
     assert set(points) == {(b, m) for b in (1, 2) for m in CURVE_METHODS}  # the image methods: no tfidf
     for point in points.values():
         assert 0.0 <= point["test_accuracy"] <= 1.0 and point["seconds"] >= 0
         assert point["n_train"] == 10 * point["labels_per_class"]
     assert "by" in points[(2, "scratch")]["converged"] and points[(2, "pixels")]["C"] > 0
+    assert "by" in points[(2, "small_cnn")]["converged"] and len(points[(2, "small_cnn")]["history"]) == 2
     saved = json.loads((tmp_path / "curve" / "curve.json").read_text())
     assert saved["points"] == result["points"] and saved["trunk_cache_seconds"] > 0
     assert (tmp_path / "curve" / "curve_labels.png").is_file() and (tmp_path / "curve" / "curve_seconds.png").is_file()

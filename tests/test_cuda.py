@@ -143,16 +143,16 @@ def test_fine_tuning_steps_with_fused_adamw_on_cuda():
     """Both fine-tunes' optimisers are fused on CUDA (no per-step `.item()` in GradScaler.step), and torch's
     default AdamW for parameters on the CPU."""
     from featurestore.transfer.finetune import optimizer_for
-    from featurestore.transfer.text_finetune import _optimizer
+    from featurestore.transfer.text_finetune import text_optimizer
 
     top, config, _ = lite0_top()
     layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
     text_top = SimpleNamespace(model=SimpleNamespace(encoder=SimpleNamespace(encoder=SimpleNamespace(layer=layers))),
                                first_layer=1, classifier=torch.nn.Linear(4, 2))
-    assert _optimizer(text_top, config).defaults["fused"] is None  # on the CPU
+    assert text_optimizer(text_top, config).defaults["fused"] is None  # on the CPU
     layers.cuda()
     text_top.classifier.cuda()
-    for optimizer in (optimizer_for(top, config), _optimizer(text_top, config)):
+    for optimizer in (optimizer_for(top, config), text_optimizer(text_top, config)):
         assert optimizer.defaults["fused"] is True and getattr(optimizer, "_step_supports_amp_scaling", False)
     assert optimizer_for(top.cpu(), config).defaults["fused"] is None
 

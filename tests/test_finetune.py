@@ -13,16 +13,17 @@ import torch
 
 from featurestore import FeatureStore
 from featurestore.configs import HeadConfig
-from featurestore.data.sources import content_id, scan_source
+from featurestore.data.sources import scan_source
 from featurestore.encode.backbones.model import PixelNormalize
-from featurestore.encode.encoders import Item, view_id
 from featurestore.encode.preprocess import Preprocessing
 from featurestore.extract.launch import extract_features
 from featurestore.heads.train import train_head
 from featurestore.transfer.augment import ViewRecipe
 from featurestore.transfer.finetune import FinetuneConfig, build_model, finetune, trunk_cache_for
 from featurestore.transfer.probe import probe_weights, train_only_probe
-from featurestore.transfer.trunk import TrunkCache, UpperBlocks, ViewImages
+from featurestore.transfer.trunk import TrunkCache, UpperBlocks
+
+from .conftest import cached_view_images
 
 pytestmark = pytest.mark.slow
 
@@ -72,11 +73,7 @@ def test_top_blocks_on_a_cached_view_give_the_whole_networks_logits(probe, fashi
     cache = TrunkCache(tmp_path / "trunk.h5")
     assert cache.views == 2 and cache.train_views.dtype == np.dtype(dtype)
     top, _ = build_model(head, config)
-    pre = Preprocessing.from_dict(head.fingerprint["preprocessing"])
-    train = [r for r in scan_source(fashion_folder_master).records if r.split == "train"]
-    items = [Item(view_id(content_id(r.path), 2), r.path, r.rel_path, r.label, "train.view2", view=2) for r in train]
-    views = ViewImages(items, pre, ViewRecipe(config.crop_scale_min), config.seed)
-    images = torch.stack([views[i][1] for i in range(len(items))])
+    images = cached_view_images(head, fashion_folder_master, config, view=2)
     top.eval()
     with torch.inference_mode():
         expected = whole_network(top, head)(images)
@@ -422,13 +419,13 @@ def test_the_cpu_optimisers_are_torchs_default_adamw(probe):
     from types import SimpleNamespace
 
     from featurestore.transfer.finetune import optimizer_for
-    from featurestore.transfer.text_finetune import _optimizer
+    from featurestore.transfer.text_finetune import text_optimizer
 
     head, _ = probe
     top, _ = build_model(head, CONFIG)
     layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
     text_top = SimpleNamespace(model=SimpleNamespace(encoder=SimpleNamespace(encoder=SimpleNamespace(layer=layers))),
                                first_layer=1, classifier=torch.nn.Linear(4, 2))
-    for optimizer in (optimizer_for(top, CONFIG), _optimizer(text_top, CONFIG)):
+    for optimizer in (optimizer_for(top, CONFIG), text_optimizer(text_top, CONFIG)):
         assert isinstance(optimizer, torch.optim.AdamW)
         assert optimizer.defaults["fused"] is None and optimizer.defaults["foreach"] is None

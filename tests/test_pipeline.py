@@ -86,6 +86,8 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
         assert decision["chosen"] == decision["choice"]["chosen"] and "gain" in decision["choice"]
         chose_finetuned = decision["chosen"] == "finetuned" and decision["heads"]["logreg"]["deployed"] == "finetuned"
         deployed = f"{backbone}_ft__logreg" if chose_finetuned else f"{backbone}__logreg"
+        if decision["deployed"]["model"] != "encoder":  # a baseline or hybrid head beat every encoder head on val
+            deployed = decision["deployed"]["name"]
         assert deployed in metrics  # the deployed head is evaluated, and its exported model agrees with it
         predicted = json.loads((project / "data" / "predictions" / f"{backbone}__logreg.json").read_text())
         assert predicted["predicted"] == metrics[deployed]["n"]
@@ -124,3 +126,40 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     assert "extract@efficientnet_lite0" in changed
     assert not any(stage in changed for stage in ("prepare", "prepare_text", "extract@minilm_l6",
                                                   "train_head@minilm_l6-logreg"))  # the other store is untouched
+
+
+def test_a_tv_backbone_from_a_local_checkpoint_runs_through_the_stages(project):
+    """A user's own torchvision backbone as one more store: `stores` names tv:mobilenet_v2, its extract section
+    points at the local checkpoint (torchvision's MobileNetV2 file, copied into the project). Extraction, the
+    fine-tune stage (from that checkpoint), the curve's probe_finetune and the export of its cache-only head all
+    take the file; nothing is downloaded."""
+    from featurestore.encode.backbones.torchvision_models import packaged_checkpoint
+    from featurestore.encode.backbones.weights import file_sha256
+
+    backbone = "tv:mobilenet_v2"
+    (project / "models").mkdir()
+    shutil.copy(packaged_checkpoint("mobilenet_v2"), project / "models" / "mobilenet_v2.pth")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["stores"] = {backbone: "prepared"}  # alone: the fine-tune stage reads every store's heads
+    params["extract"][backbone] = {**params["extract"]["efficientnet_lite0"], "weights": "models/mobilenet_v2.pth"}
+    for section in ("plateau", "finetune", "curve"):
+        params[section][backbone] = dict(params[section]["efficientnet_lite0"])
+    params["curve"][backbone]["methods"] = ["linear_probe", "probe_finetune"]
+    params["export"] = {"mobilenet_v2__logreg": {"backbone": backbone, "head": "logreg", "data": "prepared"}}
+    params["deploy"]["baseline"] = False  # the encoder's head is the one exported (a baseline may win on 20 images)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    log = dvc(project, "repro", f"finetune@{backbone}", f"curve@{backbone}", "export@mobilenet_v2__logreg")
+    ran = set(re.findall(r"Running stage '([^']+)'", log))
+    assert {f"extract@{backbone}", f"finetune@{backbone}", f"curve@{backbone}", "export@mobilenet_v2__logreg"} <= ran
+    assert not any("efficientnet_lite0" in stage or "minilm_l6" in stage or stage == "prepare_text" for stage in ran)
+    store = FeatureStore(project / "data" / "features" / f"{backbone}.h5")
+    assert store.fingerprint["backbone"] == backbone
+    assert store.fingerprint["weights_sha256"] == file_sha256(project / "models" / "mobilenet_v2.pth")
+    decision = json.loads((project / "data" / "finetune" / backbone / "decision.json").read_text())
+    assert decision["finetuned"] and decision["result"]["epochs_run"] == 1
+    assert (project / "data" / "finetune" / backbone / "weights.pth").is_file() or decision["chosen"] == "probe"
+    curve = json.loads((project / "data" / "reports" / "curve" / backbone / "curve.json").read_text())
+    assert {p["method"] for p in curve["points"]} == {"linear_probe", "probe_finetune"}
+    report = json.loads((project / "data" / "export" / "mobilenet_v2__logreg.onnx.report.json").read_text())
+    assert report["check"]["labels_equal"]

@@ -1,5 +1,6 @@
 """Every verb on a text store as on an image store, through the command line: verify, finetune (with the text
-defaults chosen on validation), curve (methods by modality, tfidf accepted), extract --weights."""
+defaults chosen on validation, and SetFit), curve (methods by modality, tfidf and setfit accepted), extract
+--weights."""
 
 import json
 import subprocess
@@ -10,11 +11,17 @@ import pytest
 import yaml
 
 from featurestore import FeatureStore
-from featurestore.configs import DEFAULT_CURVE_METHODS, FINETUNE_DEFAULTS, HeadConfig, Tokenization
-from featurestore.data.prepare import prepare_bbc_news
+from featurestore.configs import (
+    DEFAULT_CURVE_METHODS,
+    FINETUNE_DEFAULTS,
+    FINETUNE_METHODS,
+    SETFIT_DEFAULTS,
+    Tokenization,
+)
 from featurestore.encode.backbones.weights import file_sha256
 from featurestore.extract import extract_features
-from featurestore.heads import train_head
+
+from .conftest import bbc_store_and_head
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,19 +38,16 @@ def cli(*args, check: bool = True) -> subprocess.CompletedProcess:
 def texts(tmp_path_factory):
     """4 train, 2 val, 2 test BBC articles per topic, a store at 64 tokens and a logreg head on it."""
     root = tmp_path_factory.mktemp("texts")
-    data = root / "bbc"
-    prepare_bbc_news(data, labels_per_class=4, val_per_class=2, test_per_class=2, seed=2)
-    store = root / "minilm.h5"
-    extract_features(data, store, "minilm_l6", tokenization=Tokenization(max_length=64), batch_size=8, workers=0,
-                     progress=False)
-    head = train_head(store, HeadConfig(c_min=1e-2, c_max=1e2, c_points=5, n_jobs=1)).save(root / "head.skops")
-    return data, store, head
+    data, store, head = bbc_store_and_head(root, 4, 2, 2, seed=2)
+    return data, store, head.save(root / "head.skops")
 
 
 def test_the_text_fine_tuning_defaults_are_the_ones_params_yaml_runs():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]["minilm_l6"]
-    given = {key: value for key, value in params.items() if key not in ("mode", "device")}
+    given = {key: value for key, value in params.items() if key not in ("mode", "device", "methods", "setfit")}
     assert given == {key: value for key, value in vars(FINETUNE_DEFAULTS["text"]).items() if key in given}
+    assert params["setfit"] == vars(SETFIT_DEFAULTS)  # every SetFit setting, as chosen on validation
+    assert tuple(params["methods"]) == FINETUNE_METHODS["text"] == ("probe_finetune", "setfit")
     assert FINETUNE_DEFAULTS["text"].unfreeze_blocks == 2 and FINETUNE_DEFAULTS["image"].unfreeze_blocks == 6
 
 
@@ -86,6 +90,24 @@ def test_finetune_on_a_text_head_runs_with_the_text_defaults(texts, tmp_path):
     assert refused.returncode == 2 and "apply to image heads" in refused.stderr
 
 
+def test_finetune_runs_setfit_on_a_text_head(texts, tmp_path):
+    data, store, head = texts
+    out = tmp_path / "setfit.pth"
+    result = json.loads(cli("finetune", "--head", head, "--data", data, "--out", out, "--method", "setfit",
+                            "--setfit-iterations", 2, "--setfit-max-length", 32, "--device", "cpu", "--json",
+                            "--no-progress").stdout)
+    assert result["config"] == {**vars(SETFIT_DEFAULTS), "iterations": 2, "max_length": 32}
+    assert result["epochs_run"] == 1 and result["history"][0]["pairs"] == 2 * 2 * 20 and out.is_file()
+    assert result["train_ids"] == list(FeatureStore(store).ids("train")) and result["C"] > 0
+    assert result["history"][0]["separation"] != result["start_separation"]
+    refused = cli("finetune", "--head", head, "--data", data, "--out", tmp_path / "x.pth", "--method", "setfit",
+                  "--epochs", 2, check=False)
+    assert refused.returncode == 2 and "--epochs set probe_finetune" in refused.stderr
+    bad = cli("finetune", "--head", head, "--data", data, "--out", tmp_path / "y.pth", "--method", "setfit",
+              "--setfit-max-length", 4, check=False)
+    assert bad.returncode == 2 and "setfit max_length must be in [8, 512], got 4" in bad.stderr
+
+
 def test_extract_takes_a_fine_tuned_text_encoder_as_weights(texts, tmp_path):
     from featurestore.encode.backbones import load_text_backbone
     from featurestore.transfer.training import save_atomic
@@ -115,6 +137,14 @@ def test_curve_on_texts_defaults_to_the_text_methods_and_takes_tfidf(texts, tmp_
     only_tfidf = cli("curve", "--features", store, "--data", data, "--out", tmp_path / "d", "--budgets", 2,
                      "--methods", "tfidf", "--json", "--no-progress")
     assert {point["method"] for point in json.loads(only_tfidf.stdout)["points"]} == {"tfidf"}
+    with_setfit = cli("curve", "--features", store, "--data", data, "--out", tmp_path / "s", "--budgets", 2,
+                      "--methods", "linear_probe", "setfit", "--setfit-iterations", 2, "--setfit-max-length", 32,
+                      "--device", "cpu", "--json", "--no-progress")
+    curve = json.loads(with_setfit.stdout)
+    probe, setfit = (next(p for p in curve["points"] if p["method"] == m) for m in ("linear_probe", "setfit"))
+    assert setfit["train_ids"] == probe["train_ids"] and setfit["val_probe"] == probe["val_accuracy"]
+    assert setfit["val_accuracy"] >= setfit["val_probe"] and len(setfit["separation"]) == 2
+    assert curve["setfit"]["iterations"] == 2 and (tmp_path / "s" / "curve_labels.png").is_file()
     refused = cli("curve", "--features", store, "--data", data, "--out", tmp_path / "e", "--budgets", 2,
                   "--methods", "pixels", check=False)
     assert refused.returncode == 2 and "do not apply" in refused.stderr

@@ -2,12 +2,14 @@
 pipeline deploys.
 """
 
-from .deployment import deployed_head
+from .deployment import deployed_head, deployed_model, export_model
 from .export import export_onnx
 from .predict import OnnxClassifier, predict
 
 __all__ = [
     "deployed_head",
+    "deployed_model",
+    "export_model",
     "export_onnx",
     "OnnxClassifier",
     "predict",

@@ -127,7 +127,10 @@ class OnnxClassifier:
         self.modality = meta.get("featurestore_modality", "image")
         self.preprocessing = _preprocessing_of(meta) if self.modality == "image" else None
         self.tokenizer = None
-        if self.modality == "text":
+        # which inputs a text graph takes (baseline_export.TEXT_INPUT_KEY): token windows (an encoder), the raw
+        # strings (TF-IDF), or both (the hybrid head)
+        self.text_input = meta.get("featurestore_text_input", "tokens") if self.modality == "text" else None
+        if self.text_input in ("tokens", "strings+tokens"):
             from ..configs import Tokenization
             from ..encode.texts import Tokenizer
 
@@ -138,8 +141,7 @@ class OnnxClassifier:
         if self.modality == "text":
             if isinstance(inputs, str) or not all(isinstance(text, str) for text in inputs):
                 raise TypeError("a text model takes a list of strings")
-            ids, mask, _ = self.tokenizer(list(inputs))
-            return self.run_batch({"input_ids": ids, "attention_mask": mask})
+            return self.run_batch(TextBatchCollate(self.tokenizer, self.text_input).batch(list(inputs)))
         size = self.preprocessing.image_size
         if not isinstance(inputs, np.ndarray) or inputs.dtype != np.uint8:
             raise TypeError(f"images must be a uint8 numpy array (N, 3, {size}, {size}), "
@@ -150,10 +152,12 @@ class OnnxClassifier:
 
     @staticmethod
     def feed(batch) -> dict[str, np.ndarray]:
-        """A batch as the data loader makes it (uint8 images (N, 3, S, S), or the tokenizer's dict of int64
-        (N, W, L) ``input_ids`` and ``attention_mask``) as the graph's inputs, C-contiguous numpy arrays."""
+        """A batch as the data loader makes it (uint8 images (N, 3, S, S), or a dict of the tokenizer's int64
+        (N, W, L) ``input_ids`` and ``attention_mask`` and/or the raw ``texts``, strings (N, 1)) as the graph's
+        inputs, C-contiguous numpy arrays."""
         if isinstance(batch, dict):
-            return {name: np.ascontiguousarray(batch[name]) for name in ("input_ids", "attention_mask")}
+            return {name: np.ascontiguousarray(batch[name]) for name in ("texts", "input_ids", "attention_mask")
+                    if name in batch}
         return {"images": np.ascontiguousarray(batch)}
 
     def run_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
@@ -195,13 +199,36 @@ class OnnxClassifier:
     def loader(self, records: list[Record], batch_size: int, workers: int) -> DataLoader:
         """Decoding (or reading and tokenising) in DataLoader workers: batches of (indices, batch, failures)."""
         if self.modality == "text":
-            from ..encode.texts import TextDocuments, TokenizingCollate
+            from ..encode.texts import TextDocuments
 
-            dataset, collate = TextDocuments(records), TokenizingCollate(self.tokenizer)
+            dataset, collate = TextDocuments(records), TextBatchCollate(self.tokenizer, self.text_input)
         else:
             dataset, collate = DecodedImages([r.path for r in records], self.preprocessing), collate_decoded
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                           prefetch_factor=4 if workers else None, worker_init_fn=lower_worker_priority)
+
+
+class TextBatchCollate:
+    """DataLoader collate for a text graph: documents → (indices, batch, failures), the batch a dict of what the
+    graph takes: ``input_ids``/``attention_mask`` int64 (N, W, L) (``tokens``), ``texts`` strings (N, 1)
+    (``strings``), or all three (``strings+tokens``)."""
+
+    def __init__(self, tokenizer, text_input: str = "tokens"):
+        self.tokenizer, self.text_input = tokenizer, text_input
+
+    def batch(self, texts: list[str]) -> dict[str, np.ndarray]:
+        batch = {}
+        if self.text_input in ("tokens", "strings+tokens"):
+            ids, mask, _ = self.tokenizer(texts)
+            batch.update(input_ids=np.asarray(ids), attention_mask=np.asarray(mask))
+        if self.text_input in ("strings", "strings+tokens"):
+            batch["texts"] = np.array(texts, dtype=object).reshape(-1, 1)
+        return batch
+
+    def __call__(self, items):
+        ok = [(index, text) for index, text, _ in items if text is not None]
+        failed = [(index, reason) for index, text, reason in items if text is None]
+        return [index for index, _ in ok], self.batch([text for _, text in ok]) if ok else None, failed
 
 
 def _unlabelled_folder(folder: Path) -> Source:

@@ -54,25 +54,60 @@ def evaluate_head(head: TrainedHead, store: FeatureStore, split: str = "test",
     if not len(y):
         raise StoreError(f"{store.path}: split {split!r} is empty: nothing to evaluate")
     proba = np.concatenate([head.predict_proba(X) for X, _ in store.iter_chunks(split)])  # one chunk in memory
-    predicted = np.argmax(proba, axis=1)
-    k = len(head.class_names)
-    labels = np.arange(k)
-    metrics = {
-        "backbone": head.backbone,
-        "head": head.config.head,
-        "split": split,
-        "n": int(len(y)),
-        "top1": float(np.mean(predicted == y)),
-        "top5": float(top_k_accuracy_score(y, proba, k=min(5, k), labels=labels)) if k > 2 else None,
-        "mean_per_class_accuracy": float(balanced_accuracy_score(y, predicted)),
-        "macro_f1": float(f1_score(y, predicted, average="macro", labels=labels, zero_division=0)),
+    metrics, predicted = classification_metrics(y, proba, {
+        "backbone": head.backbone, "head": head.config.head, "split": split})
+    metrics.update({
         "C": head.C,
         "normalize": head.config.normalize,
         "train_seconds": round(head.train_seconds, 3),
         "n_train": head.n_train,
         "fingerprint_hash": head.fingerprint_hash,
-    }
+    })
     return metrics, y, predicted
+
+
+def classification_metrics(y: np.ndarray, proba: np.ndarray, info: dict) -> tuple[dict, np.ndarray]:
+    """``info`` plus n, top1, top5 (None for 2 classes), mean per-class accuracy and macro-F1 of probabilities
+    ``proba`` (N, K) float against the true classes ``y`` (N,) int; and the predicted classes (N,) int64."""
+    predicted = np.argmax(proba, axis=1)
+    k = proba.shape[1]
+    labels = np.arange(k)
+    return {
+        **info,
+        "n": int(len(y)),
+        "top1": float(np.mean(predicted == y)),
+        "top5": float(top_k_accuracy_score(y, proba, k=min(5, k), labels=labels)) if k > 2 else None,
+        "mean_per_class_accuracy": float(balanced_accuracy_score(y, predicted)),
+        "macro_f1": float(f1_score(y, predicted, average="macro", labels=labels, zero_division=0)),
+    }, predicted
+
+
+def deployment_table(decisions: dict[str, dict]) -> str:
+    """Markdown: per data set (named by its backbone), the model deployed and why, from each fine-tune stage's
+    ``decision["deployed"]`` (:func:`transfer.best.best_on_validation`), with the validation accuracies of the best
+    encoder head, the baseline and the hybrid head (fitted on the same train rows, scored on the same val rows)."""
+    lines = ["## Deployed: the best model on validation", "",
+             "| data (backbone) | deployed | its val | best encoder head (val) | baseline (val) | hybrid (val) "
+             "| n val |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    notes = []
+    for backbone, decision in decisions.items():
+        deployed = decision.get("deployed")
+        if not deployed:
+            continue
+        candidates = decision.get("candidates", {})
+        hybrid = next((f"{name} ({c['val']:.4f})" for name, c in candidates.items() if c.get("kind") == "hybrid"),
+                      "–")
+        baseline = ("–" if deployed.get("baseline") is None
+                    else f"{deployed['baseline']} ({deployed['baseline_val']:.4f})")
+        shown = ("the encoder's heads" if deployed["model"] == "encoder"
+                 else f"**{deployed['name']}** ({deployed['model']})")
+        lines.append(f"| {backbone} | {shown} | {deployed['val_accuracy']:.4f} | {deployed['best_encoder']} "
+                     f"({deployed['best_encoder_val']:.4f}) | {baseline} | {hybrid} | {deployed['n']} |")
+        notes.append(f"- {backbone}: {deployed['reason']}.")
+    if not notes:
+        return ""
+    return "\n".join(lines + [""] + notes) + "\n"
 
 
 def plot_confusion(y: np.ndarray, predicted: np.ndarray, class_names: list[str], title: str, path: Path) -> Path:

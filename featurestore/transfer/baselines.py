@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from ..encode.backbones import TextFeatureModel, get_spec
 from ..encode.backbones.model import PixelNormalize
 from ..encode.images import load_image
 from ..errors import FeaturestoreError
+from ..heads.baseline import BASELINE_GRID as RAW_INPUT_GRID
+from ..heads.baseline import make_tfidf
 from ..utils.devices import resolve_device
 from .augment import ViewRecipe
 from .training import ImageBatches, accuracy, train
@@ -222,22 +223,14 @@ class LinearBaselineResult:
     seconds: float
 
 
-BASELINE_GRID = HeadConfig(head="logreg", c_min=1e-4, c_max=1e2, c_points=13)
+BASELINE_GRID = RAW_INPUT_GRID  # heads.baseline's: the deployable baselines sweep the same grid
 
 
 def _fit_linear(X, y, Xv, yv, Xt, yt, config: HeadConfig, started: float) -> LinearBaselineResult:
-    from sklearn.exceptions import ConvergenceWarning
+    from ..heads.baseline import sweep_and_refit
 
-    from ..heads.estimators import build_estimator, choose_c, sweep_c
-
-    sweep = sweep_c(config, X, y, Xv, yv)
-    C = choose_c(sweep)
-    estimator = build_estimator(config, C)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        estimator.fit(X, y)
+    estimator, C, val, _ = sweep_and_refit(config, X, y, Xv, yv, X, y)  # refitted on the train subset alone
     test = float(estimator.score(Xt, yt)) if Xt is not None else None
-    val = next(p["val_accuracy"] for p in sweep if p["C"] == C)
     return LinearBaselineResult(val_accuracy=val, test_accuracy=test, C=C,
                                 seconds=round(time.perf_counter() - started, 2))
 
@@ -279,13 +272,11 @@ def tfidf_logreg(data: str | Path | Source, train_per_class: int | None = None, 
                  chosen: dict[str, list[Record]] | None = None) -> LinearBaselineResult:
     """TF-IDF (word unigrams and bigrams, sublinear term frequency, fitted on the train subset only) + logistic
     regression, C chosen on val: the bag-of-words baseline a sentence encoder must beat."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
     started = time.perf_counter()
     source = data if isinstance(data, Source) else scan_source(data)
     train, evaluation = _records(source, train_per_class, seed, chosen)
     texts, y = _readable_texts(train)
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+    vectorizer = make_tfidf()  # the deployable baseline's vectorizer (heads.baseline)
     X = vectorizer.fit_transform(texts)
     val_texts, yv = _readable_texts(evaluation["val"])
     test_texts, yt = _readable_texts(evaluation["test"])

@@ -7,9 +7,15 @@ For each budget (labels per class, nested subsets of the train split), scored on
 - ``scratch``: the same architecture from random weights, every layer training, for the same step budget
   at every label budget, with its own learning rate and input size (``ScratchConfig``), its best
   validation round kept; whether it converged, and by which measure, is recorded per point;
+- ``small_cnn`` (images): a small convolutional network from scratch at the data's own resolution (28 px for
+  Fashion-MNIST), its learning rate chosen on val from a small grid, every rate's figures and the chosen run's
+  per-round validation loss and accuracy recorded (``small_cnn.py``): the from-scratch line a CPU can afford;
 - ``linear_probe``: logistic regression on the cached features, C chosen on val;
 - ``probe_finetune``: that probe as the classifier, the top blocks fine-tuned from the trunk cache (texts:
-  the top transformer layers) with the fine-tuning settings, early-stopped on val.
+  the top transformer layers) with the fine-tuning settings, early-stopped on val;
+- ``setfit`` (texts): from that probe, the top transformer layers tuned on pairs of the budget's texts with a
+  cosine-similarity loss, then the probe refitted on the tuned embeddings, C on val (``setfit.py``,
+  ``SetFitConfig``); its best epoch on val is kept, the probe itself when none beats it.
 
 Test accuracy and training wall-clock go to ``curve.json``, a CSV for ``dvc plots`` and two PNGs. The trunk
 cache is built once for all budgets (its seconds are reported apart, with the feature extraction they
@@ -34,10 +40,14 @@ from sklearn.exceptions import ConvergenceWarning
 from ..configs import (
     CURVE_METHODS,
     DEFAULT_CURVE_METHODS,
+    SETFIT_DEFAULTS,
+    SMALL_CNN_DEFAULTS,
     TEXT_CURVE_METHODS,
     FinetuneConfig,
     HeadConfig,
     ScratchConfig,
+    SetFitConfig,
+    SmallCNNConfig,
 )
 from ..data.sources import ids_digest, scan_source
 from ..errors import FeaturestoreError
@@ -50,7 +60,8 @@ from .plateau import CURVE_HEAD
 from .probe import probe_rows, records_for, split_rows
 
 METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
-POINT_ORDER = ("pixels", "tfidf", "linear_probe", "probe_finetune", "scratch")  # as run_curve appends them
+# as run_curve appends them
+POINT_ORDER = ("pixels", "tfidf", "linear_probe", "probe_finetune", "setfit", "scratch", "small_cnn")
 
 
 def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -> tuple[object, float, float, float,
@@ -73,10 +84,12 @@ def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -
 def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Path, budgets: list[int],
               finetune_config: FinetuneConfig = FinetuneConfig(), scratch_config: ScratchConfig = ScratchConfig(),
               probe_config: HeadConfig = CURVE_HEAD, methods: tuple[str, ...] | None = None, device: str = "auto",
-              progress: bool = False, allow_overlap: bool = False) -> dict:
+              progress: bool = False, allow_overlap: bool = False,
+              small_cnn_config: SmallCNNConfig = SMALL_CNN_DEFAULTS,
+              setfit_config: SetFitConfig = SETFIT_DEFAULTS, weights: str | Path | None = None) -> dict:
     """Train ``methods`` (default: the modality's ``DEFAULT_CURVE_METHODS``: all but the from-scratch network)
-    at every budget; write ``out``/curve.json,
-    curve.csv and the PNGs; return the result.
+    at every budget; write ``out``/curve.json, curve.csv and the PNGs; return the result. ``weights``: the local
+    checkpoint the store was extracted with (a ``tv:`` backbone's), where image fine-tuning starts.
 
     ``store`` holds the cached features of the items in ``data`` (train, val and test splits). Like evaluation,
     the curve refuses a test split that shares items with train or val (:class:`LeakError`) unless
@@ -84,6 +97,8 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
     """
     from .baselines import pixel_logreg, tfidf_logreg, train_from_scratch, train_text_from_scratch
     from .finetune import finetune
+    from .setfit import setfit_text
+    from .small_cnn import small_cnn_point
     from .text_finetune import finetune_text
 
     data, out = Path(data), Path(out)
@@ -117,6 +132,7 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
             probe_ids = ids_digest(train.ids)
             if "linear_probe" in methods:
                 points.append({**base, "method": "linear_probe", "test_accuracy": probe_test,
+                               "val_accuracy": float(probe.score(*store.load("val", dtype=np.float32)[:2])),
                                "seconds": round(probe_seconds, 2), "C": C, "train_ids": probe_ids})
             if "probe_finetune" in methods:
                 head = TrainedHead.fitted_on(store, probe, probe_config, C, n_train=base["n_train"])
@@ -124,7 +140,7 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                            "train_per_class": budget, "probe": probe}
                 result = (finetune_text(head, data, work / f"ft_{budget}.pth", finetune_config, **options) if text
                           else finetune(head, data, work / f"ft_{budget}.pth", finetune_config,
-                                        cache=work / "trunk.h5", **options))
+                                        cache=work / "trunk.h5", weights=weights, **options))
                 # The image trunk cache serves every budget (reported apart); a text run's lower-layer pass is
                 # its own. ``result.seconds`` is the training loop alone.
                 own = result.cache_seconds if text else 0.0
@@ -134,6 +150,17 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                                "epochs": result.epochs_run, "val_probe": result.start_val_accuracy,
                                "best_val_accuracy": result.best_val_accuracy,
                                "train_ids": ids_digest(result.train_ids)})
+            if "setfit" in methods:
+                head = TrainedHead.fitted_on(store, probe, probe_config, C, n_train=base["n_train"])
+                tuned = setfit_text(head, data, work / f"setfit_{budget}.pth", setfit_config, device=device,
+                                    progress=progress, train_per_class=budget, probe=probe, subset_seed=seed)
+                points.append({**base, "method": "setfit", "test_accuracy": tuned.test_accuracy,
+                               "val_accuracy": tuned.best_val_accuracy, "val_probe": tuned.start_val_accuracy,
+                               "seconds": round(probe_seconds + tuned.cache_seconds + tuned.seconds, 2),
+                               "epochs": tuned.epochs_run, "best_epoch": tuned.best_epoch, "C": tuned.C,
+                               "separation": [round(tuned.start_separation, 4)]
+                               + [round(h["separation"], 4) for h in tuned.history],
+                               "train_ids": ids_digest(tuned.train_ids)})
             if "scratch" in methods:
                 trainer = train_text_from_scratch if text else train_from_scratch
                 scratch = trainer(source, scratch_config, store.fingerprint["backbone"].removesuffix("_ft"), device,
@@ -141,11 +168,14 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                 points.append({**base, "method": "scratch", "test_accuracy": scratch.test_accuracy,
                                "seconds": scratch.seconds, "steps": scratch.steps,
                                "best_val_accuracy": scratch.best_val_accuracy, "converged": scratch.converged})
+            if "small_cnn" in methods:
+                points.append({**base, **small_cnn_point(source, small_cnn_config, device, progress, chosen)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"backbone": store.fingerprint["backbone"], "budgets": budgets, "points": points,
               "trunk_cache_seconds": round(cache_seconds, 2), "probe": asdict(probe_config),
-              "finetune": asdict(finetune_config), "scratch": asdict(scratch_config)}
+              "finetune": asdict(finetune_config), "scratch": asdict(scratch_config),
+              "small_cnn": asdict(small_cnn_config), "setfit": asdict(setfit_config)}
     write_curve(result, out)
     return result
 
@@ -178,11 +208,13 @@ def merge_curves(earlier: dict, added: dict) -> dict:
     finetuned = "probe_finetune" in methods
     return {**earlier, "points": points, "finetune": (added if finetuned else earlier)["finetune"],
             "trunk_cache_seconds": (added if finetuned else earlier)["trunk_cache_seconds"],
-            "scratch": (added if "scratch" in methods else earlier)["scratch"]}
+            "scratch": (added if "scratch" in methods else earlier)["scratch"],
+            **({"small_cnn": added["small_cnn"]} if "small_cnn" in methods else {}),
+            **({"setfit": added["setfit"]} if "setfit" in methods else {})}
 
 
-STYLES = {"scratch": ("o", "-"), "pixels": ("x", ":"), "tfidf": ("x", ":"), "linear_probe": ("s", "-"),
-          "probe_finetune": ("^", "--")}
+STYLES = {"scratch": ("o", "-"), "small_cnn": ("D", "-."), "pixels": ("x", ":"), "tfidf": ("x", ":"),
+          "linear_probe": ("s", "-"), "probe_finetune": ("^", "--"), "setfit": ("v", "--")}
 
 
 def plot_curves(points: list[dict], out: Path) -> None:

@@ -50,12 +50,21 @@ exact p-value 1/8 (all 2³ sign patterns): the probe stays. The price of honesty
 for 3 points once the choice of the epoch is paid for (58-83% kept over the trajectories); a larger validation
 split is what raises it.
 
+Several methods can compete (``methods``; for texts ``probe_finetune`` and ``setfit``, ``setfit.py``): every epoch of
+every method is a candidate of the same test (:func:`choose_among`), so picking the method is paid for as picking
+the epoch is, and the method of the best candidate is the one kept when the test passes.
+
 Everything lands in ``out`` (the DVC stage's ``data/finetune/<backbone>/``): ``decision.json``, and when fine-tuning ran
-``weights.pth``, ``trunk.h5`` (the cache, kept for the next run), and if chosen ``backbone.json``,
-``features.h5`` and ``heads/``. ``decision.json``: mode, plateau verdict, whether fine-tuning ran and why, and when it
-ran ``choice`` (chosen, rule, reason, val_probe, val_finetuned, gain: the gain, best epoch, p-value, alpha, fixes,
-breaks, disagreements, n, epochs tested) and, if chosen, ``heads`` (per head name: cache_only_val, finetuned_val,
-n, deployed, reason).
+``weights.pth`` (SetFit's in ``setfit.pth`` until chosen), ``trunk.h5`` (the cache, kept for the next run), and if
+chosen ``backbone.json``, ``features.h5`` and ``heads/``. ``decision.json``: mode, plateau verdict, whether
+fine-tuning ran and why, and when it ran ``choice`` (chosen, method, rule, reason, val_probe, val_finetuned, gain: the
+gain, best epoch, p-value, alpha, fixes, breaks, disagreements, n, epochs tested) and, if chosen, ``heads`` (per
+head name: cache_only_val, finetuned_val, n, deployed, reason).
+
+The best model on validation is the one deployed (``best.py``): the stage also fits the baseline without an encoder
+(TF-IDF or raw pixels + logistic regression, ``baseline.skops``) and, on request, the hybrid head (``hybrid.skops``)
+on the same rows, and ``decision["candidates"]`` and ``decision["deployed"]`` say which model export ships, with the
+baseline's and the best encoder head's validation accuracies.
 """
 
 from __future__ import annotations
@@ -71,7 +80,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..configs import FINETUNE_MODES, FinetuneConfig
+from ..configs import FINETUNE_METHODS, FINETUNE_MODES, SETFIT_DEFAULTS, FinetuneConfig, SetFitConfig
 from ..data.sources import ids_digest
 from ..errors import FeaturestoreError
 from ..utils.atomic import write_text_atomic
@@ -86,7 +95,8 @@ log = logging.getLogger("featurestore")
 
 RULE = "max_gain"  # stats.max_gain_test; chosen by benchmarks/decision_rule.py (the module docstring)
 ALPHA = 0.05  # fine-tuning is kept when the test's p-value is below this
-STALE = ("decision.json", "backbone.json", "weights.pth", "features.h5", "heads")
+STALE = ("decision.json", "backbone.json", "weights.pth", "setfit.pth", "features.h5", "heads", "baseline.skops",
+         "hybrid.skops")
 
 
 def should_finetune(mode: str, plateau: dict) -> tuple[bool, str]:
@@ -143,10 +153,63 @@ def choose(result, alpha: float = ALPHA, seed: int = 0) -> dict:
     }
 
 
+def choose_among(results: Mapping[str, object], alpha: float = ALPHA, seed: int = 0) -> dict:
+    """Keep the probe or the best epoch of one of several fine-tuning methods (method name → TrainResult, all on
+    the same validation items; texts: ``probe_finetune`` and ``setfit``), from the results alone.
+
+    One method: :func:`choose`, with ``method`` added. Several: the same test (``stats.max_gain_test``) over every
+    epoch of every method as candidates, against the first method's probe predictions, so the choice of the method
+    is repeated inside the test as the choice of the epoch is. Returns :func:`choose`'s dict, where ``method`` names
+    the method of the best candidate (None when none beats the probe), ``gain["epoch"]`` is that method's own
+    epoch, and ``per_method`` gives each method's best validation accuracy and epoch.
+    """
+    if len(results) == 1:
+        ((method, result),) = results.items()
+        choice = choose(result, alpha, seed)
+        return {**choice, "method": method if choice["gain"]["epoch"] else None}
+    names = list(results)
+    truth = list(results[names[0]].val_labels)
+    if any(list(results[name].val_labels) != truth for name in names):
+        raise FeaturestoreError(f"fine-tuning methods {names} were scored on different validation items")
+    reference, _ = _correctness(results[names[0]])
+    owners, candidates = [], []
+    for name in names:
+        epochs = _correctness(results[name])[1]
+        candidates.append(epochs)
+        owners += [(name, epoch) for epoch in range(1, len(epochs) + 1)]
+    gain = {**max_gain_test(reference, np.concatenate(candidates), seed=seed), "alpha": alpha}
+    method, epoch = owners[gain["epoch"] - 1] if gain["epoch"] else (None, 0)
+    chosen = gain["p_value"] < alpha
+    gain.update(epoch=epoch, method=method)
+    of = f"over the probe on {gain['n']} validation items"
+    if method is None:
+        reason = (f"no fine-tuning method ({', '.join(names)}) beats the probe: none of their {gain['candidates']} "
+                  f"epochs is better {of} (best gain {gain['gain']:+.4f})")
+    else:
+        reason = (f"{method} {'beats' if chosen else 'does not beat'} the probe by more than the noise and the "
+                  f"choice of the best of {gain['candidates']} epochs of {', '.join(names)}: its epoch {epoch} gains "
+                  f"{gain['gain']:+.4f} {of} ({gain['fixes']} fixed, {gain['breaks']} broken), sign-flip "
+                  f"max-statistic p = {gain['p_value']:.4f} {'<' if chosen else '>='} {alpha}")
+    val_probe = float(np.mean(reference))
+    return {
+        "chosen": "finetuned" if chosen else "probe", "method": method, "rule": RULE,
+        "criterion": f"p-value of the best epoch's gain over the probe, the choice of the method and epoch included, "
+                     f"< {alpha}",
+        "val_probe": val_probe, "val_finetuned": round(val_probe + gain["gain"], 6), "gain": gain,
+        "per_method": {name: {"best_val_accuracy": results[name].best_val_accuracy,
+                              "best_epoch": results[name].best_epoch, "epochs_run": results[name].epochs_run}
+                       for name in names},
+        "reason": reason,
+    }
+
+
 def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, out: str | Path, plateau: dict,
                        mode: str, config: FinetuneConfig, heads: dict[str, object], extract_options: dict,
                        device: str = "auto", progress: bool = False,
-                       cache_only_heads: Mapping[str, str | Path] | None = None) -> dict:
+                       cache_only_heads: Mapping[str, str | Path] | None = None,
+                       methods: tuple[str, ...] = ("probe_finetune",),
+                       setfit_config: SetFitConfig = SETFIT_DEFAULTS, baseline: bool = True,
+                       hybrid: bool = False, weights: str | Path | None = None) -> dict:
     """Decide, fine-tune, choose, and (if chosen) register ``<backbone>_ft``, extract its store, train ``heads``
     (name → HeadConfig) on it and compare each with its cache-only head. Writes and returns ``decision.json``'s
     content.
@@ -155,6 +218,16 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
     name → the cache-only head file of that name (default: ``head_path`` under its own head name); each head
     trained on the fine-tuned features is compared with it (:func:`compare_heads`), and the verdicts land in
     ``decision["heads"]``. A head with no cache-only file to compare with is not deployed.
+
+    ``methods``: the fine-tuning methods that run and compete (:func:`choose_among`; texts may add ``setfit``, run
+    with ``setfit_config``, its weights in ``setfit.pth`` until chosen); ``decision["results"]`` then holds each
+    one's result, ``decision["result"]`` the chosen method's (else the first's).
+
+    ``baseline`` (default) fits the baseline without an encoder, ``hybrid`` the hybrid head (texts), and the model
+    best on validation is named in ``decision["deployed"]`` (``best.deploy_best``).
+
+    ``weights``: the local checkpoint an image store was extracted with (a ``tv:`` backbone's file), where the
+    fine-tune starts; default the registry's weights.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,33 +236,62 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     run, why = should_finetune(mode, plateau)
     decision = {"mode": mode, "plateaued": plateau["plateaued"], "finetuned": run, "reason": why,
-                "chosen": "probe", "config": asdict(config)}
+                "chosen": "probe", "config": asdict(config), "methods": list(methods)}
+    if "setfit" in methods:
+        decision["setfit"] = asdict(setfit_config)
     if run:
         from ..heads.head import load_head
 
         head = load_head(head_path)
-        if head.fingerprint.get("kind") == "text":
-            from .text_finetune import finetune_text
+        kind = head.fingerprint.get("kind", "image")
+        for method in methods:
+            check_choice(f"fine-tuning method of an {kind} backbone", method, FINETUNE_METHODS[kind])
+        results = {}
+        for method in methods:
+            if method == "setfit":
+                from .setfit import setfit_text
 
-            result = finetune_text(head, data, out / "weights.pth", config, device=device, progress=progress,
-                                   checkpoint_dir=out / "checkpoints")
-        else:
-            from .finetune import finetune
+                results[method] = setfit_text(head, data, out / "setfit.pth", setfit_config, device=device,
+                                              progress=progress)
+            elif kind == "text":
+                from .text_finetune import finetune_text
 
-            result = finetune(head, data, out / "weights.pth", config, device=device, progress=progress,
-                              checkpoint_dir=out / "checkpoints", cache=out / "trunk.h5")
-        decision["choice"] = choose(result)
+                results[method] = finetune_text(head, data, out / "weights.pth", config, device=device,
+                                                progress=progress, checkpoint_dir=out / "checkpoints")
+            else:
+                from .finetune import finetune
+
+                results[method] = finetune(head, data, out / "weights.pth", config, device=device,
+                                           progress=progress, checkpoint_dir=out / "checkpoints",
+                                           cache=out / "trunk.h5", weights=weights)
+        decision["choice"] = choose_among(results)
         decision["chosen"] = decision["choice"]["chosen"]
-        decision["result"] = {k: getattr(result, k) for k in (
-            "start_val_accuracy", "best_val_accuracy", "best_epoch", "epochs_run", "stopped_early", "history",
-            "seconds", "cache_seconds", "resumed_from_epoch")}
-        decision["result"]["train_ids"] = ids_digest(result.train_ids)  # the probe's rows, by content
+        summaries = {method: _result_summary(result) for method, result in results.items()}
+        decision["result"] = summaries[decision["choice"]["method"] or methods[0]]
+        if len(results) > 1:
+            decision["results"] = summaries
+        if decision["chosen"] == "finetuned" and decision["choice"]["method"] == "setfit":
+            (out / "setfit.pth").replace(out / "weights.pth")  # what <backbone>_ft loads
         if decision["chosen"] == "finetuned":
             trained = adopt_finetuned(backbone, out, data, heads, extract_options, progress)
             cache_only = dict(cache_only_heads) if cache_only_heads is not None else {head.config.head: head_path}
             decision["heads"] = compare_heads(cache_only, trained)
+    if baseline or hybrid:
+        from .best import deploy_best
+
+        cache_only = dict(cache_only_heads) if cache_only_heads is not None else {"logreg": head_path}
+        decision.update(deploy_best(backbone, data, out, cache_only, decision, baseline=baseline, hybrid=hybrid))
     write_text_atomic(out / "decision.json", json.dumps(decision, indent=2) + "\n")
     return decision
+
+
+def _result_summary(result) -> dict:
+    """What ``decision.json`` keeps of a fine-tuning run: its figures, and the probe's rows by content."""
+    summary = {k: getattr(result, k) for k in (
+        "start_val_accuracy", "best_val_accuracy", "best_epoch", "epochs_run", "stopped_early", "history",
+        "seconds", "cache_seconds", "resumed_from_epoch")}
+    summary["train_ids"] = ids_digest(result.train_ids)
+    return summary
 
 
 def adopt_finetuned(backbone: str, out: Path, data: str | Path, heads: dict, extract_options: dict,

@@ -1,12 +1,16 @@
-"""Fine-tune the top blocks of an EfficientNet-Lite, starting from the linear probe.
+"""Fine-tune the top blocks of an image backbone, starting from the linear probe.
+
+Any backbone whose entry declares a block split (``BackboneSpec.blocks``) fine-tunes: EfficientNet-Lite's MBConv
+blocks, and for ``tv:<model>`` torchvision's ``features`` stages (MobileNet V2/V3, EfficientNet, ConvNeXt, DenseNet),
+ResNet's ``layer1..4``, RegNet's and MNASNet's stages. A backbone without one is refused with one line.
 
 The classifier starts as the logistic-regression head trained on the cache (refitted on the train split,
-scaler folded into its weights), so epoch 0 is exactly the linear probe. The top ``unfreeze_blocks`` MBConv
-blocks and the head convolution train at ``head_lr × backbone_lr_factor`` (each block below the top × a
-further ``layer_lr_decay``); everything below stays frozen, and BatchNorm statistics stay frozen unless
-``train_batchnorm``. With ``schedule: gradual`` the top block trains first and one more block joins each
-epoch. AdamW, a linear warmup then a cosine schedule per step, early stopping on validation accuracy, a
-checkpoint per epoch.
+scaler folded into its weights), so epoch 0 is exactly the linear probe. The top ``unfreeze_blocks`` blocks and
+the head's layers between them and the classifier (Lite's head convolution, MobileNetV3's pre-logits layer)
+train at ``head_lr × backbone_lr_factor`` (each block below the top × a further ``layer_lr_decay``); everything
+below stays frozen (in eval mode), and BatchNorm statistics stay frozen unless ``train_batchnorm``. With
+``schedule: gradual`` the top block trains first and one more block joins each epoch. AdamW, a linear warmup
+then a cosine schedule per step, early stopping on validation accuracy, a checkpoint per epoch.
 
 By default the top blocks read the trunk cache (``trunk.py``): the frozen layers run once per image and
 augmented view, not once per epoch. ``source: images`` decodes, augments and runs the trunk every epoch.
@@ -20,11 +24,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..configs import FinetuneConfig
 from ..data.sources import Source, scan_source
 from ..encode.backbones import BackboneSpec, load_classifier
-from ..encode.backbones.efficientnet_lite import EfficientNetLite
+from ..encode.backbones.model import BlockSplit
 from ..encode.backbones.weights import file_sha256
 from ..encode.preprocess import Preprocessing
 from ..errors import FeaturestoreError, WeightsMismatchError
@@ -48,6 +53,7 @@ from .trunk import (
     activation_shape,
     build_trunk_cache,
     first_trainable_block,
+    split_of,
     trunk_model,
 )
 
@@ -56,15 +62,29 @@ log = logging.getLogger("featurestore")
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "build_model"]
 
 
+def finetunable(spec) -> BlockSplit:
+    """The block split of ``spec``'s network; raises a one-line :class:`FeaturestoreError` naming the backbone when
+    its family declares none (fine-tuning needs to know which blocks are the top ones)."""
+    blocks = getattr(spec, "blocks", None)
+    if blocks is None:
+        from ..encode.backbones.torchvision_models import BLOCK_SPLITS
+
+        families = ", ".join(cls.__name__ for cls in BLOCK_SPLITS)
+        raise FeaturestoreError(
+            f"{spec.name} cannot be fine-tuned: its family ({spec.description}) declares no split into blocks; "
+            f"image fine-tuning supports efficientnet_lite* and tv:<model> of torchvision's {families}")
+    return blocks
+
+
 def base_network(head: TrainedHead, weights: str | Path | None = None,
-                 spec: BackboneSpec | None = None) -> tuple[EfficientNetLite, Path]:
+                 spec: BackboneSpec | None = None) -> tuple[nn.Module, Path]:
     """The network whose features the head was trained on: its backbone (``spec``, default: resolved from the
     head) with the very checkpoint whose hash the head's fingerprint records (``weights`` for a local file;
-    default: the registry's weights)."""
+    default: the registry's weights). Refused first when the backbone declares no block split."""
     fp = head.fingerprint
-    if not fp["backbone"].startswith("efficientnet_lite"):
-        raise FeaturestoreError(f"fine-tuning supports the efficientnet_lite backbones, not {fp['backbone']}")
-    _, network, path = load_classifier(spec or head_spec(head), weights)
+    spec = spec or head_spec(head)
+    finetunable(spec)
+    _, network, path = load_classifier(spec, weights)
     if file_sha256(path) != fp["weights_sha256"]:
         raise WeightsMismatchError(
             f"{path}: these weights (sha256 {file_sha256(path)[:12]}…) are not the ones head {head.name} was "
@@ -80,55 +100,83 @@ def build_model(head: TrainedHead, config: FinetuneConfig, probe=None,
     fingerprint) with ``probe`` (default: :func:`train_only_probe`) as classifier; returns it and the names of
     the parameters that may train (all unfrozen ones; a gradual schedule enables them epoch by epoch)."""
     network, _ = base_network(head, weights)
-    return prepare_top(network, head, config, probe)
+    return prepare_top(network, head, config, probe, head_spec(head).blocks)
 
 
-def prepare_top(network: EfficientNetLite, head: TrainedHead, config: FinetuneConfig,
-                probe=None) -> tuple[UpperBlocks, list[str]]:
-    """``network`` with the probe as classifier and only the layers ``config`` unfreezes trainable."""
+def set_classifier(network: nn.Module, split: BlockSplit, classifier: nn.Module) -> None:
+    """Put ``classifier`` in place of ``network``'s final linear layer (``split.classifier``)."""
+    parent, _, leaf = split.classifier.rpartition(".")
+    setattr(network.get_submodule(parent) if parent else network, leaf, classifier)
+
+
+def prepare_top(network: nn.Module, head: TrainedHead, config: FinetuneConfig, probe=None,
+                split: BlockSplit | None = None) -> tuple[UpperBlocks, list[str]]:
+    """``network`` (cut by ``split``, default EfficientNet-Lite's) with the probe as classifier and only the layers
+    ``config`` unfreezes trainable; returns the trainable top and the names of the parameters that may train."""
+    split = split_of(network, split)
     estimator = probe if probe is not None else train_only_probe(head)
-    network._fc = ProbeClassifier(*probe_weights(estimator, len(head.class_names)))
-    first = first_trainable_block(network, config.unfreeze_blocks)
+    set_classifier(network, split, ProbeClassifier(*probe_weights(estimator, len(head.class_names))))
+    first = first_trainable_block(network, config.unfreeze_blocks, split)
+    top = UpperBlocks(network, first, split=split)
+    roles = _Roles(top)
     trainable = []
     for name, parameter in network.named_parameters():
-        train = _trains(name, first, config)
+        train = roles.trains(name, first, config.train_batchnorm)
         parameter.requires_grad_(train)
         if train:
             trainable.append(name)
-    return UpperBlocks(network, first), trainable
+    return top, trainable
 
 
-def _trains(name: str, first_block: int, config: FinetuneConfig) -> bool:
-    """Whether parameter ``name`` of the network trains: the classifier always; the head convolution and the
-    blocks from ``first_block`` up, except BatchNorm affine parameters unless ``train_batchnorm``."""
-    if name.startswith("_fc."):
-        return True
-    is_bn = name.split(".")[-2].startswith("_bn")  # e.g. _blocks.14._bn0.weight, _bn1.bias
-    if is_bn and not config.train_batchnorm:
-        return False
-    if name.startswith("_conv_head.") or name.startswith("_bn1."):
-        return True
-    return name.startswith("_blocks.") and int(name.split(".")[1]) >= first_block
+class _Roles:
+    """Where each parameter and module of ``top.network`` sits in its split: the classifier, the head (the layers
+    between the last block and the classifier), block i (0 at the bottom), or the frozen stem; and which are
+    BatchNorm."""
 
+    def __init__(self, top: UpperBlocks):
+        network, split = top.network, top.split
+        self.n_blocks = len(top.block_names)
+        self.block: dict[str, int] = {}  # parameter or module name → its block
+        for index, name in enumerate(top.block_names):
+            block = network.get_submodule(name)
+            self.block.update({key: index for key, _ in block.named_parameters(prefix=name)})
+            self.block.update({key: index for key, _ in block.named_modules(prefix=name)})
+        self.head: set[str] = set()
+        for name in split.head_modules():
+            module = network.get_submodule(name)
+            self.head.update(key for key, _ in module.named_parameters(prefix=name))
+            self.head.update(key for key, _ in module.named_modules(prefix=name))
+        classifier = network.get_submodule(split.classifier)
+        self.classifier = {key for key, _ in classifier.named_parameters(prefix=split.classifier)}
+        self.batchnorm = {f"{owner}.{key}" if owner else key
+                          for owner, module in network.named_modules() if isinstance(module, _BatchNorm)
+                          for key, _ in module.named_parameters(recurse=False)}
 
-def _block_depth(name: str, network: EfficientNetLite) -> int:
-    """0 for the top block (and the head convolution), 1 for the block below it, …"""
-    if name.startswith("_blocks."):
-        return len(network._blocks) - 1 - int(name.split(".")[1])
-    return 0
+    def trains(self, name: str, first_block: int, train_batchnorm: bool) -> bool:
+        """Whether parameter ``name`` trains: the classifier always; the head's layers and the blocks from
+        ``first_block`` up, except BatchNorm affine parameters unless ``train_batchnorm``."""
+        if name in self.classifier:
+            return True
+        if name in self.batchnorm and not train_batchnorm:
+            return False
+        return name in self.head or self.block.get(name, -1) >= first_block
+
+    def depth(self, name: str) -> int:
+        """0 for the top block (and the head's layers), 1 for the block below it, …"""
+        return self.n_blocks - 1 - self.block[name] if name in self.block else 0
 
 
 def optimizer_for(top: UpperBlocks, config: FinetuneConfig) -> torch.optim.AdamW:
     """AdamW (:func:`training.adamw`: fused when ``top`` is on CUDA, so call it after moving ``top``): the
-    classifier at ``head_lr``; the block at depth d from the top (the head convolution: 0) at
+    classifier at ``head_lr``; the block at depth d from the top (the head's layers: 0) at
     ``head_lr × backbone_lr_factor × layer_lr_decay**d``."""
-    network = top.network
+    network, roles = top.network, _Roles(top)
     groups: dict[float, list[nn.Parameter]] = {}
     for name, parameter in network.named_parameters():
         if not parameter.requires_grad:
             continue
-        lr = config.head_lr if name.startswith("_fc.") else (
-            config.head_lr * config.backbone_lr_factor * config.layer_lr_decay ** _block_depth(name, network))
+        lr = config.head_lr if name in roles.classifier else (
+            config.head_lr * config.backbone_lr_factor * config.layer_lr_decay ** roles.depth(name))
         groups.setdefault(lr, []).append(parameter)
     return adamw([{"params": params, "lr": lr} for lr, params in groups.items()], config.weight_decay)
 
@@ -136,23 +184,27 @@ def optimizer_for(top: UpperBlocks, config: FinetuneConfig) -> torch.optim.AdamW
 def epoch_setup(top: UpperBlocks, config: FinetuneConfig):
     """A callback for :func:`training.train`: train mode for dropout; the blocks that train this epoch (all
     unfrozen ones, or for ``gradual`` the top ``epoch`` of them) get gradients; every BatchNorm stays in eval
-    (frozen statistics) unless ``train_batchnorm``, and BatchNorms of frozen layers always do."""
-    network = top.network
+    (frozen statistics) unless ``train_batchnorm``, and BatchNorms of frozen layers always do. The frozen part
+    below the cut (stem and lower blocks) stays in eval mode whole, its dropout and stochastic depth included: it
+    computes what the trunk cache holds, even when it runs every epoch (``source: images``)."""
+    network, roles = top.network, _Roles(top)
     unfrozen = [name for name, p in network.named_parameters() if p.requires_grad]
+    below = [network.get_submodule(name) for name in top.split.stem if isinstance(name, str)]
+    below += [network.get_submodule(name) for name in top.block_names[:top.first_block]]
 
     def setup(epoch: int) -> None:
         top.train()
         active = config.unfreeze_blocks if config.schedule == "fixed" else min(config.unfreeze_blocks, epoch)
-        first_active = len(network._blocks) - active
+        first_active = roles.n_blocks - active
         for name, parameter in network.named_parameters():
             if name in unfrozen:
-                blocked = name.startswith("_blocks.") and int(name.split(".")[1]) < first_active
-                parameter.requires_grad_(not blocked)
+                parameter.requires_grad_(not roles.block.get(name, first_active) < first_active)
         for name, module in network.named_modules():
-            if isinstance(module, nn.BatchNorm2d):
-                in_active = name.startswith("_bn1") or (name.startswith("_blocks.")
-                                                        and int(name.split(".")[1]) >= first_active)
+            if isinstance(module, _BatchNorm):
+                in_active = name in roles.head or roles.block.get(name, -1) >= first_active
                 module.train(config.train_batchnorm and in_active)
+        for module in below:
+            module.eval()
 
     return setup
 
@@ -168,26 +220,27 @@ def trunk_cache_for(head: TrainedHead, data: str | Path | Source, cache: str | P
     return _build_trunk_cache(head, spec, network, path, data, cache, config, device, progress, batch_size, engine)
 
 
-def _build_trunk_cache(head: TrainedHead, spec: BackboneSpec, network: EfficientNetLite, path: Path,
+def _build_trunk_cache(head: TrainedHead, spec: BackboneSpec, network: nn.Module, path: Path,
                        data: str | Path | Source, cache: str | Path, config: FinetuneConfig, device: str,
                        progress: bool, batch_size: int = 64, engine: str = "auto"):
     source = data if isinstance(data, Source) else scan_source(data)
     preprocessing = Preprocessing.from_dict(head.fingerprint["preprocessing"])
     return build_trunk_cache(
-        network, preprocessing, first_trainable_block(network, config.unfreeze_blocks), source, cache,
+        network, preprocessing, first_trainable_block(network, config.unfreeze_blocks, spec.blocks), source, cache,
         backbone=head.fingerprint["backbone"], weights_path=str(path), weights_sha256=file_sha256(path),
         code_modules=spec.code_modules, store_fingerprint_hash=head.fingerprint_hash, views=config.views,
         recipe=ViewRecipe(config.crop_scale_min), seed=config.seed, dtype=config.cache_dtype, device=device,
-        batch_size=batch_size, workers=config.workers, progress=progress, engine=engine)
+        batch_size=batch_size, workers=config.workers, progress=progress, engine=engine, split=spec.blocks)
 
 
 def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(),
              device: str = "auto", progress: bool = True, checkpoint_dir: str | Path | None = None,
              keep_checkpoint: bool = False, train_per_class: int | None = None, probe=None,
              weights: str | Path | None = None, cache: str | Path | None = None) -> FinetuneResult:
-    """Fine-tune on ``data``'s train split, early-stop on its val split, write the best weights to ``out`` (an
-    EfficientNet-Lite state dict usable as ``--weights``), checkpointing every epoch to ``checkpoint_dir/last.pt``
-    (deleted once finished unless ``keep_checkpoint``).
+    """Fine-tune on ``data``'s train split, early-stop on its val split, write the best weights to ``out`` (a state
+    dict of the head's backbone, its classifier the fine-tuned probe: usable as ``extract --weights`` with that
+    backbone), checkpointing every epoch to ``checkpoint_dir/last.pt`` (deleted once finished unless
+    ``keep_checkpoint``). A backbone whose family declares no block split is refused before anything is written.
 
     ``cache`` is the trunk cache's path (default ``<out>.trunk.h5``; built or updated first when
     ``config.source`` is "cache"). ``train_per_class`` trains on a nested subset of that many train images per
@@ -195,11 +248,12 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     local checkpoint the head's features came from, if not the registry's.
     """
     out = Path(out)
+    spec = head_spec(head)
+    split = finetunable(spec)
     checkpoints = checkpoint_folder(out, checkpoint_dir)
     torch_device = resolve_device(device)
     source = scan_source(data)
     rows = finetune_rows(head, train_per_class, config.seed)  # the probe's rows, by content id
-    spec = head_spec(head)
     network, weights_path = base_network(head, weights, spec)
     preprocessing = Preprocessing.from_dict(head.fingerprint["preprocessing"])
     cache_path, cache_seconds = None, 0.0
@@ -213,17 +267,19 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
                                     eval_rows={name: trunk.rows_of(name, chosen.ids)
                                                for name, chosen in rows.splits().items() if name != "train"})
     else:  # the frozen lower blocks run inside the loop, every epoch, on freshly decoded images
-        first = first_trainable_block(network, config.unfreeze_blocks)
+        first = first_trainable_block(network, config.unfreeze_blocks, split)
         lower = trunk_model(network, preprocessing, first, head.fingerprint["backbone"], str(weights_path),
-                            file_sha256(weights_path), ())
+                            file_sha256(weights_path), (), split)
         records = {name: records_for(source, chosen, rows.store) for name, chosen in rows.splits().items()}
         batches = ImageBatches(records.pop("train"), records, preprocessing, lower, torch_device,
-                               shape=activation_shape(network, first, preprocessing.image_size),
+                               shape=activation_shape(network, first, preprocessing.image_size, split),
                                recipe=ViewRecipe(config.crop_scale_min) if config.views else None,
                                workers=config.workers, seed=config.seed)
-    top, _ = prepare_top(network, head, config, probe if probe is not None else train_only_probe(head, rows.train.rows))
+    top, _ = prepare_top(network, head, config, probe if probe is not None else train_only_probe(head, rows.train.rows),
+                         split)
     top.to(torch_device)
-    run_key = run_identity(head, config, network._fc.state_dict(), rows, torch_device.type == "cuda")
+    run_key = run_identity(head, config, network.get_submodule(split.classifier).state_dict(), rows,
+                           torch_device.type == "cuda")
     torch.manual_seed(config.seed)  # here, after every setup step that may draw from it: dropout starts alike
     steps_per_epoch = -(-batches.n_train // config.batch_size)
     result, best_state = train(

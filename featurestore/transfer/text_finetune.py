@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from ..utils.devices import resolve_device
 from ..utils.validation import check_range
 from .probe import (
     FinetuneResult,
+    FinetuneRows,
     ProbeClassifier,
     finetune_rows,
     head_spec,
@@ -111,7 +112,8 @@ class CachedHidden:
             self.documents[split], self.labels[split] = hidden, np.array(labels, dtype=np.int64)
         self.n_train = len(self.documents["train"])
 
-    def _batch(self, split: str, indices) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def batch(self, split: str, indices) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The documents ``indices`` (positions in ``split``, in that order) padded to one batch, on the device."""
         docs = [self.documents[split][i] for i in indices]
         windows = max(h.shape[0] for h, _ in docs)
         tokens = max(h.shape[1] for h, _ in docs)
@@ -126,7 +128,7 @@ class CachedHidden:
     def train_batches(self, epoch: int, batch_size: int):
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)
         for start in range(0, self.n_train, batch_size):
-            yield self._batch("train", order[start:start + batch_size])
+            yield self.batch("train", order[start:start + batch_size])
 
     def eval_batches(self, split: str):
         if split in self.resident:  # on a GPU: padded once, kept on the device for every epoch
@@ -134,14 +136,14 @@ class CachedHidden:
             return
         batches = []
         for start in range(0, len(self.documents[split]), 32):
-            batch = self._batch(split, range(start, min(start + 32, len(self.documents[split]))))
+            batch = self.batch(split, range(start, min(start + 32, len(self.documents[split]))))
             batches.append(batch)
             yield batch
         if self.device.type == "cuda":
             self.resident[split] = batches
 
 
-def _optimizer(top: TextTop, config: FinetuneConfig) -> torch.optim.AdamW:
+def text_optimizer(top: TextTop, config: FinetuneConfig) -> torch.optim.AdamW:
     """AdamW (:func:`training.adamw`: fused when ``top`` is on CUDA): the classifier at ``head_lr``, the layer at
     depth d from the top at ``head_lr × backbone_lr_factor × layer_lr_decay**d``."""
     layers = top.model.encoder.encoder.layer
@@ -165,29 +167,51 @@ def _epoch_setup(top: TextTop, config: FinetuneConfig):
     return setup
 
 
-def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(),
-                  device: str = "auto", progress: bool = True, checkpoint_dir: str | Path | None = None,
-                  keep_checkpoint: bool = False, train_per_class: int | None = None, probe=None) -> FinetuneResult:
-    """Fine-tune the top ``config.unfreeze_blocks`` layers of the head's sentence encoder on ``data``'s train
-    split, early-stopped on val; write the encoder's state dict to ``out`` (a checkpoint for ``--weights``)."""
+@dataclass(frozen=True)
+class TextRun:
+    """What a text fine-tune (this module's or SetFit's, ``setfit.py``) starts from: the probe's rows of the head's
+    store (``rows``), their checked records per split, the encoder with the head's weights, the index of its first
+    trainable layer (``first``) and the tokenizer of the store's tokenization."""
+
+    rows: FinetuneRows
+    records: dict[str, list[Record]]
+    model: TextFeatureModel
+    first: int
+    tokenizer: Tokenizer
+
+
+def text_run(head: TrainedHead, data: str | Path, unfreeze_blocks: int, train_per_class: int | None,
+             seed: int) -> TextRun:
+    """The start of a fine-tune of the top ``unfreeze_blocks`` layers of ``head``'s sentence encoder on ``data``:
+    the probe's train rows (all, or ``train_per_class`` per class drawn by ``seed``), every val and test row,
+    selected by content id. Errors: not a text head, weights not the head's, too many layers."""
     fp = head.fingerprint
     if fp.get("kind") != "text":
         raise FeaturestoreError(f"{head.name} is not a text head")
-    if config.views:
-        raise FeaturestoreError("augmented views are for images; set views to 0 for a text backbone")
-    out = Path(out)
-    checkpoints = checkpoint_folder(out, checkpoint_dir)
-    torch_device = resolve_device(device)
     source = scan_source(data)
-    rows = finetune_rows(head, train_per_class, config.seed)  # the probe's rows, by content id
+    rows = finetune_rows(head, train_per_class, seed)  # the probe's rows, by content id
     records = {name: records_for(source, chosen, rows.store) for name, chosen in rows.splits().items()}
     model = load_text_backbone(head_spec(head))
     if model.weights_sha256 != fp["weights_sha256"]:
         raise WeightsMismatchError(f"{model.name}: its weights are not the ones head {head.name} was trained on")
     layers = len(model.encoder.encoder.layer)
-    check_range("unfreeze_blocks (transformer layers)", config.unfreeze_blocks, 1, layers)
-    first = layers - config.unfreeze_blocks
+    check_range("unfreeze_blocks (transformer layers)", unfreeze_blocks, 1, layers)
     tokenizer = Tokenizer(model.model_dir / "tokenizer.json", Tokenization(**fp["tokenization"]))
+    return TextRun(rows, records, model, layers - unfreeze_blocks, tokenizer)
+
+
+def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(),
+                  device: str = "auto", progress: bool = True, checkpoint_dir: str | Path | None = None,
+                  keep_checkpoint: bool = False, train_per_class: int | None = None, probe=None) -> FinetuneResult:
+    """Fine-tune the top ``config.unfreeze_blocks`` layers of the head's sentence encoder on ``data``'s train
+    split, early-stopped on val; write the encoder's state dict to ``out`` (a checkpoint for ``--weights``)."""
+    if config.views:
+        raise FeaturestoreError("augmented views are for images; set views to 0 for a text backbone")
+    out = Path(out)
+    checkpoints = checkpoint_folder(out, checkpoint_dir)
+    torch_device = resolve_device(device)
+    run = text_run(head, data, config.unfreeze_blocks, train_per_class, config.seed)
+    rows, records, model, first, tokenizer = run.rows, run.records, run.model, run.first, run.tokenizer
     started = time.perf_counter()
     cache = CachedHidden(model, tokenizer, {"train": records["train"], "val": records["val"]}, first, torch_device,
                          seed=config.seed)
@@ -204,7 +228,7 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
     # The best epoch is the encoder *and* the classifier of that epoch: restoring the encoder alone would
     # score it with the last epoch's classifier.
     result, best_state = train(
-        top, top.state_dict, _optimizer(top, config), cache, epochs=config.epochs,
+        top, top.state_dict, text_optimizer(top, config), cache, epochs=config.epochs,
         batch_size=config.batch_size, patience=config.patience, device=torch_device, run_key=run_key,
         checkpoint=checkpoints / "last.pt", warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         on_epoch=_epoch_setup(top, config), progress=progress, desc="fine-tune text", unit="text")

@@ -1,7 +1,9 @@
-"""The frozen trunk of an EfficientNet-Lite below its top blocks, and a cache of its activations.
+"""The frozen trunk of an image backbone below its top blocks, and a cache of its activations.
 
-Fine-tuning the top ``k`` MBConv blocks runs the frozen part (stem and the blocks below, BatchNorm in eval
-mode) on exactly the same input every epoch. The trunk cache runs it once per image and per augmented view
+Where the network is cut comes from its backbone's block split (:class:`~featurestore.encode.backbones.BlockSplit`:
+EfficientNet-Lite's MBConv blocks, torchvision's ``features`` stages or ResNet's ``layer1..4``, …). Fine-tuning
+the top ``k`` blocks runs the frozen part (stem and the blocks below, BatchNorm in eval mode) on exactly the same
+input every epoch. The trunk cache runs it once per image and per augmented view
 and keeps the activations (N, C, H, W), flattened, in an HDF5 store written by the extraction core (same
 fingerprinting, incremental reuse, journal, lock). Splits: ``train`` (the clean view), ``train.view1`` …
 ``train.viewV`` (seeded random resized crops + flips), ``val`` and ``test`` (clean only). View k of an
@@ -15,85 +17,121 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.sources import Record, Source, rows_for_ids
 from ..encode.backbones import FeatureModel
 from ..encode.backbones.efficientnet_lite import EfficientNetLite
+from ..encode.backbones.model import BlockSplit, run_steps
+from ..encode.backbones.registry import LITE_BLOCKS
 from ..encode.encoders import Item, Runner, view_id
 from ..encode.engines import make_engine
 from ..encode.images import collate_decoded, load_image
 from ..encode.preprocess import Preprocessing
-from ..errors import ImageDecodeError, StoreError
+from ..errors import FeaturestoreError, ImageDecodeError, StoreError
 from ..store.hdf5 import SCHEMA_VERSION, FeatureStore
 from ..utils.provenance import feature_code_digest, library_versions
 from ..utils.validation import check_range
 from .augment import ViewRecipe, random_view, view_rng
 
-TRUNK_MODULES = ("featurestore.transfer.trunk", "featurestore.transfer.augment")
+# The trunk's code: this module, the view recipe, and the registry, where EfficientNet-Lite's split is declared
+# (a torchvision split is declared in its family module, already among the backbone's code modules).
+TRUNK_MODULES = ("featurestore.transfer.trunk", "featurestore.transfer.augment",
+                 "featurestore.encode.backbones.registry")
 
 
-def first_trainable_block(network: EfficientNetLite, unfreeze_blocks: int) -> int:
-    """Index of the lowest block that trains when the top ``unfreeze_blocks`` do."""
-    total = len(network._blocks)
+def split_of(network: nn.Module, split: BlockSplit | None = None) -> BlockSplit:
+    """``split``, or by default the split of an EfficientNet-Lite ``network`` (any other network must be given its
+    backbone's split, ``spec.blocks``)."""
+    if split is not None:
+        return split
+    if isinstance(network, EfficientNetLite):
+        return LITE_BLOCKS
+    raise FeaturestoreError(f"{type(network).__name__}: no block split given (pass its backbone entry's blocks)")
+
+
+def first_trainable_block(network: nn.Module, unfreeze_blocks: int, split: BlockSplit | None = None) -> int:
+    """Index of the lowest block that trains when the top ``unfreeze_blocks`` of ``network``'s blocks do."""
+    total = len(split_of(network, split).block_names(network))
     check_range("unfreeze_blocks", unfreeze_blocks, 0, total)
     return total - unfreeze_blocks
 
 
 class LowerBlocks(nn.Module):
-    """Stem and ``blocks[:first_block]``: normalised images (N, 3, S, S) float32 → activations (N, C·H·W)."""
+    """The stem and ``blocks[:first_block]`` of ``network`` (its split's): normalised images (N, 3, S, S) float32 →
+    activations (N, C·H·W) float32. Holds those modules only (shared with ``network``), so that an export of the
+    trunk carries no weight of the layers above the cut."""
 
-    def __init__(self, network: EfficientNetLite, first_block: int):
+    def __init__(self, network: nn.Module, first_block: int, split: BlockSplit | None = None):
         super().__init__()
-        self._conv_stem, self._bn0 = network._conv_stem, network._bn0
-        self.blocks = nn.ModuleList(network._blocks[:first_block])
+        split = split_of(network, split)
+        self.steps = split.stem
+        self.stem = nn.ModuleDict({_key(step): network.get_submodule(step) for step in split.stem
+                                   if isinstance(step, str)})
+        self.blocks = nn.ModuleList(network.get_submodule(name) for name in split.block_names(network)[:first_block])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (N, 3, S, S) float32 → the activations entering the first block above the cut,
+        (N, C, H, W) float32."""
+        for step in self.steps:
+            x = self.stem[_key(step)](x) if isinstance(step, str) else step(x)
         for block in self.blocks:
             x = block(x)
-        return torch.flatten(x, 1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.activations(x), 1)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # a ModuleDict key holds no dot
 
 
 class UpperBlocks(nn.Module):
-    """``blocks[first_block:]``, the head convolution, pooling, dropout and the classifier: activations
-    (N, C, H, W) float32 → logits (N, K). With ``first_block=0`` and ``with_stem`` it is the whole network on
-    normalised images (the from-scratch baseline). Shares its modules with ``network``."""
+    """``blocks[first_block:]`` of ``network`` (its split's), then its head through the classifier (for
+    EfficientNet-Lite: the head convolution, pooling, dropout and the classifier): activations (N, C, H, W) float32
+    → logits (N, K). With ``first_block=0`` and ``with_stem`` it is the whole network on normalised images (the
+    from-scratch baseline). Shares its modules with ``network``; ``block_names`` are the split's blocks."""
 
-    def __init__(self, network: EfficientNetLite, first_block: int, with_stem: bool = False):
+    def __init__(self, network: nn.Module, first_block: int, with_stem: bool = False,
+                 split: BlockSplit | None = None):
         super().__init__()
         self.network = network
+        self.split = split_of(network, split)
         self.first_block = first_block
         self.with_stem = with_stem
+        self.block_names = self.split.block_names(network)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.network
         if self.with_stem:
-            x = F.relu6(net._bn0(net._conv_stem(x)))
-        for block in net._blocks[self.first_block:]:
-            x = block(x)
-        x = F.relu6(net._bn1(net._conv_head(x)))
-        return net._fc(net._dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+            x = run_steps(net, self.split.stem, x)
+        for name in self.block_names[self.first_block:]:
+            x = net.get_submodule(name)(x)
+        return run_steps(net, self.split.head, x)
 
 
-def activation_shape(network: EfficientNetLite, first_block: int, image_size: int) -> tuple[int, int, int]:
+def activation_shape(network: nn.Module, first_block: int, image_size: int,
+                     split: BlockSplit | None = None) -> tuple[int, int, int]:
     """(C, H, W) of the activations entering ``blocks[first_block]`` for ``image_size`` inputs."""
-    lower = LowerBlocks(network, first_block).eval()
+    lower = LowerBlocks(network, first_block, split)
+    modes = [(module, module.training) for module in lower.modules()]
+    lower.eval()  # one image: BatchNorm in training mode would refuse it
     with torch.inference_mode():
-        x = F.relu6(lower._bn0(lower._conv_stem(torch.zeros(1, 3, image_size, image_size))))
-        for block in lower.blocks:
-            x = block(x)
+        x = lower.activations(torch.zeros(1, 3, image_size, image_size))
+    for module, training in modes:  # the modules are the network's: leave them as they were
+        module.train(training)
     return tuple(x.shape[1:])
 
 
-def trunk_model(network: EfficientNetLite, preprocessing: Preprocessing, first_block: int, backbone: str,
-                weights_path: str, weights_sha256: str, code_modules: tuple[str, ...]) -> FeatureModel:
+def trunk_model(network: nn.Module, preprocessing: Preprocessing, first_block: int, backbone: str,
+                weights_path: str, weights_sha256: str, code_modules: tuple[str, ...],
+                split: BlockSplit | None = None) -> FeatureModel:
     """The frozen trunk as a :class:`FeatureModel` (uint8 images in, flattened activations out), so the
     extraction engines (eager torch, or the cached ONNX graph on onnxruntime) run it like any backbone."""
-    shape = activation_shape(network, first_block, preprocessing.image_size)
-    return FeatureModel(LowerBlocks(network, first_block), int(np.prod(shape)), preprocessing,
+    shape = activation_shape(network, first_block, preprocessing.image_size, split)
+    return FeatureModel(LowerBlocks(network, first_block, split), int(np.prod(shape)), preprocessing,
                         f"{backbone}.trunk{first_block}", weights_path, weights_sha256,
                         tuple(code_modules) + TRUNK_MODULES)
 
@@ -178,18 +216,21 @@ class TrunkViewsEncoder:
         return items
 
 
-def build_trunk_cache(network: EfficientNetLite, preprocessing: Preprocessing, first_block: int, source: Source,
+def build_trunk_cache(network: nn.Module, preprocessing: Preprocessing, first_block: int, source: Source,
                       out: str | Path, *, backbone: str, weights_path: str, weights_sha256: str,
                       code_modules: tuple[str, ...], store_fingerprint_hash: str, views: int, recipe: ViewRecipe,
                       seed: int, dtype: str = "float16", device: str = "auto", engine: str = "auto",
-                      batch_size: int = 64, workers: int = 1, progress: bool = True):
-    """Run the frozen trunk below ``blocks[first_block]`` over ``source`` (every split's clean view, and
-    ``views`` augmented views of train) into the store ``out``; returns the extraction summary."""
+                      batch_size: int = 64, workers: int = 1, progress: bool = True,
+                      split: BlockSplit | None = None):
+    """Run the frozen trunk below ``blocks[first_block]`` (of ``split``, default EfficientNet-Lite's) over
+    ``source`` (every split's clean view, and ``views`` augmented views of train) into the store ``out``; returns
+    the extraction summary."""
     from ..extract.phases import extract_with
     from ..utils.devices import resolve_device
 
-    trunk = trunk_model(network, preprocessing, first_block, backbone, weights_path, weights_sha256, code_modules)
-    shape = activation_shape(network, first_block, preprocessing.image_size)
+    trunk = trunk_model(network, preprocessing, first_block, backbone, weights_path, weights_sha256, code_modules,
+                        split)
+    shape = activation_shape(network, first_block, preprocessing.image_size, split)
     torch_device = resolve_device(device)
     encoder = TrunkViewsEncoder(trunk, shape, store_fingerprint_hash, views, recipe, seed, dtype, engine,
                                 torch_device)

@@ -1,5 +1,6 @@
-"""What an image backbone is: its registry entry (:class:`BackboneSpec`) and the frozen feature model built
-from it (:class:`FeatureModel`: raw uint8 pixels in, pooled embeddings out)."""
+"""What an image backbone is: its registry entry (:class:`BackboneSpec`), how its network splits into ordered
+blocks for fine-tuning (:class:`BlockSplit`), and the frozen feature model built from it (:class:`FeatureModel`:
+raw uint8 pixels in, pooled embeddings out)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,63 @@ import torch
 from torch import nn
 
 from ..preprocess import Preprocessing
+
+Step = str | Callable[[torch.Tensor], torch.Tensor]  # a dotted module name, or a function without parameters
+
+
+def pool_flatten(x: torch.Tensor) -> torch.Tensor:
+    """Global average pooling: activations (N, C, H, W) → (N, C), same dtype."""
+    return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, 1, 1) or (N, …) → (N, C·…), same dtype."""
+    return torch.flatten(x, 1)
+
+
+@dataclass(frozen=True)
+class BlockSplit:
+    """How an image classifier splits into ordered blocks: what fine-tuning unfreezes from the top, and where the
+    trunk cache cuts it.
+
+    The network computes ``head(blocks[-1](… blocks[0](stem(x))))``: ``stem`` maps normalised images
+    (N, 3, S, S) float32 to the first block's input, each block maps activations (N, C, H, W) float32 to the next
+    block's, and ``head`` maps the last block's output to logits (N, K) through ``classifier``, the dotted name of
+    the final linear layer (the one feature extraction drops and the linear probe replaces). ``stem`` and ``head``
+    are steps applied in order: a dotted module name of the network, or a function without parameters (an
+    activation, a pooling). ``blocks`` are dotted module names, bottom to top; ``name.*`` stands for every child of
+    ``name``, in order (torchvision's ``features.*``). Cutting below block k, the frozen trunk is the stem and
+    blocks ``[0, k)``; blocks ``[k, n)`` and every parameter of the head's modules (a head convolution, the
+    classifier) train.
+    """
+
+    blocks: tuple[str, ...]
+    classifier: str
+    stem: tuple[Step, ...] = ()
+    head: tuple[Step, ...] = ()
+    family: str = ""  # what the split was declared for, as error messages name it
+
+    def block_names(self, network: nn.Module) -> list[str]:
+        """The blocks' dotted names in ``network``, bottom to top (``name.*`` expanded)."""
+        names = []
+        for entry in self.blocks:
+            if entry.endswith(".*"):
+                parent = entry[:-2]
+                names.extend(f"{parent}.{child}" for child, _ in network.get_submodule(parent).named_children())
+            else:
+                names.append(entry)
+        return names
+
+    def head_modules(self) -> tuple[str, ...]:
+        """Dotted names of the head's modules (their parameters train with the top blocks)."""
+        return tuple(step for step in self.head if isinstance(step, str))
+
+
+def run_steps(network: nn.Module, steps: tuple[Step, ...], x: torch.Tensor) -> torch.Tensor:
+    """Apply ``steps`` (module names of ``network`` or parameterless functions) to ``x`` in order."""
+    for step in steps:
+        x = network.get_submodule(step)(x) if isinstance(step, str) else step(x)
+    return x
 
 
 @dataclass(frozen=True)
@@ -35,6 +93,8 @@ class BackboneSpec:
     # Modules whose source defines the architecture: their digest is part of every fingerprint.
     code_modules: tuple[str, ...] = ()
     kind: str = "image"
+    # How the network splits into blocks for fine-tuning (None: its family declares no split; it cannot fine-tune).
+    blocks: BlockSplit | None = None
 
 
 class PixelNormalize(nn.Module):

