@@ -168,7 +168,8 @@ def _extract_parser(sub) -> None:
     p.add_argument("--data", required=True, help="a folder tree (train/val/test/<class>/<file>) or a CSV/JSONL "
                                                  "manifest of images or texts")
     p.add_argument("--backbone", default="efficientnet_lite0",
-                   help="registry name (`featurestore backbones`: image or text), or tv:<torchvision model>")
+                   help="registry name (`featurestore backbones`: image or text), tv:<torchvision model>, or "
+                        "timm:<timm model> (with --weights: timm ships no weights)")
     p.add_argument("--out", required=True, help="the HDF5 store to create or update")
     p.add_argument("--weights", help="a local checkpoint instead of the backbone's default weights")
     p.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE), help="input size in pixels (default: the "
@@ -326,7 +327,7 @@ def _curve_parser(sub) -> None:
     p.add_argument("--allow-overlap", action="store_true",
                    help="score a test split that shares items with train/val (refused by default: a leak)")
     p.add_argument("--weights", help="images, probe_finetune: the local checkpoint the store's features came from "
-                                     "(a tv: backbone's file), if not the registry's")
+                                     "(a tv: or timm: backbone's file), if not the registry's")
     add_config_options(p, FinetuneConfig, by_modality=FINETUNE_DEFAULTS)
     add_prefixed_options(p.add_argument_group("from-scratch baseline"), ScratchConfig, "scratch")
     add_prefixed_options(p.add_argument_group("small CNN from scratch (method small_cnn, images)"), SmallCNNConfig,

@@ -47,6 +47,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
         print(f"{row['name']:22s} dim={row['feature_dim']:<5d} {recipe}\n{'':22s} weights: {row['weights_source']}")
     print("tv:<model>             any torchvision classification model with its default weights "
           "(`featurestore backbones --torchvision` lists them)")
+    print("timm:<model>           any timm model with a linear classifier, its pretrained_cfg preprocessing, weights "
+          "from a local file (--weights)")
     return 0
 
 

@@ -298,7 +298,7 @@ class Tokenization:
 
 IMAGE_EXTRACT_KEYS = ("image_size", "crop_pct")
 TEXT_EXTRACT_KEYS = ("max_length", "long_documents", "stride", "max_windows")
-# weights: a local checkpoint (a tv: backbone's file), relative to the project; default the registry's weights
+# weights: a local checkpoint (a tv: or timm: backbone's file), relative to the project; default the registry's weights
 COMMON_EXTRACT_KEYS = ("batch_size", "workers", "device", "engine", "dtype", "on_error", "weights")
 
 

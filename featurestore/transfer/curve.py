@@ -89,7 +89,7 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
               setfit_config: SetFitConfig = SETFIT_DEFAULTS, weights: str | Path | None = None) -> dict:
     """Train ``methods`` (default: the modality's ``DEFAULT_CURVE_METHODS``: all but the from-scratch network)
     at every budget; write ``out``/curve.json, curve.csv and the PNGs; return the result. ``weights``: the local
-    checkpoint the store was extracted with (a ``tv:`` backbone's), where image fine-tuning starts.
+    checkpoint the store was extracted with (a ``tv:`` or ``timm:`` backbone's), where image fine-tuning starts.
 
     ``store`` holds the cached features of the items in ``data`` (train, val and test splits). Like evaluation,
     the curve refuses a test split that shares items with train or val (:class:`LeakError`) unless

@@ -226,8 +226,8 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
     ``baseline`` (default) fits the baseline without an encoder, ``hybrid`` the hybrid head (texts), and the model
     best on validation is named in ``decision["deployed"]`` (``best.deploy_best``).
 
-    ``weights``: the local checkpoint an image store was extracted with (a ``tv:`` backbone's file), where the
-    fine-tune starts; default the registry's weights.
+    ``weights``: the local checkpoint an image store was extracted with (a ``tv:`` or ``timm:`` backbone's file),
+    where the fine-tune starts; default the registry's weights.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 Any backbone whose entry declares a block split (``BackboneSpec.blocks``) fine-tunes: EfficientNet-Lite's MBConv
 blocks, and for ``tv:<model>`` torchvision's ``features`` stages (MobileNet V2/V3, EfficientNet, ConvNeXt, DenseNet),
-ResNet's ``layer1..4``, RegNet's and MNASNet's stages. A backbone without one is refused with one line.
+ResNet's ``layer1..4``, RegNet's and MNASNet's stages, and for ``timm:<model>`` timm's own coarse block grouping
+where it reproduces the model's forward. A backbone without one is refused with one line.
 
 The classifier starts as the logistic-regression head trained on the cache (refitted on the train split,
 scaler folded into its weights), so epoch 0 is exactly the linear probe. The top ``unfreeze_blocks`` blocks and
@@ -72,7 +73,8 @@ def finetunable(spec) -> BlockSplit:
         families = ", ".join(cls.__name__ for cls in BLOCK_SPLITS)
         raise FeaturestoreError(
             f"{spec.name} cannot be fine-tuned: its family ({spec.description}) declares no split into blocks; "
-            f"image fine-tuning supports efficientnet_lite* and tv:<model> of torchvision's {families}")
+            f"image fine-tuning supports efficientnet_lite*, tv:<model> of torchvision's {families}, and "
+            f"timm:<model> where timm's block grouping reproduces the model's forward")
     return blocks
 
 

@@ -29,10 +29,9 @@ from ..encode.encoders import Item, Runner, view_id
 from ..encode.engines import make_engine
 from ..encode.images import collate_decoded, load_image
 from ..encode.preprocess import Preprocessing
-from ..errors import FeaturestoreError, ImageDecodeError, StoreError
+from ..errors import BadValueError, FeaturestoreError, ImageDecodeError, StoreError
 from ..store.hdf5 import SCHEMA_VERSION, FeatureStore
 from ..utils.provenance import feature_code_digest, library_versions
-from ..utils.validation import check_range
 from .augment import ViewRecipe, random_view, view_rng
 
 # The trunk's code: this module, the view recipe, and the registry, where EfficientNet-Lite's split is declared
@@ -53,9 +52,13 @@ def split_of(network: nn.Module, split: BlockSplit | None = None) -> BlockSplit:
 
 def first_trainable_block(network: nn.Module, unfreeze_blocks: int, split: BlockSplit | None = None) -> int:
     """Index of the lowest block that trains when the top ``unfreeze_blocks`` of ``network``'s blocks do."""
-    total = len(split_of(network, split).block_names(network))
-    check_range("unfreeze_blocks", unfreeze_blocks, 0, total)
-    return total - unfreeze_blocks
+    split = split_of(network, split)
+    names = split.block_names(network)
+    if not 0 <= unfreeze_blocks <= len(names):
+        raise BadValueError(f"unfreeze_blocks must be in [0, {len(names)}], got {unfreeze_blocks}: "
+                            f"{split.family or type(network).__name__} has {len(names)} blocks ({names[0]} … "
+                            f"{names[-1]}); pass --unfreeze-blocks")
+    return len(names) - unfreeze_blocks
 
 
 class LowerBlocks(nn.Module):

@@ -1,10 +1,10 @@
 """The backbone registry: a name maps to its family's declared entry (architecture, weights, preprocessing).
 
 Each family module declares its own entries, as timm's model families carry their pretrained configs:
-:mod:`.efficientnet_lite` and :mod:`.text_models` list theirs in ``SPECS``, and :mod:`.torchvision_models`
-resolves ``tv:<model>`` on demand, with its block split. This module collects them (giving the Lite entries their
-block split, :data:`LITE_BLOCKS`), and adds fine-tuned backbones: a
-fine-tuned checkpoint is registered under its own name with its base's architecture, and the entry is
+:mod:`.efficientnet_lite` and :mod:`.text_models` list theirs in ``SPECS``; :mod:`.torchvision_models` resolves
+``tv:<model>`` and :mod:`.timm_models` ``timm:<model>`` on demand, each with its block split. This module collects
+them (giving the Lite entries their block split, :data:`LITE_BLOCKS`), and adds fine-tuned backbones: a fine-tuned
+checkpoint is registered under its own name with its base's architecture, and the entry is
 written as ``backbone.json`` beside the store of its features, where :func:`get_spec` finds it again.
 """
 
@@ -25,6 +25,7 @@ Spec = BackboneSpec | TextBackboneSpec
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 TORCHVISION_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"
 ENTRY_FILE = "backbone.json"  # a fine-tuned backbone's entry, written beside the store of its features
 
 # EfficientNet-Lite's split into its MBConv blocks (16 in Lite0), exactly as ``EfficientNetLite.forward`` runs them: the
@@ -73,8 +74,8 @@ def _register_entries(folders: tuple[Path, ...], name: str) -> None:
 
 
 def list_backbones() -> list[Spec]:
-    """The built-in entries, images first, and the fine-tuned ones registered in this process (torchvision
-    models are resolved on demand as ``tv:<model>``)."""
+    """The built-in entries, images first, and the fine-tuned ones registered in this process (torchvision and
+    timm models are resolved on demand as ``tv:<model>`` and ``timm:<model>``)."""
     return sorted(REGISTRY.values(), key=lambda spec: spec.kind != "image")
 
 
@@ -86,6 +87,10 @@ def get_spec(name: str, search: tuple[str | Path, ...] = ()) -> Spec:
         _register_entries(tuple(Path(folder) for folder in search), name)
     if name in REGISTRY:
         return REGISTRY[name]
+    if name.startswith(TIMM_PREFIX):
+        from . import timm_models  # importing timm costs seconds: only for timm: names
+
+        return timm_models.spec_for(name)  # its errors say what is wrong with that model
     if name.startswith(TORCHVISION_PREFIX):
         from . import torchvision_models  # importing torchvision costs a second: only for tv: names
 
@@ -95,6 +100,7 @@ def get_spec(name: str, search: tuple[str | Path, ...] = ()) -> Spec:
             pass
     known = ", ".join(REGISTRY)
     raise UnknownBackboneError(
-        f"unknown backbone {name!r}. Known: {known}, or tv:<model> for any torchvision classification "
-        f"model (`featurestore backbones --torchvision` lists them, e.g. tv:resnet50)."
+        f"unknown backbone {name!r}. Known: {known}, tv:<model> for any torchvision classification "
+        f"model (`featurestore backbones --torchvision` lists them, e.g. tv:resnet50), or timm:<model> for a timm "
+        f"model with a local weights file."
     )

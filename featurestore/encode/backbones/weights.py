@@ -26,16 +26,23 @@ def file_sha256(path: str | Path) -> str:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a checkpoint file and return its tensor state dict.
 
-    Accepts a bare state dict or one wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``, and
-    strips a DataParallel ``module.`` prefix.
+    Accepts a safetensors file (``*.safetensors``, as the Hugging Face Hub holds timm's weights), or a PyTorch file
+    with a bare state dict or one wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``, and strips a
+    DataParallel ``module.`` prefix.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"{path}: weights file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise WeightsMismatchError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many types for a bad file
+        kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
+        raise WeightsMismatchError(f"{path}: not a readable {kind} checkpoint ({exc})") from exc
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
