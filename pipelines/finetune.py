@@ -36,7 +36,7 @@ if __name__ == "__main__":
         cache_only_heads={name: args.heads_dir / f"{args.backbone}__{name}.skops" for name in heads["heads"]},
         methods=tuple(params.get("methods") or ("probe_finetune",)),
         setfit_config=SetFitConfig(**(params.get("setfit") or {})),
-        baseline=bool(deploy.get("baseline", True)), hybrid=bool(deploy.get("hybrid", False)), weights=weights)
+        baseline=bool(deploy.get("baseline", True)), hybrid=bool(deploy.get("hybrid", True)), weights=weights)
     print(json.dumps({k: decision[k] for k in ("mode", "plateaued", "finetuned", "chosen", "reason")}))
     if "deployed" in decision:
         print(decision["deployed"]["reason"])

@@ -86,6 +86,9 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
         assert decision["chosen"] == decision["choice"]["chosen"] and "gain" in decision["choice"]
         chose_finetuned = decision["chosen"] == "finetuned" and decision["heads"]["logreg"]["deployed"] == "finetuned"
         deployed = f"{backbone}_ft__logreg" if chose_finetuned else f"{backbone}__logreg"
+        # the default deploy section fits the baseline for both, and the hybrid head for texts only
+        kinds = {candidate["kind"] for candidate in decision["candidates"].values()}
+        assert kinds == ({"encoder", "baseline", "hybrid"} if backbone == "minilm_l6" else {"encoder", "baseline"})
         if decision["deployed"]["model"] != "encoder":  # a baseline or hybrid head beat every encoder head on val
             deployed = decision["deployed"]["name"]
         assert deployed in metrics  # the deployed head is evaluated, and its exported model agrees with it

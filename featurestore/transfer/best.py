@@ -7,7 +7,7 @@ validation split of the same feature store (the same rows, picked by content id)
   on the fine-tuned backbone when fine-tuning was kept (``decision["heads"]``, ``compare_heads``' figure);
 - ``baseline``: TF-IDF + logistic regression (texts) or raw pixels + logistic regression (images), no encoder
   (``heads.baseline``);
-- ``hybrid`` (texts, on request): one logistic regression on the encoder's embedding beside TF-IDF rows
+- ``hybrid`` (texts): one logistic regression on the encoder's embedding beside TF-IDF rows
   (``heads.hybrid``).
 
 :func:`best_on_validation` (pure) deploys the baseline or the hybrid head only when it is strictly better than every
@@ -82,7 +82,7 @@ def encoder_candidates(cache_only: Mapping[str, str | Path], decision: Mapping, 
 
 
 def deploy_best(backbone: str, data: str | Path, out: str | Path, cache_only: Mapping[str, str | Path],
-                decision: Mapping, baseline: bool = True, hybrid: bool = False) -> dict:
+                decision: Mapping, baseline: bool = True, hybrid: bool = True) -> dict:
     """Fit the baseline (and the hybrid head) on the store of the cache-only heads, save them under ``out``
     (``baseline.skops``, ``hybrid.skops``), and choose what to deploy. Returns the keys it adds to
     ``decision.json``: ``baseline``, ``hybrid`` (each its summary and file), ``candidates`` and ``deployed``

@@ -62,7 +62,7 @@ gain, best epoch, p-value, alpha, fixes, breaks, disagreements, n, epochs tested
 head name: cache_only_val, finetuned_val, n, deployed, reason).
 
 The best model on validation is the one deployed (``best.py``): the stage also fits the baseline without an encoder
-(TF-IDF or raw pixels + logistic regression, ``baseline.skops``) and, on request, the hybrid head (``hybrid.skops``)
+(TF-IDF or raw pixels + logistic regression, ``baseline.skops``) and, for texts, the hybrid head (``hybrid.skops``)
 on the same rows, and ``decision["candidates"]`` and ``decision["deployed"]`` say which model export ships, with the
 baseline's and the best encoder head's validation accuracies.
 """
@@ -209,7 +209,7 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
                        cache_only_heads: Mapping[str, str | Path] | None = None,
                        methods: tuple[str, ...] = ("probe_finetune",),
                        setfit_config: SetFitConfig = SETFIT_DEFAULTS, baseline: bool = True,
-                       hybrid: bool = False, weights: str | Path | None = None) -> dict:
+                       hybrid: bool = True, weights: str | Path | None = None) -> dict:
     """Decide, fine-tune, choose, and (if chosen) register ``<backbone>_ft``, extract its store, train ``heads``
     (name → HeadConfig) on it and compare each with its cache-only head. Writes and returns ``decision.json``'s
     content.
@@ -223,8 +223,8 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
     with ``setfit_config``, its weights in ``setfit.pth`` until chosen); ``decision["results"]`` then holds each
     one's result, ``decision["result"]`` the chosen method's (else the first's).
 
-    ``baseline`` (default) fits the baseline without an encoder, ``hybrid`` the hybrid head (texts), and the model
-    best on validation is named in ``decision["deployed"]`` (``best.deploy_best``).
+    ``baseline`` (default) fits the baseline without an encoder, ``hybrid`` (default) the hybrid head (texts), and
+    the model best on validation is named in ``decision["deployed"]`` (``best.deploy_best``).
 
     ``weights``: the local checkpoint an image store was extracted with (a ``tv:`` or ``timm:`` backbone's file),
     where the fine-tune starts; default the registry's weights.
