@@ -49,7 +49,7 @@ if __name__ == "__main__":
             for path in raw_models:
                 model = load_baseline(path) if path.name == "baseline.skops" else load_hybrid(path)
                 store = FeatureStore(model.store_path)
-                if store.fingerprint_hash != getattr(model, "fingerprint_hash", model.store_fingerprint_hash):
+                if store.fingerprint_hash != model.store_fingerprint_hash:
                     raise SystemExit(f"{path}: fitted on another version of {store.path}: run its finetune stage")
                 records = records_for(scan_source(store.source_folder()), split_rows(store, split), store)
                 results[model.name] = metrics = evaluate_model(model, store, records, split)

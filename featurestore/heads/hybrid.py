@@ -74,6 +74,11 @@ class HybridModel:
         return f"{self.backbone}__hybrid"
 
     @property
+    def store_fingerprint_hash(self) -> str:
+        """The fingerprint hash of the store it was fitted on (as :class:`BaselineModel` names it)."""
+        return self.fingerprint_hash
+
+    @property
     def classes(self) -> np.ndarray:
         return np.asarray(self.estimator.named_steps["classify"].classes_, dtype=np.int64)
 
