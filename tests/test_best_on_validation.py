@@ -145,7 +145,9 @@ def test_the_baseline_wins_on_validation_is_named_deployed_exported_and_predicte
 
 @pytest.mark.slow
 def test_the_encoder_that_wins_on_validation_stays_deployed(tmp_path):
-    """BBC topics with 3 labelled articles each: the encoder knows topics, TF-IDF has 3 articles to learn from."""
+    """BBC topics with 3 labelled articles each: the encoder knows topics, TF-IDF has 3 articles to learn from. The
+    encoder against the baseline alone (``hybrid=False``); with the default, the hybrid head is a candidate too and
+    here beats both on validation, so it is the one deployed."""
     from featurestore.data.prepare import prepare_bbc_news
 
     data = tmp_path / "bbc"
@@ -156,7 +158,7 @@ def test_the_encoder_that_wins_on_validation_stays_deployed(tmp_path):
     head = train_head(store, HEADS["logreg"]).save(tmp_path / "heads" / "minilm_l6__logreg.skops")
     out = tmp_path / "finetune" / "minilm_l6"
     decision = run_finetune_stage("minilm_l6", head, data, out, RISING, "auto", FinetuneConfig(), HEADS, {},
-                                  cache_only_heads={"logreg": head})
+                                  cache_only_heads={"logreg": head}, hybrid=False)
     deployed = decision["deployed"]
     assert deployed["model"] == "encoder" and deployed["best_encoder_val"] > deployed["baseline_val"]
     assert decision["chosen"] == "probe" and decision["reason"] == "still rising"
@@ -164,6 +166,11 @@ def test_the_encoder_that_wins_on_validation_stays_deployed(tmp_path):
     assert deployed_model(out / "decision.json", head, finetuned) == deployed_head(out / "decision.json", head,
                                                                                    finetuned) == head
     assert "the encoder's heads" in deployment_table({"minilm_l6": decision})
+
+    with_hybrid = run_finetune_stage("minilm_l6", head, data, tmp_path / "with_hybrid", RISING, "auto",
+                                     FinetuneConfig(), HEADS, {}, cache_only_heads={"logreg": head})["deployed"]
+    assert with_hybrid["model"] == "hybrid" and with_hybrid["name"] == "minilm_l6__hybrid"
+    assert with_hybrid["val_accuracy"] > max(with_hybrid["best_encoder_val"], with_hybrid["baseline_val"])
 
 
 # -- raw pixels: the same export and predict path on uint8 images ------------------------------------------------

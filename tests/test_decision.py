@@ -279,7 +279,7 @@ def test_the_stage_compares_the_fine_tuned_heads_before_deploying_them(tmp_path,
     out = tmp_path / "finetune" / "demo"
     decision = run_finetune_stage("demo", cache_only_heads["logreg"], tmp_path / "data", out, PLATEAUED, "auto",
                                   FinetuneConfig(), HEADS, {}, cache_only_heads=cache_only_heads,
-                                  baseline=False)  # its stores are synthetic: no items for a baseline
+                                  baseline=False, hybrid=False)  # synthetic stores: no items for a baseline
     written = json.loads((out / "decision.json").read_text())
     assert written == json.loads(json.dumps(decision)) and written["chosen"] == "finetuned"
     assert written["heads"]["logreg"]["deployed"] == "finetuned"
