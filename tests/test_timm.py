@@ -59,12 +59,23 @@ def timm_probe(fashion_folder_master, tmp_path_factory, timm_checkpoint):
 
 def test_the_entry_takes_the_models_pretrained_cfg():
     """Preprocessing, classifier and feature width come from timm's own config (ResNet-18's a1 recipe: 224 px,
-    crop 0.95, bicubic, ImageNet mean and std; classifier ``fc`` over 512 features)."""
+    crop 0.95, bicubic, ImageNet mean and std; classifier ``fc`` over 512 features). The resize is timm's own,
+    floor(224 / 0.95) = 235 (rounding would give 236), and the normalised pixels equal timm's own eval transform's
+    (torchvision's Resize and CenterCrop) on landscape, portrait and square images, odd crop offsets included."""
+    import numpy as np
+    from PIL import Image
+
     spec = get_spec("timm:resnet18")
     config = timm.create_model("resnet18", pretrained=False).pretrained_cfg
-    assert spec.preprocessing == Preprocessing(image_size=224, crop_pct=config["crop_pct"], interpolation="bicubic",
-                                               mean=tuple(config["mean"]), std=tuple(config["std"]))
-    assert config["crop_pct"] == 0.95
+    assert config["crop_pct"] == 0.95 and spec.preprocessing.resize_size == 235
+    assert (spec.preprocessing.image_size, spec.preprocessing.interpolation) == (224, "bicubic")
+    assert (spec.preprocessing.mean, spec.preprocessing.std) == (tuple(config["mean"]), tuple(config["std"]))
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, pretrained_cfg=config))
+    for shape in ((300, 400, 3), (235, 300, 3), (500, 333, 3), (236, 236, 3), (28, 28, 3)):
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+        theirs = transform(image)  # normalised float (3, 224, 224)
+        ours = PixelNormalize(spec.preprocessing)(spec.preprocessing(image)[None].float())[0]
+        assert float((ours - theirs).abs().max()) < 1e-4, shape  # noise: a one-pixel shift would be off by units
     assert spec.classifier == "fc" and spec.feature_dim == 512
     assert "timm.models.resnet" in spec.code_modules  # timm's architecture source enters the fingerprint
 
@@ -132,6 +143,42 @@ def test_weights_a_connected_machine_put_in_the_hub_cache_are_found(tmp_path):
 def test_an_unknown_timm_model_is_named():
     with pytest.raises(UnknownBackboneError, match="unknown timm model 'resnet_nope'"):
         get_spec("timm:resnet_nope")
+    with pytest.raises(UnknownBackboneError, match="unknown timm model 'resnet18.no_such_tag'"):
+        get_spec("timm:resnet18.no_such_tag")
+
+
+def test_a_model_with_two_classifiers_is_refused_in_one_line():
+    """DeiT's distilled models carry two heads (``('head', 'head_dist')``): no single layer to drop."""
+    with pytest.raises(UnknownBackboneError, match="2 classifiers"):
+        get_spec("timm:deit_tiny_distilled_patch16_224")
+
+
+def test_a_model_with_a_fixed_input_size_refuses_another_size(tmp_path):
+    """A ViT's position embedding fixes its input at 224 px: --image-size 64 is refused before anything runs."""
+    from featurestore.errors import BadValueError
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "vit.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), checkpoint)
+    assert get_spec("timm:vit_tiny_patch16_224").fixed_input_size
+    with pytest.raises(BadValueError, match="takes 224×224 images only"):
+        load_backbone("timm:vit_tiny_patch16_224", weights=checkpoint, image_size=64)
+    assert load_backbone("timm:vit_tiny_patch16_224", weights=checkpoint, image_size=224).feature_dim == 192
+
+
+def test_a_training_checkpoint_with_more_than_tensors_says_what_to_save(tmp_path):
+    """timm's train.py saves its arguments beside the state dict; featurestore loads tensors only, and says so in
+    one line."""
+    import argparse
+
+    from featurestore.encode.backbones.weights import read_state_dict
+    from featurestore.errors import WeightsMismatchError
+
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(WeightsMismatchError) as info:
+        read_state_dict(path)
+    assert len(str(info.value).splitlines()) == 1 and "save its state dict alone" in str(info.value)
 
 
 @pytest.mark.slow

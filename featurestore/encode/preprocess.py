@@ -80,14 +80,17 @@ class Preprocessing:
         """RGB or L PIL image → uint8 tensor (3, image_size, image_size); L becomes 3 equal channels, or with
         ``gray_channels=1`` stays one (1, S, S), for the model side to expand."""
         width, height = image.size
-        scale = self.resize_size / min(width, height)
-        new_w = max(self.image_size, int(round(width * scale)))
-        new_h = max(self.image_size, int(round(height * scale)))
+        # As torchvision's Resize(int) and CenterCrop compute them (timm's eval transform is those two): the long
+        # side truncated, the crop offset rounded (half to even).
+        short, long = sorted((width, height))
+        resized_long = max(self.image_size, int(self.resize_size * long / short))
+        new_w, new_h = (self.resize_size, resized_long) if width <= height else (resized_long, self.resize_size)
+        new_w, new_h = max(self.image_size, new_w), max(self.image_size, new_h)
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), INTERPOLATIONS[self.interpolation])
         if (new_w, new_h) != (self.image_size, self.image_size):
-            left = (new_w - self.image_size) // 2
-            top = (new_h - self.image_size) // 2
+            left = int(round((new_w - self.image_size) / 2.0))
+            top = int(round((new_h - self.image_size) / 2.0))
             image = image.crop((left, top, left + self.image_size, top + self.image_size))
         array = np.asarray(image, dtype=np.uint8)
         if array.ndim == 2:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ...errors import UnknownBackboneError, WeightsUnavailableError
+from ...errors import BadValueError, UnknownBackboneError, WeightsUnavailableError
 from .model import BackboneSpec, FeatureModel
 from .registry import DEFAULT_BACKBONE, Spec, get_spec
 from .text_models import OFFLINE, TOKENIZER_FILES, TextBackboneSpec, TextFeatureModel, files_sha256
@@ -45,7 +45,12 @@ def load_backbone(
     ``weights`` replaces the default pretrained weights with a local checkpoint;
     ``image_size``/``crop_pct`` override the backbone's native preprocessing.
     """
-    spec, model, path = load_classifier(backbone, weights)
+    spec = _spec(backbone)
+    native = spec.preprocessing.image_size if spec.kind == "image" else None
+    if getattr(spec, "fixed_input_size", False) and image_size is not None and int(image_size) != native:
+        raise BadValueError(f"{spec.name} takes {native}×{native} images only (its input size is fixed): "
+                            f"pass --image-size {native} or leave it out")
+    spec, model, path = load_classifier(spec, weights)
     parent_name, _, leaf = spec.classifier.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, nn.Identity())

@@ -95,6 +95,8 @@ class BackboneSpec:
     kind: str = "image"
     # How the network splits into blocks for fine-tuning (None: its family declares no split; it cannot fine-tune).
     blocks: BlockSplit | None = None
+    # The network takes its preprocessing's image size only (a ViT's position embedding fixes it).
+    fixed_input_size: bool = False
 
 
 class PixelNormalize(nn.Module):

@@ -15,6 +15,7 @@ its position embedding between them) declares no split and cannot be fine-tuned.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +45,10 @@ def build_classifier(model_name: str) -> nn.Module:
     timm = _timm()
     if not timm.is_model(model_name):
         raise UnknownBackboneError(f"unknown timm model {model_name!r} (timm.list_models() names them)")
-    return timm.create_model(model_name, pretrained=False)
+    try:
+        return timm.create_model(model_name, pretrained=False)
+    except RuntimeError as exc:  # a known architecture with an unknown pretrained tag
+        raise UnknownBackboneError(f"unknown timm model {model_name!r}: {exc}") from exc
 
 
 def preprocessing_of(model_name: str, config: dict) -> Preprocessing:
@@ -58,9 +62,11 @@ def preprocessing_of(model_name: str, config: dict) -> Preprocessing:
     if config.get("interpolation") not in INTERPOLATIONS:
         raise UnknownBackboneError(f"timm:{model_name}: interpolation {config.get('interpolation')!r} is not one "
                                    f"of {', '.join(INTERPOLATIONS)}")
-    return Preprocessing(image_size=int(height), crop_pct=float(config.get("crop_pct", 0.875)),
-                         interpolation=config["interpolation"], mean=tuple(float(v) for v in config["mean"]),
-                         std=tuple(float(v) for v in config["std"]))
+    # timm resizes the shorter side to floor(size / crop_pct); Preprocessing rounds, so the fraction it keeps is the
+    # one that gives timm's resize exactly.
+    resize = math.floor(height / float(config.get("crop_pct", 0.875)))
+    return Preprocessing(image_size=int(height), crop_pct=height / resize, interpolation=config["interpolation"],
+                         mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]))
 
 
 def hub_weights(name: str, config: dict, cache_dir: str | Path | None = None) -> Path:
@@ -162,7 +168,10 @@ def spec_for(name: str) -> BackboneSpec:
     probe = build_classifier(model_name).eval()
     config = dict(probe.pretrained_cfg)
     classifier = config.get("classifier")
-    layer = probe.get_submodule(classifier) if classifier else None
+    if not isinstance(classifier, str):
+        raise UnknownBackboneError(f"{name}: it has {len(classifier or ())} classifiers ({classifier}), so no single "
+                                   f"layer to drop for pooled features; featurestore takes one linear classifier")
+    layer = probe.get_submodule(classifier)
     if not isinstance(layer, nn.Linear):
         raise UnknownBackboneError(f"{name}: its classifier {classifier!r} is not a linear layer, so it has no "
                                    f"pooled features to cache")
@@ -178,4 +187,5 @@ def spec_for(name: str) -> BackboneSpec:
         classifier=classifier,
         code_modules=(__name__, type(probe).__module__),
         blocks=block_split(probe, classifier, preprocessing.image_size),
+        fixed_input_size=bool(config.get("fixed_input_size", False)),
     )

@@ -42,7 +42,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a bad file
         kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
-        raise WeightsMismatchError(f"{path}: not a readable {kind} checkpoint ({exc})") from exc
+        if "Weights only load failed" in str(exc):  # a pickled model, or a training checkpoint with other objects
+            raise WeightsMismatchError(
+                f"{path}: holds objects besides tensors (a whole model, training arguments), which featurestore does "
+                f"not unpickle; if you trust the file, save its state dict alone (torch.save(model.state_dict() or "
+                f"checkpoint['state_dict'], PATH)) and pass that") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsMismatchError(f"{path}: not a readable {kind} checkpoint ({reason})") from exc
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
