@@ -33,6 +33,7 @@ from ..configs import HeadConfig
 from ..errors import FeaturestoreError, HeadFileError
 from ..utils.atomic import atomic_path
 from ..utils.validation import check_choice
+from .head import spread_over_classes
 
 if TYPE_CHECKING:
     from ..store.hdf5 import FeatureStore
@@ -140,10 +141,8 @@ class BaselineModel:
 
     def predict_proba(self, inputs) -> np.ndarray:
         """Probabilities (N, K) float64; column k is ``class_names[k]`` (0 for a class with no training rows)."""
-        proba = self.estimator.predict_proba(self.features(inputs))
-        full = np.zeros((len(proba), len(self.class_names)), dtype=proba.dtype)
-        full[:, self.classes] = proba
-        return full
+        return spread_over_classes(self.estimator.predict_proba(self.features(inputs)), self.classes,
+                                   len(self.class_names))
 
     def predict(self, inputs) -> np.ndarray:
         """Class indices (N,) int64 into ``class_names``."""

@@ -30,6 +30,16 @@ log = logging.getLogger("featurestore")
 
 HEAD_FORMAT = 2  # 1: a pickled TrainedHead (joblib); 2: skops
 
+def spread_over_classes(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities (N, len(classes)) over the classes an estimator saw → (N, n_classes), same dtype, column
+    ``classes[j]`` holding column j and 0 for a class with no training rows (``proba`` itself when all were seen)."""
+    if len(classes) == n_classes:
+        return proba
+    full = np.zeros((len(proba), n_classes), dtype=proba.dtype)
+    full[:, classes] = proba
+    return full
+
+
 def describe(fingerprint: dict) -> str:
     """A short human description of a store fingerprint, e.g. ``efficientnet_lite0, 112 px, float32``."""
     size = fingerprint.get("preprocessing", {}).get("image_size")
@@ -110,13 +120,8 @@ class TrainedHead:
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities (N, K) float64 for features X (N, feature_dim); column k is ``class_names[k]``."""
-        proba = self.estimator.predict_proba(self._check_features(X))
-        classes = self.classes
-        if len(classes) == len(self.class_names):
-            return proba
-        full = np.zeros((len(proba), len(self.class_names)), dtype=proba.dtype)
-        full[:, classes] = proba
-        return full
+        return spread_over_classes(self.estimator.predict_proba(self._check_features(X)), self.classes,
+                                   len(self.class_names))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Class indices (N,) int64 into ``class_names``."""

@@ -30,6 +30,7 @@ from sklearn.pipeline import Pipeline
 
 from ..errors import FeaturestoreError
 from .baseline import BASELINE_GRID, load_skops_model, make_tfidf, read_texts, save_skops_model
+from .head import spread_over_classes
 
 HYBRID_FORMAT = "featurestore-hybrid"
 HYBRID_WEIGHTS = (0.5, 1.0)  # w: the two that won on BBC News (0.25 and 2 never did better than both)
@@ -91,10 +92,8 @@ class HybridModel:
 
     def predict_proba(self, texts: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
         """Probabilities (N, K) float64 over all ``class_names`` (0 for a class with no training rows)."""
-        proba = self.estimator.named_steps["classify"].predict_proba(self.rows(texts, embeddings))
-        full = np.zeros((len(proba), len(self.class_names)), dtype=proba.dtype)
-        full[:, self.classes] = proba
-        return full
+        return spread_over_classes(self.estimator.named_steps["classify"].predict_proba(self.rows(texts, embeddings)),
+                                   self.classes, len(self.class_names))
 
     def predict(self, texts: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
         return np.argmax(self.predict_proba(texts, embeddings), axis=1).astype(np.int64)

@@ -130,6 +130,12 @@ def prepare_top(network: nn.Module, head: TrainedHead, config: FinetuneConfig, p
     return top, trainable
 
 
+def _names_in(network: nn.Module, name: str) -> list[str]:
+    """The dotted names of the parameters and modules inside ``network``'s module ``name`` (itself included)."""
+    module = network.get_submodule(name)
+    return [key for key, _ in (*module.named_parameters(prefix=name), *module.named_modules(prefix=name))]
+
+
 class _Roles:
     """Where each parameter and module of ``top.network`` sits in its split: the classifier, the head (the layers
     between the last block and the classifier), block i (0 at the bottom), or the frozen stem; and which are
@@ -138,16 +144,9 @@ class _Roles:
     def __init__(self, top: UpperBlocks):
         network, split = top.network, top.split
         self.n_blocks = len(top.block_names)
-        self.block: dict[str, int] = {}  # parameter or module name → its block
-        for index, name in enumerate(top.block_names):
-            block = network.get_submodule(name)
-            self.block.update({key: index for key, _ in block.named_parameters(prefix=name)})
-            self.block.update({key: index for key, _ in block.named_modules(prefix=name)})
-        self.head: set[str] = set()
-        for name in split.head_modules():
-            module = network.get_submodule(name)
-            self.head.update(key for key, _ in module.named_parameters(prefix=name))
-            self.head.update(key for key, _ in module.named_modules(prefix=name))
+        # parameter or module name → its block
+        self.block = {key: index for index, name in enumerate(top.block_names) for key in _names_in(network, name)}
+        self.head = {key for name in split.head_modules() for key in _names_in(network, name)}
         classifier = network.get_submodule(split.classifier)
         self.classifier = {key for key, _ in classifier.named_parameters(prefix=split.classifier)}
         self.batchnorm = {f"{owner}.{key}" if owner else key
