@@ -268,9 +268,18 @@ def _export_parser(sub) -> None:
 
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="batch inference with an exported model (onnxruntime)",
-                       description="Classify images with MODEL.onnx; one CSV (or .jsonl) row per image.")
+                       description="Classify images or texts with MODEL.onnx; one CSV (or .jsonl) row per item. "
+                                   "Every visible file of DATA is predicted or listed as skipped, with the reason.")
     p.add_argument("--model", required=True, help="MODEL.onnx (or MODEL.int8.onnx) from export")
-    p.add_argument("--data", required=True, help="ImageFolder, CSV manifest, or a folder of images")
+    p.add_argument("--data", required=True,
+                   help="a class tree (<class>/<file> or {train,val,test}/<class>/<file>: labelled), a CSV/JSONL "
+                        "manifest, or a flat folder of new items")
+    p.add_argument("--layout", choices=("auto", "tree", "flat"), default="auto",
+                   help="how to read a folder: tree (class folders give the true labels), flat (its files are new "
+                        "items; files in subfolders are skipped unless --recursive), or auto (default): flat when a "
+                        "file lies at its top, else tree; hidden files and folders are never read")
+    p.add_argument("--recursive", action="store_true",
+                   help="flat layout: also predict the files in its subfolders, at any depth")
     p.add_argument("--out", required=True, help="PRED.csv or PRED.jsonl")
     p.add_argument("--split", help="only this split of the data (e.g. test)")
     p.add_argument("--batch-size", type=int_at_least(1), default=64)

@@ -271,11 +271,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{fp16['model']}: {fp16['size_bytes'] / 1e6:.1f} MB, float16 for CUDA; against the float32 graph on "
               f"{fp16['check']['n']} {unit}: max probability difference {fp16['check']['max_probability_diff']:.2e}")
     if "int8" in report:
-        int8, test = report["int8"], report["int8"]["test"]
-        print(f"{int8['model']}: {int8['size_bytes'] / 1e6:.1f} MB, int8 ({int8['quantization']['method']}); on "
-              f"{test['n']} test {unit}: accuracy {test['accuracy']:.4f} (float graph {test['reference_accuracy']:.4f})"
-              f", labels agree on {test['label_agreement']:.1%}, max probability difference "
-              f"{test['max_probability_diff']:.3f}")
+        int8 = report["int8"]
+        decided = int8.get("decided_on", "test")
+        figures = "; ".join(
+            f"on {r['n']} {split} {unit}{' (decides)' if split == decided else ''}: accuracy {r['accuracy']:.4f} "
+            f"(float graph {r['reference_accuracy']:.4f}), labels agree on {r['label_agreement']:.1%}"
+            for split in ("val", "test") if (r := int8.get(split)))
+        print(f"{int8['model']}: {int8['size_bytes'] / 1e6:.1f} MB, int8 ({int8['quantization']['method']}); {figures}")
     return 0
 
 
@@ -286,13 +288,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     summary = predict(args.model, args.data, args.out, batch_size=args.batch_size, workers=args.workers,
                       provider=args.provider, top_k=args.top_k, split=args.split,
-                      progress=not args.no_progress, float16=not args.no_float16)
+                      progress=not args.no_progress, float16=not args.no_float16, layout=args.layout,
+                      recursive=args.recursive)
     if args.json:
         print(summary.to_json())
     else:
         accuracy = "" if summary.accuracy is None else f", accuracy {summary.accuracy:.4f}"
-        print(f"{summary.out}: {summary.predicted} items on {summary.provider} ({Path(summary.model).name}), "
-              f"{len(summary.skipped)} skipped in {summary.seconds:.1f} s{accuracy}")
+        print(f"{summary.out}: {summary.predicted} items ({summary.layout}) on {summary.provider} "
+              f"({Path(summary.model).name}), {len(summary.skipped)} skipped in {summary.seconds:.1f} s{accuracy}")
     return 0
 
 

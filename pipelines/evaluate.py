@@ -5,8 +5,9 @@ FINETUNE/<backbone>/decision.json "deployed") with the figures it was chosen on.
 The frozen heads were evaluated by their own `evaluate_head` stages (this stage only reads their JSON); the
 fine-tuned heads (FINETUNE/<backbone>/heads/, beside their store FINETUNE/<backbone>/features.h5) are evaluated
 here, into REPORTS/finetuned/, and so are the baselines and hybrid heads the finetune stages fitted
-(FINETUNE/<backbone>/baseline.skops, hybrid.skops) on the test split of their data set, read through the store's
-recorded data folder (each item checked against its content id), into REPORTS/finetuned/heads/<name>.json.
+(FINETUNE/<backbone>/baseline.skops, hybrid.skops) on the test split of their data set, read from the folder or
+manifest the store records as its source (each item checked against its content id), into
+REPORTS/finetuned/heads/<name>.json.
 """
 
 import json
@@ -40,19 +41,17 @@ if __name__ == "__main__":
         raw_models = [args.finetune / backbone / name for name in ("baseline.skops", "hybrid.skops")]
         raw_models = [path for path in raw_models if path.is_file()]
         if raw_models:  # the models without an encoder (or beside it), on the same test split
-            from featurestore.data.sources import scan_source
             from featurestore.heads.baseline import evaluate_model, load_baseline
             from featurestore.heads.hybrid import load_hybrid
+            from featurestore.heads.records import store_records
             from featurestore.store import FeatureStore
-            from featurestore.transfer.probe import records_for, split_rows
 
             for path in raw_models:
                 model = load_baseline(path) if path.name == "baseline.skops" else load_hybrid(path)
                 store = FeatureStore(model.store_path)
                 if store.fingerprint_hash != model.store_fingerprint_hash:
                     raise SystemExit(f"{path}: fitted on another version of {store.path}: run its finetune stage")
-                records = records_for(scan_source(store.source_folder()), split_rows(store, split), store)
-                results[model.name] = metrics = evaluate_model(model, store, records, split)
+                results[model.name] = metrics = evaluate_model(model, store, store_records(store, split), split)
                 (finetuned_out / "heads").mkdir(exist_ok=True)
                 (finetuned_out / "heads" / f"{model.name}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_summary(results, args.reports)

@@ -39,14 +39,16 @@ def baseline_at(val):
 
 
 def test_a_baseline_better_than_every_encoder_head_on_validation_is_deployed_with_both_figures():
-    verdict = best_on_validation(ENCODER, baseline_at(0.93))
+    # a lead of 7 items of 100 beyond the noise (issue 25: a lead of one item is not; figures alone: the test runs on
+    # the most favourable pairing, here p = 1/128)
+    verdict = best_on_validation(ENCODER, baseline_at(0.99))
     assert verdict["model"] == "baseline" and verdict["name"] == "demo__tfidf_logreg"
-    assert verdict["file"] == "baseline.skops" and verdict["val_accuracy"] == 0.93
+    assert verdict["file"] == "baseline.skops" and verdict["val_accuracy"] == 0.99
     assert verdict["best_encoder"] == "demo__linear_svm" and verdict["best_encoder_val"] == 0.92
-    assert verdict["baseline_val"] == 0.93 and "0.9300" in verdict["reason"] and "0.9200" in verdict["reason"]
+    assert verdict["baseline_val"] == 0.99 and "0.9900" in verdict["reason"] and "0.9200" in verdict["reason"]
 
 
-@pytest.mark.parametrize("val", [0.92, 0.91, 0.5])
+@pytest.mark.parametrize("val", [0.93, 0.92, 0.91, 0.5])  # 0.93: a lead of one item of 100, within the noise
 def test_a_baseline_that_ties_or_loses_leaves_the_encoder_heads_deployed(val):
     verdict = best_on_validation(ENCODER, baseline_at(val))
     assert verdict["model"] == "encoder" and verdict["file"] is None
@@ -54,9 +56,9 @@ def test_a_baseline_that_ties_or_loses_leaves_the_encoder_heads_deployed(val):
 
 
 def test_the_hybrid_head_is_deployed_only_when_it_beats_the_encoder_and_the_baseline():
-    hybrid = {"demo__hybrid": {"val": 0.95, "n": 100, "kind": "hybrid", "file": "hybrid.skops"}}
-    assert best_on_validation(ENCODER, {**baseline_at(0.93), **hybrid})["name"] == "demo__hybrid"
-    assert best_on_validation(ENCODER, {**baseline_at(0.96), **hybrid})["name"] == "demo__tfidf_logreg"
+    hybrid = {"demo__hybrid": {"val": 0.99, "n": 100, "kind": "hybrid", "file": "hybrid.skops"}}
+    assert best_on_validation(ENCODER, {**baseline_at(0.97), **hybrid})["name"] == "demo__hybrid"
+    assert best_on_validation(ENCODER, {**baseline_at(1.0), **hybrid})["name"] == "demo__tfidf_logreg"
     assert best_on_validation(ENCODER, {"demo__hybrid": {**hybrid["demo__hybrid"], "val": 0.92}})["model"] == "encoder"
 
 
@@ -147,7 +149,8 @@ def test_the_baseline_wins_on_validation_is_named_deployed_exported_and_predicte
 def test_the_encoder_that_wins_on_validation_stays_deployed(tmp_path):
     """BBC topics with 3 labelled articles each: the encoder knows topics, TF-IDF has 3 articles to learn from. The
     encoder against the baseline alone (``hybrid=False``); with the default, the hybrid head is a candidate too and
-    here beats both on validation, so it is the one deployed."""
+    here scores above both on validation, but by a lead within the noise of 30 items (issue 25): the encoder stays,
+    and a warning names the split's size."""
     from featurestore.data.prepare import prepare_bbc_news
 
     data = tmp_path / "bbc"
@@ -169,8 +172,10 @@ def test_the_encoder_that_wins_on_validation_stays_deployed(tmp_path):
 
     with_hybrid = run_finetune_stage("minilm_l6", head, data, tmp_path / "with_hybrid", RISING, "auto",
                                      FinetuneConfig(), HEADS, {}, cache_only_heads={"logreg": head})["deployed"]
-    assert with_hybrid["model"] == "hybrid" and with_hybrid["name"] == "minilm_l6__hybrid"
-    assert with_hybrid["val_accuracy"] > max(with_hybrid["best_encoder_val"], with_hybrid["baseline_val"])
+    test = with_hybrid["test"]
+    assert test["candidate"] == "minilm_l6__hybrid" and test["paired"] and test["n"] == 30
+    assert test["candidate_val"] > max(test["incumbent_val"], with_hybrid["baseline_val"]) and not test["beats"]
+    assert with_hybrid["model"] == "encoder" and "the validation split has 30 items" in with_hybrid["warning"]
 
 
 # -- raw pixels: the same export and predict path on uint8 images ------------------------------------------------

@@ -209,7 +209,7 @@ def test_a_checkpoint_resumes_only_the_run_that_wrote_it(probe, fashion_folder_m
 
 def test_a_head_on_custom_weights_fine_tunes_those_weights(probe, fashion_folder_master, tmp_path):
     from featurestore.encode.backbones import load_classifier
-    from featurestore.errors import WeightsMismatchError
+    from featurestore.errors import WeightsUnavailableError
 
     _, network, _ = load_classifier("efficientnet_lite0")
     state = network.state_dict()
@@ -220,9 +220,12 @@ def test_a_head_on_custom_weights_fine_tunes_those_weights(probe, fashion_folder
     extract_features(fashion_folder_master, store, "efficientnet_lite0", weights=custom, image_size=64,
                      crop_pct=1.0, workers=0, progress=False)
     head = train_head(store, HeadConfig(head="logreg", c_min=1e-3, c_max=1e1, c_points=3, n_jobs=1))
-    with pytest.raises(WeightsMismatchError, match="pass --weights"):
-        build_model(head, CONFIG)  # the registry's ImageNet weights are not what the head was trained on
-    model, _ = build_model(head, CONFIG, weights=custom)
+    model, _ = build_model(head, CONFIG)  # the checkpoint extraction read, found by the sha256 the head records
+    assert torch.equal(model.network._conv_stem.weight, state["_conv_stem.weight"])
+    moved = custom.rename(tmp_path / "moved.pth")
+    with pytest.raises(WeightsUnavailableError, match="pass --weights"):
+        build_model(head, CONFIG)  # the file it was built with is gone; the registry's weights are not those
+    model, _ = build_model(head, CONFIG, weights=moved)
     assert torch.equal(model.network._conv_stem.weight, state["_conv_stem.weight"])
 
 

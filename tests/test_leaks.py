@@ -87,3 +87,20 @@ def test_probability_columns_follow_the_store_classes_when_one_is_missing(class_
     assert np.array_equal(proba.argmax(axis=1), head.predict(X))
     metrics, truth, predicted = evaluate_head(head, store)
     assert metrics["top1"] == pytest.approx(np.mean(truth == predicted))
+
+
+def test_a_text_store_says_texts_when_it_refuses_overlap(tmp_path):
+    """The overlap refusal counts in the store's own unit: a text store's shared items are texts, not images."""
+    from featurestore.heads.reports import check_no_overlap
+    from featurestore.store.hdf5 import SplitArrays, write_store
+
+    def split(ids):
+        return SplitArrays(features=np.zeros((len(ids), 4), np.float32), labels=np.zeros(len(ids), np.int64),
+                           ids=ids, paths=[f"{i}.txt" for i in ids])
+
+    fingerprint = {"backbone": "minilm_l6", "kind": "text", "feature_dim": 4, "weights_sha256": "0" * 64,
+                   "dtype": "float32"}
+    store = FeatureStore(write_store(tmp_path / "texts.h5", fingerprint, ["a"], {
+        "train": split(["a" * 64, "b" * 64]), "test": split(["a" * 64, "c" * 64])}))
+    with pytest.raises(LeakError, match="1 of 2 test texts also appear in train/val"):
+        check_no_overlap(store, "test")

@@ -41,12 +41,14 @@ class Record:
 @dataclass(frozen=True)
 class Source:
     """A scanned data set: records in a stable order, the class names that labels index, and the files
-    that cannot be used at all (``unusable``: ``[{path, reason}]``, e.g. names that are not UTF-8)."""
+    that cannot be used at all (``unusable``: ``[{path, reason}]``, e.g. names that are not UTF-8).
+    ``manifest``: the manifest file it was read from (None: the folder tree ``root``)."""
 
     root: Path
     class_names: list[str]
     records: list[Record]
     unusable: list[dict] = field(default_factory=list)
+    manifest: Path | None = None
 
     @property
     def splits(self) -> list[str]:
@@ -113,6 +115,41 @@ def scan_folder(root: Path) -> Source:
             else:
                 unusable.append({"path": printable_name(rel), "reason": "file name is not valid UTF-8"})
     return Source(root, class_names, records, unusable)
+
+
+def _visible_files_under(folder: Path) -> list[Path]:
+    """Every visible file under ``folder`` at any depth: its own files, then each visible subfolder's in turn
+    (sorted); nothing in a hidden folder. A folder reached again through a symbolic link is read once."""
+    found, seen, pending = [], set(), [folder]
+    while pending:
+        current = pending.pop(0)
+        if current.resolve() in seen:
+            continue
+        seen.add(current.resolve())
+        found.extend(_visible_files(current))
+        pending[:0] = _visible_dirs(current)  # depth first, in sorted order
+    return found
+
+
+def unread_files(source: Source, reason: str) -> list[dict]:
+    """The visible files under ``source.root`` (a folder) that ``source`` neither reads nor lists as unusable, as
+    ``[{path, reason}]``: what a layout leaves out, so that a caller can say so instead of dropping it silently."""
+    accounted = {record.rel_path for record in source.records} | {item["path"] for item in source.unusable}
+    relative = (printable_name(path.relative_to(source.root).as_posix())
+                for path in _visible_files_under(source.root))
+    return [{"path": rel, "reason": reason} for rel in relative if rel not in accounted]
+
+
+def scan_flat_folder(root: Path, recursive: bool = False) -> Source:
+    """A folder of new, unlabelled items: its visible files (label -1, split "all"); with ``recursive`` also those
+    of its visible subfolders at any depth (``rel_path`` ``sub/file``). Names that are not UTF-8 are ``unusable``;
+    hidden files and folders are never read (:func:`unread_files` lists what a non-recursive scan leaves out)."""
+    files = _visible_files_under(root) if recursive else _visible_files(root)
+    named = [(path, path.relative_to(root).as_posix()) for path in files]
+    records = [Record(path, rel, -1, FLAT_SPLIT) for path, rel in named if is_utf8_name(rel)]
+    unusable = [{"path": printable_name(rel), "reason": "file name is not valid UTF-8"}
+                for _, rel in named if not is_utf8_name(rel)]
+    return Source(root, [], records, unusable)
 
 
 def _relative_inside(path: Path, root: Path) -> str | None:
@@ -183,7 +220,7 @@ def read_manifest(manifest: Path) -> Source:
             raise DataError(f"{manifest}:{number}: path {path!r} lies outside the manifest's folder "
                             f"{root.resolve()}; keep the manifest at the top of its data")
         records.append(Record(full, relative, label_of[label], split))
-    return Source(root, class_names, records)
+    return Source(root, class_names, records, manifest=manifest)
 
 
 def scan_source(data: str | Path) -> Source:

@@ -40,11 +40,12 @@ from ..utils.atomic import atomic_path, write_text_atomic
 from .export import (
     MAX_PROBABILITY_DIFF,
     SAMPLE_TEXTS,
-    LinearHeadParams,
     _sample_images,
     combine,
     labels_match,
     linear_head_graph,
+    logreg_params,
+    remove_variants,
     spread_to_classes,
 )
 
@@ -59,22 +60,6 @@ LOCALE = "C.UTF-8"
 def _init(name: str, values) -> TensorProto:
     array = np.asarray(values)
     return numpy_helper.from_array(array.astype(np.int64 if array.dtype.kind == "i" else np.float32), name)
-
-
-def logreg_params(estimator, n_classes_seen: int) -> LinearHeadParams:
-    """The pipeline's logistic regression as raw-feature linear decisions (the standardisation folded in); a
-    binary model becomes two rows ``[0, w]`` (softmax over ``[0, d]`` is the sigmoid of ``d``)."""
-    from ..heads.estimators import fold_scaler
-
-    classify = estimator.named_steps["classify"]
-    weight, bias = classify.coef_, classify.intercept_
-    if n_classes_seen == 2:
-        weight, bias = np.vstack([np.zeros_like(weight), weight]), np.array([0.0, bias[0]])
-    if "scale" in estimator.named_steps:
-        weight, bias, l2 = fold_scaler(estimator, weight[None], bias[None])
-    else:
-        weight, bias, l2 = weight[None], bias[None], False
-    return LinearHeadParams(np.asarray(weight, dtype=np.float64), np.asarray(bias, dtype=np.float64), l2)
 
 
 def tfidf_graph(vectorizer, output: str = "features", text_input: str = TEXT_INPUT) -> onnx.ModelProto:
@@ -148,7 +133,7 @@ def pixel_graph(size: int = PIXEL_SIZE) -> onnx.ModelProto:
 def head_behind(front: onnx.ModelProto, estimator, class_names: list[str], width: int) -> onnx.ModelProto:
     """``front`` (output ``features`` (N, width)) followed by the pipeline's logistic regression over all classes."""
     classes = np.asarray(estimator.named_steps["classify"].classes_, dtype=np.int64)
-    head = linear_head_graph(logreg_params(estimator, len(classes)), width)
+    head = linear_head_graph(logreg_params(estimator), width)
     return combine(front, spread_to_classes(head, classes, len(class_names)))
 
 
@@ -171,7 +156,8 @@ def strings(texts) -> np.ndarray:
 def write_checked(graph: onnx.ModelProto, out: Path, metadata: dict[str, str], feed: dict[str, np.ndarray],
                   expected: np.ndarray, summary: dict, started: float) -> dict:
     """Set the metadata, check the graph (onnx checker, then onnxruntime against ``expected``), write ``out`` and
-    its report; a disagreement keeps no file and raises :class:`ExportError`."""
+    its report, and remove the variants an earlier export left beside ``out`` (``export.remove_variants``: these
+    graphs have none); a disagreement keeps no file and raises :class:`ExportError`."""
     onnx.helper.set_model_props(graph, metadata)
     onnx.checker.check_model(graph, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +172,7 @@ def write_checked(graph: onnx.ModelProto, out: Path, metadata: dict[str, str], f
         if check["max_probability_diff"] > MAX_PROBABILITY_DIFF or not check["labels_equal"]:
             raise ExportError(f"{out}: the exported graph disagrees with the Python model: {check}")
     write_text_atomic(Path(str(out) + ".report.json"), json.dumps(report, indent=2) + "\n")
+    remove_variants(out)  # an encoder's fp16/int8 graphs an earlier export left here were made from another graph
     return report
 
 

@@ -23,7 +23,6 @@ from .baseline_export import (
     TEXT_INPUT,
     TEXT_INPUT_KEY,
     _init,
-    logreg_params,
     strings,
     tfidf_graph,
     write_checked,
@@ -32,6 +31,7 @@ from .export import (
     HEAD_INPUT,
     SAMPLE_TEXTS,
     linear_head_graph,
+    logreg_params,
     name_nodes,
     spread_to_classes,
     text_parts,
@@ -45,7 +45,7 @@ def joined_head(model: HybridModel, width: int) -> onnx.ModelProto:
     """``features`` (N, D) and ``hybrid_tfidf`` (N, V) → probabilities, label: the rows joined as in training
     (``heads.hybrid.hybrid_rows``), then the logistic regression over all classes."""
     classes = model.classes
-    head = linear_head_graph(logreg_params(model.estimator, len(classes)), model.feature_dim + width)
+    head = linear_head_graph(logreg_params(model.estimator), model.feature_dim + width)
     head = spread_to_classes(head, classes, len(model.class_names))
     graph = head.graph
     joining = [

@@ -13,19 +13,31 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from ..data.sources import FLAT_SPLIT, Record, Source, is_utf8_name, printable_name, scan_source
+from ..data.sources import (
+    Record,
+    Source,
+    _visible_dirs,
+    _visible_files,
+    scan_flat_folder,
+    scan_folder,
+    scan_source,
+    unread_files,
+)
 from ..encode.images import DecodedImages, collate_decoded, lower_worker_priority
 from ..encode.preprocess import Preprocessing
 from ..encode.runtime import make_session
 from ..errors import FeaturestoreError
 from ..utils.atomic import atomic_path
 from ..utils.console import progress_bar
+from ..utils.validation import check_choice
 
 log = logging.getLogger("featurestore")
 
 OUTPUTS = ("probabilities", "label")
+MAX_LOGGED_SKIPS = 20  # warnings for the first skipped items; the summary lists every one
 PRECISION_KEY = "featurestore_precision"  # "float16" in the float16 graph export writes for CUDA
-FLOAT32_SHA256_KEY = "featurestore_float32_sha256"  # the float32 file the float16 graph was made from
+FLOAT32_SHA256_KEY = "featurestore_float32_sha256"  # the float32 file a variant (fp16, int8) was made from
+VARIANT_NAMES = ("fp16", "int8")
 
 
 def variant_path(model: str | Path, variant: str) -> Path:
@@ -58,11 +70,26 @@ def float16_sibling(model: str | Path) -> Path | None:
     return sibling
 
 
+def check_variant_parent(model: str | Path, meta: dict[str, str]) -> None:
+    """Refuse a variant (``model.int8.onnx``, ``model.fp16.onnx``) whose float parent ``model.onnx`` lies beside it
+    but is not the file it was made from (its metadata records the parent's sha256): it would serve another head."""
+    model = Path(model)
+    parent_sha = meta.get(FLOAT32_SHA256_KEY)
+    stem, _, variant = model.stem.rpartition(".")
+    if parent_sha is None or variant not in VARIANT_NAMES:
+        return
+    parent = model.with_name(f"{stem}.onnx")
+    if parent.is_file() and file_sha256(parent) != parent_sha:
+        raise FeaturestoreError(f"{model}: made from another {parent.name} (sha256 {parent_sha[:12]}…), not the one "
+                                f"beside it: export again to write a variant of the current model")
+
+
 @dataclass
 class PredictSummary:
     out: str
     provider: str
     model: str = ""  # the graph that ran: the file given, or its float16 sibling on CUDA
+    layout: str = ""  # how the data was read: tree (labelled class folders), flat (new items) or manifest
     predicted: int = 0
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -173,28 +200,45 @@ class OnnxClassifier:
     def run_on_device(self, feed: dict[str, np.ndarray]) -> list:
         """Run ``feed`` through an IOBinding; returns the outputs as onnxruntime ``OrtValue`` s (probabilities
         (N, K) float32, labels (N,) int64) where the session computed them: on CUDA they stay in device memory
-        until read (``value.numpy()``). On CUDA each input is copied once, host to device, into a device buffer
-        that is reused while the batch shape repeats; on the CPU the inputs are bound in place (no copy)."""
+        until read (``value.numpy()``). On CUDA each numeric input is copied once, host to device, into a device
+        buffer that is reused while the batch shape repeats; on the CPU the inputs are bound in place (no copy).
+
+        A feed with strings (a TF-IDF or hybrid graph's ``texts`` (N, 1)) runs through ``session.run`` instead, with
+        the strings from host memory (the string operators run on the CPU) and the numeric inputs placed as above;
+        its outputs come back in host memory. onnxruntime (1.31) can neither bind a string tensor nor make an
+        ``OrtValue`` of one, on any device."""
         import onnxruntime as ort
 
+        placed = {name: self._placed(name, array) for name, array in feed.items()}
+        if any(array.dtype.kind in "OUS" for array in feed.values()):  # object, str, bytes: strings
+            return [ort.OrtValue.ortvalue_from_numpy(value) for value in self.session.run(list(OUTPUTS), placed)]
         binding = self.session.io_binding()
-        device = "cuda" if self.provider == "cuda" else "cpu"
-        for name, array in feed.items():
-            if not self.copy_inputs:
-                binding.bind_cpu_input(name, array)
-                continue
-            shape, dtype, value = self._device_inputs.get(name, (None, None, None))
-            if shape != array.shape or dtype != array.dtype:
-                value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, device, self.device_id)
-                self._device_inputs[name] = (array.shape, array.dtype, value)
-            value.update_inplace(array)  # the one host → device copy
-            binding.bind_ortvalue_input(name, value)
+        for name, value in placed.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
         for name in OUTPUTS:
-            binding.bind_output(name, device, self.device_id)
+            binding.bind_output(name, self.provider, self.device_id)  # provider: cuda or cpu
         binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return binding.get_outputs()
+
+    def _placed(self, name: str, array: np.ndarray):
+        """``array`` as run_on_device feeds it: itself (bound in place; always for strings), or with
+        ``copy_inputs`` copied into this input's device buffer (an ``OrtValue``, remade when the shape changes)."""
+        import onnxruntime as ort
+
+        if not self.copy_inputs or array.dtype.kind in "OUS":
+            return array
+        shape, dtype, value = self._device_inputs.get(name, (None, None, None))
+        if shape != array.shape or dtype != array.dtype:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, self.provider,
+                                                               self.device_id)
+            self._device_inputs[name] = (array.shape, array.dtype, value)
+        value.update_inplace(array)  # the one host → device copy
+        return value
 
     def loader(self, records: list[Record], batch_size: int, workers: int) -> DataLoader:
         """Decoding (or reading and tokenising) in DataLoader workers: batches of (indices, batch, failures)."""
@@ -231,41 +275,67 @@ class TextBatchCollate:
         return [index for index, _ in ok], self.batch([text for _, text in ok]) if ok else None, failed
 
 
-def _unlabelled_folder(folder: Path) -> Source:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise FeaturestoreError(f"{folder}: no files to predict")
-    records = [Record(p, p.name, -1, FLAT_SPLIT) for p in files if is_utf8_name(p.name)]
-    unusable = [{"path": printable_name(p.name), "reason": "file name is not valid UTF-8"}
-                for p in files if not is_utf8_name(p.name)]
-    return Source(folder, [], records, unusable)
+LAYOUTS = ("auto", "tree", "flat")  # how predict reads a folder (see read_data)
+_OUTSIDE_TREE = ("not in a class folder: a class tree is read as <class>/<file> or {train,val,test}/<class>/<file> "
+                 "(--layout flat reads a folder of new items)")
+_IN_SUBFOLDER = "in a subfolder: a flat folder is read at its top level only (--recursive reads its subfolders too)"
+
+
+def read_data(data: Path, layout: str = "auto", recursive: bool = False) -> tuple[Source, str]:
+    """The items ``predict`` reads from ``data`` and the layout it read them as: ``manifest`` (a CSV/JSONL file),
+    ``tree`` (labelled ``<class>/<file>`` or ``{train,val,test}/<class>/<file>``) or ``flat`` (new items: the
+    folder's files; with ``recursive`` its subfolders' files too). ``layout="auto"``: a folder whose visible
+    entries are all folders is a tree, one with a visible file at its top is flat; hidden files and folders are
+    never read. Every visible file a layout does not read is in ``Source.unusable``, with the reason."""
+    check_choice("layout", layout, LAYOUTS)
+    if data.is_file():
+        if layout != "auto" or recursive:
+            raise FeaturestoreError(f"{data}: a manifest lists its own items; --layout and --recursive are for "
+                                    f"folders")
+        return scan_source(data), "manifest"
+    if layout == "auto":
+        layout = "flat" if _visible_files(data) or not _visible_dirs(data) else "tree"
+    if layout == "tree":
+        if recursive:
+            raise FeaturestoreError(f"{data}: read as a class tree (<class>/<file>), which --recursive does not "
+                                    f"apply to; give --layout flat to read its files at any depth as new items")
+        source = scan_folder(data)
+        reason = _OUTSIDE_TREE
+    else:
+        source = scan_flat_folder(data, recursive)
+        reason = _IN_SUBFOLDER
+    source.unusable.extend(unread_files(source, reason))
+    return source, layout
 
 
 def predict(model: str | Path, data: str | Path, out: str | Path, batch_size: int = 64, workers: int = 1,
             provider: str = "auto", top_k: int = 3, split: str | None = None, progress: bool = True,
-            float16: bool = True) -> PredictSummary:
-    """Classify every image or text of ``data`` (a folder tree, a CSV/JSONL manifest, or a flat folder) with an
-    exported model and write ``out`` (.csv, or .jsonl): path, split, label, probability, top-k (and the true
-    label if known). ``split`` keeps only that split of the source. Unreadable items are skipped with a reason.
+            float16: bool = True, layout: str = "auto", recursive: bool = False) -> PredictSummary:
+    """Classify every image or text of ``data`` (a class tree, a CSV/JSONL manifest, or a flat folder of new items;
+    ``layout`` and ``recursive``: see :func:`read_data`) with an exported model and write ``out`` (.csv, or
+    .jsonl): path, split, label, probability, top-k (and the true label if known). ``split`` keeps only that split
+    of the source. Unreadable items, and files the layout does not read, are skipped with a reason.
     ``model`` is any exported graph (float, or the int8 one ``export --quantize int8`` wrote); on CUDA its float16
     sibling runs when export wrote one (``float16=False``: never)."""
     started = time.perf_counter()
     meta = read_model_metadata(model)
+    check_variant_parent(model, meta)
     data, out = Path(data), Path(out)
     if batch_size < 1 or workers < 0 or top_k < 1:
         raise FeaturestoreError(f"batch_size and top_k must be >= 1 and workers >= 0 (got {batch_size}, {top_k}, "
                                 f"{workers})")
     if not data.exists():
         raise FeaturestoreError(f"{data}: data folder or manifest not found")
-    has_class_folders = data.is_dir() and any(p.is_dir() for p in data.iterdir())
-    source = scan_source(data) if data.is_file() or has_class_folders else _unlabelled_folder(data)
+    source, layout = read_data(data, layout, recursive)
     records = [r for r in source.records if split is None or r.split == split]
     if not records:
-        raise FeaturestoreError(f"{data}: nothing to predict{f' in split {split!r}' if split else ''}")
+        skipped = (f" ({len(source.unusable)} files skipped, e.g. {source.unusable[0]['path']}: "
+                   f"{source.unusable[0]['reason']})" if source.unusable else "")
+        raise FeaturestoreError(f"{data}: nothing to predict{f' in split {split!r}' if split else ''}{skipped}")
     classifier = OnnxClassifier(model, provider, meta, float16=float16)
     batches = iter(classifier.loader(records, batch_size, workers))  # fork the decoders before the session runs
     summary = PredictSummary(out=str(out), provider=classifier.provider, model=str(classifier.model_path),
-                             skipped=list(source.unusable))
+                             layout=layout, skipped=list(source.unusable))
     names = classifier.class_names
     top_k = max(1, min(top_k, len(names)))
     rows, correct, labelled = [], 0, 0
@@ -291,8 +361,11 @@ def predict(model: str | Path, data: str | Path, out: str | Path, batch_size: in
                         "true_label": truth,
                     })
             bar.update(len(indices) + len(failed))
-    for item in summary.skipped:
+    for item in summary.skipped[:MAX_LOGGED_SKIPS]:
         log.warning("skipped %s: %s", item["path"], item["reason"])
+    if len(summary.skipped) > MAX_LOGGED_SKIPS:
+        log.warning("… and %d more skipped (the summary lists every one, with its reason; --json prints it)",
+                    len(summary.skipped) - MAX_LOGGED_SKIPS)
     with atomic_path(out, fsync=False) as tmp:
         if out.suffix == ".jsonl":
             tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))

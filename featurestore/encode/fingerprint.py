@@ -16,8 +16,9 @@ def fingerprint_for(model: FeatureModel, dtype: str, autocast: bool) -> dict:
     """Everything that changes a feature value; two stores share rows only if these are equal.
 
     Besides the model's identity and preprocessing, this covers the source of the code on the feature path
-    (the architecture's module, decoding, preprocessing, the frozen wrapper) and the versions of the
-    libraries that compute it, so an edit or an upgrade never silently reuses old features.
+    (every module the model's forward runs, decoding, preprocessing, the frozen wrapper) and the versions of the
+    libraries that compute it (timm's for a timm model), so an edit or an upgrade never silently reuses old
+    features. "float32" is exact IEEE float32 on every device (the torch engine turns CUDA's TF32 off).
     """
     return {
         "schema_version": SCHEMA_VERSION,
@@ -30,7 +31,7 @@ def fingerprint_for(model: FeatureModel, dtype: str, autocast: bool) -> dict:
         "dtype": dtype,
         "compute": "autocast-float16" if autocast else "float32",
         "code_sha256": feature_code_digest(model.code_modules),
-        "libraries": library_versions(),
+        "libraries": library_versions(model.code_modules),
     }
 
 

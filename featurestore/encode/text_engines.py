@@ -2,13 +2,14 @@
 
 Input ``input_ids`` and ``attention_mask`` int64 (D, W, L), every axis dynamic; output ``features`` float32
 (D, H): the whole :class:`TextFeatureModel` (encoder, pooling, normalisation, window mean). The cache key
-covers the weights, the code that defines the model, and the torch version, as for image graphs.
+covers the weights, the code the model's forward runs (transformers' BERT modules included), and the versions of
+torch, transformers and the exporter, as for image graphs (``engines.graph_key``); not the tokenizer, which runs
+outside the graph.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import warnings
@@ -17,17 +18,17 @@ from pathlib import Path
 import torch
 
 from ..utils.atomic import atomic_path
-from ..utils.provenance import code_digest
 from .backbones.text_models import TextFeatureModel
-from .engines import ONNX_OPSET, cache_dir
+from .engines import ONNX_OPSET, cache_dir, graph_key
 
 log = logging.getLogger("featurestore")
 
 
 def text_graph_path(model: TextFeatureModel) -> Path:
-    key = "|".join([model.name, model.weights_sha256, str(model.feature_dim), torch.__version__,
-                    code_digest(tuple(model.code_modules) + (__name__,))])
-    return cache_dir() / f"{model.name}-text-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+    """Where the cache keeps ``model``'s graph: keyed by name, weights hash, width and ``engines.graph_provenance``
+    (with this module as code)."""
+    digest = graph_key(model, [model.name, model.weights_sha256, str(model.feature_dim)], (__name__,))
+    return cache_dir() / f"{model.name}-text-{digest}.onnx"
 
 
 def export_text_model(model: TextFeatureModel, path: Path) -> Path:

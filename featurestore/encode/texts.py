@@ -55,48 +55,61 @@ def decode_text(raw: bytes, name: str) -> str:
 
 
 class Tokenizer:
-    """A ``tokenizers`` tokenizer (the model's tokenizer.json, as a file or its text) that makes windows of ids
-    for a :class:`Tokenization`. Call: list of texts → (ids (D, W, L) int64, mask (D, W, L) int64, truncated
-    count)."""
+    """The model's ``tokenizers`` tokenizer (its tokenizer.json, as a file or its text) configured for a
+    :class:`Tokenization`: it truncates each text to ``max_length`` tokens ([CLS] and [SEP] included, on the
+    tokenization's ``side``), hands the rest back as overflowing windows that share ``stride`` tokens with their
+    neighbour (``chunk-mean``; ``stride`` 0 for ``truncate``), and pads on the right to a batch's longest text.
+
+    :attr:`json` is that configured tokenizer and :attr:`windowing` how its encodings become the model's input:
+    export embeds both, so ``tokenizers.Tokenizer.from_str(json).encode_batch(texts)`` gives a client exactly these
+    windows. Call: list of texts → (ids (D, W, L) int64, mask (D, W, L) int64, truncated count)."""
 
     def __init__(self, tokenizer_file: Path | None, tokenization: Tokenization, tokenizer_json: str | None = None):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.tokenizer = (HFTokenizer.from_str(tokenizer_json) if tokenizer_json is not None
-                          else HFTokenizer.from_file(str(tokenizer_file)))
-        self.tokenizer.no_truncation()
-        self.tokenizer.no_padding()
-        self.tokenization = tokenization
-        self.cls_id = self.tokenizer.token_to_id("[CLS]")
-        self.sep_id = self.tokenizer.token_to_id("[SEP]")
+        tokenizer = (HFTokenizer.from_str(tokenizer_json) if tokenizer_json is not None
+                     else HFTokenizer.from_file(str(tokenizer_file)))
+        chunk = tokenization.long_documents == "chunk-mean"
+        tokenizer.enable_truncation(tokenization.max_length, stride=tokenization.stride if chunk else 0,
+                                    direction="right" if chunk else tokenization.side)
+        padding = tokenizer.padding or {}  # the model's own pad token, if its file names one
+        pad_token = padding.get("pad_token", "[PAD]")
+        self.pad_id = padding.get("pad_id", tokenizer.token_to_id(pad_token) or 0)
+        # no fixed length (all-MiniLM-L6-v2's file pads every text to 128); right: position ids start at [CLS]
+        tokenizer.enable_padding(direction="right", pad_id=self.pad_id, pad_type_id=padding.get("pad_type_id", 0),
+                                 pad_token=pad_token)
+        self.tokenizer, self.tokenization = tokenizer, tokenization
+        self.max_windows = tokenization.max_windows if chunk else 1
+        self.json = tokenizer.to_str()
+        self.cls_id = tokenizer.token_to_id("[CLS]")
+        self.sep_id = tokenizer.token_to_id("[SEP]")
 
-    def windows(self, text: str) -> tuple[list[list[int]], bool]:
-        """Token-id windows of one document ([CLS] … [SEP] each), and whether any token was left out."""
+    @property
+    def windowing(self) -> dict:
+        """How encodings of :attr:`json` become the (D, W, L) input (export's ``featurestore_text_windows``)."""
         t = self.tokenization
-        tokens = self.tokenizer.encode(text, add_special_tokens=False).ids
-        room = t.max_length - 2
-        if len(tokens) <= room:
-            return [[self.cls_id, *tokens, self.sep_id]], False
-        if t.long_documents == "truncate":
-            kept = tokens[:room] if t.side == "right" else tokens[-room:]
-            return [[self.cls_id, *kept, self.sep_id]], True
-        step = room - t.stride
-        starts = list(range(0, len(tokens) - t.stride, step))[: t.max_windows]
-        windows = [[self.cls_id, *tokens[start:start + room], self.sep_id] for start in starts]
-        covered = starts[-1] + room >= len(tokens)
-        return windows, not covered
+        chunk = t.long_documents == "chunk-mean"
+        return {"mode": t.long_documents, "max_length": t.max_length, "side": "right" if chunk else t.side,
+                "stride": t.stride if chunk else 0, "max_windows": self.max_windows, "pad_id": self.pad_id,
+                "windows": "a text's windows: [encoding, *encoding.overflowing][:max_windows] of encode_batch(texts)",
+                "input": "input_ids, attention_mask int64 (N, W, L): W the most windows of a text in the batch, L the "
+                         "batch's padded length; a text's missing windows are input_ids pad_id, attention_mask 0, "
+                         "and the model leaves them out of the mean of its windows"}
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        per_document = [self.windows(text) for text in texts]
-        width = max(len(windows) for windows, _ in per_document)
-        length = max(len(window) for windows, _ in per_document for window in windows)
-        ids = np.zeros((len(texts), width, length), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for d, (windows, _) in enumerate(per_document):
-            for w, window in enumerate(windows):
-                ids[d, w, :len(window)] = window
-                mask[d, w, :len(window)] = 1
-        return torch.from_numpy(ids), torch.from_numpy(mask), sum(cut for _, cut in per_document)
+        # one text at a time: encode_batch's thread pool would be forked into DataLoader workers; the padded
+        # length is the same (every window of a text is padded to its first window, the longest)
+        encodings = [self.tokenizer.encode(text) for text in texts]
+        per_document = [[encoding, *encoding.overflowing][:self.max_windows] for encoding in encodings]
+        shape = (len(texts), max(len(windows) for windows in per_document), max(len(e.ids) for e in encodings))
+        ids = np.full(shape, self.pad_id, dtype=np.int64)
+        mask = np.zeros(shape, dtype=np.int64)
+        for d, windows in enumerate(per_document):
+            for w, encoding in enumerate(windows):
+                ids[d, w, :len(encoding.ids)] = encoding.ids
+                mask[d, w, :len(encoding.ids)] = encoding.attention_mask
+        truncated = sum(len(encoding.overflowing) >= self.max_windows for encoding in encodings)
+        return torch.from_numpy(ids), torch.from_numpy(mask), truncated
 
 
 def item_text(item: Item | Record) -> str:
@@ -216,7 +229,17 @@ class TextEncoder:
 
     def order(self, items: list[Item]) -> list[Item]:
         """Shortest first (by characters or file size): documents of similar length share a batch."""
-        return sorted(items, key=lambda item: len(item.text) if item.text is not None else item.path.stat().st_size)
+        return sorted(items, key=_length)
+
+
+def _length(item: Item | Record) -> int:
+    """A document's characters or file size; 0 for a file that cannot be read, whose reader says why."""
+    if item.text is not None:
+        return len(item.text)
+    try:
+        return item.path.stat().st_size
+    except OSError:
+        return 0
 
 
 def text_library_versions() -> dict[str, str]:

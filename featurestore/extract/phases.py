@@ -27,12 +27,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..configs import ON_DUPLICATE_CHOICES, ON_ERROR_CHOICES
-from ..data.sources import Record, Source, record_content_id
+from ..data.sources import Record, Source, content_id, record_content_id
 from ..encode.encoders import Encoder, HashedCollate, HashingDataset, Item, Runner
 from ..encode.fingerprint import changed_keys
 from ..encode.images import lower_worker_priority
 from ..errors import DuplicateItemsError, ImageDecodeError, StoreError
-from ..store.hdf5 import DTYPES, FeatureStore, SplitArrays, fingerprint_hash, write_store
+from ..store.hdf5 import DTYPES, LAYOUT_VERSION, FeatureStore, SplitArrays, fingerprint_hash, write_store
 from ..store.journal import ExtractionJournal, JournalWriter
 from ..store.locking import store_lock
 from ..utils.atomic import temp_files_of
@@ -137,11 +137,12 @@ def _existing_rows(out: Path, fingerprint: dict) -> tuple[FeatureStore | None, d
 
 
 def _unchanged(store: FeatureStore | None, fp_hash: str, class_names: list[str], splits: dict[str, SplitArrays],
-               skipped: list[dict], duplicates: list[dict], source_root: str, feature_shape: list[int]) -> bool:
-    """True when ``store`` already holds exactly these rows, classes and notes (rewriting it would change nothing)."""
-    if (store is None or store.fingerprint_hash != fp_hash or store.class_names != class_names
-            or store.splits != list(splits) or store.skipped != skipped or store.duplicates != duplicates
-            or store.source_root != source_root or store.feature_shape != feature_shape):
+               skipped: list[dict], duplicates: list[dict], source: dict, feature_shape: list[int]) -> bool:
+    """True when ``store`` already holds exactly these rows, classes and notes in today's layout (rewriting it would
+    change nothing; a layout-1 store is rewritten, its rows reused)."""
+    if (store is None or store.schema_version != LAYOUT_VERSION or store.fingerprint_hash != fp_hash
+            or store.class_names != class_names or store.splits != list(splits) or store.skipped != skipped
+            or store.duplicates != duplicates or store.source_record != source or store.feature_shape != feature_shape):
         return False
     for split, arrays in splits.items():
         _, labels, ids = store.load(split)
@@ -341,6 +342,17 @@ def stream_records(records: list[Record], encoder: Encoder, known: frozenset[str
     return run
 
 
+def source_record(source: Source, out: Path) -> dict:
+    """What a store at ``out`` extracted from ``source`` records as its ``source`` (``store/hdf5.py``): the manifest
+    (with the SHA-256 of its bytes) or the folder, ``path`` relative to the store's folder (POSIX: portable across
+    clones and moves of the whole project)."""
+    origin = source.manifest if source.manifest is not None else source.root
+    path = Path(os.path.relpath(Path(origin).resolve(), out.parent.resolve())).as_posix()
+    if source.manifest is None:
+        return {"kind": "folder", "path": path, "sha256": None}
+    return {"kind": "manifest", "path": path, "sha256": content_id(source.manifest)}
+
+
 def assemble_store(plan: ExtractionPlan, encoder: Encoder, new: dict[str, np.ndarray], failures: dict[str, str],
                    dtype: str, summary: ExtractSummary) -> None:
     """Gather every item's row (new, resumed from the journal, or reused from the old store) by split and write
@@ -371,12 +383,12 @@ def assemble_store(plan: ExtractionPlan, encoder: Encoder, new: dict[str, np.nda
     summary.skipped, summary.duplicates = skipped, plan.duplicates
     for entry in skipped:
         log.warning("skipped %s: %s", entry["path"], entry["reason"])
-    root = os.path.relpath(plan.source.root.resolve(), plan.out.parent.resolve())  # portable: clones, moves
+    source = source_record(plan.source, plan.out)
     shape = list(encoder.feature_shape)
-    if not _unchanged(plan.store, plan.fp_hash, plan.source.class_names, arrays, skipped, plan.duplicates, root,
+    if not _unchanged(plan.store, plan.fp_hash, plan.source.class_names, arrays, skipped, plan.duplicates, source,
                       shape):
         write_store(plan.out, plan.fingerprint, plan.source.class_names, arrays, dtype=dtype, skipped=skipped,
-                    duplicates=plan.duplicates, source_root=root, feature_shape=shape)
+                    duplicates=plan.duplicates, source=source, feature_shape=shape)
         summary.written = True
 
 

@@ -2,8 +2,9 @@
 
 ``verify_store`` checks two things, for image and text stores alike:
 
-1. every row's item still exists under the data root (a file, or a row of a manifest for a document given
-   inline) and still hashes to the row's content id (an item edited or replaced since extraction is a drift);
+1. every row's item is still in the store's source (the folder or manifest it records, or ``data``: a file, or
+   a row of the manifest for a document given inline) and still hashes to the row's content id (an item edited or
+   replaced since extraction is a drift);
 2. a seeded sample of rows, decoded (texts: read and tokenised as the store's tokenization says) and run
    through the backbone again with today's code and libraries, gives the stored features within a tolerance
    set by how they were stored (float32, float16, float16-autocast compute). The largest difference is
@@ -16,7 +17,6 @@ reported, and the sample says whether it moved the features.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,12 +24,13 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from ..configs import Tokenization
-from ..data.sources import Record, read_manifest, record_content_id
+from ..data.sources import Record, content_id, read_manifest, record_content_id
 from ..encode.backbones import get_spec, load_backbone, load_text_backbone
+from ..encode.backbones.loading import recorded_weights
 from ..encode.encoders import Encoder, ImageEncoder, Item
 from ..encode.fingerprint import changed_keys
 from ..encode.texts import TextEncoder
-from ..errors import DataError, WeightsMismatchError
+from ..errors import WeightsMismatchError
 from ..store.hdf5 import FeatureStore
 from ..utils.console import progress_bar
 from ..utils.devices import resolve_device
@@ -44,13 +45,14 @@ TOLERANCES = {
     ("float32", "autocast-float16"): (2e-2, 3e-2),
     ("float16", "autocast-float16"): (2e-2, 3e-2),
 }
-INLINE_ROW = re.compile(r"^(?P<manifest>.+\.(?:csv|jsonl)):(?P<line>\d+)$")
 
 
 @dataclass
 class VerifyReport:
     """What ``featurestore verify`` found. ``ok`` is False when any file is missing or changed, or any
-    sampled row differs from today's re-extraction by more than ``atol + rtol·|stored|``."""
+    sampled row differs from today's re-extraction by more than ``atol + rtol·|stored|``. ``source_changed``: the
+    manifest's bytes differ from those recorded at extraction (rows added or removed; each row is still checked by
+    its content id)."""
 
     store: str
     data_root: str
@@ -64,6 +66,7 @@ class VerifyReport:
     atol: float = 0.0
     rtol: float = 0.0
     fingerprint_changes: list[str] = field(default_factory=list)
+    source_changed: bool = False
     ok: bool = True
 
     def to_dict(self) -> dict:
@@ -71,22 +74,20 @@ class VerifyReport:
 
 
 class ItemsOnDisk:
-    """The records behind a store's rows under ``root``: a file at ``root/<path>``, or for a document given
-    inline in a manifest (``<manifest>:<line>``) that manifest's row (each manifest read once)."""
+    """The records behind a store's rows in its source ``origin``: for a folder, the file at ``origin/<path>``; for
+    a manifest, its rows (a document given inline, or the file it names) by relative path. An item that is not there
+    is None (reported as missing: the folder is not scanned, so a damaged tree still gets its per-file report)."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.manifests: dict[str, dict[str, Record]] = {}
+    def __init__(self, origin: Path):
+        self.root = origin if origin.is_dir() else origin.parent
+        self.listed = None if origin.is_dir() else {r.rel_path: r for r in read_manifest(origin).records}
 
     def record(self, rel_path: str, split: str, label: int) -> Record | None:
-        inline = INLINE_ROW.match(rel_path)
-        if inline and not (self.root / rel_path).exists() and (self.root / inline["manifest"]).is_file():
-            name = inline["manifest"]
-            if name not in self.manifests:
-                self.manifests[name] = {r.rel_path: r for r in read_manifest(self.root / name).records}
-            return self.manifests[name].get(rel_path)
-        path = self.root / rel_path
-        return Record(path, rel_path, label, split) if path.is_file() else None
+        if self.listed is None:
+            record = Record(self.root / rel_path, rel_path, label, split)
+        else:
+            record = self.listed.get(rel_path)
+        return None if record is None or (record.text is None and not record.path.is_file()) else record
 
 
 def _check_hashes(store: FeatureStore, items: ItemsOnDisk, report: VerifyReport,
@@ -103,7 +104,7 @@ def _check_hashes(store: FeatureStore, items: ItemsOnDisk, report: VerifyReport,
                 elif record_content_id(record) != cid:
                     report.changed.append(str(rel))
                 else:
-                    intact.append((Item(cid, record.path, record.rel_path, record.label, split, text=record.text),
+                    intact.append((Item(cid, record.path, record.rel_path, int(label), split, text=record.text),
                                    row))
                 bar.update(1)
     return intact
@@ -114,35 +115,31 @@ def encoder_of(store: FeatureStore, weights: str | Path | None, device, engine: 
     store's), its preprocessing or tokenization, its stored dtype."""
     fp = store.fingerprint
     spec = get_spec(fp["backbone"], search=(store.path.parent,))
-    if fp.get("kind") == "text":
-        model = load_text_backbone(spec, weights)
-        encoder = TextEncoder(model, Tokenization(**fp["tokenization"]), fp["dtype"], engine)
-        weights_path = weights or spec.weights_file or spec.model_dir()
-    else:
+    if fp.get("kind") != "text":
         pre = fp["preprocessing"]
-        model = load_backbone(spec, weights=weights, image_size=pre["image_size"], crop_pct=pre["crop_pct"])
-        encoder = ImageEncoder(model, fp["dtype"], device, engine)
-        weights_path = model.weights_path
+        checkpoint = recorded_weights(spec, fp["weights_sha256"], weights, built=f"store {store.path}")
+        model = load_backbone(spec, weights=checkpoint, image_size=pre["image_size"], crop_pct=pre["crop_pct"])
+        return ImageEncoder(model, fp["dtype"], device, engine)
+    model = load_text_backbone(spec, weights)
     if model.weights_sha256 != fp["weights_sha256"]:
         raise WeightsMismatchError(
-            f"{weights_path}: not the weights {store.path} was extracted with (sha256 {fp['weights_sha256'][:12]}…); "
-            f"pass --weights with that checkpoint"
+            f"{weights or spec.weights_file or spec.model_dir()}: not the weights {store.path} was extracted with "
+            f"(sha256 {fp['weights_sha256'][:12]}…); pass --weights with that checkpoint"
         )
-    return encoder
+    return TextEncoder(model, Tokenization(**fp["tokenization"]), fp["dtype"], engine)
 
 
 def verify_store(store: str | Path | FeatureStore, data: str | Path | None = None, sample: int = 32, seed: int = 0,
                  weights: str | Path | None = None, device: str = "cpu", engine: str = "auto",
                  progress: bool = True) -> VerifyReport:
-    """Check ``store`` against its items (under ``data``, default: the root it was extracted from)."""
+    """Check ``store`` against its items (in ``data``, default: the folder or manifest it records as its source)."""
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    root = Path(data) if data is not None else store.source_folder()
-    if root is None or not root.is_dir():
-        raise DataError(f"{store.path}: its data folder {root} is not there; pass --data with the folder it was "
-                        f"extracted from")
-    report = VerifyReport(store=str(store.path), data_root=str(root),
-                          rows=sum(store.count(split) for split in store.splits))
-    intact = _check_hashes(store, ItemsOnDisk(root), report, progress)
+    origin = store.source(data)
+    recorded = (store.source_record or {}).get("sha256")
+    report = VerifyReport(store=str(store.path), data_root=str(origin),
+                          rows=sum(store.count(split) for split in store.splits),
+                          source_changed=bool(recorded and origin.is_file() and content_id(origin) != recorded))
+    intact = _check_hashes(store, ItemsOnDisk(origin), report, progress)
     torch_device = resolve_device(device)
     encoder = encoder_of(store, weights, torch_device, engine if torch_device.type == "cpu" else "torch")
     fp = store.fingerprint

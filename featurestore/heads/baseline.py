@@ -2,14 +2,18 @@
 on images. No encoder: what a pretrained backbone must beat, and what is deployed when it does not.
 
 Both are fitted like a head: C chosen on the validation split (fitted on train, scored on val), then the chosen C
-refitted on train+val. The recipes are the curve's (``transfer/baselines.py`` uses the same vectorizer and grid):
+refitted on train+val. The recipes are the curve's (``transfer/baselines.py`` uses the same vectorizer, pixels and
+grid):
 
 - ``tfidf``: word unigrams and bigrams, sublinear term frequency, L2-normalised rows (scikit-learn's
   ``TfidfVectorizer`` with its default token pattern ``(?u)\\b\\w\\w+\\b`` and lower-casing), fitted on the
   training texts, then logistic regression on the sparse rows (no scaling). Input: a list of N strings.
-- ``pixels``: each image decoded as ``predict`` decodes it (RGB, resized to 28 × 28, no crop), turned to grey with
-  PIL's integer formula (``L = (19595 R + 38470 G + 7471 B + 32768) >> 16``: an image that is grey already keeps its
-  values), scaled to [0, 1], standardised, logistic regression. Input: uint8 (N, 3, 28, 28).
+- ``pixels``: each image decoded as ``predict`` decodes it (RGB; the shorter side resized to 28, bilinear, and the
+  centre 28 × 28 kept, as an encoder's input is made), then turned to grey with PIL's integer formula
+  (``L = (19595 R + 38470 G + 7471 B + 32768) >> 16``: an image that is grey already keeps its values), scaled to
+  [0, 1] (:func:`pixel_features`), standardised, logistic regression. Input: uint8 (N, 3, 28, 28). Resizing comes
+  before grey because the exported graph takes what ``predict`` decodes for every image model; the two orders
+  differ only by rounding (at most one grey level on scikit-image's photos).
 
 A model file is a skops archive ``{"format": "featurestore-baseline", "metadata", "estimator"}`` (JSON metadata,
 the scikit-learn pipeline loaded only with featurestore's trusted types), like a head file.
@@ -33,7 +37,7 @@ from ..configs import HeadConfig
 from ..errors import FeaturestoreError, HeadFileError
 from ..utils.atomic import atomic_path
 from ..utils.validation import check_choice
-from .head import spread_over_classes
+from .head import TRUSTED_TYPES, spread_over_classes
 
 if TYPE_CHECKING:
     from ..store.hdf5 import FeatureStore
@@ -58,11 +62,12 @@ def make_tfidf():
     return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
 
 
-def pixel_preprocessing():
-    """How ``predict`` decodes an image for the pixel baseline: RGB, 28 × 28 (bilinear, no crop), uint8."""
+def pixel_preprocessing(size: int = PIXEL_SIZE):
+    """How ``predict`` decodes an image for the pixel baseline: RGB, the shorter side resized to ``size`` (bilinear),
+    the centre ``size`` × ``size`` kept, uint8."""
     from ..encode.preprocess import Preprocessing
 
-    return Preprocessing(image_size=PIXEL_SIZE, crop_pct=1.0, interpolation="bilinear", mean=(0.0, 0.0, 0.0),
+    return Preprocessing(image_size=size, crop_pct=1.0, interpolation="bilinear", mean=(0.0, 0.0, 0.0),
                          std=(1.0, 1.0, 1.0))
 
 
@@ -71,17 +76,29 @@ def gray_pixels(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 (N, 3, S, S), got {images.dtype} {images.shape}")
-    r, g, b = (images[:, c].astype(np.int64) for c in range(3))
+    r, g, b = (images[:, c].astype(np.int32) for c in range(3))  # sums reach 255 * 65536 + 32768
     gray = (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b + 32768) >> 16
     return (gray.reshape(len(images), -1) / 255.0).astype(np.float32)
 
 
-def decode_pixels(records: Sequence) -> np.ndarray:
-    """The records' images decoded as ``predict`` decodes them: uint8 (N, 3, 28, 28). An unreadable image raises."""
+def decode_pixels(records: Sequence, size: int = PIXEL_SIZE) -> np.ndarray:
+    """The records' images decoded as ``predict`` decodes them: uint8 (N, 3, size, size). An unreadable image
+    raises."""
     from ..encode.images import load_image
 
-    preprocessing = pixel_preprocessing()
+    preprocessing = pixel_preprocessing(size)
     return np.stack([preprocessing(load_image(record.path)).numpy() for record in records]).astype(np.uint8)
+
+
+def pixel_features(records: Sequence, size: int = PIXEL_SIZE) -> np.ndarray:
+    """The pixel baseline's features of the records' images, (N, size²) float32 in [0, 1]: :func:`decode_pixels`
+    then :func:`gray_pixels`, what the fitted baseline, its exported graph and the curve's "pixels" line read.
+    Decoded 1,024 at a time, so a large split never holds its uint8 RGB copy in memory. An unreadable image raises."""
+    rows = np.empty((len(records), size * size), dtype=np.float32)
+    for start in range(0, len(records), 1024):
+        chunk = records[start:start + 1024]
+        rows[start:start + len(chunk)] = gray_pixels(decode_pixels(chunk, size))
+    return rows
 
 
 def read_texts(records: Sequence) -> list[str]:
@@ -192,10 +209,6 @@ def _read_format(path: Path):
     return json.loads(entry["content"]) if isinstance(entry, dict) and entry.get("is_json") else None
 
 
-# Types a baseline or hybrid file legitimately holds beyond skops' defaults.
-TRUSTED_MODEL_TYPES = ("featurestore.heads.scaling.FeatureScaler",)
-
-
 def load_skops_model(path: str | Path, expected_format: str) -> tuple[dict, object]:
     """(metadata, estimator) of a featurestore skops model file of ``expected_format``. Raises
     :class:`HeadFileError` naming the file: missing, not skops, another format, or untrusted types inside."""
@@ -208,7 +221,7 @@ def load_skops_model(path: str | Path, expected_format: str) -> tuple[dict, obje
         raise HeadFileError(f"{path}: not a skops model file")
     try:
         untrusted = sio.get_untrusted_types(file=path)
-        unexpected = sorted(set(untrusted) - set(TRUSTED_MODEL_TYPES))
+        unexpected = sorted(set(untrusted) - set(TRUSTED_TYPES))
         if unexpected:
             raise HeadFileError(f"{path}: the model holds types featurestore does not trust: {', '.join(unexpected)}")
         document = sio.load(path, trusted=list(untrusted))
@@ -275,7 +288,7 @@ def fit_baseline(kind: str, train: Sequence, val: Sequence, class_names: list[st
             y_all, estimator_steps=[("tfidf", final)])
         estimator.steps = [step for step in estimator.steps if step[0] != "scale"]
     else:
-        X, Xv = gray_pixels(decode_pixels(train)), gray_pixels(decode_pixels(val))
+        X, Xv = pixel_features(train), pixel_features(val)
         estimator, C, val_accuracy, sweep = sweep_and_refit(replace(config, normalize="standard"), X, y, Xv, yv,
                                                             np.concatenate([X, Xv]), y_all)
     return BaselineModel(kind=kind, estimator=estimator, C=float(C), class_names=list(class_names), backbone=backbone,

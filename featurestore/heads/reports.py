@@ -38,7 +38,8 @@ def check_no_overlap(store: FeatureStore, split: str) -> None:
     shared = [str(path) for cid, path in zip(ids, paths, strict=True) if cid in seen]
     if shared:
         examples = ", ".join(shared[:3]) + (f" (and {len(shared) - 3} more)" if len(shared) > 3 else "")
-        raise LeakError(f"{store.path}: {len(shared)} of {len(ids)} {split} images also appear in train/val "
+        unit = "texts" if store.fingerprint.get("kind") == "text" else "images"
+        raise LeakError(f"{store.path}: {len(shared)} of {len(ids)} {split} {unit} also appear in train/val "
                         f"(identical bytes): {examples}. Remove them from {split}, or pass --allow-overlap")
 
 

@@ -1,10 +1,10 @@
 """The HDF5 feature cache: layout, fingerprints, an atomic writer and a reader for notebooks.
 
-Layout of ``<name>.h5`` (schema version 1)::
+Layout of ``<name>.h5`` (layout version 2, the root attribute ``featurestore_schema``)::
 
     /                       attrs: featurestore_schema, fingerprint (JSON), fingerprint_hash,
                                    backbone, feature_dim, dtype, class_names (JSON), skipped (JSON),
-                                   duplicates (JSON), source_root, feature_shape (JSON)
+                                   duplicates (JSON), source (JSON), feature_shape (JSON)
     /<split>/features       (N, D) float32 or float16, chunks of about 1 MiB of rows, uncompressed
     /<split>/labels         (N,) int64, indices into class_names
     /<split>/ids            (N,) bytes (64), SHA-256 hex of each image file's content
@@ -14,6 +14,20 @@ Layout of ``<name>.h5`` (schema version 1)::
 Files are written whole to a uniquely named temporary file beside ``<name>.h5``, fsynced and renamed
 over it (atomic.py): a reader (or a killed writer) only ever sees the previous complete file or the new
 complete file. Writers take the store's lock (locking.py) for the whole extraction.
+
+``source`` says where the items came from, so that every reader rebuilds its records from the same place:
+``{"kind": "folder" | "manifest", "path": <the folder or the manifest file, relative to the store's folder, POSIX>,
+"sha256": <hex SHA-256 of the manifest's bytes, or null for a folder>}``. The path is relative only (as the rows'
+paths are): a store and its data moved or cloned together still find each other, and a file written on two machines
+is the same file.
+
+Migration. Layout 1 (releases before the source record) had ``source_root`` (the data folder, relative to the
+store's folder) instead of ``source``; such a file is still read, as a folder source at ``source_root`` (a store of
+documents given inline in a manifest, rows ``<manifest>:<line>``, as that manifest), and rewritten as layout 2 by
+the next ``extract`` into it, every row reused. The layout version is not in the fingerprint (``SCHEMA_VERSION``,
+what a row means, is), so the bump re-extracts nothing. Later additions to layout 2 (per-layer features, a recorded
+validation split) are optional attributes or groups whose absence means "not recorded": readers of layout 2 must
+accept a file without them, and no further bump is needed for them.
 """
 
 from __future__ import annotations
@@ -21,20 +35,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import h5py
 import numpy as np
 
 from ..configs import STORE_DTYPES
-from ..errors import StoreError
+from ..errors import DataError, StoreError
 from ..utils.atomic import atomic_path
 from ..utils.validation import check_choice
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # what a feature row is, in every fingerprint: bumping it re-extracts every store
+LAYOUT_VERSION = 2  # the file's layout, the root attribute featurestore_schema (see the migration note above)
+READABLE_LAYOUTS = (1, 2)
+SOURCE_KINDS = ("folder", "manifest")
+INLINE_ROW = re.compile(r"^(?P<manifest>[^/]+\.(?:csv|jsonl)):(?P<line>\d+)$")  # a document given in a manifest
 CHUNK_BYTES = 1 << 20
 CONVERT_BYTES = 64 << 20  # a load that converts the dtype reads this much at a time
 ID_DTYPE = "S64"
@@ -96,7 +115,7 @@ def store_writer(
     dtype: str = "float32",
     skipped: list[dict] | None = None,
     duplicates: list[dict] | None = None,
-    source_root: str | None = None,
+    source: dict | None = None,
     feature_shape: list[int] | None = None,
 ) -> Iterator[StoreWriter]:
     """Write a store of ``split_rows`` rows per split, filled through the yielded :class:`StoreWriter` (so a
@@ -104,22 +123,26 @@ def store_writer(
     file, fsync, rename) when the block ends without an error.
 
     ``skipped``: ``[{path, reason}]`` of items that could not be used; ``duplicates``: groups of rows with
-    identical content across splits or labels (``[{id, paths, splits, labels}]``); ``source_root``: the data
-    root the relative paths were scanned from, relative to the store's folder (``featurestore verify`` reads
-    the items there); ``feature_shape``: the shape one row is a flattening of (default ``[D]``; a trunk cache
+    identical content across splits or labels (``[{id, paths, splits, labels}]``); ``source``: where the items
+    came from, ``{kind, path, sha256}`` (module docstring; every reader rebuilds its records there);
+    ``feature_shape``: the shape one row is a flattening of (default ``[D]``; a trunk cache
     row is a (C, H, W) activation).
     """
     check_choice("dtype", dtype, DTYPES)
+    if source is not None:
+        check_choice("source kind", source["kind"], SOURCE_KINDS)
     feature_dim = int(fingerprint["feature_dim"])
     shape = list(feature_shape or [feature_dim])
     if int(np.prod(shape)) != feature_dim:
         raise ValueError(f"feature_shape {shape} does not flatten to {feature_dim} columns")
     with atomic_path(Path(path)) as tmp, h5py.File(tmp, "w", track_order=True) as handle:
-        attrs = {"featurestore_schema": SCHEMA_VERSION, "fingerprint": json.dumps(fingerprint, sort_keys=True),
+        attrs = {"featurestore_schema": LAYOUT_VERSION, "fingerprint": json.dumps(fingerprint, sort_keys=True),
                  "fingerprint_hash": fingerprint_hash(fingerprint), "backbone": fingerprint["backbone"],
                  "feature_dim": feature_dim, "dtype": dtype, "class_names": json.dumps(class_names),
                  "skipped": json.dumps(skipped or []), "duplicates": json.dumps(duplicates or []),
-                 "source_root": source_root or "", "feature_shape": json.dumps(shape)}
+                 "feature_shape": json.dumps(shape)}
+        if source is not None:
+            attrs["source"] = json.dumps({"kind": source["kind"], "path": source["path"], "sha256": source["sha256"]})
         handle.attrs.update(attrs)
         itemsize = np.dtype(dtype).itemsize
         for split, n in split_rows.items():
@@ -199,6 +222,17 @@ def _read_exactly(fd: int, view: memoryview, byte_offset: int, path: Path) -> No
         done += got
 
 
+def _source_record(attrs: dict) -> dict | None:
+    """The ``source`` attribute; for a layout-1 file, its ``source_root`` as a folder source (None: not recorded)."""
+    if "source" in attrs:
+        record = json.loads(attrs["source"])
+        if not isinstance(record, dict) or record.get("kind") not in SOURCE_KINDS or "path" not in record:
+            raise ValueError("source")
+        return record
+    root = str(attrs.get("source_root", ""))
+    return {"kind": "folder", "path": root, "sha256": None} if root else None
+
+
 class FeatureStore:
     """Read access to one feature cache file.
 
@@ -220,10 +254,10 @@ class FeatureStore:
             self._chunks = {name: handle[name]["features"].chunks for name in self._splits}
         if "fingerprint" not in attrs:
             raise StoreError(f"{self.path}: not a featurestore file (no fingerprint attribute)")
-        if int(attrs.get("featurestore_schema", -1)) != SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: schema version {attrs.get('featurestore_schema')} is not {SCHEMA_VERSION}; re-extract"
-            )
+        self.schema_version = int(attrs.get("featurestore_schema", -1))  # the file's layout
+        if self.schema_version not in READABLE_LAYOUTS:
+            raise StoreError(f"{self.path}: schema version {attrs.get('featurestore_schema')} is not one of "
+                             f"{list(READABLE_LAYOUTS)}; re-extract")
         try:
             self.fingerprint: dict = json.loads(attrs["fingerprint"])
             self.fingerprint_hash: str = str(attrs["fingerprint_hash"])
@@ -232,7 +266,7 @@ class FeatureStore:
             self.dtype: str = str(attrs["dtype"])
             self.skipped: list[dict] = json.loads(attrs.get("skipped", "[]"))
             self.duplicates: list[dict] = json.loads(attrs.get("duplicates", "[]"))
-            self.source_root: str = str(attrs.get("source_root", ""))
+            self.source_record: dict | None = _source_record(attrs)
             self.feature_shape: list[int] = json.loads(attrs.get("feature_shape", json.dumps([self.feature_dim])))
         except (KeyError, ValueError) as exc:
             raise StoreError(f"{self.path}: not a featurestore file (bad or missing attribute {exc})") from None
@@ -355,9 +389,44 @@ class FeatureStore:
             for start in range(0, self._counts[split], step):
                 yield features[start:start + step], labels[start:start + step]
 
+    def source(self, data: str | Path | None = None) -> Path:
+        """Where this store's items are: the folder or manifest file to scan (``data.sources.scan_source``) for the
+        records behind its rows. ``data`` when given (a folder given for a store of a manifest: the manifest of
+        that name in it, when there), else the recorded source. Raises :class:`DataError` when it is not there."""
+        record = self.source_record
+        if data is None and record is None:
+            raise DataError(f"{self.path}: records no data source; pass --data with the folder or manifest it was "
+                            f"extracted from")
+        path = Path(data) if data is not None else (self.path.parent / record["path"]).resolve()
+        name = self._manifest_name()
+        if name and path.is_dir() and (path / name).is_file():
+            path = path / name
+        if not path.exists():
+            raise DataError(f"{path}: data folder or manifest not found (the source of {self.path}); pass --data "
+                            f"with the folder or manifest it was extracted from")
+        return path
+
     def source_folder(self) -> Path | None:
-        """The data root the store was extracted from (None if not recorded)."""
-        return (self.path.parent / self.source_root).resolve() if self.source_root else None
+        """The folder the rows' relative paths start from: the recorded folder, or the manifest's folder (None if
+        not recorded)."""
+        if self.source_record is None:
+            return None
+        path = (self.path.parent / self.source_record["path"]).resolve()
+        return path.parent if self.source_record["kind"] == "manifest" else path
+
+    def _manifest_name(self) -> str | None:
+        """The file name of the manifest the store was extracted from: recorded, or for a layout-1 store (which
+        recorded only the manifest's folder) named by its first row of a document given inline, if any."""
+        if self.source_record is not None and self.source_record["kind"] == "manifest":
+            return PurePosixPath(self.source_record["path"]).name
+        if self.schema_version == 1:
+            with self._reading() as handle:
+                for split in self._splits:
+                    if self._counts[split]:
+                        inline = INLINE_ROW.match(handle[split]["paths"].asstr()[0])
+                        if inline:
+                            return inline["manifest"]
+        return None
 
     def iter_shuffled(self, splits: str | Sequence[str], batch_rows: int, seed: int,
                       buffer_chunks: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -395,7 +464,7 @@ class FeatureStore:
         return {
             "path": str(self.path),
             "size_bytes": self.path.stat().st_size,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema_version,
             "fingerprint_hash": self.fingerprint_hash,
             "fingerprint": self.fingerprint,
             "feature_dim": self.feature_dim,
@@ -407,6 +476,6 @@ class FeatureStore:
             },
             "skipped": self.skipped,
             "duplicates": self.duplicates,
-            "source_root": self.source_root,
+            "source": self.source_record,
             "feature_shape": self.feature_shape,
         }

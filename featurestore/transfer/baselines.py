@@ -18,17 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from ..configs import HeadConfig, ScratchConfig
 from ..data.sources import Record, Source, nested_subset, scan_source
 from ..encode.backbones import TextFeatureModel, get_spec
 from ..encode.backbones.model import PixelNormalize
-from ..encode.images import load_image
 from ..errors import FeaturestoreError
-from ..heads.baseline import BASELINE_GRID as RAW_INPUT_GRID
-from ..heads.baseline import make_tfidf
+from ..heads.baseline import BASELINE_GRID, make_tfidf, pixel_features  # the deployable baselines' recipes
 from ..utils.devices import resolve_device
 from .augment import ViewRecipe
 from .training import ImageBatches, accuracy, train
@@ -204,26 +201,12 @@ def train_text_from_scratch(data: str | Path | Source, config: ScratchConfig = S
                          config=asdict(config))
 
 
-def pixel_features(records: list[Record], size: int = 28) -> np.ndarray:
-    """Raw pixels as features: each image in grayscale at ``size`` × ``size``, (N, size²) float32 in [0, 1]."""
-    rows = []
-    for record in records:
-        image = load_image(record.path).convert("L")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        rows.append(np.asarray(image, dtype=np.float32).ravel() / 255.0)
-    return np.stack(rows)
-
-
 @dataclass
 class LinearBaselineResult:
     val_accuracy: float
     test_accuracy: float | None
     C: float
     seconds: float
-
-
-BASELINE_GRID = RAW_INPUT_GRID  # heads.baseline's: the deployable baselines sweep the same grid
 
 
 def _fit_linear(X, y, Xv, yv, Xt, yt, config: HeadConfig, started: float) -> LinearBaselineResult:
@@ -238,7 +221,8 @@ def _fit_linear(X, y, Xv, yv, Xt, yt, config: HeadConfig, started: float) -> Lin
 def pixel_logreg(data: str | Path | Source, train_per_class: int | None = None, seed: int = 0,
                  config: HeadConfig = BASELINE_GRID,
                  chosen: dict[str, list[Record]] | None = None) -> LinearBaselineResult:
-    """Logistic regression on raw pixels (standardised), C chosen on val, trained on the train subset."""
+    """Logistic regression on raw pixels (standardised), C chosen on val, trained on the train subset: the
+    deployable pixel baseline's recipe, on the same pixels (``heads.baseline.pixel_features``)."""
     started = time.perf_counter()
     source = data if isinstance(data, Source) else scan_source(data)
     train, evaluation = _records(source, train_per_class, seed, chosen)

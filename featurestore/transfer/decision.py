@@ -72,7 +72,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -85,7 +84,8 @@ from ..data.sources import ids_digest
 from ..errors import FeaturestoreError
 from ..utils.atomic import write_text_atomic
 from ..utils.validation import check_choice
-from .stats import max_gain_test
+from .best import train_only_val_predictions
+from .stats import ALPHA, beats_incumbent
 
 if TYPE_CHECKING:  # the stage skips fine-tuning more often than not: scikit-learn and h5py load only to compare heads
     from ..heads.head import TrainedHead
@@ -93,8 +93,7 @@ if TYPE_CHECKING:  # the stage skips fine-tuning more often than not: scikit-lea
 
 log = logging.getLogger("featurestore")
 
-RULE = "max_gain"  # stats.max_gain_test; chosen by benchmarks/decision_rule.py (the module docstring)
-ALPHA = 0.05  # fine-tuning is kept when the test's p-value is below this
+RULE = "max_gain"  # stats.beats_incumbent (max_gain_test at ALPHA); chosen by benchmarks/decision_rule.py (above)
 STALE = ("decision.json", "backbone.json", "weights.pth", "setfit.pth", "features.h5", "heads", "baseline.skops",
          "hybrid.skops")
 
@@ -128,14 +127,15 @@ def choose(result, alpha: float = ALPHA, seed: int = 0) -> dict:
     Uses ``result.val_labels``, ``start_val_predictions`` and ``epoch_val_predictions`` (lists of class ints
     over the same N validation images). The rule (``RULE``): the sign-flip max-statistic test of the best
     epoch's gain over the probe (``stats.max_gain_test``), which repeats the choice of the best epoch inside the
-    test; fine-tuning is kept when its p-value is below ``alpha``. Returns ``decision.json``'s ``choice``:
-    ``{"chosen", "rule", "criterion", "val_probe", "val_finetuned", "gain", "reason"}``, where ``gain`` holds
-    the test's figures (gain, epoch, p_value, alpha, fixes, breaks, disagreements, n, candidates,
-    randomisations).
+    test; fine-tuning is kept when its p-value is below ``alpha`` (``stats.beats_incumbent``, the rule of every
+    choice between models). Returns ``decision.json``'s ``choice``: ``{"chosen", "rule", "criterion",
+    "val_probe", "val_finetuned", "gain", "reason", "warning"}``, where ``gain`` holds the test's figures (gain,
+    epoch, p_value, alpha, beats, fixes, breaks, disagreements, n, candidates, randomisations) and ``warning``
+    names the split's size when it is too small to tell models apart (else None).
     """
     start, epochs = _correctness(result)
-    gain = {**max_gain_test(start, epochs, seed=seed), "alpha": alpha}
-    chosen = gain["p_value"] < alpha
+    gain = beats_incumbent(start, epochs, alpha, seed)
+    chosen = gain["beats"]
     of = f"over the probe on {gain['n']} validation images"
     if gain["epoch"] == 0:
         reason = (f"fine-tuning does not beat the probe: none of its {gain['candidates']} epochs is better {of} "
@@ -149,8 +149,15 @@ def choose(result, alpha: float = ALPHA, seed: int = 0) -> dict:
         "chosen": "finetuned" if chosen else "probe", "rule": RULE,
         "criterion": f"p-value of the best epoch's gain over the probe, the choice of the epoch included, < {alpha}",
         "val_probe": result.start_val_accuracy, "val_finetuned": result.best_val_accuracy, "gain": gain,
-        "reason": reason,
+        "reason": reason, "warning": _warn(gain.pop("warning")),
     }
+
+
+def _warn(warning: str | None) -> str | None:
+    """Log a too-small-split warning (``stats.split_too_small``) and return it for ``decision.json``."""
+    if warning:
+        log.warning(warning)
+    return warning
 
 
 def choose_among(results: Mapping[str, object], alpha: float = ALPHA, seed: int = 0) -> dict:
@@ -177,9 +184,9 @@ def choose_among(results: Mapping[str, object], alpha: float = ALPHA, seed: int 
         epochs = _correctness(results[name])[1]
         candidates.append(epochs)
         owners += [(name, epoch) for epoch in range(1, len(epochs) + 1)]
-    gain = {**max_gain_test(reference, np.concatenate(candidates), seed=seed), "alpha": alpha}
+    gain = beats_incumbent(reference, np.concatenate(candidates), alpha, seed)
     method, epoch = owners[gain["epoch"] - 1] if gain["epoch"] else (None, 0)
-    chosen = gain["p_value"] < alpha
+    chosen = gain["beats"]
     gain.update(epoch=epoch, method=method)
     of = f"over the probe on {gain['n']} validation items"
     if method is None:
@@ -199,7 +206,7 @@ def choose_among(results: Mapping[str, object], alpha: float = ALPHA, seed: int 
         "per_method": {name: {"best_val_accuracy": results[name].best_val_accuracy,
                               "best_epoch": results[name].best_epoch, "epochs_run": results[name].epochs_run}
                        for name in names},
-        "reason": reason,
+        "reason": reason, "warning": _warn(gain.pop("warning")),
     }
 
 
@@ -311,30 +318,6 @@ def adopt_finetuned(backbone: str, out: Path, data: str | Path, heads: dict, ext
         trained[head_name] = train_head(out / "features.h5", head_config)
         trained[head_name].save(out / "heads" / f"{name}__{head_name}.skops")
     return trained
-
-
-def train_only_val_predictions(head: TrainedHead, store: FeatureStore) -> dict[str, int] | float:
-    """A head's estimator refitted at its own C on ``store``'s train split alone (a saved head is refitted on
-    train+val, so its own validation score would be inflated), scored on the val split.
-
-    Returns validation image id → predicted class (int) for the in-memory heads. ``sgd_logreg`` (streamed from
-    the store) is not refitted: its sweep already fitted that C on train and scored it on val, and that accuracy
-    (a float) is returned instead.
-    """
-    from sklearn.exceptions import ConvergenceWarning
-
-    from ..heads.estimators import build_estimator
-
-    head.check_store(store)
-    if head.config.head == "sgd_logreg":
-        return float(min(head.sweep, key=lambda point: abs(point["C"] - head.C))["val_accuracy"])
-    X, y, _ = store.load("train", dtype=np.float32)
-    Xv, _, ids = store.load("val", dtype=np.float32)
-    estimator = build_estimator(head.config, head.C)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        estimator.fit(X, y)
-    return dict(zip(ids.tolist(), np.asarray(estimator.predict(Xv)).tolist(), strict=True))
 
 
 def compare_heads(cache_only: Mapping[str, str | Path], finetuned: Mapping[str, TrainedHead]) -> dict[str, dict]:

@@ -30,10 +30,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..configs import FinetuneConfig
 from ..data.sources import Source, scan_source
 from ..encode.backbones import BackboneSpec, load_classifier
+from ..encode.backbones.loading import recorded_weights
 from ..encode.backbones.model import BlockSplit
 from ..encode.backbones.weights import file_sha256
 from ..encode.preprocess import Preprocessing
-from ..errors import FeaturestoreError, WeightsMismatchError
+from ..errors import FeaturestoreError
 from ..heads.head import TrainedHead
 from ..utils.devices import resolve_device
 from .augment import ViewRecipe
@@ -81,18 +82,14 @@ def finetunable(spec) -> BlockSplit:
 def base_network(head: TrainedHead, weights: str | Path | None = None,
                  spec: BackboneSpec | None = None) -> tuple[nn.Module, Path]:
     """The network whose features the head was trained on: its backbone (``spec``, default: resolved from the
-    head) with the very checkpoint whose hash the head's fingerprint records (``weights`` for a local file;
-    default: the registry's weights). Refused first when the backbone declares no block split."""
-    fp = head.fingerprint
+    head) with the very checkpoint whose hash the head's fingerprint records (``weights`` for a local file, checked;
+    default: that file where this machine last loaded it, or the registry's weights; see :func:`recorded_weights`).
+    Refused first when the backbone declares no block split."""
     spec = spec or head_spec(head)
     finetunable(spec)
-    _, network, path = load_classifier(spec, weights)
-    if file_sha256(path) != fp["weights_sha256"]:
-        raise WeightsMismatchError(
-            f"{path}: these weights (sha256 {file_sha256(path)[:12]}…) are not the ones head {head.name} was "
-            f"trained on (sha256 {fp['weights_sha256'][:12]}…); pass --weights with the checkpoint its features "
-            f"came from"
-        )
+    path = recorded_weights(spec, head.fingerprint["weights_sha256"], weights, built=f"head {head.name}")
+    log.info("%s: starting from weights %s", spec.name, path)
+    _, network, path = load_classifier(spec, path)
     return network, path
 
 
@@ -246,7 +243,7 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     ``cache`` is the trunk cache's path (default ``<out>.trunk.h5``; built or updated first when
     ``config.source`` is "cache"). ``train_per_class`` trains on a nested subset of that many train images per
     class; ``probe`` replaces the starting classifier (default: the head refitted on train); ``weights`` is the
-    local checkpoint the head's features came from, if not the registry's.
+    local checkpoint the head's features came from (default: found by the hash the head records, never downloaded).
     """
     out = Path(out)
     spec = head_spec(head)

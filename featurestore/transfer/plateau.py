@@ -8,11 +8,20 @@ bootstrap interval over the validation images (``stats.paired_gain``). The cache
 only when the interval's upper bound is below ``min_gain``: the data say that more labels would gain less
 than that. A gain that is merely not significant is not called a plateau (with 500 validation images the
 interval of one doubling spans about ±2.5 points); a larger validation split narrows it.
+
+A split too small to show a gain below ``min_gain`` at all is never called a plateau (:func:`smallest_split`): the
+bootstrap interval is only as wide as the disagreements it resamples, so on 18 images one lost image gave
+[-0.11, 0] and a "plateau" that started a fine-tune on noise (issue 25). The exact bound says what those images can
+show: even two probes that agree on all n of them leave the share of images more labels could fix anywhere below
+``1 - ((1 - level) / 2) ** (1 / n)`` (Clopper-Pearson, 0 of n), which is below ``min_gain`` only from
+:func:`smallest_split` images on (230 at the defaults). Below it the verdict says so, with a warning naming the
+split's size (logged and in the verdict's ``warning``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +36,7 @@ from ..store.hdf5 import FeatureStore
 from ..utils.atomic import write_text_atomic
 from .stats import paired_gain
 
+log = logging.getLogger("featurestore")
 
 @dataclass(frozen=True)
 class PlateauRule:
@@ -69,14 +79,40 @@ def learning_curve(store: FeatureStore, rule: PlateauRule, head: HeadConfig) -> 
     return curve, correct
 
 
+def smallest_split(rule: PlateauRule) -> int:
+    """The fewest validation images on which ``rule`` can call a plateau: the smallest n whose exact one-sided
+    ``(1 + level) / 2`` upper bound on the share of images more labels could fix, with no disagreement at all
+    between the two probes, ``1 - ((1 - level) / 2) ** (1 / n)``, is below ``min_gain`` (230 at level 0.8 and
+    min_gain 0.01). 1 when ``min_gain`` is not in (0, 1): no bound on a share of the images decides it then."""
+    if not 0 < rule.min_gain < 1:
+        return 1
+    return int(np.floor(np.log((1 - rule.level) / 2) / np.log1p(-rule.min_gain))) + 1
+
+
 def verdict(curve: list[dict], correct: list[np.ndarray], rule: PlateauRule) -> dict:
-    """Compare the largest budget with the largest budget at most half of it, with a paired interval."""
+    """Compare the largest budget with the largest budget at most half of it, with a paired interval; on fewer
+    validation images than :func:`smallest_split` no plateau can be shown, and ``warning`` says so (else None)."""
     last = len(curve) - 1
     halves = [i for i in range(last) if curve[i]["labels_per_class"] * 2 <= curve[last]["labels_per_class"]]
     before = halves[-1] if halves else last - 1
     gain = paired_gain(correct[before], correct[last], level=rule.level, seed=rule.seed)
-    plateaued = gain["high"] < rule.min_gain
+    needed = smallest_split(rule)
+    too_few = gain["n"] < needed
+    plateaued = gain["high"] < rule.min_gain and not too_few
     frm, to = curve[before]["labels_per_class"], curve[last]["labels_per_class"]
+    warning = None
+    if too_few:
+        bound = 1 - ((1 - rule.level) / 2) ** (1 / gain["n"])
+        warning = (f"the validation split has {gain['n']} images: too few to show a plateau; even two probes that "
+                   f"agree on all of them leave up to {bound:.1%} of them for more labels to fix (one-sided "
+                   f"{(1 + rule.level) / 2:.0%} bound), above min_gain {rule.min_gain}: it takes {needed} images, so "
+                   f"the cache-only curve is not called plateaued and no fine-tune starts on this evidence")
+        log.warning(warning)
+        why = f"{warning}; more labels may still pay"
+    elif plateaued:
+        why = f"even its upper bound is below min_gain {rule.min_gain}, so more labels no longer pay"
+    else:
+        why = f"its upper bound reaches min_gain {rule.min_gain}, so more labels may still pay"
     return {
         "plateaued": bool(plateaued),
         "gain": gain["gain"],
@@ -85,12 +121,12 @@ def verdict(curve: list[dict], correct: list[np.ndarray], rule: PlateauRule) -> 
         "min_gain": rule.min_gain,
         "from": curve[before],
         "to": curve[last],
+        "smallest_split": needed,
+        "warning": warning,
         "reason": (
             f"going from {frm} to {to} labels per class gained {gain['gain']:+.4f} validation accuracy, "
             f"{rule.level:.0%} interval [{gain['low']:+.4f}, {gain['high']:+.4f}] over {gain['n']} validation "
-            f"images ({gain['disagreements']} on which the two probes disagree): "
-            + (f"even its upper bound is below min_gain {rule.min_gain}, so more labels no longer pay"
-               if plateaued else f"its upper bound reaches min_gain {rule.min_gain}, so more labels may still pay")
+            f"images ({gain['disagreements']} on which the two probes disagree): {why}"
         ),
     }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from ..configs import FinetuneConfig
-from ..data.sources import Record, Source, nested_subset, record_content_id
+from ..data.sources import Record, Source, nested_subset
 from ..encode.backbones import Spec, get_spec
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, fold_scaler
 from ..heads.head import TrainedHead
+from ..heads.records import match_records
 from ..store.hdf5 import FeatureStore
 from .training import TrainResult
 
@@ -172,17 +173,6 @@ def finetune_rows(head: TrainedHead, train_per_class: int | None, seed: int) -> 
 
 def records_for(source: Source, rows: SplitRows, store: FeatureStore) -> list[Record]:
     """The source's records of ``rows`` (in their order), each checked against its content id and given the
-    store's label: an item edited, renamed away or relabelled since extraction is an error, not a silent shift."""
-    if source.class_names != store.class_names:
-        raise FeaturestoreError(f"{source.root}: classes {source.class_names} differ from the store's "
-                                f"{store.class_names} ({store.path})")
-    by_path = {record.rel_path: record for record in source.records if record.split == rows.split}
-    records = []
-    for rel_path, cid, label in zip(store.paths(rows.split)[rows.rows], rows.ids, rows.labels, strict=True):
-        record = by_path.get(str(rel_path))
-        if record is None or record_content_id(record) != cid:
-            problem = "is gone" if record is None else "changed"
-            raise FeaturestoreError(f"{source.root / str(rel_path)}: {problem} since {store.path} was extracted; "
-                                    f"extract again")
-        records.append(replace(record, label=int(label)))
-    return records
+    store's label: an item edited, renamed away or relabelled since extraction is an error, not a silent shift
+    (:func:`~featurestore.heads.records.match_records`)."""
+    return match_records(source, store, rows.split, rows.rows)

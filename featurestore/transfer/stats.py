@@ -11,6 +11,9 @@ models disagree carry information about the difference.
 - :func:`max_gain_test`: whether the best of several candidates (fine-tuning epochs) beats a reference (the
   probe) by more than the noise *and* the luck of having picked the best one on the same images: a paired
   sign-flip randomisation test of the maximum gain over the candidates.
+- :func:`beats_incumbent`: the one rule for every choice between models (fine-tuning's epochs and methods, the
+  baseline and hybrid heads against the encoder head): :func:`max_gain_test` at ``ALPHA``, with the warning of
+  :func:`split_too_small` when the split cannot tell candidates apart.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ BOOTSTRAP_BLOCK_ELEMENTS = 8_000_000
 RANDOMISATIONS = 2000
 # Sign patterns (float32) per block of the randomisation test: 4 bytes an element, 16 MB a block.
 RANDOMISATION_BLOCK_ELEMENTS = 4_000_000
+ALPHA = 0.05  # a candidate replaces the incumbent when max_gain_test's p-value is below this (issue 17's benchmark)
+# A split is too small to tell candidates apart when the smallest lead the rule can accept is above this share of it.
+RESOLUTION = 0.05
 
 
 def _check_correctness(*arrays: np.ndarray) -> list[np.ndarray]:
@@ -132,3 +138,43 @@ def max_gain_test(correct_reference: np.ndarray, correct_candidates: np.ndarray,
         signs = (1 - 2 * rng.integers(0, 2, (count, m), dtype=np.int8)).astype(np.float32)
         at_least += int(((signs @ informative).max(axis=1) >= observed - 0.5).sum())
     return {**result, "p_value": round((at_least + 1) / (randomisations + 1), 6), "randomisations": randomisations}
+
+
+def min_detectable_lead(alpha: float = ALPHA) -> int:
+    """The fewest validation items a candidate must win by for :func:`max_gain_test` to give a p-value below
+    ``alpha``, in the most favourable case: every disagreement a fix, k of them, whose exact p-value is ``2**-k``
+    (more breaks, or candidates that disagree among themselves, need a larger lead). 5 at ``alpha`` 0.05."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    lead = 1
+    while 2.0 ** -lead >= alpha:
+        lead += 1
+    return lead
+
+
+def split_too_small(n: int, alpha: float = ALPHA, resolution: float = RESOLUTION) -> str | None:
+    """A warning naming the split's size when ``n`` validation items cannot tell candidates apart (None when they
+    can): when even :func:`min_detectable_lead` (a lead with no loss at all) is above ``resolution`` of the split,
+    i.e. fewer than 100 items at ``alpha`` 0.05 and ``resolution`` 0.05."""
+    lead = min_detectable_lead(alpha)
+    if lead <= resolution * n:
+        return None
+    return (f"the validation split has {n} items: too few to tell models apart; a candidate must win at least "
+            f"{lead} of them more than the incumbent, and lose none, to count as better than the noise "
+            f"(p < {alpha}), a lead of {lead / n:.1%} accuracy at the least, so smaller leads deploy nothing new "
+            f"(a split of {int(np.ceil(lead / resolution))} items or more tells a {resolution:.0%} lead apart)")
+
+
+def beats_incumbent(correct_incumbent: np.ndarray, correct_candidates: np.ndarray, alpha: float = ALPHA,
+                    seed: int = 0) -> dict:
+    """Does the best of E candidates beat the incumbent on the same N validation items by more than the noise of
+    the split and the luck of having picked the best of them there? The one rule for every choice between models.
+
+    ``correct_incumbent``: (N,) bool, the incumbent's per-item correctness (the probe, the best encoder head);
+    ``correct_candidates``: (E, N) bool, each candidate's (fine-tuning epochs, the baseline, the hybrid head), in
+    order. Returns :func:`max_gain_test`'s dict (``epoch``: the 1-based index of the best candidate, 0 when none is
+    better) with ``alpha``, ``beats`` (p-value < ``alpha``) and ``warning`` (:func:`split_too_small`, or None).
+    """
+    result = max_gain_test(correct_incumbent, correct_candidates, seed=seed)
+    return {**result, "alpha": alpha, "beats": bool(result["p_value"] < alpha),
+            "warning": split_too_small(result["n"], alpha)}

@@ -197,7 +197,7 @@ class TrunkViewsEncoder:
             "dtype": self.dtype,
             "compute": "autocast-float16" if self.autocast else "float32",
             "code_sha256": feature_code_digest(self.trunk.code_modules),
-            "libraries": library_versions(),
+            "libraries": library_versions(self.trunk.code_modules),
         }
 
     def items(self, record: Record, content_id: str) -> list[Item]:

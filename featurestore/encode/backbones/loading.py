@@ -8,11 +8,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ...errors import BadValueError, UnknownBackboneError, WeightsUnavailableError
+from ...errors import BadValueError, UnknownBackboneError, WeightsMismatchError, WeightsUnavailableError
 from .model import BackboneSpec, FeatureModel
 from .registry import DEFAULT_BACKBONE, Spec, get_spec
 from .text_models import OFFLINE, TOKENIZER_FILES, TextBackboneSpec, TextFeatureModel, files_sha256
-from .weights import file_sha256, load_strict, read_state_dict
+from .weights import file_sha256, known_checkpoint, load_strict, read_state_dict, remember_checkpoint
 
 
 def _spec(backbone: str | Spec) -> Spec:
@@ -31,7 +31,53 @@ def load_classifier(backbone: str | BackboneSpec,
     # The packaged ImageNet weights must fit completely; a user checkpoint may lack the classifier.
     exempt = weights is not None or not spec.imagenet_classifier
     load_strict(model, read_state_dict(path), str(path), classifier=spec.classifier if exempt else None)
+    remember_checkpoint(path, file_sha256(path))  # where a store's fingerprint (its hash) finds it again
     return spec, model.eval(), path
+
+
+def recorded_weights(backbone: str | BackboneSpec, sha256: str, weights: str | Path | None = None,
+                     built: str = "the features") -> Path:
+    """The checkpoint whose SHA-256 a store's fingerprint records (``sha256``; a head keeps its store's), for every
+    command that rebuilds that backbone (fine-tune, curve, verify, export); never downloads.
+
+    ``weights`` given: that file, refused unless its hash is ``sha256``. Otherwise the file this machine last loaded
+    with that hash (what ``extract --weights`` read), when it still holds those bytes, else the backbone's own
+    weights when they are on this machine and are those. ``built`` names what was built with them in the one-line
+    error (e.g. ``"head tv:mobilenet_v2__logreg"``), which says which file that was and asks for ``--weights``.
+    """
+    spec = _spec(backbone)
+    if spec.kind != "image":
+        raise UnknownBackboneError(f"{spec.name!r} is a text backbone: its weights are its folder's or --weights'")
+    if weights is not None:
+        given = Path(weights)
+        if not given.is_file():
+            raise WeightsUnavailableError(f"{given}: weights file not found")
+        if file_sha256(given) != sha256:
+            raise WeightsMismatchError(
+                f"{given}: these weights (sha256 {file_sha256(given)[:12]}…) are not the ones {built} was built with "
+                f"(sha256 {sha256[:12]}…); pass --weights with that checkpoint")
+        return given
+    noted = known_checkpoint(sha256)
+    if noted is not None and noted.is_file() and file_sha256(noted) == sha256:
+        return noted
+    try:
+        default = spec.weights_file()
+    except WeightsUnavailableError as exc:  # not on this machine: the file to ask for is the recorded one, if any
+        if noted is None:
+            raise WeightsUnavailableError(
+                f"{built} was built with weights of sha256 {sha256[:12]}…, not a file featurestore has loaded on "
+                f"this machine, and {spec.name}'s own are missing too: {exc}") from None
+    else:
+        if file_sha256(default) == sha256:
+            return default
+        if noted is None:
+            raise WeightsMismatchError(
+                f"{built} was built with weights of sha256 {sha256[:12]}…, which are neither {spec.name}'s own "
+                f"({default}) nor a file featurestore has loaded on this machine; pass --weights with that checkpoint")
+    state = "no longer there" if not noted.is_file() else f"changed since (sha256 now {file_sha256(noted)[:12]}…)"
+    raise WeightsUnavailableError(
+        f"{built} was built with {noted} (sha256 {sha256[:12]}…), which is {state}; pass --weights with that "
+        f"checkpoint")
 
 
 def load_backbone(

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...utils.provenance import forward_modules
 from ..preprocess import Preprocessing
 
 Step = str | Callable[[torch.Tensor], torch.Tensor]  # a dotted module name, or a function without parameters
@@ -90,7 +91,8 @@ class BackboneSpec:
     classifier: str
     # Default weights carry the ImageNet classifier (and must fit it); fine-tuned ones carry their own.
     imagenet_classifier: bool = True
-    # Modules whose source defines the architecture: their digest is part of every fingerprint.
+    # Modules whose source defines the architecture: with the modules of the network's classes (FeatureModel's
+    # code_modules), their digest is part of every fingerprint.
     code_modules: tuple[str, ...] = ()
     kind: str = "image"
     # How the network splits into blocks for fine-tuning (None: its family declares no split; it cannot fine-tune).
@@ -137,8 +139,9 @@ class FeatureModel(nn.Module):
         self.name = name
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
-        self.code_modules = tuple(code_modules)  # the architecture's source modules (see provenance.py)
         self.normalize = PixelNormalize(preprocessing)
+        # The source modules the forward runs: the declared architecture's and those of every submodule's class.
+        self.code_modules = forward_modules(self, code_modules)
         self.eval()
         self.requires_grad_(False)
 

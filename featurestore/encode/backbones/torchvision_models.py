@@ -2,8 +2,8 @@
 
 The family resolves names on demand (:func:`spec_for`): building the entry builds the network once, to find
 its classifier. Weights come from the model's default torchvision weights enum. They are read from the local torch
-hub cache; when absent, the real download is attempted and, offline, fails with a message that
-names the missing file and how to point at a local copy with ``--weights``.
+hub cache and never downloaded: when absent, a one-line error names the missing file, its URL, and how to point at a
+local copy with ``--weights``.
 
 Fine-tuning needs each architecture's split into ordered blocks (:data:`BLOCK_SPLITS`, by network class): the
 ``features`` stages of MobileNet V2/V3, EfficientNet (V1 and V2), ConvNeXt and DenseNet, ``layer1..4`` of ResNet
@@ -123,20 +123,16 @@ def cached_weights_path(weights) -> Path:
 
 
 def fetch_weights(name: str, weights) -> Path:
-    """Path of the cached weights file, downloading it only if the network allows."""
+    """Path of the default weights file in torch's hub cache; raises :class:`WeightsUnavailableError` when it is not
+    there (featurestore never downloads at run time)."""
     path = cached_weights_path(weights)
     if path.is_file():
         return path
-    try:
-        torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
-    except Exception as exc:  # URLError, socket errors, HTTP errors
-        raise WeightsUnavailableError(
-            f"pretrained weights for {name!r} ({weights}) are not on this machine: expected {path}, "
-            f"and downloading {weights.url} failed ({exc}). featurestore does not need the network: "
-            f"fetch that file elsewhere, then copy it to {path} or pass it with --weights PATH."
-            + _packaged_hint(name[len(PREFIX):])
-        ) from exc
-    return path
+    raise WeightsUnavailableError(
+        f"pretrained weights for {name!r} ({weights}) are not on this machine: expected {path}. featurestore never "
+        f"downloads: fetch {weights.url} elsewhere, then copy it to {path} or pass it with --weights PATH."
+        + _packaged_hint(name[len(PREFIX):])
+    )
 
 
 def build_classifier(model_name: str) -> nn.Module:

@@ -1,7 +1,11 @@
-"""Reading checkpoints: file hashing, unwrapping common containers, strict loading of a trunk."""
+"""Reading checkpoints: file hashing, unwrapping common containers, strict loading of a trunk, and the note of
+which file had which hash (so the checkpoint a store's fingerprint names by its SHA-256 is found again)."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -9,8 +13,51 @@ from torch import nn
 
 from ...data.sources import content_id
 from ...errors import WeightsMismatchError, WeightsUnavailableError
+from ...utils.atomic import atomic_path
+
+log = logging.getLogger("featurestore")
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def cache_root() -> Path:
+    """featurestore's cache folder on this machine: ``$FEATURESTORE_CACHE`` or ``~/.cache/featurestore``."""
+    return Path(os.environ.get("FEATURESTORE_CACHE") or Path.home() / ".cache" / "featurestore")
+
+
+def _known_file() -> Path:
+    return cache_root() / "checkpoints.json"
+
+
+def _read_known() -> dict[str, str]:
+    try:
+        known = json.loads(_known_file().read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: nothing known
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def remember_checkpoint(path: str | Path, sha256: str) -> None:
+    """Note that ``path`` held the checkpoint whose SHA-256 is ``sha256`` (the hash a store's fingerprint keeps), in
+    ``<cache>/checkpoints.json``, so that a later command finds it by that hash (:func:`known_checkpoint`). Loading
+    never fails for the note: a cache that cannot be written is logged and skipped."""
+    path = str(Path(path).resolve())
+    known = _read_known()
+    if known.get(sha256) == path:
+        return
+    known[sha256] = path
+    try:
+        with atomic_path(_known_file(), fsync=False) as tmp:
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+    except OSError as exc:
+        log.debug("could not note checkpoint %s in %s: %s", path, _known_file(), exc)
+
+
+def known_checkpoint(sha256: str) -> Path | None:
+    """The file last loaded on this machine with SHA-256 ``sha256`` (None: none noted). It may since have moved or
+    changed: check it with :func:`file_sha256`."""
+    path = _read_known().get(sha256)
+    return Path(path) if path else None
 
 
 def file_sha256(path: str | Path) -> str:
