@@ -247,23 +247,45 @@ def _export_parser(sub) -> None:
                        description="Export images → probabilities as a single ONNX file and verify it with "
                                    "onnxruntime; optionally an int8 graph for CPUs and a float16 graph for CUDA "
                                    "beside it, each checked against the float graph.")
-    p.add_argument("--head", required=True, help="HEAD.skops from train-head")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--head", help="the model file to ship: HEAD.skops from train-head, or a baseline or hybrid "
+                                       "head's file")
+    source.add_argument("--verdict", help="VERDICT.json from `featurestore verdict` (or a fine-tune stage's "
+                                          "decision.json or deployed.json): ships the model it deploys")
     p.add_argument("--out", required=True, help="MODEL.onnx to write (a report goes to MODEL.onnx.report.json)")
     p.add_argument("--backbone", help="backbone name (default: the one the head's features came from)")
     p.add_argument("--weights", help="the local checkpoint the head's features came from, if not the default")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="int8: also write MODEL.int8.onnx for CPUs (static quantisation calibrated on train images, "
-                        "dynamic for text encoders), kept only if it agrees with the float graph on the test split "
-                        "(default none)")
+                        "dynamic for text encoders), kept only if it agrees with the float graph on the validation "
+                        "split; its test figures are reported (default none)")
     p.add_argument("--float16", action="store_true",
                    help="also write MODEL.fp16.onnx (the encoder in float16), which predict runs on CUDA")
     p.add_argument("--data", help="the data the head's store was extracted from, for --quantize int8's calibration "
-                                  "images and test split (default: the folder the store records)")
+                                  "images and its val and test splits (default: where the store records)")
     p.add_argument("--calibration-rows", type=int_at_least(1), default=256,
                    help="train images that calibrate the int8 image graph (default 256)")
     add_trust_pickle(p)
     add_output_options(p, progress=False)
     p.set_defaults(func=commands.cmd_export)
+
+
+def _verdict_parser(sub) -> None:
+    p = sub.add_parser("verdict", help="which model to deploy: the incumbent head unless another beats it beyond "
+                                       "the noise of the validation split",
+                       description="Refit every model on its train split alone, score them on the same validation "
+                                   "items, and deploy the incumbent (the first head) unless the best challenger beats "
+                                   "it beyond the noise of the split and the choice among the challengers (a paired "
+                                   "sign-flip max-statistic test, p < 0.05). Writes the verdict for `export "
+                                   "--verdict`.")
+    p.add_argument("models", nargs="+", help="model files of one data set: heads (train-head), baselines, hybrid heads")
+    p.add_argument("--incumbent", help="the head that stays unless beaten (default: the first head given)")
+    p.add_argument("--data", help="the data the stores were extracted from, for baselines and hybrid heads (default: "
+                                  "where each store records)")
+    p.add_argument("--out", help="VERDICT.json to write (and deployed.json beside it); paths in it are relative to "
+                                 "its folder")
+    add_output_options(p, progress=False)
+    p.set_defaults(func=commands.cmd_verdict)
 
 
 def _predict_parser(sub) -> None:
@@ -359,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_backbones)
 
     for add in (_prepare_parser, _prepare_text_parser, _extract_parser, _verify_parser, _train_head_parser,
-                _evaluate_parser, _export_parser, _predict_parser, _finetune_parser, _curve_parser):
+                _evaluate_parser, _verdict_parser, _export_parser, _predict_parser, _finetune_parser, _curve_parser):
         add(sub)
 
     p = sub.add_parser("info", help="describe a feature store", description="Print a feature store's metadata.")

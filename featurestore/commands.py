@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import fields
+from pathlib import Path
 
 
 def config_from_args(config_class, args: argparse.Namespace):
@@ -105,12 +106,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and "RANK" not in os.environ:
         return launch_torchrun(args.nproc, args.argv)
-    from .extract.launch import extract_features
+    from .extract import ExtractOptions, extract_features
 
-    summary = extract_features(
-        args.data,
-        args.out,
-        args.backbone,
+    options = ExtractOptions(
         weights=args.weights,
         image_size=args.image_size,
         crop_pct=args.crop_pct,
@@ -125,6 +123,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         tokenization=text_tokenization(args),
     )
+    summary = extract_features(args.data, args.out, args.backbone, options=options)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports for the group
         return 0
     if args.json:
@@ -255,6 +254,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     # A variant (int8, float16) that fails its check raises ExportError after MODEL.onnx and its report, which
     # holds the variant's figures and the reason, are written. A baseline or hybrid model file (the fine-tune
     # stage's baseline.skops, hybrid.skops) is exported through the same check (deploy/baseline_export.py).
+    if args.verdict:
+        from .deploy.deployment import deployed_model
+
+        args.head = deployed_model(args.verdict)
     report = export_model(args.head, args.out, backbone=args.backbone, weights=args.weights,
                          trust_pickle=args.trust_pickle, quantize=args.quantize, float16=args.float16,
                          data=args.data, calibration_rows=args.calibration_rows)
@@ -263,7 +266,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     check = report["check"]
     unit = "texts" if report["modality"] == "text" else "images"
-    print(f"{report['model']}: {report['head']['name']}, {report['size_bytes'] / 1e6:.1f} MB, one graph; "
+    print(f"{report['model']}: {report['name']} ({report['kind']}), {report['size_bytes'] / 1e6:.1f} MB, one graph; "
           f"check on {check['n']} {unit}: max probability difference {check['max_probability_diff']:.2e}, "
           f"labels equal: {check['labels_equal']}")
     if "float16" in report:
@@ -281,9 +284,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def cmd_verdict(args: argparse.Namespace) -> int:
+    from .transfer.best import verdict, write_verdict
 
+    result = verdict(args.models, incumbent=args.incumbent, data=args.data,
+                     relative_to=None if args.out is None else Path(args.out).resolve().parent)
+    if args.out:
+        write_verdict(result, args.out)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    deployed = result["deployed"]
+    for name, candidate in result["candidates"].items():
+        print(f"{name:40s} {candidate['kind']:9s} val {candidate['val']:.4f} ({candidate['n']} items)")
+    print(f"deployed: {deployed['name']} ({deployed['model']}, {deployed['file']}): {deployed['reason']}")
+    if deployed["warning"]:
+        print(f"warning: {deployed['warning']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     from .deploy.predict import predict
 
     summary = predict(args.model, args.data, args.out, batch_size=args.batch_size, workers=args.workers,

@@ -6,14 +6,14 @@ Image backbones take `extract.<backbone>`'s image settings, text backbones its t
 from _params import load_params, stage_arguments
 
 from featurestore.configs import extract_options
-from featurestore.extract import extract_features
+from featurestore.extract import ExtractOptions, extract_features
 from featurestore.utils.console import setup_logging
 
 if __name__ == "__main__":
     setup_logging()
     args = stage_arguments(__doc__, ("backbone",), {"data": "the prepared data set", "out": "the feature store",
                                                      "summary": "what the run did (JSON)"})
-    summary = extract_features(args.data, args.out, args.backbone,
-                               **extract_options(load_params("extract")[args.backbone]))
+    options = ExtractOptions(**extract_options(load_params("extract")[args.backbone]))
+    summary = extract_features(args.data, args.out, args.backbone, options=options)
     args.summary.write_text(summary.to_json() + "\n")
     print(summary.to_json())

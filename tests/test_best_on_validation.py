@@ -1,7 +1,7 @@
-"""The best model on validation is the one deployed: the baseline without an encoder (TF-IDF or raw pixels +
-logistic regression) when it beats every encoder head on validation, with both figures in decision.json and
-comparison.md, exported and predicted through the same path as an encoder + head; the encoder's heads otherwise.
-The hybrid head ([w × embedding, TF-IDF] + logistic regression) trains, saves and loads."""
+"""The verdict: the incumbent head stays deployed unless a challenger (another head, the baseline without an encoder
+(TF-IDF or raw pixels + logistic regression), the hybrid head) beats it beyond the noise of the validation split, with
+the figures in decision.json and comparison.md; export ships exactly the model the verdict names, through the same
+path as an encoder + head. The hybrid head ([w × embedding, TF-IDF] + logistic regression) trains, saves and loads."""
 
 import json
 import random
@@ -14,7 +14,7 @@ from featurestore.configs import FinetuneConfig, HeadConfig, Tokenization
 from featurestore.data.prepare import bbc_news_dir
 from featurestore.data.sources import scan_source
 from featurestore.deploy.baseline_export import export_baseline_onnx
-from featurestore.deploy.deployment import deployed_head, deployed_model, export_model
+from featurestore.deploy.deployment import deployed_model, export_model
 from featurestore.deploy.export import labels_match
 from featurestore.deploy.predict import OnnxClassifier, predict, read_model_metadata
 from featurestore.extract import extract_features
@@ -45,7 +45,8 @@ def test_a_baseline_better_than_every_encoder_head_on_validation_is_deployed_wit
     assert verdict["model"] == "baseline" and verdict["name"] == "demo__tfidf_logreg"
     assert verdict["file"] == "baseline.skops" and verdict["val_accuracy"] == 0.99
     assert verdict["best_encoder"] == "demo__linear_svm" and verdict["best_encoder_val"] == 0.92
-    assert verdict["baseline_val"] == 0.99 and "0.9900" in verdict["reason"] and "0.9200" in verdict["reason"]
+    assert verdict["incumbent"] == "demo__logreg" and verdict["incumbent_val"] == 0.90  # the first head listed
+    assert verdict["baseline_val"] == 0.99 and "0.9900" in verdict["reason"] and "0.9000" in verdict["reason"]
 
 
 @pytest.mark.parametrize("val", [0.93, 0.92, 0.91, 0.5])  # 0.93: a lead of one item of 100, within the noise
@@ -116,13 +117,15 @@ def test_the_baseline_wins_on_validation_is_named_deployed_exported_and_predicte
     assert written["candidates"]["minilm_l6__logreg"]["n"] == baseline["n_val"] == 18  # the same val rows
 
     # export ships the baseline: one graph on raw strings, checked against scikit-learn
-    source = deployed_model(out / "decision.json", head, out / "heads" / "minilm_l6_ft__logreg.skops")
-    assert source == out / "baseline.skops"
-    assert deployed_head(out / "decision.json", head, out / "nothing.skops") == head  # the per-head rule as before
+    source = deployed_model(out / "deployed.json")
+    assert source == out / "baseline.skops" == deployed_model(out / "decision.json")
+    assert json.loads((out / "deployed.json").read_text()) == {
+        "name": "minilm_l6__tfidf_logreg", "model": "baseline", "file": "baseline.skops", "sha256": deployed["sha256"]}
     report = export_model(source, tmp_path / "model.onnx")
     assert report["check"]["labels_equal"] and report["check"]["max_probability_diff"] < 1e-4
     meta = read_model_metadata(tmp_path / "model.onnx")
-    assert meta["featurestore_model"] == "tfidf_logreg" and meta["featurestore_text_input"] == "strings"
+    assert meta["featurestore_model"] == "minilm_l6__tfidf_logreg" and meta["featurestore_model_kind"] == "baseline"
+    assert meta["featurestore_text_input"] == "strings" and report["name"] == "minilm_l6__tfidf_logreg"
     model = load_baseline(source)
     test = records_for(scan_source(data), split_rows(store, "test"), store)
     texts = read_texts(test)
@@ -165,10 +168,8 @@ def test_the_encoder_that_wins_on_validation_stays_deployed(tmp_path):
     deployed = decision["deployed"]
     assert deployed["model"] == "encoder" and deployed["best_encoder_val"] > deployed["baseline_val"]
     assert decision["chosen"] == "probe" and decision["reason"] == "still rising"
-    finetuned = out / "heads" / "minilm_l6_ft__logreg.skops"
-    assert deployed_model(out / "decision.json", head, finetuned) == deployed_head(out / "decision.json", head,
-                                                                                   finetuned) == head
-    assert "the encoder's heads" in deployment_table({"minilm_l6": decision})
+    assert deployed_model(out / "deployed.json") == head and deployed["name"] == "minilm_l6__logreg"
+    assert "**minilm_l6__logreg** (encoder)" in deployment_table({"minilm_l6": decision})
 
     with_hybrid = run_finetune_stage("minilm_l6", head, data, tmp_path / "with_hybrid", RISING, "auto",
                                      FinetuneConfig(), HEADS, {}, cache_only_heads={"logreg": head})["deployed"]
@@ -241,7 +242,7 @@ def test_the_hybrid_head_exports_one_graph_on_strings_and_tokens_that_agrees_wit
     assert report["check"]["labels_equal"] and report["check"]["max_probability_diff"] < 1e-4
     assert {"Tokenizer", "Concat", "Gemm"} <= set(report["operators"])
     meta = read_model_metadata(tmp_path / "hybrid.onnx")
-    assert meta["featurestore_model"] == "hybrid" and meta["featurestore_text_input"] == "strings+tokens"
+    assert meta["featurestore_model"] == "minilm_l6__hybrid" and meta["featurestore_text_input"] == "strings+tokens"
     summary = predict(tmp_path / "hybrid.onnx", data, tmp_path / "hybrid.csv", split="test", progress=False,
                       workers=0)
     model = load_hybrid(tmp_path / "hybrid.skops")

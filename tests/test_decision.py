@@ -1,6 +1,6 @@
 """The fine-tune stage: fine-tune only when the rule says so, keep the result only when it beats the probe by
-more than the validation noise and the luck of picking its best epoch, deploy each fine-tuned head only where it
-beats its cache-only head on validation."""
+more than the validation noise and the luck of picking its best epoch; then the verdict over every head on both
+backbones, whose deployed model (file and SHA-256) is exactly what export ships."""
 
 import json
 import sys
@@ -14,14 +14,15 @@ import pytest
 from featurestore import FeatureStore
 from featurestore.configs import FinetuneConfig, HeadConfig
 from featurestore.data.prepare import prepare_fashion_mnist
-from featurestore.deploy.deployment import deployed_head
+from featurestore.deploy.deployment import deployed_model
 from featurestore.errors import FeaturestoreError
 from featurestore.extract.launch import extract_features
 from featurestore.heads.head import load_head
 from featurestore.heads.train import train_head
 from featurestore.store.hdf5 import SplitArrays, write_store
 from featurestore.transfer import decision as decision_module
-from featurestore.transfer.decision import ALPHA, choose, compare_heads, run_finetune_stage, should_finetune
+from featurestore.transfer.best import verdict
+from featurestore.transfer.decision import ALPHA, choose, run_finetune_stage, should_finetune
 from featurestore.transfer.training import TrainResult
 
 PLATEAUED = {"plateaued": True, "reason": "flat"}
@@ -192,65 +193,70 @@ def cache_only_heads(tmp_path):
             for name, config in HEADS.items()}
 
 
-def test_heads_are_compared_on_the_same_validation_images_fitted_on_train_alone(tmp_path, cache_only_heads):
+def test_the_verdict_compares_heads_on_the_same_validation_items_fitted_on_train_alone(tmp_path, cache_only_heads):
+    """Heads on two backbones (the same items, other features): the incumbent stays unless a challenger beats it
+    beyond the noise; every figure is that of a fit on the train split alone."""
     better = synthetic_store(tmp_path / "ft" / "better.h5", "demo_ft", separation=3.0, seed=1)
     worse = synthetic_store(tmp_path / "ft" / "worse.h5", "demo_ft", separation=0.3, seed=2)
-    same = FeatureStore(tmp_path / "features" / "demo.h5")
-    verdicts = compare_heads(cache_only_heads, {"logreg": train_head(better, HEADS["logreg"]),
-                                                "linear_svm": train_head(worse, HEADS["linear_svm"])})
-    assert verdicts["logreg"]["deployed"] == "finetuned" and verdicts["linear_svm"]["deployed"] == "cache-only"
-    for verdict in verdicts.values():
-        assert verdict["n"] == 60 and set(verdict) >= {"cache_only_val", "finetuned_val", "deployed", "reason"}
-    assert verdicts["logreg"]["finetuned_val"] > verdicts["logreg"]["cache_only_val"]
-    assert verdicts["linear_svm"]["finetuned_val"] < verdicts["linear_svm"]["cache_only_val"]
-    # Fitted on train alone: the cache-only logreg's score is that of a fresh train-only fit at its C.
-    head = load_head(cache_only_heads["logreg"])
-    X, y, _ = same.load("train")
-    Xv, yv, _ = same.load("val")
+    tuned = [train_head(better, HEADS["logreg"]).save(tmp_path / "ft" / "demo_ft__logreg.skops"),
+             train_head(worse, HEADS["linear_svm"]).save(tmp_path / "ft" / "demo_ft__linear_svm.skops")]
+    result = verdict([*cache_only_heads.values(), *tuned])
+    deployed, candidates = result["deployed"], result["candidates"]
+    assert deployed["incumbent"] == "demo__logreg" and deployed["name"] == "demo_ft__logreg"  # 3σ against 1σ
+    assert deployed["test"]["paired"] and deployed["test"]["beats"] and deployed["test"]["candidates"] == 3
+    assert deployed["file"] == str(tuned[0]) and all(c["n"] == 60 for c in candidates.values())
+    # the incumbent's answers are those of a fresh train-only fit at its C
+    head, same = load_head(cache_only_heads["logreg"]), FeatureStore(tmp_path / "features" / "demo.h5")
     from featurestore.heads.estimators import build_estimator
 
-    assert verdicts["logreg"]["cache_only_val"] == pytest.approx(
+    X, y, _ = same.load("train")
+    Xv, yv, _ = same.load("val")
+    assert deployed["test"]["incumbent_val"] == pytest.approx(
         float(np.mean(build_estimator(head.config, head.C).fit(X, y).predict(Xv) == yv)), abs=1e-6)
-    # The same features give the same score: a tie keeps the cache-only head; a head with nothing to compare with
-    # is not deployed.
-    refitted = {"logreg": train_head(same, HEADS["logreg"]), "linear_svm": train_head(better, HEADS["linear_svm"])}
-    tie = compare_heads({"logreg": cache_only_heads["logreg"]}, refitted)
-    assert tie["logreg"]["finetuned_val"] == tie["logreg"]["cache_only_val"]
-    assert tie["logreg"]["deployed"] == "cache-only" and tie["linear_svm"]["deployed"] == "cache-only"
+    # a worse challenger, or the same features under another backbone's name, never replaces the incumbent
+    same_features = synthetic_store(tmp_path / "ft" / "same.h5", "demo_ft2", separation=1.0)
+    twin = train_head(same_features, HEADS["logreg"]).save(tmp_path / "ft" / "demo_ft2__logreg.skops")
+    kept = verdict([cache_only_heads["logreg"], tuned[1], twin])["deployed"]
+    assert kept["name"] == "demo__logreg" and not kept["test"]["beats"]
+    with pytest.raises(FeaturestoreError, match="both hold a model named demo__logreg"):
+        verdict([cache_only_heads["logreg"], cache_only_heads["logreg"]])
 
 
-def test_a_streamed_head_is_compared_by_its_sweeps_train_only_score(tmp_path):
+def test_a_streamed_head_enters_the_verdict_by_its_sweeps_train_only_score(tmp_path):
     config = HeadConfig(head="sgd_logreg", c_points=3, max_iter=5, n_jobs=1)
     base = train_head(synthetic_store(tmp_path / "demo.h5", "demo", separation=0.3), config)
     tuned = train_head(synthetic_store(tmp_path / "ft.h5", "demo_ft", separation=3.0, seed=1), config)
-    verdict = compare_heads({"sgd_logreg": base.save(tmp_path / "demo__sgd_logreg.skops")}, {"sgd_logreg": tuned})
+    result = verdict([base.save(tmp_path / "demo__sgd_logreg.skops"), tuned.save(tmp_path / "demo_ft__sgd.skops")])
+
     def swept(head):  # the chosen C's validation accuracy, fitted on train alone
-        return max(point["val_accuracy"] for point in head.sweep)
+        return min(head.sweep, key=lambda point: abs(point["C"] - head.C))["val_accuracy"]
 
-    assert verdict["sgd_logreg"]["cache_only_val"] == pytest.approx(swept(base))
-    assert verdict["sgd_logreg"]["finetuned_val"] == pytest.approx(swept(tuned))
-    assert verdict["sgd_logreg"]["deployed"] == "finetuned" and verdict["sgd_logreg"]["n"] == 60
+    assert result["candidates"]["demo__sgd_logreg"]["val"] == pytest.approx(swept(base))
+    assert result["candidates"]["demo_ft__sgd_logreg"]["val"] == pytest.approx(swept(tuned))
+    deployed = result["deployed"]
+    assert not deployed["test"]["paired"] and deployed["n"] == 60  # no per-item answers: the optimistic pairing
+    assert deployed["name"] == ("demo_ft__sgd_logreg" if deployed["test"]["beats"] else "demo__sgd_logreg")
 
 
-def test_deployed_head_follows_each_heads_verdict(tmp_path):
-    cache_only, finetuned = tmp_path / "demo__logreg.skops", tmp_path / "demo_ft__logreg.skops"
-    finetuned.write_text("a head")
-    decision = tmp_path / "decision.json"
+def test_deployed_model_ships_exactly_the_file_the_verdict_measured(tmp_path, cache_only_heads):
+    from featurestore.transfer.best import write_verdict
 
-    def deployed(content, **kwargs):
-        decision.write_text(json.dumps(content))
-        return deployed_head(decision, cache_only, finetuned, **kwargs)
-
-    wins = {"chosen": "finetuned", "heads": {"logreg": {"deployed": "finetuned"}, "svm": {"deployed": "cache-only"}}}
-    assert deployed({**wins, "heads": {"logreg": {"deployed": "cache-only"}}}) == cache_only  # lost on validation
-    assert deployed({"chosen": "finetuned"}) == cache_only  # never compared: the cache-only head stays
-    assert deployed(wins) == finetuned
-    assert deployed(wins, head="svm") == cache_only
-    assert deployed({**wins, "chosen": "probe"}) == cache_only
-    decision.unlink()
-    assert deployed_head(decision, cache_only, finetuned) == cache_only
-    with pytest.raises(FeaturestoreError, match="head name"):
-        deployed_head(decision, tmp_path / "logreg.skops", finetuned)
+    out = tmp_path / "verdict" / "verdict.json"
+    out.parent.mkdir()
+    write_verdict(verdict(list(cache_only_heads.values()), relative_to=out.parent), out)
+    record = json.loads((out.parent / "deployed.json").read_text())
+    assert record["file"] == "../heads/demo__logreg.skops" and record["model"] == "encoder"
+    assert deployed_model(out) == deployed_model(out.parent / "deployed.json") == cache_only_heads["logreg"]
+    retrained = train_head(FeatureStore(tmp_path / "features" / "demo.h5"), replace(HEADS["logreg"], c_points=3))
+    retrained.save(cache_only_heads["logreg"])  # the head changed after the verdict: it was not measured
+    with pytest.raises(FeaturestoreError, match="has changed since the verdict"):
+        deployed_model(out)
+    cache_only_heads["logreg"].unlink()
+    with pytest.raises(FeaturestoreError, match="is not there"):
+        deployed_model(out)
+    (tmp_path / "old.json").write_text(json.dumps({"deployed": {"model": "encoder", "name": "x", "file": None}}))
+    with pytest.raises(FeaturestoreError, match="names no deployed model file"):
+        deployed_model(tmp_path / "old.json")
 
 
 def test_the_stage_compares_the_fine_tuned_heads_before_deploying_them(tmp_path, cache_only_heads, monkeypatch):
@@ -282,13 +288,13 @@ def test_the_stage_compares_the_fine_tuned_heads_before_deploying_them(tmp_path,
                                   baseline=False, hybrid=False)  # synthetic stores: no items for a baseline
     written = json.loads((out / "decision.json").read_text())
     assert written == json.loads(json.dumps(decision)) and written["chosen"] == "finetuned"
-    assert written["heads"]["logreg"]["deployed"] == "finetuned"
-    assert written["heads"]["linear_svm"]["deployed"] == "cache-only"
-    for name, path in cache_only_heads.items():
-        finetuned = out / "heads" / f"demo_ft__{name}.skops"
-        assert finetuned.is_file()
-        expected = finetuned if name == "logreg" else path
-        assert deployed_head(out / "decision.json", path, finetuned) == expected
+    deployed = written["deployed"]
+    assert deployed["incumbent"] == "demo_ft__logreg"  # the kept fine-tune's logreg: it passed the rule already
+    assert set(written["candidates"]) == {"demo__logreg", "demo__linear_svm", "demo_ft__logreg",
+                                          "demo_ft__linear_svm"}
+    assert deployed["name"] == "demo_ft__logreg" and deployed["file"] == "heads/demo_ft__logreg.skops"
+    assert written["candidates"]["demo__logreg"]["file"] == "../../heads/demo__logreg.skops"
+    assert deployed_model(out / "deployed.json") == out / "heads" / "demo_ft__logreg.skops"
 
 
 # -- the real stage on a tiny project --------------------------------------------------------------------------
@@ -321,8 +327,8 @@ def test_the_stage_skips_fine_tunes_chooses_and_deploys(project):
     def finetuned_head(name):
         return out / "heads" / f"efficientnet_lite0_ft__{name}.skops"
 
-    def deployed(name):
-        return deployed_head(out / "decision.json", cache_only[name], finetuned_head(name))
+    def deployed():
+        return deployed_model(out / "deployed.json")
 
     def stage(plateau, mode, stage_config=config):
         return run_finetune_stage("efficientnet_lite0", head_path, data, out, plateau, mode, stage_config, HEADS,
@@ -331,7 +337,8 @@ def test_the_stage_skips_fine_tunes_chooses_and_deploys(project):
     skipped = stage(RISING, "auto")  # skips: the curve still rises
     assert not skipped["finetuned"] and skipped["chosen"] == "probe" and not (out / "weights.pth").exists()
     assert json.loads((out / "decision.json").read_text())["reason"] == "still rising"
-    assert all(deployed(name) == cache_only[name] for name in HEADS)
+    assert skipped["deployed"]["incumbent"] == "efficientnet_lite0__logreg"
+    assert deployed() == heads_dir / f"{skipped['deployed']['name']}.skops"  # a cache-only head either way
 
     ran = stage(RISING, "always")  # fine-tunes, and chooses by the rule, on a probe that was not handicapped
     assert ran["finetuned"] and ran["reason"] == "mode is always" and (out / "weights.pth").is_file()
@@ -340,22 +347,16 @@ def test_the_stage_skips_fine_tunes_chooses_and_deploys(project):
     assert choice["gain"]["n"] == 50 and choice["val_probe"] == ran["result"]["start_val_accuracy"]
     assert ran["chosen"] == choice["chosen"] == ("finetuned" if choice["gain"]["p_value"] < ALPHA else "probe")
     assert (out / "trunk.h5").is_file()  # kept: the next run reuses it
-    if ran["chosen"] == "finetuned":  # deploys each head only where it beat its cache-only head
+    if ran["chosen"] == "finetuned":  # the fine-tuned logreg is the incumbent, every head on both backbones challenges
         assert FeatureStore(out / "features.h5").fingerprint["backbone"] == "efficientnet_lite0_ft"
-        for name in HEADS:
-            verdict = ran["heads"][name]
-            assert verdict["n"] == 50 and finetuned_head(name).is_file()
-            wins = verdict["finetuned_val"] > verdict["cache_only_val"]
-            assert deployed(name) == (finetuned_head(name) if wins else cache_only[name])
-    else:  # deploys the cache-only heads; the fine-tuned network was not adopted
-        assert "heads" not in ran and not (out / "heads").exists() and not (out / "features.h5").exists()
-        assert all(deployed(name) == cache_only[name] for name in HEADS)
-        # What adoption does is still run for real here: the fine-tuned weights' store, heads and comparison.
-        trained = decision_module.adopt_finetuned("efficientnet_lite0", out, data, HEADS, options, False)
-        verdicts = compare_heads(cache_only, trained)
-        assert set(verdicts) == set(HEADS) and all(v["n"] == 50 for v in verdicts.values())
-        assert FeatureStore(out / "features.h5").fingerprint["backbone"] == "efficientnet_lite0_ft"
+        assert ran["deployed"]["incumbent"] == "efficientnet_lite0_ft__logreg"
+        assert all(finetuned_head(name).is_file() for name in HEADS) and len(ran["candidates"]) == 2 * len(HEADS)
+    else:  # the cache-only heads alone; the fine-tuned network was not adopted
+        assert not (out / "heads").exists() and not (out / "features.h5").exists()
+        assert ran["deployed"]["incumbent"] == "efficientnet_lite0__logreg"
+    assert ran["deployed"]["n"] == 50 and deployed().is_file()
+    assert deployed() in {*cache_only.values(), *(finetuned_head(name) for name in HEADS)}
 
     never = stage(PLATEAUED, "never", replace(config, epochs=1))
     assert never["chosen"] == "probe" and not (out / "heads").exists() and not (out / "backbone.json").exists()
-    assert all(deployed(name) == cache_only[name] for name in HEADS)
+    assert deployed() in set(cache_only.values())

@@ -138,7 +138,8 @@ def test_deploy_best_tests_the_per_item_answers_of_train_only_fits(fashion_folde
     from featurestore.configs import HeadConfig
     from featurestore.extract import extract_features
     from featurestore.heads import train_head
-    from featurestore.transfer.best import deploy_best, encoder_correct
+    from featurestore.heads.head import load_head
+    from featurestore.transfer.best import deploy_best, val_answers
 
     store = tmp_path / "features" / "efficientnet_lite0.h5"
     extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
@@ -150,8 +151,10 @@ def test_deploy_best_tests_the_per_item_answers_of_train_only_fits(fashion_folde
     assert test["paired"] is True and test["n"] == 10 and test["candidates"] == 1
     # the paired answers are those of train-only fits: the baseline's give its own figure, the head's a fresh fit's
     # (the sweep's warm-started figure may differ at a degenerate C), and the test reports what it saw
-    incumbent = encoder_correct(deployed["best_encoder"], {"logreg": head}, tmp_path, FeatureStore(store))
-    assert incumbent.shape == (10,) and test["incumbent_val"] == pytest.approx(incumbent.mean())
+    _, n, incumbent = val_answers("encoder", load_head(head), head)
+    assert n == 10 and len(incumbent) == 10
+    assert test["incumbent_val"] == pytest.approx(np.mean(list(incumbent.values())))
+    assert FeatureStore(store).count("val") == 10
     assert test["candidate_val"] == pytest.approx(deployed["baseline_val"], abs=1e-6)
     assert deployed["model"] == ("baseline" if test["beats"] else "encoder") and not test["beats"]  # 10 items
     assert "the validation split has 10 items" in deployed["warning"] and "10 items" in caplog.text

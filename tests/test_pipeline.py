@@ -42,11 +42,12 @@ def project(tmp_path) -> Path:
         params["curve"][backbone].update(budgets=[1, 2])
     params["finetune"]["efficientnet_lite0"]["views"] = 1
     params["curve"]["minilm_l6"]["methods"] = ["tfidf", "linear_probe"]
-    params["export"] = {name: entry for name, entry in params["export"].items() if entry["head"] != "svm_rbf"
-                        or entry["backbone"] == "efficientnet_lite0"}
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
     return copy
+
+
+DATA_SETS = {"efficientnet_lite0": "fashion_mnist", "minilm_l6": "bbc_news"}  # params.yaml's export entries
 
 
 def dvc(project: Path, *args: str) -> str:
@@ -62,8 +63,8 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     for backbone in ("efficientnet_lite0", "minilm_l6"):
         for stage in ("extract", "plateau", "finetune", "curve"):
             assert f"{stage}@{backbone}" in stages
-        assert {f"train_head@{backbone}-logreg", f"evaluate_head@{backbone}-svm_rbf", f"export@{backbone}__logreg",
-                f"predict@{backbone}__logreg"} <= stages
+        assert {f"train_head@{backbone}-logreg", f"evaluate_head@{backbone}-svm_rbf", f"export@{DATA_SETS[backbone]}",
+                f"predict@{DATA_SETS[backbone]}"} <= stages
     assert {"prepare", "prepare_text", "evaluate"} <= stages
     stores = {b: project / "data" / "features" / f"{b}.h5" for b in ("efficientnet_lite0", "minilm_l6")}
     images, texts = FeatureStore(stores["efficientnet_lite0"]), FeatureStore(stores["minilm_l6"])
@@ -84,15 +85,16 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
         decision = json.loads((project / "data" / "finetune" / backbone / "decision.json").read_text())
         assert decision["finetuned"] and decision["reason"] == "mode is always"
         assert decision["chosen"] == decision["choice"]["chosen"] and "gain" in decision["choice"]
-        chose_finetuned = decision["chosen"] == "finetuned" and decision["heads"]["logreg"]["deployed"] == "finetuned"
-        deployed = f"{backbone}_ft__logreg" if chose_finetuned else f"{backbone}__logreg"
+        incumbent = f"{backbone}_ft__logreg" if decision["chosen"] == "finetuned" else f"{backbone}__logreg"
+        assert decision["deployed"]["incumbent"] == incumbent
         # the default deploy section fits the baseline for both, and the hybrid head for texts only
         kinds = {candidate["kind"] for candidate in decision["candidates"].values()}
         assert kinds == ({"encoder", "baseline", "hybrid"} if backbone == "minilm_l6" else {"encoder", "baseline"})
-        if decision["deployed"]["model"] != "encoder":  # a baseline or hybrid head beat every encoder head on val
-            deployed = decision["deployed"]["name"]
-        assert deployed in metrics  # the deployed head is evaluated, and its exported model agrees with it
-        predicted = json.loads((project / "data" / "predictions" / f"{backbone}__logreg.json").read_text())
+        deployed = decision["deployed"]["name"]
+        assert deployed in metrics  # the deployed model is evaluated, and its exported model is that very model
+        report = json.loads((project / "data" / "export" / f"{DATA_SETS[backbone]}.onnx.report.json").read_text())
+        assert report["name"] == deployed
+        predicted = json.loads((project / "data" / "predictions" / f"{DATA_SETS[backbone]}.json").read_text())
         assert predicted["predicted"] == metrics[deployed]["n"]
         assert predicted["accuracy"] == pytest.approx(metrics[deployed]["top1"])
     curve = json.loads((project / "data" / "reports" / "curve" / "minilm_l6" / "curve.json").read_text())
@@ -107,16 +109,19 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     assert json.loads((project / "data" / "plateau" / "efficientnet_lite0.json").read_text())["store"] == \
         "data/features/efficientnet_lite0.h5"
 
+    records = {b: (project / "data" / "finetune" / b / "deployed.json").read_text() for b in DATA_SETS}
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train_head"]["logreg"]["normalize"] = "l2"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     heads_only = dvc(project, "repro")
     ran = set(re.findall(r"Running stage '([^']+)'", heads_only))
-    # the edited head on both stores, its evaluation, the fine-tune decisions (they start from the logreg probe)
-    # and what deploys them (export, predict), the summary; not the caches, the other head, plateau or curves
-    for backbone in ("efficientnet_lite0", "minilm_l6"):
-        assert {f"train_head@{backbone}-logreg", f"evaluate_head@{backbone}-logreg", f"finetune@{backbone}",
-                f"export@{backbone}__logreg", f"predict@{backbone}__logreg"} <= ran
+    # the edited head on both stores, its evaluation, the fine-tune decisions (they start from the logreg probe), the
+    # summary, and an export (and its predictions) exactly where the model the verdict deploys changed; not the
+    # caches, the other head, plateau or curves
+    for backbone, name in DATA_SETS.items():
+        assert {f"train_head@{backbone}-logreg", f"evaluate_head@{backbone}-logreg", f"finetune@{backbone}"} <= ran
+        changed = (project / "data" / "finetune" / backbone / "deployed.json").read_text() != records[backbone]
+        assert (f"export@{name}" in ran) is changed and (f"predict@{name}" in ran) is changed
     assert not any(stage.startswith(("extract", "prepare", "plateau", "curve")) or stage.endswith("-svm_rbf")
                    for stage in ran), ran
     assert {b: path.stat().st_mtime_ns for b, path in stores.items()} == mtimes  # no item decoded, caches intact
@@ -148,13 +153,13 @@ def test_a_tv_backbone_from_a_local_checkpoint_runs_through_the_stages(project):
     for section in ("plateau", "finetune", "curve"):
         params[section][backbone] = dict(params[section]["efficientnet_lite0"])
     params["curve"][backbone]["methods"] = ["linear_probe", "probe_finetune"]
-    params["export"] = {"mobilenet_v2__logreg": {"backbone": backbone, "head": "logreg", "data": "prepared"}}
+    params["export"] = {"own_images": {"backbone": backbone, "data": "prepared"}}
     params["deploy"]["baseline"] = False  # the encoder's head is the one exported (a baseline may win on 20 images)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    log = dvc(project, "repro", f"finetune@{backbone}", f"curve@{backbone}", "export@mobilenet_v2__logreg")
+    log = dvc(project, "repro", f"finetune@{backbone}", f"curve@{backbone}", "export@own_images")
     ran = set(re.findall(r"Running stage '([^']+)'", log))
-    assert {f"extract@{backbone}", f"finetune@{backbone}", f"curve@{backbone}", "export@mobilenet_v2__logreg"} <= ran
+    assert {f"extract@{backbone}", f"finetune@{backbone}", f"curve@{backbone}", "export@own_images"} <= ran
     assert not any("efficientnet_lite0" in stage or "minilm_l6" in stage or stage == "prepare_text" for stage in ran)
     store = FeatureStore(project / "data" / "features" / f"{backbone}.h5")
     assert store.fingerprint["backbone"] == backbone
@@ -164,5 +169,5 @@ def test_a_tv_backbone_from_a_local_checkpoint_runs_through_the_stages(project):
     assert (project / "data" / "finetune" / backbone / "weights.pth").is_file() or decision["chosen"] == "probe"
     curve = json.loads((project / "data" / "reports" / "curve" / backbone / "curve.json").read_text())
     assert {p["method"] for p in curve["points"]} == {"linear_probe", "probe_finetune"}
-    report = json.loads((project / "data" / "export" / "mobilenet_v2__logreg.onnx.report.json").read_text())
-    assert report["check"]["labels_equal"]
+    report = json.loads((project / "data" / "export" / "own_images.onnx.report.json").read_text())
+    assert report["check"]["labels_equal"] and report["name"] == decision["deployed"]["name"]

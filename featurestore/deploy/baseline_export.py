@@ -39,6 +39,8 @@ from ..heads.baseline import (
 from ..utils.atomic import atomic_path, write_text_atomic
 from .export import (
     MAX_PROBABILITY_DIFF,
+    MODEL_KEY,
+    MODEL_KIND_KEY,
     SAMPLE_TEXTS,
     _sample_images,
     combine,
@@ -50,7 +52,6 @@ from .export import (
 )
 
 TEXT_INPUT_KEY = "featurestore_text_input"  # which inputs a text graph takes: tokens (default), strings, both
-MODEL_KEY = "featurestore_model"
 TEXT_INPUT = "texts"
 # onnxruntime's StringNormalizer needs a locale to lower-case; "en_US.UTF-8", skl2onnx's default, is not installed
 # on every machine (it is not on this one), C.UTF-8 is part of glibc.
@@ -164,7 +165,8 @@ def write_checked(graph: onnx.ModelProto, out: Path, metadata: dict[str, str], f
     with atomic_path(out) as tmp:
         onnx.save(graph, str(tmp))
         check = check_against_python(tmp, feed, expected)
-        report = {"model": out.name, "modality": metadata["featurestore_modality"], "head": summary, "check": check,
+        report = {"model": out.name, "name": metadata[MODEL_KEY], "kind": metadata[MODEL_KIND_KEY],
+                  "modality": metadata["featurestore_modality"], "head": summary, "check": check,
                   "operators": sorted({node.op_type for node in graph.graph.node}),
                   "opsets": {d.domain or "ai.onnx": d.version for d in graph.opset_import},
                   "ir_version": graph.ir_version, "size_bytes": tmp.stat().st_size,
@@ -187,7 +189,8 @@ def export_baseline_onnx(model: BaselineModel | str | Path, out: str | Path,
     out = Path(out)
     metadata = {"featurestore_class_names": json.dumps(model.class_names),
                 "featurestore_fingerprint_hash": model.store_fingerprint_hash,
-                "featurestore_head": json.dumps(model.summary(), sort_keys=True), MODEL_KEY: f"{model.kind}_logreg",
+                "featurestore_head": json.dumps(model.summary(), sort_keys=True), MODEL_KEY: model.name,
+                MODEL_KIND_KEY: "baseline",
                 "featurestore_modality": model.modality}
     if model.kind == "tfidf":
         vectorizer = model.estimator.named_steps["tfidf"]

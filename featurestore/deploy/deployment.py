@@ -1,56 +1,41 @@
-"""Which model a pipeline deploys: the baseline (or the hybrid head) when the fine-tune stage found it better on
-validation than every encoder head (:func:`deployed_model`); else the fine-tuned backbone's head when the stage chose
-the fine-tuned backbone *and* that head beat its cache-only counterpart on validation, else the cache-only one.
-Paths come from the caller (the stage's command line); the library knows no project folders."""
+"""Which model a data set deploys, and its export: the verdict (``transfer.best``) names one model file and its
+SHA-256 (``deployed.json``, or ``decision.json``'s ``deployed``); :func:`deployed_model` returns exactly that file, and
+:func:`export_model` exports whatever kind of model it is. Paths come from the caller (the stage's command line); the
+library knows no project folders."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..errors import BadValueError, ExportError
 
 
-def head_name_of(path: str | Path) -> str:
-    """The head name of a head file named ``<backbone>__<head>.skops`` (e.g. ``logreg``)."""
-    stem = Path(path).stem
-    if "__" not in stem:
-        raise BadValueError(f"{path}: a head file is named <backbone>__<head>.skops; pass the head name")
-    return stem.split("__", 1)[1]
+def deployed_model(record: str | Path) -> Path:
+    """The model file the verdict in ``record`` deploys: a ``deployed.json`` (``{"name", "model", "file", "sha256"}``)
+    or a ``decision.json`` (its ``deployed``). ``file`` is relative to the record's folder (or absolute). Raises
+    :class:`BadValueError` naming the record when there is no verdict, the file is gone, or it is not the file the
+    verdict chose (its SHA-256 differs): an export never ships a model that was not measured."""
+    from ..data.sources import content_id
 
-
-def deployed_head(decision: str | Path, cache_only: str | Path, finetuned: str | Path, head: str | None = None) -> Path:
-    """``finetuned`` when the fine-tune stage's ``decision`` file says the fine-tuned backbone was chosen and its
-    per-head verdict (``decision["heads"][head]["deployed"]``) deploys the fine-tuned head, and that file exists;
-    else ``cache_only`` (also when no decision was written, or it holds no verdict for that head).
-
-    ``head``: the head name, by default read from ``cache_only``'s file name ``<backbone>__<head>.skops``.
-    """
-    decision, finetuned = Path(decision), Path(finetuned)
-    name = head if head is not None else head_name_of(cache_only)
-    if decision.is_file() and finetuned.is_file():
-        content = json.loads(decision.read_text())
-        verdict = content.get("heads", {}).get(name, {})
-        if content.get("chosen") == "finetuned" and verdict.get("deployed") == "finetuned":
-            return finetuned
-    return Path(cache_only)
-
-
-def deployed_model(decision: str | Path, cache_only: str | Path, finetuned: str | Path,
-                   head: str | None = None) -> Path:
-    """The model file an export entry ships: the baseline's (or the hybrid head's) when the fine-tune stage's
-    ``decision`` deploys it (``decision["deployed"]["model"]`` is ``"baseline"`` or ``"hybrid"``: it beat every
-    encoder head on validation; its file lies beside ``decision``), else :func:`deployed_head`."""
-    decision = Path(decision)
-    if decision.is_file():
-        deployed = json.loads(decision.read_text()).get("deployed", {})
-        if deployed.get("model") in ("baseline", "hybrid") and deployed.get("file"):
-            path = decision.parent / deployed["file"]
-            if not path.is_file():
-                raise BadValueError(f"{decision} deploys {deployed['name']} but its file {path} is not there: "
-                                    f"run the fine-tune stage again")
-            return path
-    return deployed_head(decision, cache_only, finetuned, head)
+    record = Path(record)
+    if not record.is_file():
+        raise BadValueError(f"{record}: no verdict there (run the fine-tune stage, or `featurestore verdict`)")
+    content = json.loads(record.read_text())
+    deployed = content.get("deployed", content)
+    if not deployed.get("file") or not deployed.get("sha256"):
+        raise BadValueError(f"{record}: names no deployed model file (a verdict from an older release: run the "
+                            f"fine-tune stage again)")
+    path = Path(os.path.normpath(record.parent / deployed["file"]))
+    if not path.is_file():
+        raise BadValueError(f"{record} deploys {deployed['name']} but its file {path} is not there: run the stage that "
+                            f"wrote it again")
+    found = content_id(path)
+    if found != deployed["sha256"]:
+        raise BadValueError(f"{record} deploys {deployed['name']} from {path}, which has changed since the verdict "
+                            f"(sha256 {found[:12]}…, not {deployed['sha256'][:12]}…): give the verdict again")
+    return path
 
 
 def export_model(path: str | Path, out: str | Path, **options) -> dict:

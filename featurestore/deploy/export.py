@@ -44,6 +44,8 @@ MAX_PROBABILITY_DIFF = 1e-4
 HEAD_IR_VERSION = 10
 HEAD_INPUT = "head_features"
 
+MODEL_KEY = "featurestore_model"  # the exported model's name (a head's, a baseline's, the hybrid head's)
+MODEL_KIND_KEY = "featurestore_model_kind"  # encoder (backbone + head), baseline or hybrid
 QUANTIZE_CHOICES = ("none", "int8")
 # The graphs an export may write beside MODEL.onnx (MODEL.<variant>.onnx); each records the sha256 of the float32
 # file it was made from in its metadata (FLOAT32_SHA256_KEY), so that a variant of an older MODEL.onnx is told apart.
@@ -595,6 +597,7 @@ def export_onnx(head: TrainedHead | str | Path, out: str | Path, backbone: str |
         "featurestore_fingerprint": json.dumps(head.fingerprint, sort_keys=True),
         "featurestore_fingerprint_hash": head.fingerprint_hash,
         "featurestore_head": json.dumps(head.summary(), sort_keys=True),
+        MODEL_KEY: head.name, MODEL_KIND_KEY: "encoder",
         **parts.metadata,
     }
     onnx.helper.set_model_props(graph, metadata)
@@ -604,7 +607,8 @@ def export_onnx(head: TrainedHead | str | Path, out: str | Path, backbone: str |
         check = verify_export(tmp, head, parts)
         ops = sorted({node.op_type for node in graph.graph.node})
         report = {
-            "model": out.name, "modality": metadata["featurestore_modality"], "head": head.summary(), "check": check,
+            "model": out.name, "name": head.name, "kind": "encoder", "modality": metadata["featurestore_modality"],
+            "head": head.summary(), "check": check,
             "operators": ops, "opsets": {d.domain or "ai.onnx": d.version for d in graph.opset_import},
             "ir_version": graph.ir_version, "size_bytes": tmp.stat().st_size,
             "seconds": round(time.perf_counter() - started, 2),

@@ -19,7 +19,6 @@ from onnx import TensorProto, compose, helper
 
 from ..heads.hybrid import HybridModel, load_hybrid
 from .baseline_export import (
-    MODEL_KEY,
     TEXT_INPUT,
     TEXT_INPUT_KEY,
     _init,
@@ -29,6 +28,8 @@ from .baseline_export import (
 )
 from .export import (
     HEAD_INPUT,
+    MODEL_KEY,
+    MODEL_KIND_KEY,
     SAMPLE_TEXTS,
     linear_head_graph,
     logreg_params,
@@ -98,6 +99,7 @@ def export_hybrid_onnx(model: HybridModel | str | Path, out: str | Path) -> dict
     metadata = {"featurestore_class_names": json.dumps(model.class_names),
                 "featurestore_fingerprint": json.dumps(model.fingerprint, sort_keys=True),
                 "featurestore_fingerprint_hash": model.fingerprint_hash,
-                "featurestore_head": json.dumps(model.summary(), sort_keys=True), MODEL_KEY: "hybrid",
+                "featurestore_head": json.dumps(model.summary(), sort_keys=True), MODEL_KEY: model.name,
+                MODEL_KIND_KEY: "hybrid",
                 **parts.metadata, TEXT_INPUT_KEY: "strings+tokens"}
     return write_checked(graph, Path(out), metadata, feed, expected, model.summary(), started)

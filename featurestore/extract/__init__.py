@@ -6,11 +6,13 @@ its data and today's code.
 """
 
 from .launch import extract_features
+from .options import ExtractOptions
 from .phases import ExtractSummary, extract_with
 from .verify import VerifyReport, verify_store
 
 __all__ = [
     "extract_features",
+    "ExtractOptions",
     "ExtractSummary",
     "extract_with",
     "VerifyReport",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,8 @@ from ..encode.encoders import Encoder
 from ..store.journal import ExtractionJournal
 from ..store.locking import store_lock
 from ..utils.atomic import temp_files_of
-from ..utils.devices import resolve_device
-from .phases import ExtractSummary, assemble_store, plan_extraction, run_items
+from .options import ExtractOptions
+from .phases import ExtractSummary, PlannedItems, assemble_store, encode, plan_extraction
 
 
 @dataclass(frozen=True)
@@ -78,14 +78,13 @@ def threads_per_rank(group: Group, cores: int | None = None) -> int:
     return max(1, cores // min(group.local_world_size, cores))
 
 
-def rank_device(group: Group, device: str) -> torch.device:
-    """``cuda:LOCAL_RANK`` when this rank should use a GPU (``device`` auto with CUDA available, or cuda), else
-    the CPU."""
-    chosen = resolve_device(device)
-    if chosen.type == "cuda":
+def rank_device(group: Group, device: torch.device) -> torch.device:
+    """``cuda:LOCAL_RANK`` when this rank should use a GPU (``device``, resolved, is a CUDA device), else the
+    CPU."""
+    if device.type == "cuda":
         torch.cuda.set_device(group.local_rank)
         return torch.device("cuda", group.local_rank)
-    return chosen
+    return device
 
 
 def init_group(group: Group, backend: str) -> None:
@@ -97,12 +96,13 @@ def init_group(group: Group, backend: str) -> None:
                             world_size=world_size)
 
 
-def extract_distributed(encoder: Encoder, source: Source, out: str | Path, group: Group, *, device: torch.device,
-                        dtype: str = "float32", batch_size: int = 64, workers: int | None = None,
-                        on_error: str = "skip", on_duplicate: str = "warn", wait: bool = True, progress: bool = True):
-    """This rank's part of a distributed extraction; returns the summary on rank 0, None elsewhere."""
+def extract_distributed(encoder: Encoder, source: Source, out: str | Path, group: Group,
+                        options: ExtractOptions) -> ExtractSummary | None:
+    """This rank's part of a distributed extraction by ``options`` (its device resolved); returns the summary on
+    rank 0, None elsewhere."""
     started = time.perf_counter()
     out = Path(out)
+    device = rank_device(group, options.torch_device())
     if not dist.is_initialized():  # gloo: the group only exchanges Python objects, never tensors
         init_group(group, "gloo")
     if device.type == "cpu":  # the ranks on this node share its cores
@@ -111,10 +111,10 @@ def extract_distributed(encoder: Encoder, source: Source, out: str | Path, group
         plan, payload = None, [None]
         if group.leader:
             try:
-                held.enter_context(store_lock(out, wait=wait))  # once for the whole group
+                held.enter_context(store_lock(out, wait=options.wait))  # once for the whole group
                 for stale in temp_files_of(out):
                     stale.unlink(missing_ok=True)
-                plan, _ = plan_extraction(source, out, encoder, on_error, on_duplicate, progress)
+                plan, _ = plan_extraction(source, out, encoder, options)
                 payload = [(plan.fp_hash, plan.todo)]
             except BaseException as exc:  # tell the other ranks to stop, then fail here too
                 payload = [exc]
@@ -125,12 +125,13 @@ def extract_distributed(encoder: Encoder, source: Source, out: str | Path, group
         fp_hash, todo = payload[0]
         journal = ExtractionJournal(out, fp_hash, prefix=f"rank{group.rank}-part")
         journal.load(pattern=f"rank{group.rank}-part-*.npz")  # continue this rank's numbering after a restart
-        own, failures, runner = run_items(todo[group.rank::group.world_size], encoder, journal, device,
-                                          batch_size, workers_per_rank(group, workers, device), on_error,
-                                          progress and group.leader,
-                                          desc=f"extract {encoder.name} (rank 0 of {group.world_size})")
+        feed = PlannedItems(todo[group.rank::group.world_size], encoder)
+        own, runner = encode(feed, encoder, journal, device,
+                             replace(options, workers=workers_per_rank(group, options.workers, device),
+                                     progress=options.progress and group.leader),
+                             desc=f"extract {encoder.name} (rank 0 of {group.world_size})")
         gathered: list = [None] * group.world_size
-        dist.all_gather_object(gathered, (failures, getattr(runner, "truncated", 0)))
+        dist.all_gather_object(gathered, (feed.failures, getattr(runner, "truncated", 0)))
         dist.destroy_process_group()
         if not group.leader:
             return None
@@ -144,7 +145,8 @@ def extract_distributed(encoder: Encoder, source: Source, out: str | Path, group
                                  engine=runner.name if runner else None)
         summary.model_images = len(new)
         summary.truncated = sum(truncated for _, truncated in gathered)
-        assemble_store(plan, encoder, new, {k: v for rank, _ in gathered for k, v in rank.items()}, dtype, summary)
+        assemble_store(plan, encoder, new, {k: v for rank, _ in gathered for k, v in rank.items()}, options.dtype,
+                       summary)
         journal.clear()
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary

@@ -6,9 +6,10 @@ run through the model again; items that are gone are dropped. A different finger
 anything. One writer at a time: the store's lock is held from the scan to the final rename.
 
 The work is in three phases that a distributed run reuses (``distributed.py``): :func:`plan_extraction`
-(hash, find what is new), :func:`run_items` (decode, encode, journal) and :func:`assemble_store`;
-:func:`extract_with` runs them in one process. The front door, ``launch.extract_features``, builds the
-encoder and chooses between one process and a torchrun group.
+(hash, find what is new), :func:`encode` (decode, encode, journal) and :func:`assemble_store`;
+:func:`extract_with` runs them in one process. Where the encoder allows it, one process streams instead: its
+workers hash every file while the model runs (:class:`StreamedRecords`), the same loop over another feed.
+The front door, ``launch.extract_features``, builds the encoder and chooses between one process and a torchrun group.
 """
 
 from __future__ import annotations
@@ -21,27 +22,25 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..configs import ON_DUPLICATE_CHOICES, ON_ERROR_CHOICES
 from ..data.sources import Record, Source, content_id, record_content_id
 from ..encode.encoders import Encoder, HashedCollate, HashingDataset, Item, Runner
 from ..encode.fingerprint import changed_keys
 from ..encode.images import lower_worker_priority
 from ..errors import DuplicateItemsError, ImageDecodeError, StoreError
-from ..store.hdf5 import DTYPES, LAYOUT_VERSION, FeatureStore, SplitArrays, fingerprint_hash, write_store
+from ..store.hdf5 import LAYOUT_VERSION, FeatureStore, SplitArrays, fingerprint_hash, write_store
 from ..store.journal import ExtractionJournal, JournalWriter
 from ..store.locking import store_lock
 from ..utils.atomic import temp_files_of
 from ..utils.console import progress_bar
-from ..utils.devices import resolve_device
-from ..utils.validation import check_choice, check_range
+from .options import ExtractOptions
 
 log = logging.getLogger("featurestore")
-
 
 
 @dataclass
@@ -104,17 +103,6 @@ def describe_duplicates(duplicates: list[dict], shown: int = 3) -> str:
     return f"{len(duplicates)} group(s) of identical files across splits or labels: {examples}{more}"
 
 
-def _apply_duplicate_policy(duplicates: list[dict], on_duplicate: str, source_root: Path) -> None:
-    if not duplicates:
-        return
-    message = f"{source_root}: {describe_duplicates(duplicates)}"
-    if on_duplicate == "error":
-        raise DuplicateItemsError(message + "; remove them, or pass --on-duplicate warn|keep")
-    if on_duplicate == "warn":
-        log.warning("%s; they are kept and listed in the store's `duplicates` (evaluation refuses a test split "
-                    "that shares items with train/val)", message)
-
-
 def _existing_rows(out: Path, fingerprint: dict) -> tuple[FeatureStore | None, dict[str, np.ndarray]]:
     """Features of the current store by content id, if its fingerprint matches; else nothing."""
     if not out.exists():
@@ -152,58 +140,81 @@ def _unchanged(store: FeatureStore | None, fp_hash: str, class_names: list[str],
     return True
 
 
-def check_options(dtype: str, on_error: str, on_duplicate: str, batch_size: int, workers: int) -> None:
-    """The extraction options every entry point accepts, checked before any file is read."""
-    check_choice("dtype", dtype, DTYPES)
-    check_choice("on_error", on_error, ON_ERROR_CHOICES)
-    check_choice("on_duplicate", on_duplicate, ON_DUPLICATE_CHOICES)
-    check_range("batch_size", batch_size, 1)
-    if workers is not None:
-        check_range("workers", workers, 0)
+def _refuse_unusable(source: Source, on_error: str) -> None:
+    if on_error == "fail" and source.unusable:
+        raise ImageDecodeError(source.unusable[0]["path"], source.unusable[0]["reason"])
+
+
+def _duplicates(ids: dict[Record, str], source: Source, on_duplicate: str) -> list[dict]:
+    """The duplicate groups of ``ids`` (:func:`find_duplicates`), after ``on_duplicate`` had its say."""
+    duplicates = find_duplicates(ids, source.class_names)
+    message = f"{source.root}: {describe_duplicates(duplicates)}"
+    if duplicates and on_duplicate == "error":
+        raise DuplicateItemsError(message + "; remove them, or pass --on-duplicate warn|keep")
+    if duplicates and on_duplicate == "warn":
+        log.warning("%s; they are kept and listed in the store's `duplicates` (evaluation refuses a test split "
+                    "that shares items with train/val)", message)
+    return duplicates
 
 
 @dataclass
 class ExtractionPlan:
-    """What an extraction will do, decided before any model runs."""
+    """What an extraction will do, decided before any model runs (the streamed path completes it from what its
+    workers found): the rows the store (``reused``) and an interrupted run's journal (``resumed``) already hold,
+    then the items of every readable record in the source's order, the files skipped, the duplicate groups, and
+    the items still to encode (``todo``, in the encoder's order)."""
 
     source: Source
     out: Path
     fingerprint: dict
     fp_hash: str
-    items: list[Item]
-    skipped: list[dict]
-    duplicates: list[dict]
     store: FeatureStore | None
     reused: dict[str, np.ndarray]
     resumed: dict[str, np.ndarray]
-    todo: list[Item]
+    items: list[Item] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    todo: list[Item] = field(default_factory=list)
+
+    def found(self, encoder: Encoder, ids: dict[Record, str], unreadable: dict[Record, str],
+              duplicates: list[dict]) -> None:
+        """The items of the records that read (content ids ``ids``), in the source's order; the unusable names and
+        the ``unreadable`` files, skipped, in the source's order too (whichever order they were read in)."""
+        records = self.source.records
+        self.items = [item for record in records if record in ids for item in encoder.items(record, ids[record])]
+        self.skipped = list(self.source.unusable) + [{"path": record.rel_path, "reason": unreadable[record]}
+                                                     for record in records if record in unreadable]
+        self.duplicates = duplicates
 
 
-def plan_extraction(source: Source, out: Path, encoder: Encoder, on_error: str = "skip", on_duplicate: str = "warn",
-                    progress: bool = True, journal_prefix: str = "part") -> tuple[ExtractionPlan, ExtractionJournal]:
-    """Hash the source, apply the error and duplicate policies, and find the items the model must still run."""
+def _begin(source: Source, out: Path, encoder: Encoder,
+           journal_prefix: str = "part") -> tuple[ExtractionPlan, ExtractionJournal]:
+    """A plan's start: the rows the store and the journal hold for the encoder's fingerprint (a journal of another
+    fingerprint is dropped), and the journal this run adds to."""
     fingerprint = encoder.fingerprint()
     fp_hash = fingerprint_hash(fingerprint)
-    if on_error == "fail" and source.unusable:
-        raise ImageDecodeError(source.unusable[0]["path"], source.unusable[0]["reason"])
-    ids, failures = _hash_records(source.records, progress)
-    if on_error == "fail" and failures:
-        record, reason = next(iter(failures.items()))
-        raise ImageDecodeError(str(record.path), reason)
-    duplicates = find_duplicates(ids, source.class_names)
-    _apply_duplicate_policy(duplicates, on_duplicate, source.root)
     store, reused = _existing_rows(out, fingerprint)
     journal = ExtractionJournal(out, fp_hash, prefix=journal_prefix)
     journal.drop_other_fingerprints()
-    resumed = journal.load()
-    items = [item for record in source.records if record in ids for item in encoder.items(record, ids[record])]
+    return ExtractionPlan(source, out, fingerprint, fp_hash, store, reused, journal.load()), journal
+
+
+def plan_extraction(source: Source, out: Path, encoder: Encoder, options: ExtractOptions,
+                    journal_prefix: str = "part") -> tuple[ExtractionPlan, ExtractionJournal]:
+    """Hash the source, apply the error and duplicate policies, and find the items the model must still run."""
+    _refuse_unusable(source, options.on_error)
+    ids, unreadable = _hash_records(source.records, options.progress)
+    if options.on_error == "fail" and unreadable:
+        record, reason = next(iter(unreadable.items()))
+        raise ImageDecodeError(str(record.path), reason)
+    duplicates = _duplicates(ids, source, options.on_duplicate)
+    plan, journal = _begin(source, out, encoder, journal_prefix)
+    plan.found(encoder, ids, unreadable, duplicates)
     todo: dict[str, Item] = {}
-    for item in items:
-        if item.id not in reused and item.id not in resumed:
+    for item in plan.items:
+        if item.id not in plan.reused and item.id not in plan.resumed:
             todo.setdefault(item.id, item)
-    skipped = list(source.unusable) + [{"path": r.rel_path, "reason": reason} for r, reason in failures.items()]
-    plan = ExtractionPlan(source, out, fingerprint, fp_hash, items, skipped, duplicates, store, reused, resumed,
-                          encoder.order(list(todo.values())))
+    plan.todo = encoder.order(list(todo.values()))
     return plan, journal
 
 
@@ -253,93 +264,105 @@ class Pipeline:
             self.executor.shutdown(wait=True)
 
 
-def run_items(todo: list[Item], encoder: Encoder, journal: ExtractionJournal, device: torch.device,
-              batch_size: int, workers: int | None, on_error: str, progress: bool,
-              desc: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, str], Runner | None]:
-    """Decode planned items in workers, run the encoder a batch at a time on its own thread, journal the rows on
-    another (the path of encoders whose items need their ids first: the trunk cache's views; and of torchrun).
+class Step(NamedTuple):
+    """One batch from a feed's DataLoader, told the same way by every feed: the content ids of the decoded rows,
+    their model input (None: nothing decoded), the ``(index, reason)`` of the items that failed, and how many of
+    the feed's ``total`` the batch accounts for."""
 
-    Returns ``(new features by id, decode failure reason by id, the runner or None if nothing ran)``.
+    ids: list[str]
+    batch: Any
+    failed: list[tuple[int, str]]
+    done: int
+
+
+class PlannedItems:
+    """A feed of planned items (ids known before: the planned path, torchrun's ranks): the encoder's dataset
+    decodes them; a failure is the item's (``failures``: reason by id)."""
+
+    def __init__(self, todo: list[Item], encoder: Encoder):
+        self.todo, self.total = todo, len(todo)
+        self.dataset, self.collate = encoder.dataset(todo), encoder.collate
+        self.failures: dict[str, str] = {}
+
+    def step(self, loaded) -> Step:
+        indices, batch, failed = loaded
+        return Step([self.todo[i].id for i in indices], batch, failed, len(indices) + len(failed))
+
+    def path(self, index: int) -> Path:
+        return self.todo[index].path
+
+    def fail(self, index: int, reason: str) -> None:
+        self.failures[self.todo[index].id] = reason
+
+
+class StreamedRecords:
+    """A feed of records read, hashed and decoded in the workers (each file read once; one whose id ``known``
+    holds is hashed and not decoded). Found: ``ids`` (content id of every record that read), ``failures``
+    (reason by id of those that did not decode), ``unreadable`` (reason by record of those that did not read)."""
+
+    def __init__(self, records: list[Record], encoder: Encoder, known: frozenset[str]):
+        self.records, self.total = records, len(records)
+        self.dataset = HashingDataset(records, encoder.decode, known)
+        self.collate = HashedCollate(encoder.collate)
+        self.ids: dict[Record, str] = {}
+        self.failures: dict[str, str] = {}
+        self.unreadable: dict[Record, str] = {}
+
+    def step(self, loaded) -> Step:
+        ids, indices, batch, failed = loaded
+        self.ids.update((self.records[index], cid) for index, cid in ids.items())
+        unread = sum(1 for index, _ in failed if index not in ids)  # records with no id: not in ``ids``
+        return Step([ids[index] for index in indices], batch, failed, len(ids) + unread)
+
+    def path(self, index: int) -> Path:
+        return self.records[index].path
+
+    def fail(self, index: int, reason: str) -> None:
+        record = self.records[index]
+        if record in self.ids:
+            self.failures[self.ids[record]] = reason
+        else:
+            self.unreadable[record] = reason
+
+
+def encode(feed: PlannedItems | StreamedRecords, encoder: Encoder, journal: ExtractionJournal,
+           device: torch.device, options: ExtractOptions,
+           desc: str | None = None) -> tuple[dict[str, np.ndarray], Runner | None]:
+    """The one extraction loop: decode ``feed``'s items in DataLoader workers, run the encoder a batch at a time
+    on its own thread (:class:`Pipeline`), journal the rows on another, handle failures by ``options.on_error``
+    (the feed records them), and show one progress bar over the feed's ``total``.
+
+    Returns ``(new features by content id: (D,) float32 each, the runner or None if the feed was empty)``. Raises
+    :class:`ImageDecodeError` on the first failure with ``on_error="fail"``, after journalling every finished batch.
     """
     new: dict[str, np.ndarray] = {}
-    failures: dict[str, str] = {}
-    if not todo:
-        return new, failures, None
+    if not feed.total:
+        return new, None
     # Workers are forked before the engine allocates its memory: forked after, they made the
     # onnxruntime session measurably slower (copy-on-write faults) for as long as they lived.
-    batches = iter(_loader(encoder.dataset(todo), encoder.collate, batch_size, auto_workers(workers, device),
+    batches = iter(_loader(feed.dataset, feed.collate, options.batch_size, auto_workers(options.workers, device),
                            device))
     runner = encoder.runner(device)
     writer = JournalWriter(journal)
     pipeline = Pipeline(runner, writer, new)
     unit = getattr(encoder, "unit", "img")
     try:
-        with progress_bar(len(todo), desc or f"extract {encoder.name}", unit=unit, enabled=progress) as bar:
-            for indices, batch, failed in batches:
-                for index, reason in failed:
-                    if on_error == "fail":
-                        raise ImageDecodeError(str(todo[index].path), reason)
-                    failures[todo[index].id] = reason
-                if batch is not None:
-                    pipeline.submit(batch, [todo[i].id for i in indices])
-                bar.update(len(indices) + len(failed))
+        with progress_bar(feed.total, desc or f"extract {encoder.name}", unit=unit, enabled=options.progress) as bar:
+            for loaded in batches:
+                step = feed.step(loaded)
+                for index, reason in step.failed:
+                    if options.on_error == "fail":
+                        raise ImageDecodeError(str(feed.path(index)), reason)
+                    feed.fail(index, reason)
+                if step.batch is not None:
+                    pipeline.submit(step.batch, step.ids)
+                bar.update(step.done)
     finally:  # what finished is journalled, also when the run stops on an error
         try:
             pipeline.close()
         finally:
             writer.close()
-    return new, failures, runner
-
-
-@dataclass
-class StreamedRun:
-    """What a streamed run found: every readable record's content id, the rows it computed, the ids that did not
-    decode (with why), and the records that could not be read."""
-
-    ids: dict[Record, str]
-    new: dict[str, np.ndarray]
-    failures: dict[str, str]
-    unreadable: dict[Record, str]
-    runner: Runner | None
-
-
-def stream_records(records: list[Record], encoder: Encoder, known: frozenset[str], journal: ExtractionJournal,
-                   device: torch.device, batch_size: int, workers: int | None, on_error: str,
-                   progress: bool) -> StreamedRun:
-    """Read, hash and decode every record in DataLoader workers (each file read once; an item whose id ``known``
-    holds is hashed and not decoded), run the encoder on the rest a batch at a time on its own thread, and
-    journal the rows on another."""
-    run = StreamedRun({}, {}, {}, {}, None)
-    if not records:
-        return run
-    dataset = HashingDataset(records, encoder.decode, known)
-    batches = iter(_loader(dataset, HashedCollate(encoder.collate), batch_size, auto_workers(workers, device),
-                           device))
-    run.runner = encoder.runner(device)
-    writer = JournalWriter(journal)
-    pipeline = Pipeline(run.runner, writer, run.new)
-    unit = getattr(encoder, "unit", "img")
-    try:
-        with progress_bar(len(records), f"extract {encoder.name}", unit=unit, enabled=progress) as bar:
-            for ids, indices, batch, failed in batches:
-                run.ids.update((records[index], cid) for index, cid in ids.items())
-                for index, reason in failed:
-                    if on_error == "fail":
-                        raise ImageDecodeError(str(records[index].path), reason)
-                    if index in ids:
-                        run.failures[ids[index]] = reason
-                    else:
-                        run.unreadable[records[index]] = reason
-                if batch is not None:
-                    pipeline.submit(batch, [ids[index] for index in indices])
-                unread = sum(1 for index, _ in failed if index not in ids)  # items with no id: not in ``ids``
-                bar.update(len(ids) + unread)
-    finally:
-        try:
-            pipeline.close()
-        finally:
-            writer.close()
-    return run
+    return new, runner
 
 
 def source_record(source: Source, out: Path) -> dict:
@@ -399,54 +422,47 @@ def streams(encoder: Encoder, on_duplicate: str) -> bool:
     return callable(getattr(encoder, "decode", None)) and on_duplicate != "error"
 
 
-def extract_with(encoder: Encoder, source: Source, out: str | Path, *, device: str | torch.device = "auto",
-                 dtype: str = "float32", batch_size: int = 64, workers: int | None = None, on_error: str = "skip",
-                 on_duplicate: str = "warn", wait: bool = True, progress: bool = True) -> ExtractSummary:
-    """Run ``encoder`` over ``source`` into the store ``out`` (the lock held throughout). ``workers``: DataLoader
-    processes (None: chosen by the device, :func:`auto_workers`)."""
+def extract_with(encoder: Encoder, source: Source, out: str | Path, options: ExtractOptions | None = None,
+                 **keywords) -> ExtractSummary:
+    """Run ``encoder`` over ``source`` into the store ``out`` (the lock held throughout), by ``options`` (with
+    ``keywords`` in place of its fields: :meth:`ExtractOptions.of`)."""
     started = time.perf_counter()
-    check_options(dtype, on_error, on_duplicate, batch_size, workers)
+    options = ExtractOptions.of(options, **keywords)
     out = Path(out)
-    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
-    with store_lock(out, wait=wait):
+    device = options.torch_device()
+    with store_lock(out, wait=options.wait):
         for stale in temp_files_of(out):  # left by a writer killed mid-write; the lock says none is alive
             stale.unlink(missing_ok=True)
-        if streams(encoder, on_duplicate):
-            plan, journal, new, failures, runner = _streamed(encoder, source, out, torch_device, batch_size,
-                                                             workers, on_error, on_duplicate, progress)
-        else:
-            plan, journal = plan_extraction(source, out, encoder, on_error, on_duplicate, progress)
-            new, failures, runner = run_items(plan.todo, encoder, journal, torch_device, batch_size, workers,
-                                              on_error, progress)
+        run = _streamed if streams(encoder, options.on_duplicate) else _planned
+        plan, journal, new, failures, runner = run(encoder, source, out, device, options)
         summary = ExtractSummary(out=str(out), backbone=encoder.name, fingerprint_hash=plan.fp_hash,
-                                 device=str(torch_device))
+                                 device=str(device))
         summary.engine = runner.name if runner else None
         summary.truncated = getattr(runner, "truncated", 0)
         summary.model_images = len(new)
-        assemble_store(plan, encoder, new, failures, dtype, summary)
+        assemble_store(plan, encoder, new, failures, options.dtype, summary)
         journal.clear()
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
 
-def _streamed(encoder: Encoder, source: Source, out: Path, device: torch.device, batch_size: int,
-              workers: int | None, on_error: str, on_duplicate: str, progress: bool):
+def _planned(encoder: Encoder, source: Source, out: Path, device: torch.device, options: ExtractOptions):
+    """The planned extraction: every file hashed first (duplicates known before the model runs), then the new
+    items encoded. → (plan, journal, new rows by id, decode failures by id, runner or None)."""
+    plan, journal = plan_extraction(source, out, encoder, options)
+    feed = PlannedItems(plan.todo, encoder)
+    new, runner = encode(feed, encoder, journal, device, options)
+    return plan, journal, new, feed.failures, runner
+
+
+def _streamed(encoder: Encoder, source: Source, out: Path, device: torch.device, options: ExtractOptions):
     """The streamed extraction: what the store and the journal hold is known first; the workers hash every file
     and decode the new ones; the plan (items, duplicates, skipped files) is made from the ids they found."""
-    fingerprint = encoder.fingerprint()
-    fp_hash = fingerprint_hash(fingerprint)
-    if on_error == "fail" and source.unusable:
-        raise ImageDecodeError(source.unusable[0]["path"], source.unusable[0]["reason"])
-    store, reused = _existing_rows(out, fingerprint)
-    journal = ExtractionJournal(out, fp_hash)
-    journal.drop_other_fingerprints()
-    resumed = journal.load()
-    run = stream_records(encoder.order(list(source.records)), encoder, frozenset(reused) | frozenset(resumed),
-                         journal, device, batch_size, workers, on_error, progress)
-    ids = {record: run.ids[record] for record in source.records if record in run.ids}  # the source's order
-    duplicates = find_duplicates(ids, source.class_names)
-    _apply_duplicate_policy(duplicates, on_duplicate, source.root)
-    items = [item for record, cid in ids.items() for item in encoder.items(record, cid)]
-    skipped = list(source.unusable) + [{"path": r.rel_path, "reason": why} for r, why in run.unreadable.items()]
-    plan = ExtractionPlan(source, out, fingerprint, fp_hash, items, skipped, duplicates, store, reused, resumed, [])
-    return plan, journal, run.new, run.failures, run.runner
+    _refuse_unusable(source, options.on_error)
+    plan, journal = _begin(source, out, encoder)
+    known = frozenset(plan.reused) | frozenset(plan.resumed)
+    feed = StreamedRecords(encoder.order(list(source.records)), encoder, known)
+    new, runner = encode(feed, encoder, journal, device, options)
+    ids = {record: feed.ids[record] for record in source.records if record in feed.ids}  # the source's order
+    plan.found(encoder, ids, feed.unreadable, _duplicates(ids, source, options.on_duplicate))
+    return plan, journal, new, feed.failures, runner

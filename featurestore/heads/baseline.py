@@ -15,18 +15,15 @@ grid):
   before grey because the exported graph takes what ``predict`` decodes for every image model; the two orders
   differ only by rounding (at most one grey level on scikit-image's photos).
 
-A model file is a skops archive ``{"format": "featurestore-baseline", "metadata", "estimator"}`` (JSON metadata,
-the scikit-learn pipeline loaded only with featurestore's trusted types), like a head file.
+A baseline is saved in the one model file (:mod:`.model_file`, kind ``"baseline"``), like a head.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
-import zipfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,15 +31,15 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from ..configs import HeadConfig
-from ..errors import FeaturestoreError, HeadFileError
-from ..utils.atomic import atomic_path
+from ..errors import FeaturestoreError
 from ..utils.validation import check_choice
-from .head import TRUSTED_TYPES, spread_over_classes
+from .head import spread_over_classes
+from .model_file import EstimatorModel, load_model, model_kind
 
 if TYPE_CHECKING:
     from ..store.hdf5 import FeatureStore
 
-BASELINE_FORMAT = "featurestore-baseline"
+BASELINE_FORMAT = "baseline"  # its kind in a model file, as :func:`model_format` names it
 BASELINE_KINDS = ("tfidf", "pixels")
 # The grid of the baselines' C sweep (13 values from 1e-4 to 1e2); the curve's baselines use it too.
 BASELINE_GRID = HeadConfig(head="logreg", c_min=1e-4, c_max=1e2, c_points=13)
@@ -109,7 +106,7 @@ def read_texts(records: Sequence) -> list[str]:
 
 
 @dataclass
-class BaselineModel:
+class BaselineModel(EstimatorModel):
     """A fitted baseline: ``estimator`` maps the raw input (texts, or grey pixel rows) to probabilities over the
     classes it saw; :meth:`predict_proba` spreads them over all ``class_names`` (N, K).
 
@@ -119,6 +116,7 @@ class BaselineModel:
     ``store_path`` and ``store_fingerprint_hash``: that store.
     """
 
+    MODEL_KIND = BASELINE_FORMAT
     kind: str
     estimator: Pipeline
     C: float
@@ -170,74 +168,14 @@ class BaselineModel:
                 "classes": len(self.class_names), "val_accuracy": self.val_accuracy, "n_val": self.n_val,
                 "n_train": self.n_train, "train_seconds": round(self.train_seconds, 3)}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the model with skops (no pickle), atomically. Returns ``path``."""
-        return save_skops_model(self, path, BASELINE_FORMAT)
 
-
-def save_skops_model(model, path: str | Path, file_format: str) -> Path:
-    """Write a dataclass model (its ``estimator`` and JSON-able fields) as a skops archive ``{"format",
-    "metadata", "estimator"}``, atomically. Returns ``path``."""
-    import skops.io as sio
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {k: v for k, v in asdict(model).items() if k != "estimator"}
-    document = {"format": file_format, "metadata": json.dumps(metadata, sort_keys=True), "estimator": model.estimator}
-    with atomic_path(path) as tmp:
-        sio.dump(document, tmp)
-    return path
-
-
-def model_format(path: str | Path) -> str | None:
-    """The ``format`` of a featurestore skops file (``"featurestore-baseline"``, ``"featurestore-hybrid"``, or 2
-    for a head), None when the file is not a skops archive."""
-    path = Path(path)
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return None
-    try:
-        return _read_format(path)
-    except Exception:  # a damaged archive is the loader's to report
-        return None
-
-
-def _read_format(path: Path):
-    """The archive's ``format`` entry, read from its schema without loading the estimator."""
-    with zipfile.ZipFile(path) as archive:
-        schema = json.loads(archive.read("schema.json"))
-    entry = schema.get("content", {}).get("format", {})
-    return json.loads(entry["content"]) if isinstance(entry, dict) and entry.get("is_json") else None
-
-
-def load_skops_model(path: str | Path, expected_format: str) -> tuple[dict, object]:
-    """(metadata, estimator) of a featurestore skops model file of ``expected_format``. Raises
-    :class:`HeadFileError` naming the file: missing, not skops, another format, or untrusted types inside."""
-    import skops.io as sio
-
-    path = Path(path)
-    if not path.is_file():
-        raise HeadFileError(f"{path}: model file not found")
-    if not zipfile.is_zipfile(path):
-        raise HeadFileError(f"{path}: not a skops model file")
-    try:
-        untrusted = sio.get_untrusted_types(file=path)
-        unexpected = sorted(set(untrusted) - set(TRUSTED_TYPES))
-        if unexpected:
-            raise HeadFileError(f"{path}: the model holds types featurestore does not trust: {', '.join(unexpected)}")
-        document = sio.load(path, trusted=list(untrusted))
-    except HeadFileError:
-        raise
-    except Exception as exc:  # skops, zipfile and json raise many types for a damaged archive
-        raise HeadFileError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from None
-    if document.get("format") != expected_format:
-        raise HeadFileError(f"{path}: a {document.get('format')} file, not a {expected_format} one")
-    return json.loads(document["metadata"]), document["estimator"]
+# The kind of model a file holds ("head", "baseline", "hybrid"), None for a file that is not a model archive.
+model_format = model_kind
 
 
 def load_baseline(path: str | Path) -> BaselineModel:
     """Read a baseline model file (see :meth:`BaselineModel.save`)."""
-    metadata, estimator = load_skops_model(path, BASELINE_FORMAT)
-    return BaselineModel(estimator=estimator, **metadata)
+    return load_model(path, kind=BASELINE_FORMAT)
 
 
 def sweep_and_refit(config: HeadConfig, X, y: np.ndarray, Xv, yv: np.ndarray, X_all, y_all: np.ndarray,

@@ -1,20 +1,13 @@
-"""A trained head (:class:`TrainedHead`: the fitted estimator and everything needed to use it safely) and its
-file format: skops, never pickle, so head files are safe to receive.
+"""A trained head (:class:`TrainedHead`: the fitted estimator and everything needed to use it safely) and
+:func:`spread_over_classes`, which every model uses to give probabilities over all classes.
 
-A head file is a skops archive of ``{"format", "metadata", "estimator"}``: the metadata (config, C,
-classes, fingerprint, C sweep) is plain JSON, and the estimator is loaded only if every type in it is
-on :data:`TRUSTED_TYPES` (scikit-learn's scalers, the three heads and their calibration). Loading a
-file therefore never runs code from the file.
-
-Heads written by featurestore 0.1 are pickles (joblib). Unpickling runs whatever code the file holds,
-so they load only when the caller says the file is trusted (``--trust-pickle``).
+A head is saved in the one model file (:mod:`.model_file`, kind ``"head"``): skops, never pickle, so head files are
+safe to receive; its metadata (config, C, classes, fingerprint, C sweep) is plain JSON and the estimator loads only
+with featurestore's trusted types. Pickled heads of featurestore 0.1 load only with ``--trust-pickle``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,13 +15,10 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from ..configs import HeadConfig
-from ..errors import HeadFileError, HeadMismatchError
+from ..errors import HeadMismatchError
 from ..store.hdf5 import FeatureStore
-from ..utils.atomic import atomic_path
+from .model_file import EstimatorModel, ModelDocument, load_model, save_model
 
-log = logging.getLogger("featurestore")
-
-HEAD_FORMAT = 2  # 1: a pickled TrainedHead (joblib); 2: skops
 
 def spread_over_classes(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
     """Probabilities (N, len(classes)) over the classes an estimator saw → (N, n_classes), same dtype, column
@@ -47,7 +37,7 @@ def describe(fingerprint: dict) -> str:
 
 
 @dataclass
-class TrainedHead:
+class TrainedHead(EstimatorModel):
     """A fitted head and everything needed to use it safely.
 
     ``estimator`` maps features (N, feature_dim) float32 to class probabilities over the classes it saw in
@@ -55,6 +45,7 @@ class TrainedHead:
     so column k is always the store's class k, also when a class had no training rows.
     """
 
+    MODEL_KIND = "head"
     estimator: Pipeline
     config: HeadConfig
     C: float
@@ -67,7 +58,6 @@ class TrainedHead:
     c_grid: dict | None = None  # estimators.grid_report of the sweep: its range, extension and edge
     train_seconds: float = 0.0
     n_train: int = 0
-    format_version: int = HEAD_FORMAT
 
     @classmethod
     def fitted_on(cls, store: FeatureStore, estimator: Pipeline, config: HeadConfig, C: float,
@@ -145,94 +135,27 @@ class TrainedHead:
             "best_val_accuracy": max((p["val_accuracy"] for p in self.sweep), default=None), "c_grid": c_grid,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the head with skops (no pickle), atomically. Returns ``path``."""
-        return save_head(self, path)
+    def to_model_document(self) -> ModelDocument:
+        document = super().to_model_document()
+        document.metadata["config"] = asdict(self.config)
+        return document
+
+    @classmethod
+    def from_model_document(cls, document: ModelDocument) -> TrainedHead:
+        metadata = document.metadata | {"config": HeadConfig(**document.metadata["config"])}
+        return cls(estimator=document.estimator, **metadata)
 
 
 HEAD_SUFFIX = ".skops"
-# Types skops does not trust by default but a featurestore head legitimately holds.
-TRUSTED_TYPES = (
-    "sklearn.calibration._CalibratedClassifier",
-    "sklearn.calibration._SigmoidCalibration",
-    "featurestore.heads.scaling.FeatureScaler",
-)
-# Where types of older head files live now: their module names are in the files.
-MOVED_MODULES = {"featurestore.scaling": "featurestore.heads.scaling"}
-METADATA_FIELDS = ("C", "class_names", "feature_dim", "fingerprint_hash", "fingerprint", "store_path", "sweep",
-                   "c_grid", "train_seconds", "n_train")
 
 
 def save_head(head: TrainedHead, path: str | Path) -> Path:
-    """Write ``head`` to ``path`` as a skops archive (unique temporary file, renamed into place)."""
-    import skops.io as sio
-
-    path = Path(path)
-    metadata = {name: getattr(head, name) for name in METADATA_FIELDS}
-    metadata["config"] = asdict(head.config)
-    document = {"format": HEAD_FORMAT, "metadata": json.dumps(metadata, sort_keys=True), "estimator": head.estimator}
-    with atomic_path(path) as tmp:
-        sio.dump(document, tmp)
-    return path
-
-
-def _load_pickle(path: Path) -> TrainedHead:
-    import joblib
-
-    log.warning("%s: loading a pickled head because --trust-pickle was given; re-save it with skops "
-                "(`featurestore train-head`) so that it can be shared safely", path)
-    try:
-        head = joblib.load(path)
-    except Exception as exc:
-        raise HeadFileError(f"{path}: not a readable head file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(head, TrainedHead):
-        raise HeadFileError(f"{path}: the pickle holds a {type(head).__name__}, not a featurestore head")
-    head.format_version = HEAD_FORMAT
-    return head
-
-
-def _moved_types(type_names: list[str]) -> list[str]:
-    """The trusted types among ``type_names`` that a file names by the module they lived in before the package's
-    layout changed; their old module is aliased to the new one so that skops finds them."""
-    import importlib
-    import sys
-
-    moved = []
-    for name in type_names:
-        module, _, leaf = name.rpartition(".")
-        if module in MOVED_MODULES and f"{MOVED_MODULES[module]}.{leaf}" in TRUSTED_TYPES:
-            sys.modules.setdefault(module, importlib.import_module(MOVED_MODULES[module]))
-            moved.append(name)
-    return moved
+    """Write ``head`` to ``path`` as a model file (:func:`.model_file.save_model`). Returns ``path``."""
+    return save_model(head, path)
 
 
 def load_head(path: str | Path, trust_pickle: bool = False) -> TrainedHead:
-    """Read a head file. Raises :class:`HeadFileError` naming the file and the problem: missing, corrupt,
-    another format, untrusted types inside, or a pickle without ``trust_pickle``."""
-    import skops.io as sio
-
-    path = Path(path)
-    if not path.is_file():
-        raise HeadFileError(f"{path}: head file not found (run `featurestore train-head` first)")
-    if not zipfile.is_zipfile(path):
-        if trust_pickle:
-            return _load_pickle(path)
-        raise HeadFileError(
-            f"{path}: not a skops head file. If it is a pickled (joblib) head from featurestore 0.1, loading it "
-            f"would run any code it holds: pass --trust-pickle only if you trust its origin, or retrain the head"
-        )
-    try:
-        untrusted = sio.get_untrusted_types(file=path)
-        unexpected = sorted(set(untrusted) - set(TRUSTED_TYPES) - set(_moved_types(untrusted)))
-        if unexpected:
-            raise HeadFileError(f"{path}: the head holds types featurestore does not trust: {', '.join(unexpected)}")
-        document = sio.load(path, trusted=list(untrusted))
-        metadata = json.loads(document["metadata"])
-        config = HeadConfig(**metadata.pop("config"))
-        if document.get("format") != HEAD_FORMAT:
-            raise HeadFileError(f"{path}: head format {document.get('format')} is not {HEAD_FORMAT}; retrain it")
-        return TrainedHead(estimator=document["estimator"], config=config, **metadata)
-    except HeadFileError:
-        raise
-    except Exception as exc:  # skops, zipfile and json raise many types for a damaged archive
-        raise HeadFileError(f"{path}: not a readable head file ({type(exc).__name__}: {exc})") from None
+    """Read a head file (:func:`.model_file.load_model`, which also reads the older head layouts). Raises
+    :class:`HeadFileError` naming the file and the problem: missing, corrupt, another format or kind, untrusted
+    types inside, or a pickle without ``trust_pickle``."""
+    return load_model(path, trust_pickle=trust_pickle, kind="head")

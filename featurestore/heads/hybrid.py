@@ -15,7 +15,7 @@ validation alone (probe 0.91, TF-IDF 0.90) would have deployed the probe. So the
 default (``deploy.hybrid``), and deploys it only where it beats every encoder head on validation.
 
 Input: a list of N strings and their embeddings (N, D) float32 (the store's, or the encoder's on the same texts).
-A model file is a skops archive like the baseline's (format ``featurestore-hybrid``).
+It is saved in the one model file (:mod:`.model_file`, kind ``"hybrid"``).
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from ..errors import FeaturestoreError
-from .baseline import BASELINE_GRID, load_skops_model, make_tfidf, read_texts, save_skops_model
+from .baseline import BASELINE_GRID, make_tfidf, read_texts
 from .head import spread_over_classes
+from .model_file import EstimatorModel, load_model
 
-HYBRID_FORMAT = "featurestore-hybrid"
+HYBRID_FORMAT = "hybrid"  # its kind in a model file, as ``baseline.model_format`` names it
 HYBRID_WEIGHTS = (0.5, 1.0)  # w: the two that won on BBC News (0.25 and 2 never did better than both)
 
 
@@ -50,11 +51,12 @@ def hybrid_rows(vectorizer, texts: list[str], embeddings: np.ndarray, weight: fl
 
 
 @dataclass
-class HybridModel:
+class HybridModel(EstimatorModel):
     """A fitted hybrid head: ``estimator`` holds the fitted ``tfidf`` vectorizer and the ``classify`` logistic
     regression (a Pipeline used for its named steps); ``weight`` is w. ``fingerprint``: the store whose embeddings
     it was fitted on (export rebuilds that encoder); ``val_accuracy`` as for the baseline (train-only fit, val)."""
 
+    MODEL_KIND = HYBRID_FORMAT
     estimator: Pipeline
     weight: float
     C: float
@@ -104,15 +106,10 @@ class HybridModel:
                 "val_accuracy": self.val_accuracy, "n_val": self.n_val, "n_train": self.n_train,
                 "train_seconds": round(self.train_seconds, 3)}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the model with skops (no pickle), atomically. Returns ``path``."""
-        return save_skops_model(self, path, HYBRID_FORMAT)
-
 
 def load_hybrid(path: str | Path) -> HybridModel:
     """Read a hybrid model file (see :meth:`HybridModel.save`)."""
-    metadata, estimator = load_skops_model(path, HYBRID_FORMAT)
-    return HybridModel(estimator=estimator, **metadata)
+    return load_model(path, kind=HYBRID_FORMAT)
 
 
 def fit_hybrid(store, train: Sequence, val: Sequence, backbone: str, weights: Sequence[float] = HYBRID_WEIGHTS,

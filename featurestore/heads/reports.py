@@ -85,12 +85,13 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, info: dict) -> tupl
 
 def deployment_table(decisions: dict[str, dict]) -> str:
     """Markdown: per data set (named by its backbone), the model deployed and why, from each fine-tune stage's
-    ``decision["deployed"]`` (:func:`transfer.best.best_on_validation`), with the validation accuracies of the best
-    encoder head, the baseline and the hybrid head (fitted on the same train rows, scored on the same val rows)."""
-    lines = ["## Deployed: the best model on validation", "",
-             "| data (backbone) | deployed | its val | best encoder head (val) | baseline (val) | hybrid (val) "
-             "| n val |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    verdict ``decision["deployed"]`` (``transfer.best``): the incumbent head, the best encoder head, the baseline and
+    the hybrid head, each with its validation accuracy (fitted on the same train rows, scored on the same val rows),
+    and the split's size; a warning when the split is too small to tell models apart."""
+    lines = ["## Deployed: the verdict on validation", "",
+             "| data (backbone) | deployed | its val | incumbent (val) | best encoder head (val) | baseline (val) "
+             "| hybrid (val) | n val |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     notes = []
     for backbone, decision in decisions.items():
         deployed = decision.get("deployed")
@@ -101,11 +102,13 @@ def deployment_table(decisions: dict[str, dict]) -> str:
                       "–")
         baseline = ("–" if deployed.get("baseline") is None
                     else f"{deployed['baseline']} ({deployed['baseline_val']:.4f})")
-        shown = ("the encoder's heads" if deployed["model"] == "encoder"
-                 else f"**{deployed['name']}** ({deployed['model']})")
-        lines.append(f"| {backbone} | {shown} | {deployed['val_accuracy']:.4f} | {deployed['best_encoder']} "
-                     f"({deployed['best_encoder_val']:.4f}) | {baseline} | {hybrid} | {deployed['n']} |")
-        notes.append(f"- {backbone}: {deployed['reason']}.")
+        incumbent = deployed.get("incumbent", deployed["best_encoder"])
+        lines.append(f"| {backbone} | **{deployed['name']}** ({deployed['model']}) | {deployed['val_accuracy']:.4f} "
+                     f"| {incumbent} ({deployed.get('incumbent_val', deployed['best_encoder_val']):.4f}) "
+                     f"| {deployed['best_encoder']} ({deployed['best_encoder_val']:.4f}) | {baseline} | {hybrid} "
+                     f"| {deployed['n']} |")
+        notes.append(f"- {backbone}: {deployed['reason']}." + (f" Warning: {deployed['warning']}"
+                                                             if deployed.get("warning") else ""))
     if not notes:
         return ""
     return "\n".join(lines + [""] + notes) + "\n"

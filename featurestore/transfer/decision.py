@@ -12,11 +12,11 @@
    half of the images (the same swap for every epoch of an image) and takes the maximum gain over the epochs
    again, so the selection of the epoch is repeated inside the test. Kept when p < ``ALPHA`` = 0.05.
 4. If chosen, the fine-tuned weights become backbone ``<backbone>_ft`` (its checkpoint hash in every
-   fingerprint), its store is extracted and its heads trained. Each of those heads is then compared with the
-   cache-only head of the same name (:func:`compare_heads`): both refitted at their own C on the train split
-   alone and scored on the same validation images. Downstream stages (evaluate, export, predict) deploy a
-   fine-tuned head only where it is strictly better (``deploy.deployed_head`` reads ``decision["heads"]``); a
-   tie, a loss, or no fine-tuning at all keeps the cache-only head.
+   fingerprint), its store is extracted and its heads trained.
+5. The verdict (``best.py``): which model the data set deploys. The incumbent is the head fine-tuning starts from, on
+   the fine-tuned backbone when it was kept; every other head (on either backbone), the baseline and the hybrid head
+   challenge it under the same rule (``best.deploy_best``). ``decision["deployed"]`` names the model, its file and
+   its SHA-256, and ``deployed.json`` beside it is the record the export stage ships.
 
 Why this rule (issue 17). Until then the rule was the lower bound of an 80% paired bootstrap interval of the best
 epoch's gain > 0: the best of up to 12 epochs and the probe, judged on the images it was picked on. It kept a
@@ -56,15 +56,11 @@ the epoch is, and the method of the best candidate is the one kept when the test
 
 Everything lands in ``out`` (the DVC stage's ``data/finetune/<backbone>/``): ``decision.json``, and when fine-tuning ran
 ``weights.pth`` (SetFit's in ``setfit.pth`` until chosen), ``trunk.h5`` (the cache, kept for the next run), and if
-chosen ``backbone.json``, ``features.h5`` and ``heads/``. ``decision.json``: mode, plateau verdict, whether
-fine-tuning ran and why, and when it ran ``choice`` (chosen, method, rule, reason, val_probe, val_finetuned, gain: the
-gain, best epoch, p-value, alpha, fixes, breaks, disagreements, n, epochs tested) and, if chosen, ``heads`` (per
-head name: cache_only_val, finetuned_val, n, deployed, reason).
-
-The best model on validation is the one deployed (``best.py``): the stage also fits the baseline without an encoder
-(TF-IDF or raw pixels + logistic regression, ``baseline.skops``) and, for texts, the hybrid head (``hybrid.skops``)
-on the same rows, and ``decision["candidates"]`` and ``decision["deployed"]`` say which model export ships, with the
-baseline's and the best encoder head's validation accuracies.
+chosen ``backbone.json``, ``features.h5`` and ``heads/``; ``deployed.json`` always. ``decision.json``: mode, plateau
+verdict, whether fine-tuning ran and why, and when it ran ``choice`` (chosen, method, rule, reason, val_probe,
+val_finetuned, gain: the gain, best epoch, p-value, alpha, fixes, breaks, disagreements, n, epochs tested); then the
+verdict (``best.py``): ``baseline``, ``hybrid`` (the models fitted beside the heads: TF-IDF or raw pixels + logistic
+regression, and for texts the hybrid head), ``candidates`` and ``deployed``, the model export ships.
 """
 
 from __future__ import annotations
@@ -84,18 +80,16 @@ from ..data.sources import ids_digest
 from ..errors import FeaturestoreError
 from ..utils.atomic import write_text_atomic
 from ..utils.validation import check_choice
-from .best import train_only_val_predictions
 from .stats import ALPHA, beats_incumbent
 
-if TYPE_CHECKING:  # the stage skips fine-tuning more often than not: scikit-learn and h5py load only to compare heads
+if TYPE_CHECKING:  # the stage skips fine-tuning more often than not: scikit-learn loads only where it is needed
     from ..heads.head import TrainedHead
-    from ..store.hdf5 import FeatureStore
 
 log = logging.getLogger("featurestore")
 
 RULE = "max_gain"  # stats.beats_incumbent (max_gain_test at ALPHA); chosen by benchmarks/decision_rule.py (above)
-STALE = ("decision.json", "backbone.json", "weights.pth", "setfit.pth", "features.h5", "heads", "baseline.skops",
-         "hybrid.skops")
+STALE = ("decision.json", "deployed.json", "backbone.json", "weights.pth", "setfit.pth", "features.h5", "heads",
+         "baseline.skops", "hybrid.skops")
 
 
 def should_finetune(mode: str, plateau: dict) -> tuple[bool, str]:
@@ -217,21 +211,21 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
                        methods: tuple[str, ...] = ("probe_finetune",),
                        setfit_config: SetFitConfig = SETFIT_DEFAULTS, baseline: bool = True,
                        hybrid: bool = True, weights: str | Path | None = None) -> dict:
-    """Decide, fine-tune, choose, and (if chosen) register ``<backbone>_ft``, extract its store, train ``heads``
-    (name → HeadConfig) on it and compare each with its cache-only head. Writes and returns ``decision.json``'s
-    content.
+    """Decide, fine-tune, choose, and (if chosen) register ``<backbone>_ft``, extract its store and train ``heads``
+    (name → HeadConfig) on it; then give the verdict (``best.deploy_best``). Writes ``decision.json`` and
+    ``deployed.json``, and returns the former's content.
 
     ``head_path``: the cache-only logistic-regression head fine-tuning starts from. ``cache_only_heads``: head
-    name → the cache-only head file of that name (default: ``head_path`` under its own head name); each head
-    trained on the fine-tuned features is compared with it (:func:`compare_heads`), and the verdicts land in
-    ``decision["heads"]``. A head with no cache-only file to compare with is not deployed.
+    name → the cache-only head file of that name (default: ``head_path`` as ``logreg``), in order: the first is the
+    verdict's incumbent (on the fine-tuned backbone when it was kept), the others and the heads on the fine-tuned
+    backbone challenge it.
 
     ``methods``: the fine-tuning methods that run and compete (:func:`choose_among`; texts may add ``setfit``, run
     with ``setfit_config``, its weights in ``setfit.pth`` until chosen); ``decision["results"]`` then holds each
     one's result, ``decision["result"]`` the chosen method's (else the first's).
 
-    ``baseline`` (default) fits the baseline without an encoder, ``hybrid`` (default) the hybrid head (texts), and
-    the model best on validation is named in ``decision["deployed"]`` (``best.deploy_best``).
+    ``baseline`` (default) fits the baseline without an encoder and ``hybrid`` (default) the hybrid head (texts), as
+    challengers too; the model deployed is named in ``decision["deployed"]``.
 
     ``weights``: the local checkpoint an image store was extracted with (a ``tv:`` or ``timm:`` backbone's file),
     where the fine-tune starts; default the registry's weights.
@@ -280,15 +274,14 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
         if decision["chosen"] == "finetuned" and decision["choice"]["method"] == "setfit":
             (out / "setfit.pth").replace(out / "weights.pth")  # what <backbone>_ft loads
         if decision["chosen"] == "finetuned":
-            trained = adopt_finetuned(backbone, out, data, heads, extract_options, progress)
-            cache_only = dict(cache_only_heads) if cache_only_heads is not None else {head.config.head: head_path}
-            decision["heads"] = compare_heads(cache_only, trained)
-    if baseline or hybrid:
-        from .best import deploy_best
+            adopt_finetuned(backbone, out, data, heads, extract_options, progress)
+    from .best import DEPLOYED_FILE, deploy_best, deployed_record
 
-        cache_only = dict(cache_only_heads) if cache_only_heads is not None else {"logreg": head_path}
-        decision.update(deploy_best(backbone, data, out, cache_only, decision, baseline=baseline, hybrid=hybrid))
+    cache_only = dict(cache_only_heads) if cache_only_heads is not None else {"logreg": head_path}
+    decision.update(deploy_best(backbone, data, out, cache_only, decision, baseline=baseline, hybrid=hybrid))
     write_text_atomic(out / "decision.json", json.dumps(decision, indent=2) + "\n")
+    if "deployed" in decision:
+        write_text_atomic(out / DEPLOYED_FILE, json.dumps(deployed_record(decision["deployed"]), indent=2) + "\n")
     return decision
 
 
@@ -318,64 +311,3 @@ def adopt_finetuned(backbone: str, out: Path, data: str | Path, heads: dict, ext
         trained[head_name] = train_head(out / "features.h5", head_config)
         trained[head_name].save(out / "heads" / f"{name}__{head_name}.skops")
     return trained
-
-
-def compare_heads(cache_only: Mapping[str, str | Path], finetuned: Mapping[str, TrainedHead]) -> dict[str, dict]:
-    """Per head name, the head on the fine-tuned features against the cache-only head of that name, both refitted
-    at their own C on their train split and scored on the same validation images (those in both stores).
-
-    ``cache_only``: head name → cache-only head file (its store is the one recorded in the head);
-    ``finetuned``: head name → head trained on the fine-tuned store. Returns ``{name: {"cache_only_val",
-    "finetuned_val", "n", "deployed", "reason"}}``: ``deployed`` is ``"finetuned"`` only when its validation
-    accuracy is strictly higher (a tie keeps the cheaper cache-only head), or ``"cache-only"``.
-    """
-    from ..heads.head import load_head
-
-    verdicts = {}
-    for name, ft_head in finetuned.items():
-        if name not in cache_only:
-            log.warning("no cache-only %s head to compare the fine-tuned one with: the cache-only one stays", name)
-            verdicts[name] = {"cache_only_val": None, "finetuned_val": None, "n": 0, "deployed": "cache-only",
-                              "reason": f"no cache-only {name} head was given to compare with"}
-            continue
-        base_head = load_head(cache_only[name])
-        base_store, tuned_store = _store_of(base_head), _store_of(ft_head)
-        base = train_only_val_predictions(base_head, base_store)
-        tuned = train_only_val_predictions(ft_head, tuned_store)
-        if isinstance(base, dict) and isinstance(tuned, dict):
-            labels = dict(zip(base_store.ids("val").tolist(), base_store.labels("val").tolist(), strict=True))
-            shared = [i for i in tuned if i in base]
-            if not shared:
-                raise FeaturestoreError(f"{base_store.path} and {tuned_store.path}: no validation image in common")
-            n = len(shared)
-            base_val = sum(base[i] == labels[i] for i in shared) / n
-            tuned_val = sum(tuned[i] == labels[i] for i in shared) / n
-        else:  # sgd_logreg: the sweeps' accuracies, each on its store's whole val split (the same images)
-            base_val, tuned_val = _accuracy(base, base_store), _accuracy(tuned, tuned_store)
-            n = tuned_store.count("val")
-        better = tuned_val > base_val
-        verdicts[name] = {
-            "cache_only_val": round(base_val, 6), "finetuned_val": round(tuned_val, 6), "n": n,
-            "deployed": "finetuned" if better else "cache-only",
-            "reason": (f"the {name} head on the fine-tuned features scores {tuned_val:.4f} on {n} validation images "
-                       f"against the cache-only one's {base_val:.4f} (both fitted on train at their own C): the "
-                       f"{'fine-tuned one is deployed' if better else 'cache-only one stays (it is cheaper)'}"),
-        }
-        log.info(verdicts[name]["reason"])
-    return verdicts
-
-
-def _store_of(head: TrainedHead) -> FeatureStore:
-    from ..store.hdf5 import FeatureStore
-
-    if not Path(head.store_path).is_file():
-        raise FeaturestoreError(f"head {head.name}: its feature store {head.store_path} is not there to compare "
-                                f"it on (run from the folder it was trained in)")
-    return FeatureStore(head.store_path)
-
-
-def _accuracy(scores: dict[str, int] | float, store: FeatureStore) -> float:
-    """An accuracy as it is, or that of id → predicted class on ``store``'s val split."""
-    if isinstance(scores, float):
-        return scores
-    return float(np.mean([scores[i] == y for i, y in zip(store.ids("val"), store.labels("val"), strict=True)]))

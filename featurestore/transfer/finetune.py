@@ -15,12 +15,17 @@ then a cosine schedule per step, early stopping on validation accuracy, a checkp
 
 By default the top blocks read the trunk cache (``trunk.py``): the frozen layers run once per image and
 augmented view, not once per epoch. ``source: images`` decodes, augments and runs the trunk every epoch.
+
+:func:`tune` is the part every fine-tune shares (this one, the text fine-tune's and SetFit's): the run's
+identity, the seed, :func:`training.train` with a checkpoint per epoch, the best epoch restored and scored on
+test, its weights written and the result; each modality hands it its own parts (:class:`Tuning`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +45,7 @@ from ..utils.devices import resolve_device
 from .augment import ViewRecipe
 from .probe import (
     FinetuneResult,
+    FinetuneRows,
     ProbeClassifier,
     finetune_rows,
     head_spec,
@@ -48,7 +54,18 @@ from .probe import (
     run_identity,
     train_only_probe,
 )
-from .training import CachedActivations, ImageBatches, accuracy, adamw, checkpoint_folder, save_atomic, train
+from .training import (
+    BatchSource,
+    CachedActivations,
+    ImageBatches,
+    TrainOptions,
+    TrainResult,
+    accuracy,
+    adamw,
+    checkpoint_folder,
+    save_atomic,
+    train,
+)
 from .trunk import (
     TrunkCache,
     UpperBlocks,
@@ -164,6 +181,17 @@ class _Roles:
         return self.n_blocks - 1 - self.block[name] if name in self.block else 0
 
 
+def layer_lr(config: FinetuneConfig, depth: int) -> float:
+    """The learning rate of the trainable layer (block, transformer layer) at ``depth`` from the top (0: the top
+    one): ``head_lr × backbone_lr_factor × layer_lr_decay**depth``."""
+    return config.head_lr * config.backbone_lr_factor * config.layer_lr_decay ** depth
+
+
+def active_blocks(config: FinetuneConfig, epoch: int) -> int:
+    """How many of the top blocks train at ``epoch``: all unfrozen ones, or for ``gradual`` one more each epoch."""
+    return config.unfreeze_blocks if config.schedule == "fixed" else min(config.unfreeze_blocks, epoch)
+
+
 def optimizer_for(top: UpperBlocks, config: FinetuneConfig) -> torch.optim.AdamW:
     """AdamW (:func:`training.adamw`: fused when ``top`` is on CUDA, so call it after moving ``top``): the
     classifier at ``head_lr``; the block at depth d from the top (the head's layers: 0) at
@@ -173,8 +201,7 @@ def optimizer_for(top: UpperBlocks, config: FinetuneConfig) -> torch.optim.AdamW
     for name, parameter in network.named_parameters():
         if not parameter.requires_grad:
             continue
-        lr = config.head_lr if name in roles.classifier else (
-            config.head_lr * config.backbone_lr_factor * config.layer_lr_decay ** roles.depth(name))
+        lr = config.head_lr if name in roles.classifier else layer_lr(config, roles.depth(name))
         groups.setdefault(lr, []).append(parameter)
     return adamw([{"params": params, "lr": lr} for lr, params in groups.items()], config.weight_decay)
 
@@ -192,8 +219,7 @@ def epoch_setup(top: UpperBlocks, config: FinetuneConfig):
 
     def setup(epoch: int) -> None:
         top.train()
-        active = config.unfreeze_blocks if config.schedule == "fixed" else min(config.unfreeze_blocks, epoch)
-        first_active = roles.n_blocks - active
+        first_active = roles.n_blocks - active_blocks(config, epoch)
         for name, parameter in network.named_parameters():
             if name in unfrozen:
                 parameter.requires_grad_(not roles.block.get(name, first_active) < first_active)
@@ -231,6 +257,58 @@ def _build_trunk_cache(head: TrainedHead, spec: BackboneSpec, network: nn.Module
         batch_size=batch_size, workers=config.workers, progress=progress, engine=engine, split=spec.blocks)
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """A modality's parts of a fine-tune, for :func:`tune`: ``top``, the trainable top on the training device;
+    ``classifier``, the state dict of its starting classifier (the probe: part of the run's identity);
+    ``optimizer`` over its trainable parameters; ``weights_of``, the state :func:`training.train` keeps for the
+    best epoch, which ``restore`` loads back and ``written`` turns into the state dict written to ``out``;
+    ``test_accuracy(run)``, the restored top's on test, given the run's :class:`TrainResult` (None without a test
+    split)."""
+
+    top: nn.Module
+    classifier: dict
+    optimizer: torch.optim.Optimizer
+    weights_of: Callable[[], dict]
+    restore: Callable[[dict], None]
+    written: Callable[[dict], dict]
+    test_accuracy: Callable[[TrainResult], float | None]
+
+
+def tune(parts: Tuning, source: BatchSource, options: TrainOptions, head: TrainedHead, config, rows: FinetuneRows,
+         out: Path, checkpoint_dir: str | Path | None = None, keep_checkpoint: bool = False,
+         result_type: type[FinetuneResult] = FinetuneResult, **fields) -> FinetuneResult:
+    """The skeleton of every fine-tune: train ``parts.top`` on ``source`` as ``options`` say, with torch seeded by
+    ``config.seed`` (a :class:`FinetuneConfig` or SetFit's) and the run keyed on its identity
+    (:func:`probe.run_identity`), checkpointing every epoch to ``<checkpoint_dir>/last.pt`` (default
+    ``<out>.checkpoints``); restore the best epoch, score it on test, write its weights to ``out`` and delete the
+    checkpoint unless ``keep_checkpoint``. Returns a ``result_type``: the run, its test accuracy, ``config``,
+    the train ids (``rows``) and ``fields``."""
+    checkpoints = checkpoint_folder(out, checkpoint_dir)
+    run_key = run_identity(head, config, parts.classifier, rows, options.device.type == "cuda")
+    torch.manual_seed(config.seed)  # here, after every setup step that may draw from it: dropout starts alike
+    result, best = train(parts.top, parts.weights_of, parts.optimizer, source,
+                         replace(options, run_key=run_key, checkpoint=checkpoints / "last.pt"))
+    parts.restore(best)
+    test_accuracy = parts.test_accuracy(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(out, parts.written(best))
+    if not keep_checkpoint:
+        (checkpoints / "last.pt").unlink(missing_ok=True)  # finished: nothing left to resume
+    return result_type(**asdict(result), out=str(out), test_accuracy=test_accuracy, config=asdict(config),
+                       train_ids=[str(cid) for cid in rows.train.ids], **fields)
+
+
+def finetune_options(config: FinetuneConfig, source: BatchSource, device: torch.device, on_epoch, progress: bool,
+                     desc: str, unit: str) -> TrainOptions:
+    """:func:`training.train`'s options for a fine-tune with ``config`` on ``source``: its epochs, batch size and
+    patience, and the warmup of ``warmup_epochs`` epochs of steps."""
+    steps_per_epoch = -(-source.n_train // config.batch_size)
+    return TrainOptions(epochs=config.epochs, batch_size=config.batch_size, patience=config.patience, device=device,
+                        warmup_steps=round(config.warmup_epochs * steps_per_epoch), on_epoch=on_epoch,
+                        progress=progress, desc=desc, unit=unit)
+
+
 def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(),
              device: str = "auto", progress: bool = True, checkpoint_dir: str | Path | None = None,
              keep_checkpoint: bool = False, train_per_class: int | None = None, probe=None,
@@ -248,7 +326,6 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     out = Path(out)
     spec = head_spec(head)
     split = finetunable(spec)
-    checkpoints = checkpoint_folder(out, checkpoint_dir)
     torch_device = resolve_device(device)
     source = scan_source(data)
     rows = finetune_rows(head, train_per_class, config.seed)  # the probe's rows, by content id
@@ -276,20 +353,10 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     top, _ = prepare_top(network, head, config, probe if probe is not None else train_only_probe(head, rows.train.rows),
                          split)
     top.to(torch_device)
-    run_key = run_identity(head, config, network.get_submodule(split.classifier).state_dict(), rows,
-                           torch_device.type == "cuda")
-    torch.manual_seed(config.seed)  # here, after every setup step that may draw from it: dropout starts alike
-    steps_per_epoch = -(-batches.n_train // config.batch_size)
-    result, best_state = train(
-        top, network.state_dict, optimizer_for(top, config), batches, epochs=config.epochs,
-        batch_size=config.batch_size, patience=config.patience, device=torch_device, run_key=run_key,
-        checkpoint=checkpoints / "last.pt", warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-        on_epoch=epoch_setup(top, config), progress=progress, desc="fine-tune")
-    network.load_state_dict(best_state)
-    test_accuracy = accuracy(top, batches.eval_batches("test")) if rows.test is not None else None
-    save_atomic(out, best_state)
-    if not keep_checkpoint:
-        (checkpoints / "last.pt").unlink(missing_ok=True)  # finished: nothing left to resume
-    return FinetuneResult(**asdict(result), out=str(out), cache=str(cache_path) if cache_path else None,
-                          cache_seconds=cache_seconds, test_accuracy=test_accuracy, config=asdict(config),
-                          train_ids=[str(cid) for cid in rows.train.ids])
+    parts = Tuning(
+        top, network.get_submodule(split.classifier).state_dict(), optimizer_for(top, config), network.state_dict,
+        network.load_state_dict, written=lambda best: best,  # the whole network: its classifier is the tuned probe
+        test_accuracy=lambda run: accuracy(top, batches.eval_batches("test")) if rows.test is not None else None)
+    options = finetune_options(config, batches, torch_device, epoch_setup(top, config), progress, "fine-tune", "img")
+    return tune(parts, batches, options, head, config, rows, out, checkpoint_dir, keep_checkpoint,
+                cache=str(cache_path) if cache_path else None, cache_seconds=cache_seconds)

@@ -8,18 +8,19 @@ store, every val and test row, the encoder with the head's weights.
    partner of its class (target 1) and one of another class (target 0), so positive and negative pairs are as
    many; ``max_pairs`` caps an epoch's. Each epoch draws its own pairs from (seed, epoch).
 2. The top ``unfreeze_blocks`` layers train on them with the cosine-similarity loss, the mean of
-   ``(cos(u, v) - target)²`` over a step's pairs (AdamW, warmup then cosine decay, dropout on). The layers below
-   run once per text, at ``max_length`` tokens (``text_finetune.CachedHidden``); a step runs the top layers once
-   per distinct text of its pairs.
+   ``(cos(u, v) - target)²`` over a step's pairs (AdamW, warmup then cosine decay, dropout on), in the loop every
+   fine-tune runs (``finetune.tune``, ``training.train``: a checkpoint per epoch, so a killed run resumes). The
+   layers below run once per text, at ``max_length`` tokens (``text_finetune.CachedHidden``); a step runs the
+   top layers once per distinct text of its pairs (:class:`PairBatches`).
 3. After every epoch the train and val texts are embedded by the tuned encoder as the store embeds them (its
-   tokenization), and the probe is refitted on the train embeddings at each C of the head's own sweep, C chosen
-   on val (as the probe was made). Epoch 0 is the probe itself (the store's features). The best epoch on val is
-   kept, its encoder and its refitted probe; a tie keeps the earlier. The decision tests every epoch against the
-   probe as it does a fine-tune's (``decision.choose``).
+   tokenization), and the probe is refitted on the train embeddings at the head's C (chosen on val once, before
+   tuning: choosing it again on val at every epoch would be a selection that the decision's test does not pay
+   for). Epoch 0 is the probe itself (the store's features). The best epoch on val is kept, its encoder and its
+   refitted probe; a tie keeps the earlier. The decision tests every epoch against the probe as it does a
+   fine-tune's (``decision.choose``).
 
 The encoder's state dict is written to ``out``, as a fine-tune's: ``extract --weights`` takes it, and the decision
-registers it as ``<backbone>_ft``, whose heads are SetFit's refitted probe. Runs are minutes long on a CPU: there
-is no checkpoint to resume from.
+registers it as ``<backbone>_ft``, whose heads are SetFit's refitted probe.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +37,13 @@ from torch import nn
 
 from ..configs import SETFIT_DEFAULTS, SetFitConfig, Tokenization
 from ..errors import FeaturestoreError
-from ..heads.estimators import build_estimator, choose_c, sweep_c
+from ..heads.estimators import build_estimator
 from ..heads.head import TrainedHead
-from ..utils.console import progress_bar
 from ..utils.devices import resolve_device
-from .probe import FinetuneResult, train_only_probe
+from .finetune import Tuning, tune
+from .probe import FinetuneResult, ProbeClassifier, probe_weights, train_only_probe
 from .text_finetune import CachedHidden, TextTop, text_run
-from .training import adamw, host_copy, save_atomic, warmup_cosine
+from .training import TrainOptions, adamw, to_device
 
 log = logging.getLogger("featurestore")
 
@@ -97,15 +98,40 @@ def pair_separation(embeddings: np.ndarray, labels: np.ndarray) -> float:
     return float(cosine[same & off_diagonal].mean() - cosine[~same].mean())
 
 
-def pair_loss(top: nn.Module, cache: CachedHidden, pairs: np.ndarray, targets: torch.Tensor) -> torch.Tensor:
-    """The cosine-similarity loss of a step: ``pairs`` (P, 2) int rows of the cache's train split, ``targets`` (P,)
-    float32 on the device → mean of (cos(u, v) − target)², a float32 () tensor. Each distinct text runs once."""
-    distinct, inverse = np.unique(pairs, return_inverse=True)
-    inputs, _ = cache.batch("train", distinct)
+class PairBatches:
+    """SetFit's batches for :func:`training.train`: epoch e's pairs are ``build_pairs(labels, iterations,
+    [seed, e], max_pairs)`` of the ``tuning`` cache's train texts, cut into steps in order; a batch is ((the
+    inputs of its distinct texts, (P, 2) int64 positions of each pair's texts among them), targets (P,) float32),
+    on the device. ``n_train``: pairs per epoch (the same every epoch). The evaluation batches are ``scoring``'s."""
+
+    def __init__(self, tuning: CachedHidden, scoring: CachedHidden, labels: np.ndarray, config: SetFitConfig):
+        self.tuning, self.scoring, self.labels, self.config = tuning, scoring, labels, config
+        self.n_train = len(self.pairs(1)[0])
+
+    def pairs(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        return build_pairs(self.labels, self.config.iterations, [self.config.seed, epoch], self.config.max_pairs)
+
+    def train_batches(self, epoch: int, batch_size: int):
+        pairs, targets = self.pairs(epoch)
+        targets = to_device(targets, self.tuning.device)
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            distinct, inverse = np.unique(chunk, return_inverse=True)  # each distinct text runs once
+            inputs, _ = self.tuning.batch("train", distinct)
+            index = to_device(inverse.reshape(chunk.shape), self.tuning.device)
+            yield (inputs, index), targets[start:start + batch_size]
+
+    def eval_batches(self, split: str):
+        return self.scoring.eval_batches(split)
+
+
+def pair_loss(top: nn.Module, x: tuple, targets: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """The cosine-similarity loss of a step (a :class:`PairBatches` batch): mean of (cos(u, v) − target)² over its
+    pairs, a float32 () tensor; no hit count (``training.TrainOptions.loss``)."""
+    inputs, index = x
     embeddings = nn.functional.normalize(top(inputs), dim=-1)  # (U, H)
-    index = torch.from_numpy(inverse.reshape(pairs.shape)).to(embeddings.device)
     cosine = (embeddings[index[:, 0]] * embeddings[index[:, 1]]).sum(-1)
-    return nn.functional.mse_loss(cosine, targets)
+    return nn.functional.mse_loss(cosine, targets), None
 
 
 def embed(top: nn.Module, batches) -> np.ndarray:
@@ -116,23 +142,19 @@ def embed(top: nn.Module, batches) -> np.ndarray:
     return torch.cat(parts).cpu().numpy() if parts else np.zeros((0, 0), dtype=np.float32)
 
 
-def refit_probe(head: TrainedHead, X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray):
-    """The head's estimator refitted on train embeddings X (N, D) float32, labels y (N,) int, with C chosen on
-    (Xv, yv) by the head's own sweep: (fitted estimator, C, val predictions (M,) int64)."""
+def refit_probe(head: TrainedHead, X: np.ndarray, y: np.ndarray):
+    """The head's estimator at the head's C refitted on train embeddings X (N, D) float32, labels y (N,) int."""
     from sklearn.exceptions import ConvergenceWarning
 
-    config = replace(head.config, n_jobs=1)  # a few hundred rows: in-process
-    C = choose_c(sweep_c(config, X, y, Xv, yv))
-    estimator = build_estimator(config, C)
+    estimator = build_estimator(replace(head.config, n_jobs=1), head.C)  # a few hundred rows: in-process
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        estimator.fit(X, y)
-    return estimator, C, np.asarray(estimator.predict(Xv), dtype=np.int64)
+        return estimator.fit(X, y)
 
 
 @dataclass
 class SetFitResult(FinetuneResult):
-    """A fine-tune's result, plus the C of the kept epoch's refitted probe (the head's C for epoch 0) and the pair
+    """A fine-tune's result, plus the C of the refitted probe (the head's, at every epoch) and the pair
     separation (:func:`pair_separation`) of the train texts' embeddings before tuning; every epoch's is in
     ``history``."""
 
@@ -142,12 +164,15 @@ class SetFitResult(FinetuneResult):
 
 def setfit_text(head: TrainedHead, data: str | Path, out: str | Path, config: SetFitConfig = SETFIT_DEFAULTS,
                 device: str = "auto", progress: bool = True, train_per_class: int | None = None, probe=None,
-                subset_seed: int | None = None) -> SetFitResult:
+                subset_seed: int | None = None, checkpoint_dir: str | Path | None = None,
+                keep_checkpoint: bool = False) -> SetFitResult:
     """SetFit on the head's train rows of ``data`` (module docstring); write the kept epoch's encoder state dict to
-    ``out`` (a checkpoint for ``--weights``) and return how it went.
+    ``out`` (a checkpoint for ``--weights``) and return how it went. Every epoch is checkpointed to
+    ``checkpoint_dir/last.pt`` (default ``<out>.checkpoints``; deleted once finished unless ``keep_checkpoint``):
+    a killed run resumes there and ends as an uninterrupted one would.
 
     ``train_per_class`` (drawn by ``subset_seed``, default ``config.seed``) and ``probe`` (the probe fitted on those
-    rows; default the head refitted on them) are how the curve runs it at a budget.
+    rows at the head's C; default the head refitted on them) are how the curve runs it at a budget.
     """
     if head.config.head != "logreg":
         raise FeaturestoreError(f"SetFit refits a logreg probe; {head.name} is {head.config.head}")
@@ -168,8 +193,7 @@ def setfit_text(head: TrainedHead, data: str | Path, out: str | Path, config: Se
     Xv, yv, _ = rows.store.load("val", dtype=np.float32)
     X, y = X[rows.train.rows], y[rows.train.rows]
     start_predictions = np.asarray(estimator.predict(Xv), dtype=np.int64)
-    start_accuracy = float(np.mean(start_predictions == yv))
-    start_separation = pair_separation(X, y)
+    batches = PairBatches(tuning, scoring, y, config)
 
     model.requires_grad_(False)
     layers = model.encoder.encoder.layer
@@ -177,73 +201,44 @@ def setfit_text(head: TrainedHead, data: str | Path, out: str | Path, config: Se
         layer.requires_grad_(True)
     top = TextTop(model, first, nn.Identity()).to(torch_device)
     trainable = [p for layer in layers[first:] for p in layer.parameters()]
-    optimizer = adamw([{"params": trainable, "lr": config.lr}], config.weight_decay)
-    epoch_pairs = [build_pairs(y, config.iterations, [config.seed, epoch], config.max_pairs)
-                   for epoch in range(1, config.epochs + 1)]
-    total_steps = sum(-(-len(pairs) // config.batch_size) for pairs, _ in epoch_pairs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(max(1, round(config.warmup_fraction * total_steps)), total_steps))
-    torch.manual_seed(config.seed)
 
-    def layer_state() -> dict:
-        return host_copy({k: v for k, v in top.model.encoder.state_dict().items() if _trainable_key(k, first)},
-                         torch_device)
-
-    best = {"accuracy": start_accuracy, "epoch": 0, "estimator": estimator, "C": float(head.C),
-            "predictions": start_predictions, "state": layer_state()}
-    history, epoch_predictions, steps = [], [], 0
-    for epoch, (pairs, targets) in enumerate(epoch_pairs, start=1):
-        epoch_started = time.perf_counter()
-        top.train()  # dropout in the trainable layers; the frozen ones only ran on cached states
-        targets = torch.from_numpy(targets).to(torch_device)
-        losses = []
-        with progress_bar(len(pairs), f"setfit epoch {epoch}/{config.epochs}", unit="pair",
-                          enabled=progress) as bar:
-            for start in range(0, len(pairs), config.batch_size):
-                loss = pair_loss(top, tuning, pairs[start:start + config.batch_size],
-                                 targets[start:start + config.batch_size])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.detach())
-                steps += 1
-                bar.update(len(pairs[start:start + config.batch_size]))
+    def evaluate(epoch: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        if epoch == 0:  # the probe itself, on the store's features
+            return start_predictions, yv, {}
         train_embeddings = embed(top, scoring.eval_batches("train"))
-        val_embeddings = embed(top, scoring.eval_batches("val"))
-        refitted, C, predicted = refit_probe(head, train_embeddings, y, val_embeddings, yv)
-        accuracy = float(np.mean(predicted == yv))
-        history.append({"epoch": epoch, "steps": steps, "pairs": int(len(pairs)),
-                        "train_loss": float(torch.stack(losses).mean()), "val_accuracy": accuracy, "C": C,
-                        "separation": pair_separation(train_embeddings, y),
-                        "seconds": round(time.perf_counter() - epoch_started, 3)})
-        epoch_predictions.append(predicted.tolist())
-        log.info("setfit epoch %d: pair loss %.4f, train separation %.4f, val accuracy %.4f (C %.3g)", epoch,
-                 history[-1]["train_loss"], history[-1]["separation"], accuracy, C)
-        if accuracy > best["accuracy"]:
-            best = {"accuracy": accuracy, "epoch": epoch, "estimator": refitted, "C": C, "predictions": predicted,
-                    "state": layer_state()}
-    model.encoder.load_state_dict(best["state"], strict=False)
-    test_accuracy = None
-    if "test" in run.records:
-        if best["epoch"] == 0:  # the probe itself, on the store's features
+        refitted = refit_probe(head, train_embeddings, y)
+        predicted = np.asarray(refitted.predict(embed(top, scoring.eval_batches("val"))), dtype=np.int64)
+        return predicted, yv, {"pairs": batches.n_train, "C": float(head.C),
+                               "separation": pair_separation(train_embeddings, y)}
+
+    def test_accuracy(result) -> float | None:
+        if "test" not in run.records:
+            return None
+        if result.best_epoch == 0:  # the probe itself, on the store's features
             Xt, yt, _ = rows.store.load("test", dtype=np.float32)
-            test_accuracy = float(np.mean(best["estimator"].predict(Xt) == yt))
-        else:  # the lower layers have not changed: their states for test are computed once, here
-            test = CachedHidden(model, run.tokenizer, {"train": [], "test": run.records["test"]}, first, torch_device)
-            test_embeddings = embed(top, test.eval_batches("test"))
-            test_accuracy = float(np.mean(best["estimator"].predict(test_embeddings) == test.labels["test"]))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(out, model.encoder.state_dict())  # the encoder: what --weights loads
-    return SetFitResult(
-        best_val_accuracy=best["accuracy"], start_val_accuracy=start_accuracy, epochs_run=len(history), steps=steps,
-        stopped_early=False, history=history, seconds=round(time.perf_counter() - started - cache_seconds, 2),
-        val_labels=yv.tolist(), start_val_predictions=start_predictions.tolist(),
-        best_val_predictions=np.asarray(best["predictions"]).tolist(), epoch_val_predictions=epoch_predictions,
-        best_epoch=best["epoch"], out=str(out), cache_seconds=round(cache_seconds, 3), test_accuracy=test_accuracy,
-        config=asdict(config), train_ids=[str(cid) for cid in rows.train.ids], C=best["C"],
-        start_separation=start_separation)
+            return float(np.mean(estimator.predict(Xt) == yt))
+        # The kept epoch's probe, refitted on its embeddings; the lower layers have not changed: their states for
+        # test are computed once, here.
+        kept = refit_probe(head, embed(top, scoring.eval_batches("train")), y)
+        test = CachedHidden(model, run.tokenizer, {"train": [], "test": run.records["test"]}, first, torch_device)
+        return float(np.mean(kept.predict(embed(top, test.eval_batches("test"))) == test.labels["test"]))
+
+    parts = Tuning(
+        top, ProbeClassifier(*probe_weights(estimator, len(head.class_names))).state_dict(),
+        adamw([{"params": trainable, "lr": config.lr}], config.weight_decay),
+        weights_of=lambda: {k: v for k, v in model.encoder.state_dict().items() if _trainable_key(k, first)},
+        restore=lambda best: model.encoder.load_state_dict(best, strict=False),
+        written=lambda best: model.encoder.state_dict(),  # the encoder: what --weights loads
+        test_accuracy=test_accuracy)
+    total_steps = config.epochs * -(-batches.n_train // config.batch_size)
+    options = TrainOptions(
+        epochs=config.epochs, batch_size=config.batch_size, patience=None, device=torch_device,
+        warmup_steps=max(1, round(config.warmup_fraction * total_steps)),
+        on_epoch=lambda epoch: top.train(),  # dropout in the trainable layers; the frozen ones ran on cached states
+        loss=pair_loss, evaluate=evaluate, progress=progress, desc="setfit", unit="pair")
+    return tune(parts, batches, options, head, config, rows, Path(out), checkpoint_dir, keep_checkpoint,
+                result_type=SetFitResult, cache_seconds=round(cache_seconds, 3), C=float(head.C),
+                start_separation=pair_separation(X, y))
 
 
 def _trainable_key(key: str, first: int) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from ..errors import FeaturestoreError, WeightsMismatchError
 from ..heads.head import TrainedHead
 from ..utils.devices import resolve_device
 from ..utils.validation import check_range
+from .finetune import Tuning, active_blocks, finetune_options, layer_lr, tune
 from .probe import (
     FinetuneResult,
     FinetuneRows,
@@ -39,10 +40,9 @@ from .probe import (
     head_spec,
     probe_weights,
     records_for,
-    run_identity,
     train_only_probe,
 )
-from .training import accuracy, adamw, checkpoint_folder, save_atomic, to_device, train
+from .training import accuracy, adamw, to_device
 
 log = logging.getLogger("featurestore")
 
@@ -149,9 +149,8 @@ def text_optimizer(top: TextTop, config: FinetuneConfig) -> torch.optim.AdamW:
     layers = top.model.encoder.encoder.layer
     groups = [{"params": list(top.classifier.parameters()), "lr": config.head_lr}]
     for index in range(top.first_layer, len(layers)):
-        depth = len(layers) - 1 - index
         groups.append({"params": [p for p in layers[index].parameters() if p.requires_grad],
-                       "lr": config.head_lr * config.backbone_lr_factor * config.layer_lr_decay ** depth})
+                       "lr": layer_lr(config, len(layers) - 1 - index)})
     return adamw(groups, config.weight_decay)
 
 
@@ -160,9 +159,9 @@ def _epoch_setup(top: TextTop, config: FinetuneConfig):
 
     def setup(epoch: int) -> None:
         top.train()  # dropout in the trainable layers; the frozen ones only run on cached states
-        active = config.unfreeze_blocks if config.schedule == "fixed" else min(config.unfreeze_blocks, epoch)
+        first_active = len(layers) - active_blocks(config, epoch)
         for index in range(top.first_layer, len(layers)):
-            layers[index].requires_grad_(index >= len(layers) - active)
+            layers[index].requires_grad_(index >= first_active)
 
     return setup
 
@@ -207,8 +206,6 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
     split, early-stopped on val; write the encoder's state dict to ``out`` (a checkpoint for ``--weights``)."""
     if config.views:
         raise FeaturestoreError("augmented views are for images; set views to 0 for a text backbone")
-    out = Path(out)
-    checkpoints = checkpoint_folder(out, checkpoint_dir)
     torch_device = resolve_device(device)
     run = text_run(head, data, config.unfreeze_blocks, train_per_class, config.seed)
     rows, records, model, first, tokenizer = run.rows, run.records, run.model, run.first, run.tokenizer
@@ -222,24 +219,20 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
     for layer in model.encoder.encoder.layer[first:]:
         layer.requires_grad_(True)
     top = TextTop(model, first, classifier).to(torch_device)
-    run_key = run_identity(head, config, classifier.state_dict(), rows, torch_device.type == "cuda")
-    torch.manual_seed(config.seed)
-    steps_per_epoch = -(-cache.n_train // config.batch_size)
+
+    def test_accuracy(_) -> float | None:
+        if "test" not in records:
+            return None
+        # The lower layers have not changed: their states for test are computed once, here.
+        test = CachedHidden(model, tokenizer, {"train": [], "test": records["test"]}, first, torch_device)
+        return accuracy(top, test.eval_batches("test"))
+
     # The best epoch is the encoder *and* the classifier of that epoch: restoring the encoder alone would
     # score it with the last epoch's classifier.
-    result, best_state = train(
-        top, top.state_dict, text_optimizer(top, config), cache, epochs=config.epochs,
-        batch_size=config.batch_size, patience=config.patience, device=torch_device, run_key=run_key,
-        checkpoint=checkpoints / "last.pt", warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-        on_epoch=_epoch_setup(top, config), progress=progress, desc="fine-tune text", unit="text")
-    top.load_state_dict(best_state)
-    test_accuracy = None
-    if "test" in records:  # the lower layers have not changed: their states for test are computed once, here
-        test = CachedHidden(model, tokenizer, {"train": [], "test": records["test"]}, first, torch_device)
-        test_accuracy = accuracy(top, test.eval_batches("test"))
-    save_atomic(out, model.encoder.state_dict())  # the encoder: what --weights loads
-    if not keep_checkpoint:
-        (checkpoints / "last.pt").unlink(missing_ok=True)
-    return FinetuneResult(**asdict(result), out=str(out), cache_seconds=round(cache_seconds, 3),
-                          test_accuracy=test_accuracy, config=asdict(config),
-                          train_ids=[str(cid) for cid in rows.train.ids])
+    parts = Tuning(top, classifier.state_dict(), text_optimizer(top, config), top.state_dict, top.load_state_dict,
+                   written=lambda best: model.encoder.state_dict(),  # the encoder: what --weights loads
+                   test_accuracy=test_accuracy)
+    options = finetune_options(config, cache, torch_device, _epoch_setup(top, config), progress, "fine-tune text",
+                               "text")
+    return tune(parts, cache, options, head, config, rows, Path(out), checkpoint_dir, keep_checkpoint,
+                cache_seconds=round(cache_seconds, 3))

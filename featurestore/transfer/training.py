@@ -304,74 +304,122 @@ def _rounds(source: BatchSource, batch_size: int, round_steps: int | None):
     return lambda r: itertools.islice(stream, round_steps)
 
 
-def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim.Optimizer, source: BatchSource, *,
-          epochs: int, batch_size: int, patience: int | None, device: torch.device, run_key: str,
-          checkpoint: Path | None = None, max_steps: int | None = None, round_steps: int | None = None,
-          warmup_steps: int = 0, on_epoch: Callable[[int], None] = lambda epoch: None, progress: bool = True,
-          desc: str = "train", unit: str = "img") -> tuple[TrainResult, dict]:
-    """Train ``top`` (whose trainable parameters ``optimizer`` holds) on ``source``; return the result and the
-    best round's weights (``weights_of()``, by default the starting weights when no round beats them).
+def classification_loss(top: nn.Module, x, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default loss of a step: cross-entropy of ``top(x)`` (logits (B, K)) against labels ``y`` (B,) int64, and
+    the batch's hits (an int64 () tensor on the device)."""
+    logits = top(x)
+    return nn.functional.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
+
+
+def _no_setup(epoch: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How :func:`train` runs, resolved once.
 
     A round is an epoch, or with ``round_steps`` that many steps (validation then runs every ``round_steps``
     steps, whatever the epoch length: used by step budgets on small label budgets; not resumable).
-    ``on_epoch(round)`` runs before each round in train mode (it sets which layers train and which BatchNorms
+    ``on_epoch(round)`` runs before each round (it sets train mode, which layers train and which BatchNorms
     stay frozen). Training stops after ``patience`` rounds without a gain over the best trained round (None:
-    never); the weights kept are the best of the starting point and every round; ``max_steps`` ends the run
-    after that many optimiser steps. The learning rate rises linearly over ``warmup_steps`` (Adam's first steps
-    move every weight by about the full rate, which otherwise knocks a good starting classifier off), then
-    follows a cosine to zero. A checkpoint whose ``run_key`` differs is ignored (another run wrote it).
-    ``desc`` and ``unit`` label the progress bar (``unit``: what one training example is, img or text).
+    never); ``max_steps`` ends the run after that many optimiser steps. The learning rate rises linearly over
+    ``warmup_steps`` (Adam's first steps move every weight by about the full rate, which otherwise knocks a good
+    starting classifier off), then follows a cosine to zero. ``checkpoint``: the file written after every round;
+    one whose ``run_key`` differs is ignored (another run wrote it).
+
+    ``loss(top, x, y)`` → (loss, hits or None) is a step's objective (default: cross-entropy of the logits
+    ``top(x)``; a hit count gives the history's ``train_accuracy``). ``evaluate(round)`` → (val predictions (M,)
+    int64, val labels (M,) int64, extra fields for the round's history) scores the starting point (round 0) and
+    every round; default: the top's argmax on the source's val batches. ``desc`` and ``unit`` label the progress
+    bar (``unit``: what one training example is: img, text, pair).
     """
-    if round_steps is not None and checkpoint is not None:
-        raise BadValueError("runs in rounds of steps cannot resume from a checkpoint")
+
+    epochs: int
+    batch_size: int
+    patience: int | None
+    device: torch.device
+    run_key: str = ""
+    checkpoint: Path | None = None
+    max_steps: int | None = None
+    round_steps: int | None = None
+    warmup_steps: int = 0
+    on_epoch: Callable[[int], None] = _no_setup
+    loss: Callable[[nn.Module, object, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] = \
+        classification_loss
+    evaluate: Callable[[int], tuple[np.ndarray, np.ndarray, dict]] | None = None
+    progress: bool = True
+    desc: str = "train"
+    unit: str = "img"
+
+    def __post_init__(self) -> None:
+        if self.round_steps is not None and self.checkpoint is not None:
+            raise BadValueError("runs in rounds of steps cannot resume from a checkpoint")
+
+
+def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim.Optimizer, source: BatchSource,
+          options: TrainOptions | None = None, **settings) -> tuple[TrainResult, dict]:
+    """Train ``top`` (whose trainable parameters ``optimizer`` holds) on ``source`` as ``options`` say (or the
+    :class:`TrainOptions` fields given as keywords); return the result and the best round's weights
+    (``weights_of()``; the starting weights when no round beats them). The weights kept are the best of the
+    starting point and every round on validation (a tie keeps the earlier).
+    """
+    if options is None:
+        options = TrainOptions(**settings)
+    elif settings:
+        raise BadValueError(f"train() takes its options or keywords, not both ({', '.join(settings)})")
+    o = options
+    evaluate = o.evaluate or (lambda epoch: (*predict(top, source.eval_batches("val")), {}))
     started = time.perf_counter()
-    steps_per_epoch = round_steps or math.ceil(source.n_train / batch_size)
-    total_steps = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
-    amp = device.type == "cuda"
+    steps_per_epoch = o.round_steps or math.ceil(source.n_train / o.batch_size)
+    total_steps = min(o.epochs * steps_per_epoch, o.max_steps or o.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(o.warmup_steps, total_steps))
+    device, amp = o.device, o.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     state = {"epoch": 0, "steps": 0, "best": -1.0, "best_trained": -1.0, "bad_epochs": 0, "history": [],
              "best_state": None, "epoch_predictions": [], "best_epoch": 0}
-    resumed_from = _resume(checkpoint, run_key, top, optimizer, scheduler, scaler, state)
+    resumed_from = _resume(o.checkpoint, o.run_key, top, optimizer, scheduler, scaler, state)
     if state["epoch"] == 0:
-        predicted, truth = predict(top, source.eval_batches("val"))
+        predicted, truth, _ = evaluate(0)
         state.update(start_val_accuracy=float(np.mean(predicted == truth)), best=float(np.mean(predicted == truth)),
                      val_labels=truth.tolist(), start_predictions=predicted.tolist(),
                      best_predictions=predicted.tolist(), best_state=host_copy(weights_of(), device))
     # A run killed after the epoch at which it stopped early does not train on when resumed.
-    stopped_early = bool(state.get("stopped")) or (patience is not None and state["bad_epochs"] >= patience)
-    batches_of = _rounds(source, batch_size, round_steps)
-    while not stopped_early and state["epoch"] < epochs and state["steps"] < total_steps:
+    stopped_early = bool(state.get("stopped")) or (o.patience is not None and state["bad_epochs"] >= o.patience)
+    batches_of = _rounds(source, o.batch_size, o.round_steps)
+    while not stopped_early and state["epoch"] < o.epochs and state["steps"] < total_steps:
         epoch = state["epoch"] + 1
-        on_epoch(epoch)
+        o.on_epoch(epoch)
         # The step's loss and hits stay on the device, read once after the round: a step never waits for the GPU.
         losses: list[torch.Tensor] = []  # one float32 () per step
-        correct, seen = torch.zeros((), dtype=torch.int64, device=device), 0
+        correct, seen, counted = torch.zeros((), dtype=torch.int64, device=device), 0, False
         epoch_started = time.perf_counter()
-        size = round_steps * batch_size if round_steps else source.n_train
-        with progress_bar(size, f"{desc} {'round' if round_steps else 'epoch'} {epoch}/{epochs}",
-                          unit=unit, enabled=progress) as bar:
+        size = o.round_steps * o.batch_size if o.round_steps else source.n_train
+        with progress_bar(size, f"{o.desc} {'round' if o.round_steps else 'epoch'} {epoch}/{o.epochs}",
+                          unit=o.unit, enabled=o.progress) as bar:
             for x, y in batches_of(epoch):
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    logits = top(x)
-                    loss = nn.functional.cross_entropy(logits, y)
+                    loss, hits = o.loss(top, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 losses.append(loss.detach())
-                correct += (logits.argmax(1) == y).sum()
+                if hits is not None:
+                    correct += hits
+                    counted = True
                 seen += len(y)
                 state["steps"] += 1
                 bar.update(len(y))
                 if state["steps"] >= total_steps:
                     break
         train_loss, hits = _read_round(losses, correct)
-        predicted, truth = predict(top, source.eval_batches("val"))
+        predicted, truth, extra = evaluate(epoch)
         val_accuracy = float(np.mean(predicted == truth))
-        state["history"].append({"epoch": epoch, "steps": state["steps"], "train_loss": train_loss,
-                                 "train_accuracy": hits / max(seen, 1), "val_accuracy": val_accuracy,
+        accuracy_field = {"train_accuracy": hits / max(seen, 1)} if counted else {}
+        state["history"].append({"epoch": epoch, "steps": state["steps"], "train_loss": train_loss, **accuracy_field,
+                                 "val_accuracy": val_accuracy, **extra,
                                  "seconds": round(time.perf_counter() - epoch_started, 3)})
         # Patience asks whether training still improves, so it is counted against the best trained round, not
         # the starting point: fine-tuning often dips below the probe for a few epochs before it climbs past it.
@@ -385,15 +433,14 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
                          best_state=host_copy(weights_of(), device))
         state["epoch"] = epoch
         # Decided before the checkpoint is written, so that a run killed after this epoch stops here too.
-        stopped_early = state["stopped"] = patience is not None and state["bad_epochs"] >= patience
-        if checkpoint is not None:
-            payload = {"run": run_key, "model": top.state_dict(), "optimizer": optimizer.state_dict(),
+        stopped_early = state["stopped"] = o.patience is not None and state["bad_epochs"] >= o.patience
+        if o.checkpoint is not None:
+            payload = {"run": o.run_key, "model": top.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
                        **rng_states(device), "state": state}
             # From a GPU: one wait for every tensor's copy instead of torch.save's one per tensor.
-            save_atomic(checkpoint, host_copy(payload, device) if device.type == "cuda" else payload)
-        log.info("%s epoch %d: train loss %.4f, val accuracy %.4f", desc, epoch, state["history"][-1]["train_loss"],
-                 val_accuracy)
+            save_atomic(o.checkpoint, host_copy(payload, device) if device.type == "cuda" else payload)
+        log.info("%s epoch %d: train loss %.4f, val accuracy %.4f", o.desc, epoch, train_loss, val_accuracy)
     result = TrainResult(
         best_val_accuracy=state["best"], start_val_accuracy=state["start_val_accuracy"], epochs_run=state["epoch"],
         steps=state["steps"], stopped_early=stopped_early, history=state["history"],
