@@ -217,11 +217,13 @@ def _store_of(model, path: Path) -> FeatureStore:
     return FeatureStore(model.store_path)
 
 
-def val_answers(kind: str, model, path: Path, data: str | Path | None = None) -> tuple[float, int, dict | None]:
+def val_answers(kind: str, model, path: Path, data: str | Path | None = None,
+                records: dict[str, dict[str, list]] | None = None) -> tuple[float, int, dict | None]:
     """A model's validation figure, its number of validation items, and its per-item answers (validation content id →
     right or wrong, bool) from a fit on the train split alone; None where there are none (a streamed ``sgd_logreg``
     head, or a head that cannot be refitted on train alone). ``data``: where the store's items are, for the models
-    that read them (default: the store's recorded source)."""
+    that read them (default: the store's recorded source). ``records``: store path → its ``{"train", "val"}``
+    records, filled here where missing, so that models of one store rebuild (and hash) its items once."""
     store = _store_of(model, path)
     ids, labels = store.ids("val").tolist(), store.labels("val")
     if kind == "encoder":
@@ -233,18 +235,22 @@ def val_answers(kind: str, model, path: Path, data: str | Path | None = None) ->
         return val, len(ids), {i: predicted[i] == int(y) for i, y in zip(ids, labels, strict=True)}
     from ..heads.records import store_records
 
-    records = {split: store_records(store, split, data) for split in ("train", "val")}
-    correct = train_only_val_correct(model, store, records)
+    records = {} if records is None else records
+    if str(store.path) not in records:
+        records[str(store.path)] = {split: store_records(store, split, data) for split in ("train", "val")}
+    correct = train_only_val_correct(model, store, records[str(store.path)])
     return float(model.val_accuracy), int(model.n_val), dict(zip(ids, correct.tolist(), strict=True))
 
 
 def verdict(models: Sequence[str | Path], incumbent: str | None = None, data: str | Path | None = None,
-            alpha: float = ALPHA, relative_to: str | Path | None = None) -> dict:
+            alpha: float = ALPHA, relative_to: str | Path | None = None,
+            records: dict[str, dict[str, list]] | None = None) -> dict:
     """The verdict over model files (heads, baselines, hybrid heads of one data set): ``{"candidates": name →
     {kind, file, sha256, val, n}, "deployed": ...}`` (``deployed``: :func:`best_on_validation`'s, with ``file`` and
     ``sha256``). ``incumbent``: an encoder head's name (default: the first head listed). Every model is refitted on
     its train split alone and scored on the validation items of the incumbent's store (matched by content id).
     ``relative_to``: a folder the recorded ``file`` paths are written relative to (a stage's output folder).
+    ``records``: store path → ``{"train", "val"}`` records the caller already rebuilt (see :func:`val_answers`).
 
     Notebook: ``verdict(["data/heads/x__logreg.skops", "data/heads/x__linear_svm.skops"])["deployed"]["name"]``."""
     from ..data.sources import content_id
@@ -263,7 +269,8 @@ def verdict(models: Sequence[str | Path], incumbent: str | None = None, data: st
     incumbent = heads[0] if incumbent is None else incumbent
     if incumbent not in heads:
         raise FeaturestoreError(f"the incumbent {incumbent!r} is not among the heads given: {heads}")
-    figures = {name: val_answers(kind, model, path, data) for name, (kind, model, path) in loaded.items()}
+    records = {} if records is None else dict(records)
+    figures = {name: val_answers(kind, model, path, data, records) for name, (kind, model, path) in loaded.items()}
     reference = _store_of(loaded[incumbent][1], loaded[incumbent][2]).ids("val").tolist()
     correct = {name: None if answers is None or any(i not in answers for i in reference)
                else np.array([answers[i] for i in reference]) for name, (_, _, answers) in figures.items()}
@@ -337,6 +344,7 @@ def deploy_best(backbone: str, data: str | Path, out: str | Path, cache_only: Ma
         model.save(out / HYBRID_FILE)
         added["hybrid"] = {**model.summary(), "file": HYBRID_FILE}
         files.append(out / HYBRID_FILE)
-    added.update(verdict(files, incumbent, data, relative_to=out))
+    added.update(verdict(files, incumbent, data, relative_to=out,
+                         records={str(store.path): records} if baseline or (hybrid and text) else None))
     log.info(added["deployed"]["reason"])
     return added

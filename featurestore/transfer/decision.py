@@ -275,13 +275,14 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
             (out / "setfit.pth").replace(out / "weights.pth")  # what <backbone>_ft loads
         if decision["chosen"] == "finetuned":
             adopt_finetuned(backbone, out, data, heads, extract_options, progress)
-    from .best import DEPLOYED_FILE, deploy_best, deployed_record
+    from .best import deploy_best, write_verdict
 
     cache_only = dict(cache_only_heads) if cache_only_heads is not None else {"logreg": head_path}
     decision.update(deploy_best(backbone, data, out, cache_only, decision, baseline=baseline, hybrid=hybrid))
-    write_text_atomic(out / "decision.json", json.dumps(decision, indent=2) + "\n")
-    if "deployed" in decision:
-        write_text_atomic(out / DEPLOYED_FILE, json.dumps(deployed_record(decision["deployed"]), indent=2) + "\n")
+    if "deployed" in decision:  # decision.json, and deployed.json beside it: the record export ships
+        write_verdict(decision, out / "decision.json")
+    else:
+        write_text_atomic(out / "decision.json", json.dumps(decision, indent=2) + "\n")
     return decision
 
 
