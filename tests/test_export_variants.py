@@ -37,6 +37,17 @@ def _keep_classes(images, keep, splits_of=lambda name: ("train", "val", "test"))
                 shutil.rmtree(class_dir)
 
 
+def _first_classes(master, folder, lite0, count: int, heads: dict[str, dict], test_only_last: bool = False):
+    """A copy of the fixture keeping its first ``count`` classes (the last with test images only when
+    ``test_only_last``), its store and ``heads``."""
+    images = folder / "images"
+    shutil.copytree(master, images)
+    keep = sorted(p.name for p in (images / "train").iterdir())[:count]
+    last = keep[-1] if test_only_last else None
+    _keep_classes(images, keep, lambda name: ("test",) if name == last else ("train", "val", "test"))
+    return _store_and_heads(folder, images, lite0, heads)
+
+
 @pytest.fixture(scope="module")
 def ten_classes(fashion_folder_master, tmp_path_factory, lite0_small):
     """The 40-image fixture (10 classes; 10 val and 10 test images) with a logreg and a linear-SVM head."""
@@ -103,12 +114,8 @@ def test_a_baseline_export_removes_variants_left_beside_its_output(fashion_folde
 @pytest.fixture(scope="module")
 def two_classes(fashion_folder_master, tmp_path_factory, lite0_small):
     """Two classes of the fixture (2 train, 1 val, 1 test each) and every linear head on them."""
-    folder = tmp_path_factory.mktemp("binary")
-    images = folder / "images"
-    shutil.copytree(fashion_folder_master, images)
-    keep = sorted(p.name for p in (images / "train").iterdir())[:2]
-    _keep_classes(images, keep)
-    return _store_and_heads(folder, images, lite0_small, {"logreg": GRID, "linear_svm": GRID, "sgd_logreg": SGD})
+    return _first_classes(fashion_folder_master, tmp_path_factory.mktemp("binary"), lite0_small, 2,
+                          {"logreg": GRID, "linear_svm": GRID, "sgd_logreg": SGD})
 
 
 @pytest.mark.parametrize("name", ["logreg", "linear_svm", "sgd_logreg"])
@@ -127,12 +134,8 @@ def test_a_binary_linear_head_exports_with_parity(two_classes, tmp_path, name):
 @pytest.fixture(scope="module")
 def missing_class(fashion_folder_master, tmp_path_factory, lite0_small):
     """Three classes of the fixture, the third with test images only: its heads are fitted on two classes."""
-    folder = tmp_path_factory.mktemp("missing")
-    images = folder / "images"
-    shutil.copytree(fashion_folder_master, images)
-    keep = sorted(p.name for p in (images / "train").iterdir())[:3]
-    _keep_classes(images, keep, lambda name: ("test",) if name == keep[2] else ("train", "val", "test"))
-    return _store_and_heads(folder, images, lite0_small, {"logreg": GRID})
+    return _first_classes(fashion_folder_master, tmp_path_factory.mktemp("missing"), lite0_small, 3,
+                          {"logreg": GRID}, test_only_last=True)
 
 
 def test_a_logreg_head_trained_on_two_of_three_classes_exports_three_columns(missing_class, tmp_path):
