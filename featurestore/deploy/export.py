@@ -38,7 +38,7 @@ from ..heads.estimators import fold_scaler
 from ..heads.head import TrainedHead, load_head
 from ..heads.scaling import FeatureScaler
 from ..utils.atomic import atomic_path, write_text_atomic
-from .predict import FLOAT32_SHA256_KEY, PRECISION_KEY, OnnxClassifier, file_sha256, variant_path
+from .predict import FLOAT32_SHA256_KEY, PRECISION_KEY, VARIANT_NAMES, OnnxClassifier, file_sha256, variant_path
 
 MAX_PROBABILITY_DIFF = 1e-4
 HEAD_IR_VERSION = 10
@@ -47,9 +47,6 @@ HEAD_INPUT = "head_features"
 MODEL_KEY = "featurestore_model"  # the exported model's name (a head's, a baseline's, the hybrid head's)
 MODEL_KIND_KEY = "featurestore_model_kind"  # encoder (backbone + head), baseline or hybrid
 QUANTIZE_CHOICES = ("none", "int8")
-# The graphs an export may write beside MODEL.onnx (MODEL.<variant>.onnx); each records the sha256 of the float32
-# file it was made from in its metadata (FLOAT32_SHA256_KEY), so that a variant of an older MODEL.onnx is told apart.
-VARIANTS = ("fp16", "int8")
 QUANTIZATION_KEY = "featurestore_quantization"
 # The float16 graph against the float32 one on the CPU provider: float16 keeps 11 significant bits (relative
 # rounding 4.9e-4 per operation), and a head on standardised features magnifies the encoder's rounding in its
@@ -548,9 +545,9 @@ def quantize_int8(float_path: Path, out: Path, head: TrainedHead, encoder_nodes:
 
 
 def remove_variants(out: Path) -> None:
-    """Remove the variants (:data:`VARIANTS`) an earlier export left beside ``out``: they were made from another
-    graph. Called once ``out`` is replaced and before a new variant is tried, so a failed try leaves none."""
-    for variant in VARIANTS:
+    """Remove the variants (``predict.VARIANT_NAMES``) an earlier export left beside ``out``: they were made from
+    another graph. Called once ``out`` is replaced and before a new variant is tried, so a failed try leaves none."""
+    for variant in VARIANT_NAMES:
         variant_path(out, variant).unlink(missing_ok=True)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from ..data.sources import (
     Source,
     _visible_dirs,
     _visible_files,
+    content_id,
     scan_flat_folder,
     scan_folder,
     scan_source,
@@ -37,6 +37,8 @@ OUTPUTS = ("probabilities", "label")
 MAX_LOGGED_SKIPS = 20  # warnings for the first skipped items; the summary lists every one
 PRECISION_KEY = "featurestore_precision"  # "float16" in the float16 graph export writes for CUDA
 FLOAT32_SHA256_KEY = "featurestore_float32_sha256"  # the float32 file a variant (fp16, int8) was made from
+# The graphs an export may write beside MODEL.onnx (MODEL.<variant>.onnx); each records the sha256 of the float32
+# file it was made from in its metadata (FLOAT32_SHA256_KEY), so that a variant of an older MODEL.onnx is told apart.
 VARIANT_NAMES = ("fp16", "int8")
 
 
@@ -46,11 +48,8 @@ def variant_path(model: str | Path, variant: str) -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex SHA-256 of a file's bytes (``data.sources.content_id``, the one file hash)."""
+    return content_id(Path(path))
 
 
 def float16_sibling(model: str | Path) -> Path | None:
