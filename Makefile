@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# The suite on every core (pytest-xdist): most tests wait on subprocesses (DVC stages, torchrun, the CLI) half the
+# time, so two workers on this 2-core machine took it from about 18.5 to under 14 minutes. TEST_WORKERS=0: in-process.
+TEST_WORKERS ?= auto
 
 .PHONY: install data repro curves curves-cpu curves-texts test test-fast lint bench clean
 
@@ -60,7 +63,7 @@ lint: install
 	$(BIN)/lint-imports
 
 test: install data lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: install data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from featurestore.configs import FinetuneConfig, HeadConfig, extract_options
+from featurestore.configs import FinetuneConfig, FinetuneStageOptions, HeadConfig, extract_options
 from featurestore.data.prepare import prepare_fashion_mnist
 from featurestore.extract.launch import extract_features
 from featurestore.heads.head import load_head
@@ -68,8 +68,9 @@ def main() -> None:
     config = FinetuneConfig(**{k: v for k, v in settings.items() if k not in ("mode", "device")})
     if args.epochs:
         config = replace(config, epochs=args.epochs)
-    decision = run_finetune_stage("efficientnet_lite0", head_path, data, work / "finetune", plateau, "auto", config,
-                                  {"logreg": HeadConfig(head="logreg")}, options)
+    decision = run_finetune_stage("efficientnet_lite0", head_path, data, work / "finetune", plateau,
+                                  FinetuneStageOptions(config=config, heads={"logreg": HeadConfig(head="logreg")},
+                                                       extract=options))
     cache_only, _, _ = evaluate_head(head, FeatureStore(store))
     report = {"labels_per_class": args.labels_per_class, "val_per_class": args.val_per_class, "epochs": config.epochs,
               "min_gain": min_gain,

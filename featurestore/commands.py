@@ -384,19 +384,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_curve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .configs import ScratchConfig, SmallCNNConfig
+    from .configs import CURVE_HEAD, CurveOptions, ScratchConfig, SmallCNNConfig
     from .store import FeatureStore
     from .transfer.curve import accuracy_table, run_curve
-    from .transfer.plateau import CURVE_HEAD
 
     store = FeatureStore(args.features)
-    scratch = ScratchConfig(**{f.name: getattr(args, "scratch_" + f.name) for f in fields(ScratchConfig)})
-    small_cnn = SmallCNNConfig(**{f.name: getattr(args, "small_cnn_" + f.name) for f in fields(SmallCNNConfig)})
-    result = run_curve(store, args.data, args.out, args.budgets,
-                       finetune_config(args, store.fingerprint.get("kind", "image")), scratch,
-                       probe_config=replace(CURVE_HEAD, normalize=args.normalize),
-                       methods=tuple(args.methods) if args.methods else None, device=args.device,
-                       progress=not args.no_progress, allow_overlap=args.allow_overlap, small_cnn_config=small_cnn,
-                       setfit_config=setfit_config(args), weights=args.weights)
+    options = CurveOptions(
+        budgets=args.budgets, methods=tuple(args.methods) if args.methods else None,
+        finetune=finetune_config(args, store.fingerprint.get("kind", "image")),
+        scratch=ScratchConfig(**{f.name: getattr(args, "scratch_" + f.name) for f in fields(ScratchConfig)}),
+        probe=replace(CURVE_HEAD, normalize=args.normalize),
+        small_cnn=SmallCNNConfig(**{f.name: getattr(args, "small_cnn_" + f.name) for f in fields(SmallCNNConfig)}),
+        setfit=setfit_config(args), device=args.device, allow_overlap=args.allow_overlap, weights=args.weights)
+    result = run_curve(store, args.data, args.out, options, progress=not args.no_progress)
     print(json.dumps(result) if args.json else accuracy_table(result["points"]), end="" if not args.json else "\n")
     return 0

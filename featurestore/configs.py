@@ -7,7 +7,8 @@ scikit-learn import; the modules that do the work import their configs from here
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -91,6 +92,10 @@ class HeadConfig:
     def c_grid(self) -> np.ndarray:
         """The configured C values, (c_points,) float64 ascending."""
         return np.logspace(np.log10(self.c_min), np.log10(self.c_max), self.c_points)
+
+
+# The learning curve's probe (and the plateau rule's): a coarser C grid, one sweep per budget.
+CURVE_HEAD = HeadConfig(head="logreg", c_points=12)
 
 
 FINETUNE_SCHEDULES = ("fixed", "gradual")
@@ -256,6 +261,67 @@ class SmallCNNConfig:
 SMALL_CNN_DEFAULTS = SmallCNNConfig()
 
 
+# params.yaml keys of a finetune section that are not FinetuneConfig's: the stage's own, and SetFit's sub-section.
+FINETUNE_STAGE_KEYS = ("mode", "device", "methods", "setfit")
+CURVE_KEYS = ("budgets", "methods", "probe_normalize", "device", "scratch", "small_cnn")
+
+
+@dataclass(frozen=True)
+class CurveOptions:
+    """Everything a learning curve (``transfer/curve.py``, ``run_curve``) is told: the label budgets (labels per
+    class), the methods (None or empty: the modality's :data:`DEFAULT_CURVE_METHODS`), each method's settings,
+    the device, whether a test split that shares items with train or val is scored, and the local checkpoint an
+    image store was extracted with (``weights``: where image fine-tuning starts; None: the registry's).
+
+    Built once by its caller: from the command line (``commands.cmd_curve``) or from params.yaml
+    (:meth:`from_params`, ``pipelines/curve.py``)."""
+
+    budgets: tuple[int, ...] = (10, 100)
+    methods: tuple[str, ...] | None = None
+    finetune: FinetuneConfig = FinetuneConfig()
+    scratch: ScratchConfig = ScratchConfig()
+    probe: HeadConfig = CURVE_HEAD
+    small_cnn: SmallCNNConfig = SMALL_CNN_DEFAULTS
+    setfit: SetFitConfig = SETFIT_DEFAULTS
+    device: str = "auto"
+    allow_overlap: bool = False
+    weights: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budgets", tuple(int(b) for b in self.budgets))  # YAML and the CLI give lists
+        if self.methods is not None:
+            object.__setattr__(self, "methods", tuple(self.methods))
+        for budget in self.budgets:
+            check_range("curve budget", budget, 1)
+
+    def recorded(self) -> dict:
+        """The settings curve.json records, by its keys: probe, finetune, scratch, small_cnn, setfit (each asdict)."""
+        return {"probe": asdict(self.probe), "finetune": asdict(self.finetune), "scratch": asdict(self.scratch),
+                "small_cnn": asdict(self.small_cnn), "setfit": asdict(self.setfit)}
+
+    @classmethod
+    def from_params(cls, curve: dict, finetune: dict, extract: dict | None = None) -> CurveOptions:
+        """The options of one backbone's params.yaml sections (or a named configuration's): ``curve`` (budgets,
+        methods, probe_normalize, device, scratch, small_cnn), ``finetune`` (FinetuneConfig's fields, SetFit's under
+        ``setfit``; the stage's mode, device and methods are not the curve's) and ``extract`` (its ``weights``).
+        Unknown curve keys are errors, not silently ignored."""
+        unknown = set(curve) - set(CURVE_KEYS)
+        if unknown:
+            raise FeaturestoreError(f"unknown curve params {sorted(unknown)}; known: {sorted(CURVE_KEYS)}")
+        if "budgets" not in curve:
+            raise FeaturestoreError("the curve params need budgets (labels per class)")
+        return cls(budgets=curve["budgets"], methods=curve.get("methods"),
+                   finetune=FinetuneConfig(**{k: v for k, v in finetune.items() if k not in FINETUNE_STAGE_KEYS}),
+                   scratch=ScratchConfig(**(curve.get("scratch") or {})),
+                   probe=replace(CURVE_HEAD, normalize=curve.get("probe_normalize", CURVE_HEAD.normalize)),
+                   small_cnn=SmallCNNConfig(**(curve.get("small_cnn") or {})),
+                   setfit=SetFitConfig(**(finetune.get("setfit") or {})), device=curve.get("device", "auto"),
+                   weights=(extract or {}).get("weights"))
+
+
+CURVE_DEFAULTS = CurveOptions()
+
+
 def config_from_params(params: dict, head: str) -> HeadConfig:
     """A :class:`HeadConfig` from params.yaml's ``train_head`` section: its ``sweep`` keys, then the
     keys of the ``head``'s own sub-section. Unknown keys are errors, not silently ignored."""
@@ -314,3 +380,49 @@ def extract_options(params: dict) -> dict:
     if unknown:
         raise FeaturestoreError(f"unknown extract params {sorted(unknown)}")
     return options
+
+
+@dataclass(frozen=True)
+class FinetuneStageOptions:
+    """Everything the fine-tune stage (``transfer/decision.py``, ``run_finetune_stage``) is told besides its files.
+
+    ``mode``: whether to fine-tune (auto: only when the cache-only curve has plateaued); ``config`` the fine-tuning
+    run's settings; ``methods`` the fine-tuning methods that compete (texts may add ``setfit``, run with ``setfit``);
+    ``weights`` the local checkpoint the store was extracted with, where an image fine-tune starts (None: the
+    registry's); ``heads`` (name → HeadConfig) the heads trained on the fine-tuned store, extracted with ``extract``
+    (``extract_features`` keyword arguments); ``baseline`` and ``hybrid`` whether those challengers are fitted for the
+    verdict. Built once: :meth:`from_params` for the DVC stage."""
+
+    mode: str = "auto"
+    config: FinetuneConfig = FinetuneConfig()
+    methods: tuple[str, ...] = ("probe_finetune",)
+    setfit: SetFitConfig = SETFIT_DEFAULTS
+    device: str = "auto"
+    weights: str | Path | None = None
+    heads: dict[str, HeadConfig] = field(default_factory=lambda: {"logreg": HeadConfig()})
+    extract: dict = field(default_factory=dict)
+    baseline: bool = True
+    hybrid: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("fine-tune mode", self.mode, FINETUNE_MODES)
+        object.__setattr__(self, "methods", tuple(self.methods or ("probe_finetune",)))
+
+    @classmethod
+    def from_params(cls, finetune: dict, train_head: dict, extract: dict, deploy: dict | None = None
+                    ) -> FinetuneStageOptions:
+        """The options of one backbone's params.yaml sections: ``finetune.<backbone>`` (FinetuneConfig's fields and
+        the stage's mode, device, methods and setfit), ``train_head`` (the heads trained on a fine-tuned store),
+        ``extract.<backbone>`` (how that store is extracted; its ``weights`` are where the fine-tune starts) and
+        ``deploy`` (baseline, hybrid)."""
+        extract = extract_options(extract)
+        weights = extract.pop("weights", None)
+        extract.pop("on_error", None)  # the fine-tuned store reads the items the frozen one already read
+        deploy = deploy or {}
+        return cls(mode=finetune.get("mode", "auto"),
+                   config=FinetuneConfig(**{k: v for k, v in finetune.items() if k not in FINETUNE_STAGE_KEYS}),
+                   methods=tuple(finetune.get("methods") or ("probe_finetune",)),
+                   setfit=SetFitConfig(**(finetune.get("setfit") or {})), device=finetune.get("device", "auto"),
+                   weights=weights, heads={name: config_from_params(train_head, name) for name in train_head["heads"]},
+                   extract=extract, baseline=bool(deploy.get("baseline", True)),
+                   hybrid=bool(deploy.get("hybrid", True)))

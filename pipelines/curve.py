@@ -17,15 +17,14 @@ import argparse
 import contextlib
 import json
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 from _params import load_params
 
-from featurestore.configs import FinetuneConfig, ScratchConfig, SetFitConfig, SmallCNNConfig
+from featurestore.configs import CurveOptions
 from featurestore.transfer.curve import accuracy_table, merge_curves, run_curve, write_curve
-from featurestore.transfer.plateau import CURVE_HEAD
 from featurestore.utils.console import setup_logging
 
 if __name__ == "__main__":
@@ -41,25 +40,20 @@ if __name__ == "__main__":
                         help="add these methods' points to OUT/curve.json, replacing theirs, keeping the others")
     args = parser.parse_args()
     named = yaml.safe_load(args.params.read_text()) if args.params else {}
-    p = named.get("curve") or load_params("curve")[args.backbone]
-    ft = named.get("finetune") or load_params("finetune")[args.backbone]
-    configs = {"probe_config": replace(CURVE_HEAD, normalize=p["probe_normalize"]),
-               "finetune_config": FinetuneConfig(**{k: v for k, v in ft.items()
-                                                    if k not in ("mode", "device", "methods", "setfit")}),
-               "setfit_config": SetFitConfig(**(ft.get("setfit") or {})),
-               "scratch_config": ScratchConfig(**(p.get("scratch") or {})),
-               "small_cnn_config": SmallCNNConfig(**(p.get("small_cnn") or {}))}
+    options = CurveOptions.from_params(named.get("curve") or load_params("curve")[args.backbone],
+                                       named.get("finetune") or load_params("finetune")[args.backbone],
+                                       load_params("extract").get(args.backbone, {}))
+    if args.methods:
+        options = replace(options, methods=tuple(m for m in options.methods or () if m in args.methods))
     earlier = None
     if args.merge and (args.out / "curve.json").is_file():
         earlier = json.loads((args.out / "curve.json").read_text())
-        planned = {"backbone": args.backbone, "budgets": p["budgets"], "points": [], "trunk_cache_seconds": 0.0,
-                   **{key.removesuffix("_config"): asdict(value) for key, value in configs.items()}}
+        planned = {"backbone": args.backbone, "budgets": list(options.budgets), "points": [],
+                   "trunk_cache_seconds": 0.0, **options.recorded()}
         merge_curves(earlier, planned)  # a curve that cannot be merged fails before the run, not after it
     merging = earlier is not None
     with tempfile.TemporaryDirectory(prefix=".curve-run-") if merging else contextlib.nullcontext(args.out) as run_dir:
-        result = run_curve(args.features, args.data, Path(run_dir), p["budgets"], **configs,
-                           methods=tuple(m for m in p["methods"] if not args.methods or m in args.methods),
-                           device=p["device"], weights=load_params("extract").get(args.backbone, {}).get("weights"))
+        result = run_curve(args.features, args.data, Path(run_dir), options)
     if merging:
         result = merge_curves(earlier, result)
         write_curve(result, args.out)

@@ -4,10 +4,25 @@ model: a head on the frozen or on the fine-tuned backbone, the baseline or the h
 that file, after checking its SHA-256, so what is deployed is what was measured. A head on a backbone extracted from a
 local checkpoint (``extract.<backbone>.weights``, a tv: backbone's file) exports with that file."""
 
+from pathlib import Path
+
 from _params import load_params, stage_arguments
 
+from featurestore.data.sources import content_id as file_sha256
 from featurestore.deploy import deployed_model, export_model
+from featurestore.heads.model_file import load_model, model_kind
 from featurestore.utils.console import setup_logging
+
+
+def extracted_from(model: Path, weights: str | None) -> str | None:
+    """``weights`` (the backbone's local checkpoint in params.yaml) when the deployed model is a head on a store
+    extracted from that very file (its fingerprint records the file's SHA-256), else None: a head on the fine-tuned
+    backbone reads its own weights, and a baseline none."""
+    if not weights or not Path(weights).is_file() or model_kind(model) != "head":
+        return None
+    recorded = load_model(model).fingerprint.get("weights_sha256")
+    return weights if recorded == file_sha256(weights) else None
+
 
 if __name__ == "__main__":
     setup_logging()
@@ -15,7 +30,6 @@ if __name__ == "__main__":
     source = deployed_model(args.deployed)
     backbone = load_params("export")[args.name]["backbone"]
     weights = load_params("extract").get(backbone, {}).get("weights")
-    on_the_store = source.name.startswith(f"{backbone}__")  # a cache-only head: its graph reads that checkpoint
-    report = export_model(source, args.out, **({"weights": weights} if weights and on_the_store else {}))
+    report = export_model(source, args.out, weights=extracted_from(source, weights))
     print(f"{args.name}.onnx ships {report['name']} ({report['kind']}, {source}): max probability difference "
           f"{report['check']['max_probability_diff']:.2e}, labels equal {report['check']['labels_equal']}")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from featurestore.configs import CURVE_METHODS, FinetuneConfig, ScratchConfig, SmallCNNConfig
+from featurestore.configs import CURVE_METHODS, CurveOptions, FinetuneConfig, ScratchConfig, SmallCNNConfig
 from featurestore.errors import FeaturestoreError
 from featurestore.extract.launch import extract_features
 from featurestore.transfer.baselines import convergence, pixel_features, pixel_logreg, train_from_scratch
@@ -90,12 +90,12 @@ def test_scratch_starts_from_random_weights_and_trains_every_layer(fashion_folde
 def test_the_curve_trains_every_image_method_per_budget(fashion_folder_master, tmp_path, lite0_small):
     store = tmp_path / "f.h5"
     extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
-    result = run_curve(store, fashion_folder_master, tmp_path / "curve", [1, 2],
-                       FinetuneConfig(unfreeze_blocks=1, epochs=1, batch_size=8, workers=0),
-                       ScratchConfig(steps=4, image_size=32, batch_size=8, workers=0), device="cpu",
-                       methods=CURVE_METHODS,  # the default leaves the from-scratch networks out
-                       small_cnn_config=SmallCNNConfig(lrs=(3e-3,), widths=(8,), hidden=16, rounds=2, round_images=20,
-                                                       threads=1))
+    options = CurveOptions(budgets=[1, 2], methods=CURVE_METHODS,  # the default leaves the from-scratch networks out
+                           finetune=FinetuneConfig(unfreeze_blocks=1, epochs=1, batch_size=8, workers=0),
+                           scratch=ScratchConfig(steps=4, image_size=32, batch_size=8, workers=0), device="cpu",
+                           small_cnn=SmallCNNConfig(lrs=(3e-3,), widths=(8,), hidden=16, rounds=2, round_images=20,
+                                                    threads=1))
+    result = run_curve(store, fashion_folder_master, tmp_path / "curve", options)
     points = {(p["labels_per_class"], p["method"]): p for p in result["points"]}
     assert set(points) == {(b, m) for b in (1, 2) for m in CURVE_METHODS}  # the image methods: no tfidf
     for point in points.values():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featurestore import FeatureStore
-from featurestore.configs import FinetuneConfig, HeadConfig, Tokenization
+from featurestore.configs import FinetuneStageOptions, HeadConfig, Tokenization
 from featurestore.data.prepare import bbc_news_dir
 from featurestore.data.sources import scan_source
 from featurestore.deploy.baseline_export import export_baseline_onnx
@@ -101,8 +101,9 @@ def coded(tmp_path_factory):
 def test_the_baseline_wins_on_validation_is_named_deployed_exported_and_predicted(coded, tmp_path):
     root, data, store, head = coded
     out = tmp_path / "finetune" / "minilm_l6"
-    decision = run_finetune_stage("minilm_l6", head, data, out, RISING, "never", FinetuneConfig(), HEADS, {},
-                                  cache_only_heads={"logreg": head}, hybrid=True)
+    decision = run_finetune_stage("minilm_l6", head, data, out, RISING,
+                                  FinetuneStageOptions(mode="never", heads=HEADS, hybrid=True),
+                                  cache_only_heads={"logreg": head})
     written = json.loads((out / "decision.json").read_text())
     assert written["hybrid"]["file"] == "hybrid.skops" and (out / "hybrid.skops").is_file()
     assert written["candidates"]["minilm_l6__hybrid"]["kind"] == "hybrid"  # a candidate; at a tie the baseline wins
@@ -163,16 +164,16 @@ def test_the_encoder_that_wins_on_validation_stays_deployed(tmp_path):
                      progress=False)
     head = train_head(store, HEADS["logreg"]).save(tmp_path / "heads" / "minilm_l6__logreg.skops")
     out = tmp_path / "finetune" / "minilm_l6"
-    decision = run_finetune_stage("minilm_l6", head, data, out, RISING, "auto", FinetuneConfig(), HEADS, {},
-                                  cache_only_heads={"logreg": head}, hybrid=False)
+    decision = run_finetune_stage("minilm_l6", head, data, out, RISING, FinetuneStageOptions(heads=HEADS, hybrid=False),
+                                  cache_only_heads={"logreg": head})
     deployed = decision["deployed"]
     assert deployed["model"] == "encoder" and deployed["best_encoder_val"] > deployed["baseline_val"]
     assert decision["chosen"] == "probe" and decision["reason"] == "still rising"
     assert deployed_model(out / "deployed.json") == head and deployed["name"] == "minilm_l6__logreg"
     assert "**minilm_l6__logreg** (encoder)" in deployment_table({"minilm_l6": decision})
 
-    with_hybrid = run_finetune_stage("minilm_l6", head, data, tmp_path / "with_hybrid", RISING, "auto",
-                                     FinetuneConfig(), HEADS, {}, cache_only_heads={"logreg": head})["deployed"]
+    with_hybrid = run_finetune_stage("minilm_l6", head, data, tmp_path / "with_hybrid", RISING,
+                                     FinetuneStageOptions(heads=HEADS), cache_only_heads={"logreg": head})["deployed"]
     test = with_hybrid["test"]
     assert test["candidate"] == "minilm_l6__hybrid" and test["paired"] and test["n"] == 30
     assert test["candidate_val"] > max(test["incumbent_val"], with_hybrid["baseline_val"]) and not test["beats"]

@@ -1,13 +1,16 @@
 """The learning curve on data real users have: an unreadable image, and a test split that leaks into train."""
 
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import yaml
 
 from featurestore import FeatureStore
-from featurestore.configs import FinetuneConfig
+from featurestore.configs import CURVE_HEAD, CurveOptions, FinetuneConfig, ScratchConfig, SetFitConfig, SmallCNNConfig
 from featurestore.data.sources import ids_digest
-from featurestore.errors import LeakError
+from featurestore.errors import FeaturestoreError, LeakError
 from featurestore.extract import extract_features
 from featurestore.transfer.curve import run_curve
 from featurestore.transfer.probe import probe_rows
@@ -30,8 +33,8 @@ def broken(fashion_folder_master, tmp_path, lite0_small):
 
 def test_every_method_of_a_budget_trains_on_the_probes_rows_despite_an_unreadable_image(broken, tmp_path):
     data, store = broken
-    result = run_curve(store, data, tmp_path / "curve", [1], FAST, device="cpu",
-                       methods=("pixels", "linear_probe", "probe_finetune"))
+    result = run_curve(store, data, tmp_path / "curve", CurveOptions(
+        budgets=[1], methods=("pixels", "linear_probe", "probe_finetune"), finetune=FAST, device="cpu"))
     points = {point["method"]: point for point in result["points"]}
     expected = ids_digest(store.ids("train")[probe_rows(store.labels("train"), 1, FAST.seed)])
     assert points["linear_probe"]["train_ids"] == points["probe_finetune"]["train_ids"] == expected
@@ -43,8 +46,28 @@ def test_the_curve_refuses_a_test_split_that_shares_images_with_train(fashion_fo
     shutil.copy(leaked, fashion_folder / "test" / leaked.parent.name / "copy-of-a-train-image.png")
     store = tmp_path / "f.h5"
     extract_features(fashion_folder, store, model=lite0_small, workers=0, progress=False, on_duplicate="keep")
+    options = CurveOptions(budgets=[1], methods=("linear_probe",), finetune=FAST)
     with pytest.raises(LeakError, match="also appear in train/val"):
-        run_curve(store, fashion_folder, tmp_path / "curve", [1], FAST, methods=("linear_probe",))
-    allowed = run_curve(store, fashion_folder, tmp_path / "curve", [1], FAST, methods=("linear_probe",),
-                        allow_overlap=True)
+        run_curve(store, fashion_folder, tmp_path / "curve", options)
+    allowed = run_curve(store, fashion_folder, tmp_path / "curve", replace(options, allow_overlap=True))
     assert allowed["points"][0]["method"] == "linear_probe"
+
+
+def test_curve_options_resolve_a_params_section_once():
+    root = Path(__file__).resolve().parent.parent
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    named = yaml.safe_load((root / "configs" / "curve-images.yaml").read_text())
+    options = CurveOptions.from_params(named["curve"], params["finetune"]["efficientnet_lite0"],
+                                       {"weights": "models/lite0.pth"})
+    assert options.budgets == (5, 10, 25, 50, 100) and options.methods == tuple(named["curve"]["methods"])
+    assert options.scratch == ScratchConfig(**named["curve"]["scratch"])
+    assert options.small_cnn == SmallCNNConfig(**named["curve"]["small_cnn"])
+    assert options.probe == CURVE_HEAD and options.finetune == FinetuneConfig() and options.setfit == SetFitConfig()
+    assert options.device == "auto" and options.weights == "models/lite0.pth" and not options.allow_overlap
+    assert list(options.recorded()) == ["probe", "finetune", "scratch", "small_cnn", "setfit"]
+    text = CurveOptions.from_params({**params["curve"]["minilm_l6"], "probe_normalize": "l2"},
+                                    params["finetune"]["minilm_l6"])
+    assert text.probe.normalize == "l2" and text.finetune.unfreeze_blocks == 2 and text.weights is None
+    assert text.setfit == SetFitConfig(**params["finetune"]["minilm_l6"]["setfit"])
+    with pytest.raises(FeaturestoreError, match="unknown curve params"):
+        CurveOptions.from_params({"budgets": [1], "budget": 2}, {})

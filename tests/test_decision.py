@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from featurestore import FeatureStore
-from featurestore.configs import FinetuneConfig, HeadConfig
+from featurestore.configs import FinetuneConfig, FinetuneStageOptions, HeadConfig
 from featurestore.data.prepare import prepare_fashion_mnist
 from featurestore.deploy.deployment import deployed_model
 from featurestore.errors import FeaturestoreError
@@ -283,9 +283,9 @@ def test_the_stage_compares_the_fine_tuned_heads_before_deploying_them(tmp_path,
     monkeypatch.setitem(sys.modules, "featurestore.transfer.finetune", types.SimpleNamespace(finetune=finetune))
     monkeypatch.setattr(decision_module, "adopt_finetuned", adopt)
     out = tmp_path / "finetune" / "demo"
-    decision = run_finetune_stage("demo", cache_only_heads["logreg"], tmp_path / "data", out, PLATEAUED, "auto",
-                                  FinetuneConfig(), HEADS, {}, cache_only_heads=cache_only_heads,
-                                  baseline=False, hybrid=False)  # synthetic stores: no items for a baseline
+    decision = run_finetune_stage("demo", cache_only_heads["logreg"], tmp_path / "data", out, PLATEAUED,
+                                  FinetuneStageOptions(heads=HEADS, baseline=False, hybrid=False),  # synthetic
+                                  cache_only_heads=cache_only_heads)  # stores: no items for a baseline
     written = json.loads((out / "decision.json").read_text())
     assert written == json.loads(json.dumps(decision)) and written["chosen"] == "finetuned"
     deployed = written["deployed"]
@@ -331,8 +331,9 @@ def test_the_stage_skips_fine_tunes_chooses_and_deploys(project):
         return deployed_model(out / "deployed.json")
 
     def stage(plateau, mode, stage_config=config):
-        return run_finetune_stage("efficientnet_lite0", head_path, data, out, plateau, mode, stage_config, HEADS,
-                                  options, device="cpu", cache_only_heads=cache_only)
+        return run_finetune_stage("efficientnet_lite0", head_path, data, out, plateau,
+                                  FinetuneStageOptions(mode=mode, config=stage_config, heads=HEADS, extract=options,
+                                                       device="cpu"), cache_only_heads=cache_only)
 
     skipped = stage(RISING, "auto")  # skips: the curve still rises
     assert not skipped["finetuned"] and skipped["chosen"] == "probe" and not (out / "weights.pth").exists()
@@ -360,3 +361,20 @@ def test_the_stage_skips_fine_tunes_chooses_and_deploys(project):
     never = stage(PLATEAUED, "never", replace(config, epochs=1))
     assert never["chosen"] == "probe" and not (out / "heads").exists() and not (out / "backbone.json").exists()
     assert deployed() in set(cache_only.values())
+
+
+def test_the_stage_options_resolve_the_params_sections_once():
+    import yaml
+
+    params = yaml.safe_load(open("params.yaml"))
+    text = FinetuneStageOptions.from_params(params["finetune"]["minilm_l6"], params["train_head"],
+                                            {**params["extract"]["minilm_l6"], "weights": "w.pt"}, params["deploy"])
+    assert text.methods == ("probe_finetune", "setfit") and text.setfit.iterations == 20
+    assert text.weights == "w.pt" and "weights" not in text.extract and "on_error" not in text.extract
+    assert list(text.heads) == params["train_head"]["heads"] and text.heads["linear_svm"].c_max == 1.0
+    assert text.config.unfreeze_blocks == 2 and text.mode == "auto" and text.baseline and text.hybrid
+    image = FinetuneStageOptions.from_params(params["finetune"]["efficientnet_lite0"], params["train_head"],
+                                             params["extract"]["efficientnet_lite0"], {"hybrid": False})
+    assert image.methods == ("probe_finetune",) and image.extract["image_size"] == 112 and not image.hybrid
+    with pytest.raises(FeaturestoreError, match="mode"):
+        FinetuneStageOptions(mode="sometimes")

@@ -98,7 +98,15 @@ def test_the_planned_and_the_streamed_path_write_one_store_through_one_loop(fash
         (X_old, y_old, ids_old), (X_new, y_new, ids_new) = old.load(split), new.load(split)
         assert list(ids_old) == list(ids_new) and list(old.paths(split)) == list(new.paths(split))
         np.testing.assert_array_equal(y_old, y_new)
-        assert X_old.dtype == X_new.dtype and X_old.tobytes() == X_new.tobytes()
+        assert X_old.dtype == X_new.dtype
+        if modality == "image":
+            assert X_old.tobytes() == X_new.tobytes()
+        else:
+            # A text batch is padded to its longest document, and a document's row depends in its last bit on that
+            # length (the attention's sums run over the padded positions). The planned path drops the files that do
+            # not read before batching, the streamed path finds them in a batch, so a few documents share a batch
+            # with others in one path than in the other: the same rows to float32 rounding, not to the bit.
+            np.testing.assert_allclose(X_old, X_new, rtol=1e-5, atol=1e-6)
     # Progress: one bar over every item, with a unit (tqdm's rate), opened by the same code in both paths.
     assert len(planned_bars) == len(streamed_bars) == 1
     for bars, total in ((planned_bars, rows + 1), (streamed_bars, len(source.records))):

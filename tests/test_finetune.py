@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from featurestore import FeatureStore
-from featurestore.configs import HeadConfig
+from featurestore.configs import FinetuneStageOptions, HeadConfig
 from featurestore.data.sources import scan_source
 from featurestore.encode.backbones.model import PixelNormalize
 from featurestore.encode.preprocess import Preprocessing
@@ -314,9 +314,9 @@ def test_the_finetune_stage_trains_on_the_probes_rows_despite_an_unreadable_imag
 
     data, store, head_path = broken
     plateau = {"plateaued": False, "reason": "still rising"}
-    decision = run_finetune_stage("efficientnet_lite0", head_path, data, tmp_path / "stage", plateau, "always",
-                                  replace(CONFIG, epochs=1), {}, {"image_size": 64, "crop_pct": 1.0, "workers": 0},
-                                  device="cpu")
+    options = FinetuneStageOptions(mode="always", config=replace(CONFIG, epochs=1), heads={}, device="cpu",
+                                   extract={"image_size": 64, "crop_pct": 1.0, "workers": 0})
+    decision = run_finetune_stage("efficientnet_lite0", head_path, data, tmp_path / "stage", plateau, options)
     assert decision["finetuned"]
     assert decision["result"]["train_ids"] == ids_digest(FeatureStore(store).ids("train"))
 

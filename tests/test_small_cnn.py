@@ -146,14 +146,15 @@ def test_a_small_cnn_line_merges_into_a_curve_beside_the_others():
 
 @pytest.mark.slow
 def test_the_curve_records_the_line_with_its_convergence_evidence(fashion_folder_master, tmp_path, lite0_small):
+    from featurestore.configs import CurveOptions
     from featurestore.extract.launch import extract_features
     from featurestore.transfer.curve import run_curve
 
     store = tmp_path / "f.h5"
     extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
     config = SmallCNNConfig(**{**vars(TINY), "lrs": (1e-3, 3e-3)})
-    result = run_curve(store, fashion_folder_master, tmp_path / "curve", [1, 2], device="cpu",
-                       methods=("linear_probe", "small_cnn"), small_cnn_config=config)
+    result = run_curve(store, fashion_folder_master, tmp_path / "curve", CurveOptions(
+        budgets=[1, 2], methods=("linear_probe", "small_cnn"), small_cnn=config, device="cpu"))
     saved = json.loads((tmp_path / "curve" / "curve.json").read_text())
     assert saved["points"] == result["points"] and saved["small_cnn"]["lrs"] == [1e-3, 3e-3]
     points = {(p["labels_per_class"], p["method"]): p for p in saved["points"]}

@@ -246,7 +246,7 @@ def evaluate_model(model, store: FeatureStore, records: list, split: str = "test
     y = store.labels(split)
     if len(records) != len(y):
         raise FeaturestoreError(f"{store.path}: {len(records)} records given for the {len(y)} rows of split {split!r}")
-    if hasattr(model, "weight"):  # the hybrid head: texts and their embeddings
+    if model.MODEL_KIND == "hybrid":  # texts and their embeddings (heads.hybrid, which imports this module)
         proba = model.predict_proba(read_texts(records), store.load(split, dtype=np.float32)[0])
         head, backbone = "hybrid", model.backbone
     else:

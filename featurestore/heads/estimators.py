@@ -32,6 +32,7 @@ from ..configs import HeadConfig
 from ..errors import FeaturestoreError
 from ..utils.console import progress_bar
 from .scaling import FeatureScaler
+from .selection import choose_point
 
 log = logging.getLogger("featurestore")
 
@@ -44,6 +45,8 @@ C_EXTENSION_DECADES = 3.0
 # Points per extension round (in-memory heads): for the default grid one decade. The streaming head extends to
 # the limit in one round, since its cost is the passes over the store, shared by every C of a round.
 C_EXTENSION_ROUND = 3
+# Among equal validation accuracies, the smallest C: the most regularised fit.
+C_PREFERENCE = (("C", "min"),)
 
 
 def _scaler(normalize: str):
@@ -156,9 +159,9 @@ def _sweep_grid(config: HeadConfig, grid: np.ndarray, X: np.ndarray, y: np.ndarr
 
 
 def choose_c(sweep: list[dict]) -> float:
-    """The C with the best validation accuracy; among ties, the smallest (most regularised)."""
-    best = max(point["val_accuracy"] for point in sweep)
-    return min(point["C"] for point in sweep if point["val_accuracy"] == best)
+    """The C with the best validation accuracy; among ties, the smallest (most regularised): the head protocol's
+    choice (``selection.choose_point``) for a sweep of C alone."""
+    return float(choose_point(sweep, C_PREFERENCE)["C"])
 
 
 def edge_of(sweep: list[dict]) -> str | None:

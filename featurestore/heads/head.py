@@ -58,12 +58,19 @@ class TrainedHead(EstimatorModel):
     c_grid: dict | None = None  # estimators.grid_report of the sweep: its range, extension and edge
     train_seconds: float = 0.0
     n_train: int = 0
+    # The settings its family chose on validation (selection.py), e.g. {"C": 0.01}; heads saved before the
+    # protocol recorded it have C alone.
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.settings:
+            self.settings = {"C": self.C}
 
     @classmethod
     def fitted_on(cls, store: FeatureStore, estimator: Pipeline, config: HeadConfig, C: float,
                   **details) -> TrainedHead:
         """A head fitted on ``store``'s features: class names, width and fingerprint come from the store;
-        ``details`` are the optional fields (sweep, c_grid, train_seconds, n_train)."""
+        ``details`` are the optional fields (settings, sweep, c_grid, train_seconds, n_train)."""
         return cls(estimator=estimator, config=config, C=C, class_names=store.class_names,
                    feature_dim=store.feature_dim, fingerprint_hash=store.fingerprint_hash,
                    fingerprint=store.fingerprint, store_path=str(store.path), **details)
@@ -117,6 +124,15 @@ class TrainedHead(EstimatorModel):
         """Class indices (N,) int64 into ``class_names``."""
         return np.asarray(self.estimator.predict(self._check_features(X)), dtype=np.int64)
 
+    @property
+    def val_accuracy(self) -> float | None:
+        """The validation accuracy of the chosen settings (fitted on train alone), None without a sweep."""
+        if not self.sweep:
+            return None
+        from .selection import validation_accuracy
+
+        return validation_accuracy(self.sweep, self.settings)
+
     def summary(self) -> dict:
         """What the head is, JSON-serialisable. ``c_grid``: the range of C swept, whether the grid was extended
         past its configured end (``extended``: ``"down"``/``"up"``/None) and whether the chosen C is still on its
@@ -129,10 +145,11 @@ class TrainedHead(EstimatorModel):
             c_grid = grid_report(self.config, self.sweep)
         return {
             "name": self.name, "head": self.config.head, "backbone": self.backbone, "C": self.C,
+            "settings": self.settings,
             "normalize": self.config.normalize, "feature_dim": self.feature_dim,
             "fingerprint_hash": self.fingerprint_hash, "train_seconds": round(self.train_seconds, 3),
             "n_train": self.n_train, "classes": len(self.class_names), "missing_classes": self.missing_classes,
-            "best_val_accuracy": max((p["val_accuracy"] for p in self.sweep), default=None), "c_grid": c_grid,
+            "best_val_accuracy": self.val_accuracy, "c_grid": c_grid,
         }
 
     def to_model_document(self) -> ModelDocument:

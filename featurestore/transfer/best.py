@@ -151,8 +151,9 @@ def train_only_val_correct(model, store, records: Mapping[str, list]) -> np.ndar
 
     y = np.array([r.label for r in records["train"]], dtype=np.int64)
     truth = np.array([r.label for r in records["val"]], dtype=np.int64)
-    if hasattr(model, "weight"):  # the hybrid head: TF-IDF rows beside the store's embeddings
-        from ..heads.hybrid import hybrid_rows
+    from ..heads.hybrid import HYBRID_FORMAT, hybrid_rows
+
+    if model.MODEL_KIND == HYBRID_FORMAT:  # TF-IDF rows beside the store's embeddings
 
         texts, val_texts = read_texts(records["train"]), read_texts(records["val"])
         X, Xv = store.load("train", dtype=np.float32)[0], store.load("val", dtype=np.float32)[0]
@@ -168,25 +169,26 @@ def train_only_val_correct(model, store, records: Mapping[str, list]) -> np.ndar
 
 
 def train_only_val_predictions(head: TrainedHead, store: FeatureStore) -> dict[str, int] | float:
-    """A head's estimator refitted at its own C on ``store``'s train split alone (a saved head is refitted on
+    """A head's estimator refitted at its own settings on ``store``'s train split alone (a saved head is refitted on
     train+val, so its own validation score would be inflated), scored on the val split.
 
-    Returns validation image id → predicted class (int) for the in-memory heads. ``sgd_logreg`` (streamed from
-    the store) is not refitted: its sweep already fitted that C on train and scored it on val, and that accuracy
-    (a float) is returned instead; so is it for a head that cannot be refitted on train alone (a calibrated head
-    with fewer train items of a class than calibration folds).
+    Returns validation image id → predicted class (int) for the in-memory heads. A head its family does not refit in
+    memory (``sgd_logreg``, streamed from the store) is not refitted: its sweep already fitted those settings on
+    train and scored them on val, and that accuracy (a float) is returned instead; so is it for a head that cannot
+    be refitted on train alone (a calibrated head with fewer train items of a class than calibration folds).
     """
     from sklearn.exceptions import ConvergenceWarning
 
-    from ..heads.estimators import build_estimator
+    from ..heads.families import family_of
 
     head.check_store(store)
-    swept = float(min(head.sweep, key=lambda point: abs(point["C"] - head.C))["val_accuracy"])
-    if head.config.head == "sgd_logreg":
+    swept = head.val_accuracy
+    family = family_of(head.config.head)
+    if not family.refits():
         return swept
     X, y, _ = store.load("train", dtype=np.float32)
     Xv, _, ids = store.load("val", dtype=np.float32)
-    estimator = build_estimator(head.config, head.C)
+    estimator = family.build(head.config, head.settings)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -227,8 +229,7 @@ def val_answers(kind: str, model, path: Path, data: str | Path | None = None,
     store = _store_of(model, path)
     ids, labels = store.ids("val").tolist(), store.labels("val")
     if kind == "encoder":
-        point = min(model.sweep, key=lambda p: abs(p["C"] - model.C)) if model.sweep else None
-        val = float(point["val_accuracy"]) if point else float("nan")
+        val = model.val_accuracy if model.sweep else float("nan")
         predicted = train_only_val_predictions(model, store)
         if not isinstance(predicted, dict):
             return val, len(ids), None

@@ -31,24 +31,13 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from ..configs import (
-    CURVE_METHODS,
-    DEFAULT_CURVE_METHODS,
-    SETFIT_DEFAULTS,
-    SMALL_CNN_DEFAULTS,
-    TEXT_CURVE_METHODS,
-    FinetuneConfig,
-    HeadConfig,
-    ScratchConfig,
-    SetFitConfig,
-    SmallCNNConfig,
-)
+from ..configs import CURVE_DEFAULTS, CURVE_METHODS, DEFAULT_CURVE_METHODS, TEXT_CURVE_METHODS, CurveOptions, HeadConfig
+from ..configs import CURVE_HEAD as CURVE_HEAD  # re-exported: benchmarks/text_search.py imports it from here
 from ..data.sources import ids_digest, scan_source
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, choose_c, sweep_c
@@ -56,7 +45,6 @@ from ..heads.head import TrainedHead
 from ..heads.reports import check_no_overlap
 from ..store.hdf5 import FeatureStore
 from ..utils.atomic import write_text_atomic
-from .plateau import CURVE_HEAD
 from .probe import probe_rows, records_for, split_rows
 
 METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
@@ -81,19 +69,16 @@ def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -
     return probe, C, float(probe.score(Xt, yt)), time.perf_counter() - started, rows
 
 
-def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Path, budgets: list[int],
-              finetune_config: FinetuneConfig = FinetuneConfig(), scratch_config: ScratchConfig = ScratchConfig(),
-              probe_config: HeadConfig = CURVE_HEAD, methods: tuple[str, ...] | None = None, device: str = "auto",
-              progress: bool = False, allow_overlap: bool = False,
-              small_cnn_config: SmallCNNConfig = SMALL_CNN_DEFAULTS,
-              setfit_config: SetFitConfig = SETFIT_DEFAULTS, weights: str | Path | None = None) -> dict:
-    """Train ``methods`` (default: the modality's ``DEFAULT_CURVE_METHODS``: all but the from-scratch network)
-    at every budget; write ``out``/curve.json, curve.csv and the PNGs; return the result. ``weights``: the local
-    checkpoint the store was extracted with (a ``tv:`` or ``timm:`` backbone's), where image fine-tuning starts.
+def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Path,
+              options: CurveOptions = CURVE_DEFAULTS, progress: bool = False) -> dict:
+    """Train ``options.methods`` (default: the modality's ``DEFAULT_CURVE_METHODS``: all but the from-scratch
+    network) at every one of ``options.budgets``; write ``out``/curve.json, curve.csv and the PNGs; return the
+    result. ``options.weights``: the local checkpoint the store was extracted with (a ``tv:`` or ``timm:``
+    backbone's), where image fine-tuning starts.
 
     ``store`` holds the cached features of the items in ``data`` (train, val and test splits). Like evaluation,
     the curve refuses a test split that shares items with train or val (:class:`LeakError`) unless
-    ``allow_overlap``.
+    ``options.allow_overlap``.
     """
     from .baselines import pixel_logreg, tfidf_logreg, train_from_scratch, train_text_from_scratch
     from .finetune import finetune
@@ -106,20 +91,20 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     text = store.fingerprint.get("kind") == "text"
     allowed = TEXT_CURVE_METHODS if text else CURVE_METHODS
-    methods = tuple(methods or DEFAULT_CURVE_METHODS["text" if text else "image"])
+    methods = tuple(options.methods or DEFAULT_CURVE_METHODS["text" if text else "image"])
     if set(methods) - set(allowed):
         raise FeaturestoreError(f"methods {sorted(set(methods) - set(allowed))} do not apply to this store's "
                                 f"{'texts' if text else 'images'}; choose from {', '.join(allowed)}")
-    if not allow_overlap:
+    if not options.allow_overlap:
         check_no_overlap(store, "test")
     source = scan_source(data)
-    seed = finetune_config.seed
+    seed, device = options.finetune.seed, options.device
     evaluation = {split: records_for(source, split_rows(store, split), store) for split in ("val", "test")}
     work = Path(tempfile.mkdtemp(prefix=".curve-", dir=out))
     points, cache_seconds = [], 0.0
     try:
-        for budget in budgets:
-            probe, C, probe_test, probe_seconds, rows = fit_probe(store, budget, seed, probe_config)
+        for budget in options.budgets:
+            probe, C, probe_test, probe_seconds, rows = fit_probe(store, budget, seed, options.probe)
             train = split_rows(store, "train", rows)
             base = {"labels_per_class": budget, "n_train": int(len(rows))}
             # Every method of a budget trains on the probe's rows (by content id), not on a folder listing.
@@ -135,12 +120,12 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                                "val_accuracy": float(probe.score(*store.load("val", dtype=np.float32)[:2])),
                                "seconds": round(probe_seconds, 2), "C": C, "train_ids": probe_ids})
             if "probe_finetune" in methods:
-                head = TrainedHead.fitted_on(store, probe, probe_config, C, n_train=base["n_train"])
-                options = {"device": device, "progress": progress, "checkpoint_dir": work / f"ft_{budget}",
-                           "train_per_class": budget, "probe": probe}
-                result = (finetune_text(head, data, work / f"ft_{budget}.pth", finetune_config, **options) if text
-                          else finetune(head, data, work / f"ft_{budget}.pth", finetune_config,
-                                        cache=work / "trunk.h5", weights=weights, **options))
+                head = TrainedHead.fitted_on(store, probe, options.probe, C, n_train=base["n_train"])
+                shared = {"device": device, "progress": progress, "checkpoint_dir": work / f"ft_{budget}",
+                          "train_per_class": budget, "probe": probe}
+                result = (finetune_text(head, data, work / f"ft_{budget}.pth", options.finetune, **shared) if text
+                          else finetune(head, data, work / f"ft_{budget}.pth", options.finetune,
+                                        cache=work / "trunk.h5", weights=options.weights, **shared))
                 # The image trunk cache serves every budget (reported apart); a text run's lower-layer pass is
                 # its own. ``result.seconds`` is the training loop alone.
                 own = result.cache_seconds if text else 0.0
@@ -151,8 +136,8 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                                "best_val_accuracy": result.best_val_accuracy,
                                "train_ids": ids_digest(result.train_ids)})
             if "setfit" in methods:
-                head = TrainedHead.fitted_on(store, probe, probe_config, C, n_train=base["n_train"])
-                tuned = setfit_text(head, data, work / f"setfit_{budget}.pth", setfit_config, device=device,
+                head = TrainedHead.fitted_on(store, probe, options.probe, C, n_train=base["n_train"])
+                tuned = setfit_text(head, data, work / f"setfit_{budget}.pth", options.setfit, device=device,
                                     progress=progress, train_per_class=budget, probe=probe, subset_seed=seed)
                 points.append({**base, "method": "setfit", "test_accuracy": tuned.test_accuracy,
                                "val_accuracy": tuned.best_val_accuracy, "val_probe": tuned.start_val_accuracy,
@@ -163,19 +148,18 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                                "train_ids": ids_digest(tuned.train_ids)})
             if "scratch" in methods:
                 trainer = train_text_from_scratch if text else train_from_scratch
-                scratch = trainer(source, scratch_config, store.fingerprint["backbone"].removesuffix("_ft"), device,
+                scratch = trainer(source, options.scratch, store.fingerprint["backbone"].removesuffix("_ft"), device,
                                   progress=progress, chosen=chosen)
                 points.append({**base, "method": "scratch", "test_accuracy": scratch.test_accuracy,
                                "seconds": scratch.seconds, "steps": scratch.steps,
                                "best_val_accuracy": scratch.best_val_accuracy, "converged": scratch.converged})
             if "small_cnn" in methods:
-                points.append({**base, **small_cnn_point(source, small_cnn_config, device, progress, chosen)})
+                points.append({**base, **small_cnn_point(source, options.small_cnn, device, progress, chosen)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {"backbone": store.fingerprint["backbone"], "budgets": budgets, "points": points,
-              "trunk_cache_seconds": round(cache_seconds, 2), "probe": asdict(probe_config),
-              "finetune": asdict(finetune_config), "scratch": asdict(scratch_config),
-              "small_cnn": asdict(small_cnn_config), "setfit": asdict(setfit_config)}
+    # budgets as given (a list): a merge compares them with an earlier curve.json's
+    result = {"backbone": store.fingerprint["backbone"], "budgets": list(options.budgets), "points": points,
+              "trunk_cache_seconds": round(cache_seconds, 2), **options.recorded()}
     write_curve(result, out)
     return result
 

@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..configs import FINETUNE_METHODS, FINETUNE_MODES, SETFIT_DEFAULTS, FinetuneConfig, SetFitConfig
+from ..configs import FINETUNE_METHODS, FINETUNE_MODES, FinetuneStageOptions
 from ..data.sources import ids_digest
 from ..errors import FeaturestoreError
 from ..utils.atomic import write_text_atomic
@@ -205,41 +205,34 @@ def choose_among(results: Mapping[str, object], alpha: float = ALPHA, seed: int 
 
 
 def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, out: str | Path, plateau: dict,
-                       mode: str, config: FinetuneConfig, heads: dict[str, object], extract_options: dict,
-                       device: str = "auto", progress: bool = False,
-                       cache_only_heads: Mapping[str, str | Path] | None = None,
-                       methods: tuple[str, ...] = ("probe_finetune",),
-                       setfit_config: SetFitConfig = SETFIT_DEFAULTS, baseline: bool = True,
-                       hybrid: bool = True, weights: str | Path | None = None) -> dict:
-    """Decide, fine-tune, choose, and (if chosen) register ``<backbone>_ft``, extract its store and train ``heads``
-    (name → HeadConfig) on it; then give the verdict (``best.deploy_best``). Writes ``decision.json`` and
+                       options: FinetuneStageOptions = FinetuneStageOptions(),
+                       cache_only_heads: Mapping[str, str | Path] | None = None, progress: bool = False) -> dict:
+    """Decide, fine-tune, choose, and (if chosen) register ``<backbone>_ft``, extract its store and train
+    ``options.heads`` on it; then give the verdict (``best.deploy_best``). Writes ``decision.json`` and
     ``deployed.json``, and returns the former's content.
 
-    ``head_path``: the cache-only logistic-regression head fine-tuning starts from. ``cache_only_heads``: head
-    name → the cache-only head file of that name (default: ``head_path`` as ``logreg``), in order: the first is the
-    verdict's incumbent (on the fine-tuned backbone when it was kept), the others and the heads on the fine-tuned
-    backbone challenge it.
+    ``head_path``: the cache-only logistic-regression head fine-tuning starts from. ``plateau``: the plateau stage's
+    verdict. ``cache_only_heads``: head name → the cache-only head file of that name (default: ``head_path`` as
+    ``logreg``), in order: the first is the verdict's incumbent (on the fine-tuned backbone when it was kept), the
+    others and the heads on the fine-tuned backbone challenge it.
 
-    ``methods``: the fine-tuning methods that run and compete (:func:`choose_among`; texts may add ``setfit``, run
-    with ``setfit_config``, its weights in ``setfit.pth`` until chosen); ``decision["results"]`` then holds each
-    one's result, ``decision["result"]`` the chosen method's (else the first's).
-
-    ``baseline`` (default) fits the baseline without an encoder and ``hybrid`` (default) the hybrid head (texts), as
-    challengers too; the model deployed is named in ``decision["deployed"]``.
-
-    ``weights``: the local checkpoint an image store was extracted with (a ``tv:`` or ``timm:`` backbone's file),
-    where the fine-tune starts; default the registry's weights.
+    ``options`` (:class:`~featurestore.configs.FinetuneStageOptions`): ``methods`` run and compete
+    (:func:`choose_among`; texts may add ``setfit``, its weights in ``setfit.pth`` until chosen);
+    ``decision["results"]`` then holds each one's result, ``decision["result"]`` the chosen method's (else the
+    first's). ``baseline`` and ``hybrid`` (texts) fit those challengers too; the model deployed is named in
+    ``decision["deployed"]``. ``weights``: where an image fine-tune starts (default the registry's weights).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in STALE:  # the checkpoints and the trunk cache stay: a rerun resumes and reuses them
         target = out / stale
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    run, why = should_finetune(mode, plateau)
-    decision = {"mode": mode, "plateaued": plateau["plateaued"], "finetuned": run, "reason": why,
+    config, methods, device = options.config, options.methods, options.device
+    run, why = should_finetune(options.mode, plateau)
+    decision = {"mode": options.mode, "plateaued": plateau["plateaued"], "finetuned": run, "reason": why,
                 "chosen": "probe", "config": asdict(config), "methods": list(methods)}
     if "setfit" in methods:
-        decision["setfit"] = asdict(setfit_config)
+        decision["setfit"] = asdict(options.setfit)
     if run:
         from ..heads.head import load_head
 
@@ -252,7 +245,7 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
             if method == "setfit":
                 from .setfit import setfit_text
 
-                results[method] = setfit_text(head, data, out / "setfit.pth", setfit_config, device=device,
+                results[method] = setfit_text(head, data, out / "setfit.pth", options.setfit, device=device,
                                               progress=progress)
             elif kind == "text":
                 from .text_finetune import finetune_text
@@ -264,7 +257,7 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
 
                 results[method] = finetune(head, data, out / "weights.pth", config, device=device,
                                            progress=progress, checkpoint_dir=out / "checkpoints",
-                                           cache=out / "trunk.h5", weights=weights)
+                                           cache=out / "trunk.h5", weights=options.weights)
         decision["choice"] = choose_among(results)
         decision["chosen"] = decision["choice"]["chosen"]
         summaries = {method: _result_summary(result) for method, result in results.items()}
@@ -274,11 +267,12 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
         if decision["chosen"] == "finetuned" and decision["choice"]["method"] == "setfit":
             (out / "setfit.pth").replace(out / "weights.pth")  # what <backbone>_ft loads
         if decision["chosen"] == "finetuned":
-            adopt_finetuned(backbone, out, data, heads, extract_options, progress)
+            adopt_finetuned(backbone, out, data, options.heads, options.extract, progress)
     from .best import deploy_best, write_verdict
 
     cache_only = dict(cache_only_heads) if cache_only_heads is not None else {"logreg": head_path}
-    decision.update(deploy_best(backbone, data, out, cache_only, decision, baseline=baseline, hybrid=hybrid))
+    decision.update(deploy_best(backbone, data, out, cache_only, decision, baseline=options.baseline,
+                                hybrid=options.hybrid))
     if "deployed" in decision:  # decision.json, and deployed.json beside it: the record export ships
         write_verdict(decision, out / "decision.json")
     else:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..configs import HeadConfig
+from ..configs import CURVE_HEAD, HeadConfig
 from ..data.sources import nested_subset
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, choose_c, sweep_c
@@ -148,9 +148,6 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-CURVE_HEAD = HeadConfig(head="logreg", c_points=12)  # a coarser C grid: one sweep per budget
 
 
 def detect_plateau(store: str | Path | FeatureStore, rule: PlateauRule = PlateauRule(),

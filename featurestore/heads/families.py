@@ -1,0 +1,96 @@
+"""The head families by name (``HeadConfig.head`` → :class:`~.selection.HeadFamily`), and the built-in ones.
+
+- ``logreg``, ``linear_svm``, ``svm_rbf``: in memory, C swept on a log grid (``estimators.sweep_c``, extended past an
+  edge), the chosen C refitted on train+val; their report is the grid's (``estimators.grid_report``).
+- ``sgd_logreg``: streamed from the store (``streaming.py``), memory independent of its size; the same C protocol.
+
+A new kind of head (the issues after this one add a kNN head and a multi-layer head) subclasses ``HeadFamily`` and
+registers itself here; ``train_head``, the reports and the verdict then use it like any other.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+
+from ..errors import FeaturestoreError
+from .estimators import build_estimator, grid_report, sweep_c
+from .selection import Fitted, HeadFamily
+from .streaming import train_streaming_head
+
+
+def check_two_classes(store, y: np.ndarray) -> None:
+    """Refuse a train split of fewer than two classes, naming the store."""
+    if len(np.unique(y)) < 2:
+        raise FeaturestoreError(f"{store.path}: the train split holds {len(np.unique(y))} class; a head needs two")
+
+
+class InMemoryFamily(HeadFamily):
+    """A head swept on the train and val rows loaded into memory (float32): :meth:`sweep` scores every candidate,
+    :meth:`build` makes the estimator at the chosen settings, refitted on train+val."""
+
+    def sweep(self, config, X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray,
+              progress: bool) -> list[dict]:
+        raise NotImplementedError
+
+    def report(self, config, sweep: list[dict]) -> dict | None:
+        """The family's account of its search, recorded with the head (None: nothing beyond the sweep)."""
+        return None
+
+    def train(self, store, config, progress: bool = False) -> Fitted:
+        X, y, _ = store.load("train", dtype=np.float32)
+        Xv, yv, _ = store.load("val", dtype=np.float32)
+        check_two_classes(store, y)
+        sweep = self.sweep(config, X, y, Xv, yv, progress)
+        settings = self.choose(sweep)
+        estimator = self.build(config, settings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            estimator.fit(np.concatenate([X, Xv]), np.concatenate([y, yv]))
+        return Fitted(estimator, settings, sweep, len(y) + len(yv), self.report(config, sweep))
+
+
+class CSweptFamily(InMemoryFamily):
+    """Scaler + linear or kernel classifier, its C chosen on validation."""
+
+    def sweep(self, config, X, y, Xv, yv, progress):
+        return sweep_c(config, X, y, Xv, yv, progress=progress)
+
+    def build(self, config, settings: dict):
+        return build_estimator(config, settings["C"])
+
+    def report(self, config, sweep):
+        return grid_report(config, sweep)
+
+
+class StreamedFamily(HeadFamily):
+    """``sgd_logreg``: C swept and refitted by passes over the store (never all in memory)."""
+
+    def train(self, store, config, progress: bool = False) -> Fitted:
+        estimator, C, sweep, n_train = train_streaming_head(store, config, progress)
+        return Fitted(estimator, {"C": C}, sweep, n_train, grid_report(config, sweep))
+
+    def refits(self) -> bool:
+        return False
+
+
+_FAMILIES: dict[str, HeadFamily] = {}
+
+
+def register_family(head: str, family: HeadFamily) -> None:
+    """Make ``family`` the trainer of heads named ``head`` (``HeadConfig.head``)."""
+    _FAMILIES[head] = family
+
+
+def family_of(head: str) -> HeadFamily:
+    """The registered family of a head name; a clear error for an unknown one."""
+    if head not in _FAMILIES:
+        raise FeaturestoreError(f"no head family {head!r}: known heads are {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES[head]
+
+
+for _name in ("logreg", "linear_svm", "svm_rbf"):
+    register_family(_name, CSweptFamily())
+register_family("sgd_logreg", StreamedFamily())
