@@ -186,6 +186,11 @@ def _extract_parser(sub) -> None:
     p.add_argument("--on-duplicate", choices=ON_DUPLICATE_CHOICES, default="warn",
                    help="identical files in two splits or under two labels: warn (listed in the store), error, "
                         "or keep silently (listed all the same)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="data without a val split (a folder of classes, a train/test manifest): draw this fraction "
+                        "of each class's items into val (stratified, seeded, recorded in the store)")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="the same for a missing test split")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the val/test draw")
     p.add_argument("--no-wait", action="store_true",
                    help="fail at once, naming the holder's pid, if another process is writing this store")
     p.add_argument("--nproc", type=int_at_least(1), default=1,
@@ -220,6 +225,8 @@ def _train_head_parser(sub) -> None:
                        description="Sweep C on train→val, refit the best C on train+val, save the head (skops).")
     p.add_argument("--features", required=True, help="an HDF5 store with train and val splits")
     p.add_argument("--out", required=True, help="where to write HEAD.skops")
+    p.add_argument("--name", help="this head experiment's name in reports and verdicts (<backbone>__<name>); "
+                                  "default: the file's name, without a leading <backbone>__")
     p.add_argument("--scheduler", help="a Dask scheduler (tcp://host:port) to run the C sweep on; default: "
                                        "$DASK_SCHEDULER_ADDRESS, else local")
     add_config_options(p, HeadConfig)

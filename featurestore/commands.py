@@ -106,6 +106,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and "RANK" not in os.environ:
         return launch_torchrun(args.nproc, args.argv)
+    from .configs import SplitRule
     from .extract import ExtractOptions, extract_features
 
     options = ExtractOptions(
@@ -122,6 +123,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         wait=not args.no_wait,
         progress=not args.no_progress,
         tokenization=text_tokenization(args),
+        splits=SplitRule(args.val_fraction, args.test_fraction, args.split_seed),
     )
     summary = extract_features(args.data, args.out, args.backbone, options=options)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports for the group
@@ -219,6 +221,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 
     config = config_from_args(HeadConfig, args)
     head = train_head(args.features, config, progress=not args.no_progress, scheduler=args.scheduler)
+    head.experiment = experiment_name(args.name, Path(args.out), head.backbone, config.head)
     head.save(args.out)
     summary = {**head.summary(), "out": str(args.out)}
     if args.json:
@@ -227,6 +230,13 @@ def cmd_train_head(args: argparse.Namespace) -> int:
         print(f"{args.out}: {head.name}, C={head.C:.3g} (best validation accuracy {summary['best_val_accuracy']:.4f} "
               f"over {len(head.sweep)} values of C), trained in {head.train_seconds:.1f} s")
     return 0
+
+
+def experiment_name(given: str | None, out: Path, backbone: str, kind: str) -> str | None:
+    """A head experiment's name: ``--name``, else its file's name (without a leading ``<backbone>__``); None when
+    that is just its kind (the pipeline's ``<backbone>__<head>.skops``)."""
+    name = given or out.name.removesuffix(".skops").removeprefix(f"{backbone}__")
+    return None if name == kind else name
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

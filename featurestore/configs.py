@@ -362,21 +362,55 @@ class Tokenization:
         return relevant
 
 
+@dataclass(frozen=True)
+class SplitRule:
+    """The splits to make: the fraction of each class's items drawn into ``val`` and ``test`` (0: that split is
+    not made), with ``seed`` ordering the draw (``data/splits.py``, recorded in the store's source)."""
+
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("val_fraction", self.val_fraction, 0.0, 1.0)
+        check_range("test_fraction", self.test_fraction, 0.0, 1.0)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise BadValueError(f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} leave no "
+                                f"training items; keep their sum below 1")
+
+    @property
+    def makes_any(self) -> bool:
+        return self.val_fraction > 0 or self.test_fraction > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict | None) -> SplitRule | None:
+        return None if not record else cls(**record)
+
+
 IMAGE_EXTRACT_KEYS = ("image_size", "crop_pct")
 TEXT_EXTRACT_KEYS = ("max_length", "long_documents", "stride", "max_windows")
 # weights: a local checkpoint (a tv: or timm: backbone's file), relative to the project; default the registry's weights
 COMMON_EXTRACT_KEYS = ("batch_size", "workers", "device", "engine", "dtype", "on_error", "weights")
+# val/test splits made for data that lacks them (data/splits.py), recorded in the store
+SPLIT_KEYS = ("val_fraction", "test_fraction", "split_seed")
 
 
 def extract_options(params: dict) -> dict:
     """``extract_features`` keyword arguments from one backbone's ``extract`` section of params.yaml: the
     common settings, and either the image preprocessing overrides or the text tokenization."""
     options = {k: params[k] for k in COMMON_EXTRACT_KEYS if k in params}
+    if any(k in params for k in SPLIT_KEYS):
+        options["splits"] = SplitRule(params.get("val_fraction", 0.0), params.get("test_fraction", 0.0),
+                                      params.get("split_seed", 0))
     if any(k in params for k in TEXT_EXTRACT_KEYS):
         options["tokenization"] = Tokenization(**{k: params[k] for k in TEXT_EXTRACT_KEYS if k in params})
     else:
         options.update({k: params.get(k) for k in IMAGE_EXTRACT_KEYS})
-    unknown = set(params) - set(COMMON_EXTRACT_KEYS) - set(IMAGE_EXTRACT_KEYS) - set(TEXT_EXTRACT_KEYS)
+    unknown = (set(params) - set(COMMON_EXTRACT_KEYS) - set(IMAGE_EXTRACT_KEYS) - set(TEXT_EXTRACT_KEYS)
+               - set(SPLIT_KEYS))
     if unknown:
         raise FeaturestoreError(f"unknown extract params {sorted(unknown)}")
     return options
@@ -389,9 +423,8 @@ class FinetuneStageOptions:
     ``mode``: whether to fine-tune (auto: only when the cache-only curve has plateaued); ``config`` the fine-tuning
     run's settings; ``methods`` the fine-tuning methods that compete (texts may add ``setfit``, run with ``setfit``);
     ``weights`` the local checkpoint the store was extracted with, where an image fine-tune starts (None: the
-    registry's); ``heads`` (name → HeadConfig) the heads trained on the fine-tuned store, extracted with ``extract``
-    (``extract_features`` keyword arguments); ``baseline`` and ``hybrid`` whether those challengers are fitted for the
-    verdict. Built once: :meth:`from_params` for the DVC stage."""
+    registry's); ``extract`` how the fine-tuned store is extracted (``extract_features`` keyword arguments). Built
+    once: :meth:`from_params` for the DVC stage."""
 
     mode: str = "auto"
     config: FinetuneConfig = FinetuneConfig()
@@ -399,30 +432,22 @@ class FinetuneStageOptions:
     setfit: SetFitConfig = SETFIT_DEFAULTS
     device: str = "auto"
     weights: str | Path | None = None
-    heads: dict[str, HeadConfig] = field(default_factory=lambda: {"logreg": HeadConfig()})
     extract: dict = field(default_factory=dict)
-    baseline: bool = True
-    hybrid: bool = True
 
     def __post_init__(self) -> None:
         check_choice("fine-tune mode", self.mode, FINETUNE_MODES)
         object.__setattr__(self, "methods", tuple(self.methods or ("probe_finetune",)))
 
     @classmethod
-    def from_params(cls, finetune: dict, train_head: dict, extract: dict, deploy: dict | None = None
-                    ) -> FinetuneStageOptions:
+    def from_params(cls, finetune: dict, extract: dict) -> FinetuneStageOptions:
         """The options of one backbone's params.yaml sections: ``finetune.<backbone>`` (FinetuneConfig's fields and
-        the stage's mode, device, methods and setfit), ``train_head`` (the heads trained on a fine-tuned store),
-        ``extract.<backbone>`` (how that store is extracted; its ``weights`` are where the fine-tune starts) and
-        ``deploy`` (baseline, hybrid)."""
+        the stage's mode, device, methods and setfit) and ``extract.<backbone>`` (how the fine-tuned store is
+        extracted; its ``weights`` are where the fine-tune starts)."""
         extract = extract_options(extract)
         weights = extract.pop("weights", None)
         extract.pop("on_error", None)  # the fine-tuned store reads the items the frozen one already read
-        deploy = deploy or {}
         return cls(mode=finetune.get("mode", "auto"),
                    config=FinetuneConfig(**{k: v for k, v in finetune.items() if k not in FINETUNE_STAGE_KEYS}),
                    methods=tuple(finetune.get("methods") or ("probe_finetune",)),
                    setfit=SetFitConfig(**(finetune.get("setfit") or {})), device=finetune.get("device", "auto"),
-                   weights=weights, heads={name: config_from_params(train_head, name) for name in train_head["heads"]},
-                   extract=extract, baseline=bool(deploy.get("baseline", True)),
-                   hybrid=bool(deploy.get("hybrid", True)))
+                   weights=weights, extract=extract)

@@ -3,7 +3,11 @@ stage takes from its `cmd` in dvc.yaml (its input and output paths: the library 
 
 Importing this module moves the process to the project root (where DVC runs the stages anyway): files are named
 by paths relative to the project, so the metrics and reports the stages write hold no machine-specific absolute
-paths and `dvc metrics diff` between two clones shows only real differences.
+paths and `dvc metrics diff` between two clones shows only real differences. It also routes timings
+(featurestore.utils.timings): the seconds a stage took, and anything else about the run rather than its inputs,
+go to the git-ignored folder ``timings/`` (the same paths inside it), which no stage declares, so that every DVC
+output is a function of its inputs alone and a stage rerun on the same inputs rewrites the same bytes. Set
+FEATURESTORE_TIMINGS to another folder to move them, or to an empty value to keep them in the outputs.
 """
 
 from __future__ import annotations
@@ -16,11 +20,78 @@ import yaml
 
 os.chdir(Path(__file__).resolve().parent.parent)
 ROOT = Path(".")
+os.environ.setdefault("FEATURESTORE_TIMINGS", "timings")  # featurestore.utils.timings.TIMINGS_VARIABLE
 
 
-def load_params(section: str, params: Path = ROOT / "params.yaml") -> dict:
+# Where a stage notes the params keys it read (a test runs the pipeline with it set, and checks every key against the
+# stage's declared params in dvc.yaml): one JSON line per stage run, {"cmd", "keys"}.
+READ_LOG_VARIABLE = "FEATURESTORE_PARAMS_READ"
+_READ: set[str] = set()
+
+
+class ReadParams(dict):
+    """A params.yaml mapping that notes the dotted key of every value read (``[]``, ``get``; iterating or copying
+    it reads the whole mapping), so that what a stage reads can be checked against what it declares."""
+
+    def __init__(self, values: dict, prefix: str):
+        super().__init__(values)
+        self.prefix = prefix
+
+    def _wrap(self, key, value):
+        dotted = f"{self.prefix}.{key}"
+        if isinstance(value, dict):
+            return ReadParams(value, dotted)
+        _READ.add(dotted)
+        return value
+
+    def __getitem__(self, key):
+        return self._wrap(key, super().__getitem__(key))
+
+    def get(self, key, default=None):
+        if key in self:
+            return self._wrap(key, super().__getitem__(key))
+        _READ.add(f"{self.prefix}.{key}")  # asking whether it is there is a read: adding it changes the result
+        return default
+
+    def __iter__(self):
+        _READ.add(self.prefix)
+        return super().__iter__()
+
+    def items(self):
+        _READ.add(self.prefix)
+        return super().items()
+
+    def values(self):
+        _READ.add(self.prefix)
+        return super().values()
+
+    def keys(self):
+        _READ.add(self.prefix)
+        return super().keys()
+
+
+def _log_reads() -> None:
+    import json
+    import sys
+
+    with open(os.environ[READ_LOG_VARIABLE], "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"cmd": " ".join(["python", *sys.argv]), "keys": sorted(_READ)}) + "\n")
+
+
+if os.environ.get(READ_LOG_VARIABLE):
+    import atexit
+
+    atexit.register(_log_reads)
+
+
+def load_params(section: str, params: Path = ROOT / "params.yaml"):
+    """One section of params.yaml; every key the stage reads from it is noted (:class:`ReadParams`)."""
     with open(params, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)[section]
+        value = yaml.safe_load(handle)[section]
+    if isinstance(value, dict):
+        return ReadParams(value, section)
+    _READ.add(section)
+    return value
 
 
 def stage_arguments(doc: str, positional: tuple[str, ...], paths: dict[str, str]) -> argparse.Namespace:

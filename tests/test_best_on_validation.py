@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featurestore import FeatureStore
-from featurestore.configs import FinetuneStageOptions, HeadConfig, Tokenization
+from featurestore.configs import HeadConfig, Tokenization
 from featurestore.data.prepare import bbc_news_dir
 from featurestore.data.sources import scan_source
 from featurestore.deploy.baseline_export import export_baseline_onnx
@@ -20,12 +20,11 @@ from featurestore.deploy.predict import OnnxClassifier, predict, read_model_meta
 from featurestore.extract import extract_features
 from featurestore.heads import train_head
 from featurestore.heads.baseline import decode_pixels, evaluate_model, fit_baseline, load_baseline, read_texts
+from featurestore.heads.head import load_head
 from featurestore.heads.reports import deployment_table
-from featurestore.transfer.best import best_on_validation
-from featurestore.transfer.decision import run_finetune_stage
+from featurestore.transfer.best import best_on_validation, run_challenger_stage, run_verdict_stage
 from featurestore.transfer.probe import records_for, split_rows
 
-RISING = {"plateaued": False, "reason": "still rising"}
 HEADS = {"logreg": HeadConfig(c_min=1e-3, c_max=1e2, c_points=6, n_jobs=1)}
 
 
@@ -86,6 +85,16 @@ def coded_corpus(root, per_split=(10, 6, 4), seed=0):
     return root
 
 
+def challengers_then_verdict(head, data, root, kinds=("baseline", "hybrid")) -> dict:
+    """The pipeline's challenger stages (``root/challengers/<kind>``) and verdict stage (``root/verdict/minilm_l6``)
+    over one cache-only head, with no fine-tuned backbone."""
+    store = load_head(head).store_path
+    for kind in kinds:
+        run_challenger_stage(kind, "minilm_l6", store, root / "challengers" / kind, data)
+    return run_verdict_stage([head], None, [root / "challengers" / kind for kind in kinds],
+                             root / "verdict" / "minilm_l6", data)
+
+
 @pytest.fixture(scope="module")
 def coded(tmp_path_factory):
     root = tmp_path_factory.mktemp("coded")
@@ -100,16 +109,13 @@ def coded(tmp_path_factory):
 @pytest.mark.slow
 def test_the_baseline_wins_on_validation_is_named_deployed_exported_and_predicted(coded, tmp_path):
     root, data, store, head = coded
-    out = tmp_path / "finetune" / "minilm_l6"
-    decision = run_finetune_stage("minilm_l6", head, data, out, RISING,
-                                  FinetuneStageOptions(mode="never", heads=HEADS, hybrid=True),
-                                  cache_only_heads={"logreg": head})
-    written = json.loads((out / "decision.json").read_text())
-    assert written["hybrid"]["file"] == "hybrid.skops" and (out / "hybrid.skops").is_file()
+    out = tmp_path / "verdict" / "minilm_l6"
+    written = challengers_then_verdict(head, data, tmp_path)
+    assert json.loads((tmp_path / "challengers" / "hybrid" / "status.json").read_text())["fitted"]
     assert written["candidates"]["minilm_l6__hybrid"]["kind"] == "hybrid"  # a candidate; at a tie the baseline wins
-    assert written == json.loads(json.dumps(decision))
-    assert written["chosen"] == "probe" and not written["finetuned"]  # the fine-tune decision is untouched
-    deployed, baseline = written["deployed"], written["baseline"]
+    assert written == json.loads((out / "verdict.json").read_text())
+    deployed = written["deployed"]
+    baseline = load_baseline(tmp_path / "challengers" / "baseline" / "baseline.skops").summary()
     encoder_val = written["candidates"]["minilm_l6__logreg"]["val"]
     assert baseline["name"] == "minilm_l6__tfidf_logreg" and baseline["val_accuracy"] == 1.0
     assert encoder_val < 0.8  # the encoder does not see the codes
@@ -119,9 +125,10 @@ def test_the_baseline_wins_on_validation_is_named_deployed_exported_and_predicte
 
     # export ships the baseline: one graph on raw strings, checked against scikit-learn
     source = deployed_model(out / "deployed.json")
-    assert source == out / "baseline.skops" == deployed_model(out / "decision.json")
+    assert source == tmp_path / "challengers" / "baseline" / "baseline.skops" == deployed_model(out / "verdict.json")
     assert json.loads((out / "deployed.json").read_text()) == {
-        "name": "minilm_l6__tfidf_logreg", "model": "baseline", "file": "baseline.skops", "sha256": deployed["sha256"]}
+        "name": "minilm_l6__tfidf_logreg", "model": "baseline", "file": "../../challengers/baseline/baseline.skops",
+        "sha256": deployed["sha256"]}
     report = export_model(source, tmp_path / "model.onnx")
     assert report["check"]["labels_equal"] and report["check"]["max_probability_diff"] < 1e-4
     meta = read_model_metadata(tmp_path / "model.onnx")
@@ -163,17 +170,14 @@ def test_the_encoder_that_wins_on_validation_stays_deployed(tmp_path):
     extract_features(data, store, "minilm_l6", tokenization=Tokenization(max_length=64), batch_size=16, workers=0,
                      progress=False)
     head = train_head(store, HEADS["logreg"]).save(tmp_path / "heads" / "minilm_l6__logreg.skops")
-    out = tmp_path / "finetune" / "minilm_l6"
-    decision = run_finetune_stage("minilm_l6", head, data, out, RISING, FinetuneStageOptions(heads=HEADS, hybrid=False),
-                                  cache_only_heads={"logreg": head})
-    deployed = decision["deployed"]
+    verdict = challengers_then_verdict(head, data, tmp_path / "baseline_only", kinds=("baseline",))
+    deployed = verdict["deployed"]
     assert deployed["model"] == "encoder" and deployed["best_encoder_val"] > deployed["baseline_val"]
-    assert decision["chosen"] == "probe" and decision["reason"] == "still rising"
-    assert deployed_model(out / "deployed.json") == head and deployed["name"] == "minilm_l6__logreg"
-    assert "**minilm_l6__logreg** (encoder)" in deployment_table({"minilm_l6": decision})
+    record = tmp_path / "baseline_only" / "verdict" / "minilm_l6" / "deployed.json"
+    assert deployed_model(record) == head and deployed["name"] == "minilm_l6__logreg"
+    assert "**minilm_l6__logreg** (encoder)" in deployment_table({"minilm_l6": verdict})
 
-    with_hybrid = run_finetune_stage("minilm_l6", head, data, tmp_path / "with_hybrid", RISING,
-                                     FinetuneStageOptions(heads=HEADS), cache_only_heads={"logreg": head})["deployed"]
+    with_hybrid = challengers_then_verdict(head, data, tmp_path / "with_hybrid")["deployed"]
     test = with_hybrid["test"]
     assert test["candidate"] == "minilm_l6__hybrid" and test["paired"] and test["n"] == 30
     assert test["candidate_val"] > max(test["incumbent_val"], with_hybrid["baseline_val"]) and not test["beats"]

@@ -21,8 +21,8 @@ from featurestore.heads.head import load_head
 from featurestore.heads.train import train_head
 from featurestore.store.hdf5 import SplitArrays, write_store
 from featurestore.transfer import decision as decision_module
-from featurestore.transfer.best import verdict
-from featurestore.transfer.decision import ALPHA, choose, run_finetune_stage, should_finetune
+from featurestore.transfer.best import run_verdict_stage, verdict
+from featurestore.transfer.decision import ALPHA, choose, run_finetune_stage, should_finetune, train_finetuned_head
 from featurestore.transfer.training import TrainResult
 
 PLATEAUED = {"plateaued": True, "reason": "flat"}
@@ -259,8 +259,19 @@ def test_deployed_model_ships_exactly_the_file_the_verdict_measured(tmp_path, ca
         deployed_model(tmp_path / "old.json")
 
 
-def test_the_stage_compares_the_fine_tuned_heads_before_deploying_them(tmp_path, cache_only_heads, monkeypatch):
-    """The stage with fine-tuning and extraction replaced by stand-ins (the slow test below runs the real ones):
+def finetuned_heads_then_verdict(backbone: str, cache_only: dict, finetune_dir, root, data=None) -> dict:
+    """What the pipeline runs after its finetune stage: one ``train_head_ft`` stage per head (into
+    ``root/finetune_heads/<backbone>__<head>/``), then the verdict stage (into ``root/verdict/<backbone>``)."""
+    folders = []
+    for name, config in HEADS.items():
+        folder = root / "finetune_heads" / f"{backbone}__{name}"
+        train_finetuned_head(backbone, config, finetune_dir, folder)
+        folders.append(folder)
+    return run_verdict_stage(list(cache_only.values()), finetune_dir, folders, root / "verdict" / backbone, data)
+
+
+def test_the_fine_tuned_heads_are_candidates_of_the_verdict_stage(tmp_path, cache_only_heads, monkeypatch):
+    """The stages with fine-tuning and extraction replaced by stand-ins (the slow test below runs the real ones):
     a fine-tuned network that clearly wins, whose features are better for logreg and worse for linear_svm."""
     val = FeatureStore(tmp_path / "features" / "demo.h5")
     truth = val.labels("val")
@@ -272,29 +283,33 @@ def test_the_stage_compares_the_fine_tuned_heads_before_deploying_them(tmp_path,
         result = result_with(truth, start, epochs)
         return types.SimpleNamespace(**vars(result), cache_seconds=0.0, train_ids=["a", "b"])
 
-    def adopt(backbone, out, data, heads, extract_options, progress):
-        stores = {"logreg": synthetic_store(out / "features.h5", f"{backbone}_ft", separation=3.0, seed=1),
-                  "linear_svm": synthetic_store(out / "worse.h5", f"{backbone}_ft", separation=0.3, seed=2)}
-        trained = {name: train_head(stores[name], config) for name, config in heads.items()}
-        for name, head in trained.items():
-            head.save(out / "heads" / f"{backbone}_ft__{name}.skops")
-        return trained
+    def adopt(backbone, out, data, extract_options, progress):
+        return synthetic_store(out / "features.h5", f"{backbone}_ft", separation=3.0, seed=1)
 
     monkeypatch.setitem(sys.modules, "featurestore.transfer.finetune", types.SimpleNamespace(finetune=finetune))
     monkeypatch.setattr(decision_module, "adopt_finetuned", adopt)
     out = tmp_path / "finetune" / "demo"
-    decision = run_finetune_stage("demo", cache_only_heads["logreg"], tmp_path / "data", out, PLATEAUED,
-                                  FinetuneStageOptions(heads=HEADS, baseline=False, hybrid=False),  # synthetic
-                                  cache_only_heads=cache_only_heads)  # stores: no items for a baseline
+    decision = run_finetune_stage("demo", cache_only_heads["logreg"], tmp_path / "data", out, PLATEAUED)
     written = json.loads((out / "decision.json").read_text())
     assert written == json.loads(json.dumps(decision)) and written["chosen"] == "finetuned"
-    deployed = written["deployed"]
+    assert "deployed" not in written  # the verdict is a stage of its own
+    verdict = finetuned_heads_then_verdict("demo", cache_only_heads, out, tmp_path)
+    deployed = verdict["deployed"]
     assert deployed["incumbent"] == "demo_ft__logreg"  # the kept fine-tune's logreg: it passed the rule already
-    assert set(written["candidates"]) == {"demo__logreg", "demo__linear_svm", "demo_ft__logreg",
+    assert set(verdict["candidates"]) == {"demo__logreg", "demo__linear_svm", "demo_ft__logreg",
                                           "demo_ft__linear_svm"}
-    assert deployed["name"] == "demo_ft__logreg" and deployed["file"] == "heads/demo_ft__logreg.skops"
-    assert written["candidates"]["demo__logreg"]["file"] == "../../heads/demo__logreg.skops"
-    assert deployed_model(out / "deployed.json") == out / "heads" / "demo_ft__logreg.skops"
+    assert deployed["name"] == "demo_ft__logreg"
+    assert deployed["file"] == "../../finetune_heads/demo__logreg/demo_ft__logreg.skops"
+    assert verdict["candidates"]["demo__logreg"]["file"] == "../../heads/demo__logreg.skops"
+    record = tmp_path / "verdict" / "demo" / "deployed.json"
+    assert deployed_model(record) == tmp_path / "finetune_heads" / "demo__logreg" / "demo_ft__logreg.skops"
+    # the fine-tune dropped since: its heads' stages train nothing, and the verdict weighs the cache-only heads
+    written["chosen"] = "probe"
+    (out / "decision.json").write_text(json.dumps(written))
+    again = finetuned_heads_then_verdict("demo", cache_only_heads, out, tmp_path)
+    assert set(again["candidates"]) == {"demo__logreg", "demo__linear_svm"}
+    assert not list((tmp_path / "finetune_heads").glob("*/*.skops"))
+    assert json.loads((tmp_path / "finetune_heads" / "demo__logreg" / "status.json").read_text())["trained"] is False
 
 
 # -- the real stage on a tiny project --------------------------------------------------------------------------
@@ -325,23 +340,24 @@ def test_the_stage_skips_fine_tunes_chooses_and_deploys(project):
                             workers=0)
 
     def finetuned_head(name):
-        return out / "heads" / f"efficientnet_lite0_ft__{name}.skops"
-
-    def deployed():
-        return deployed_model(out / "deployed.json")
+        folder = project / "data" / "finetune_heads" / f"efficientnet_lite0__{name}"
+        return folder / f"efficientnet_lite0_ft__{name}.skops"
 
     def stage(plateau, mode, stage_config=config):
-        return run_finetune_stage("efficientnet_lite0", head_path, data, out, plateau,
-                                  FinetuneStageOptions(mode=mode, config=stage_config, heads=HEADS, extract=options,
-                                                       device="cpu"), cache_only_heads=cache_only)
+        decision = run_finetune_stage("efficientnet_lite0", head_path, data, out, plateau,
+                                      FinetuneStageOptions(mode=mode, config=stage_config, extract=options,
+                                                           device="cpu"))
+        verdict = finetuned_heads_then_verdict("efficientnet_lite0", cache_only, out, project / "data", data)
+        return decision, verdict["deployed"], deployed_model(project / "data" / "verdict" / "efficientnet_lite0" /
+                                                              "deployed.json")
 
-    skipped = stage(RISING, "auto")  # skips: the curve still rises
+    skipped, deployed, shipped = stage(RISING, "auto")  # skips: the curve still rises
     assert not skipped["finetuned"] and skipped["chosen"] == "probe" and not (out / "weights.pth").exists()
     assert json.loads((out / "decision.json").read_text())["reason"] == "still rising"
-    assert skipped["deployed"]["incumbent"] == "efficientnet_lite0__logreg"
-    assert deployed() == heads_dir / f"{skipped['deployed']['name']}.skops"  # a cache-only head either way
+    assert deployed["incumbent"] == "efficientnet_lite0__logreg"
+    assert shipped == heads_dir / f"{deployed['name']}.skops"  # a cache-only head either way
 
-    ran = stage(RISING, "always")  # fine-tunes, and chooses by the rule, on a probe that was not handicapped
+    ran, deployed, shipped = stage(RISING, "always")  # fine-tunes, and chooses by the rule, on an unhandicapped probe
     assert ran["finetuned"] and ran["reason"] == "mode is always" and (out / "weights.pth").is_file()
     choice = ran["choice"]
     assert choice["rule"] == "max_gain" and choice["gain"]["candidates"] == ran["result"]["epochs_run"]
@@ -350,31 +366,30 @@ def test_the_stage_skips_fine_tunes_chooses_and_deploys(project):
     assert (out / "trunk.h5").is_file()  # kept: the next run reuses it
     if ran["chosen"] == "finetuned":  # the fine-tuned logreg is the incumbent, every head on both backbones challenges
         assert FeatureStore(out / "features.h5").fingerprint["backbone"] == "efficientnet_lite0_ft"
-        assert ran["deployed"]["incumbent"] == "efficientnet_lite0_ft__logreg"
-        assert all(finetuned_head(name).is_file() for name in HEADS) and len(ran["candidates"]) == 2 * len(HEADS)
+        assert deployed["incumbent"] == "efficientnet_lite0_ft__logreg"
+        assert all(finetuned_head(name).is_file() for name in HEADS)
     else:  # the cache-only heads alone; the fine-tuned network was not adopted
-        assert not (out / "heads").exists() and not (out / "features.h5").exists()
-        assert ran["deployed"]["incumbent"] == "efficientnet_lite0__logreg"
-    assert ran["deployed"]["n"] == 50 and deployed().is_file()
-    assert deployed() in {*cache_only.values(), *(finetuned_head(name) for name in HEADS)}
+        assert not any(finetuned_head(name).exists() for name in HEADS) and not (out / "features.h5").exists()
+        assert deployed["incumbent"] == "efficientnet_lite0__logreg"
+    assert deployed["n"] == 50 and shipped.is_file()
+    assert shipped in {*cache_only.values(), *(finetuned_head(name) for name in HEADS)}
 
-    never = stage(PLATEAUED, "never", replace(config, epochs=1))
-    assert never["chosen"] == "probe" and not (out / "heads").exists() and not (out / "backbone.json").exists()
-    assert deployed() in set(cache_only.values())
+    never, deployed, shipped = stage(PLATEAUED, "never", replace(config, epochs=1))
+    assert never["chosen"] == "probe" and not (out / "backbone.json").exists()
+    assert not any(finetuned_head(name).exists() for name in HEADS) and shipped in set(cache_only.values())
 
 
 def test_the_stage_options_resolve_the_params_sections_once():
     import yaml
 
     params = yaml.safe_load(open("params.yaml"))
-    text = FinetuneStageOptions.from_params(params["finetune"]["minilm_l6"], params["train_head"],
-                                            {**params["extract"]["minilm_l6"], "weights": "w.pt"}, params["deploy"])
+    text = FinetuneStageOptions.from_params(params["finetune"]["minilm_l6"],
+                                            {**params["extract"]["minilm_l6"], "weights": "w.pt"})
     assert text.methods == ("probe_finetune", "setfit") and text.setfit.iterations == 20
     assert text.weights == "w.pt" and "weights" not in text.extract and "on_error" not in text.extract
-    assert list(text.heads) == params["train_head"]["heads"] and text.heads["linear_svm"].c_max == 1.0
-    assert text.config.unfreeze_blocks == 2 and text.mode == "auto" and text.baseline and text.hybrid
-    image = FinetuneStageOptions.from_params(params["finetune"]["efficientnet_lite0"], params["train_head"],
-                                             params["extract"]["efficientnet_lite0"], {"hybrid": False})
-    assert image.methods == ("probe_finetune",) and image.extract["image_size"] == 112 and not image.hybrid
+    assert text.config.unfreeze_blocks == 2 and text.mode == "auto"
+    image = FinetuneStageOptions.from_params(params["finetune"]["efficientnet_lite0"],
+                                             params["extract"]["efficientnet_lite0"])
+    assert image.methods == ("probe_finetune",) and image.extract["image_size"] == 112
     with pytest.raises(FeaturestoreError, match="mode"):
         FinetuneStageOptions(mode="sometimes")

@@ -314,7 +314,7 @@ def test_the_finetune_stage_trains_on_the_probes_rows_despite_an_unreadable_imag
 
     data, store, head_path = broken
     plateau = {"plateaued": False, "reason": "still rising"}
-    options = FinetuneStageOptions(mode="always", config=replace(CONFIG, epochs=1), heads={}, device="cpu",
+    options = FinetuneStageOptions(mode="always", config=replace(CONFIG, epochs=1), device="cpu",
                                    extract={"image_size": 64, "crop_pct": 1.0, "workers": 0})
     decision = run_finetune_stage("efficientnet_lite0", head_path, data, tmp_path / "stage", plateau, options)
     assert decision["finetuned"]

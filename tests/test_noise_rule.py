@@ -132,21 +132,21 @@ def test_a_plateau_needs_the_split_that_can_show_one():
 
 # -- through the real stage: the pixel baseline against a Lite0 head on 10 validation images ---------------------
 
-def test_deploy_best_tests_the_per_item_answers_of_train_only_fits(fashion_folder_master, lite0_small, tmp_path,
+def test_the_verdict_stage_tests_the_per_item_answers_of_train_only_fits(fashion_folder_master, lite0_small, tmp_path,
                                                                   caplog):
     from featurestore import FeatureStore
     from featurestore.configs import HeadConfig
     from featurestore.extract import extract_features
     from featurestore.heads import train_head
     from featurestore.heads.head import load_head
-    from featurestore.transfer.best import deploy_best, val_answers
+    from featurestore.transfer.best import run_challenger_stage, run_verdict_stage, val_answers
 
     store = tmp_path / "features" / "efficientnet_lite0.h5"
     extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
     head = train_head(store, HeadConfig(c_points=4, n_jobs=1)).save(tmp_path / "heads" / "lite0__logreg.skops")
     with caplog.at_level(logging.WARNING, logger="featurestore"):
-        added = deploy_best("efficientnet_lite0", fashion_folder_master, tmp_path, {"logreg": head}, {},
-                            hybrid=False)
+        run_challenger_stage("baseline", "efficientnet_lite0", store, tmp_path / "baseline", fashion_folder_master)
+        added = run_verdict_stage([head], None, [tmp_path / "baseline"], tmp_path / "verdict", fashion_folder_master)
     deployed, test = added["deployed"], added["deployed"]["test"]
     assert test["paired"] is True and test["n"] == 10 and test["candidates"] == 1
     # the paired answers are those of train-only fits: the baseline's give its own figure, the head's a fresh fit's

@@ -132,7 +132,9 @@ def test_sweeps_on_a_dask_cluster_choose_the_same_c_and_coefficients(tmp_path):
         ids = [f"{name}{i:060d}" for i in range(len(labels))]
         splits[name] = SplitArrays(features, labels.astype(np.int64), ids, ids)
     path = write_store(tmp_path / "s.h5", {"backbone": "synthetic", "feature_dim": 32}, list("abcd"), splits)
-    config = HeadConfig(c_min=1e-3, c_max=1e2, c_points=8, n_jobs=1)
+    # up to 10: converged fits score 0.625 on val at C = 0.316 and again at C >= 100 (a tie that would put the best C
+    # on a larger grid's edge)
+    config = HeadConfig(c_min=1e-3, c_max=1e1, c_points=8, n_jobs=1)
     local = train_head(path, config)  # in-process: one segment, warm-started along the whole grid
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       host="127.0.0.1") as cluster:
@@ -141,12 +143,12 @@ def test_sweeps_on_a_dask_cluster_choose_the_same_c_and_coefficients(tmp_path):
         remote = train_head(path, config, scheduler=cluster.scheduler_address)
         workers = set(cluster.scheduler.workers)
     # the sweep really ran on the cluster: its segments as tasks, on both worker processes
-    segments = [worker for key, worker in finished.tasks if "_sweep_segment" in key]
+    segments = [worker for key, worker in finished.tasks if "sweep_segment" in key]
     assert remote.config.n_jobs == 2 and len(segments) == 2 and set(segments) == workers
     assert local.c_grid["extended"] is None and local.c_grid["on_edge"] is None
     # cut into two segments on two machines, it finds what one local segment finds
     assert [(p["C"], p["val_accuracy"]) for p in remote.sweep] == [(p["C"], p["val_accuracy"]) for p in local.sweep]
-    assert remote.C == local.C and 1e-3 < local.C < 1e2
+    assert remote.C == local.C and 1e-3 < local.C < 1e1
     local_coef = local.estimator.named_steps["classify"].coef_
     assert np.array_equal(remote.estimator.named_steps["classify"].coef_, local_coef)
 

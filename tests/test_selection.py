@@ -35,7 +35,7 @@ def test_choose_c_is_the_protocol_with_the_smallest_c_among_ties():
     assert choose_c(sweep) == 1e-2
 
 
-class ScalingChosenFamily(families.CSweptFamily):
+class ScalingChosenFamily(families.InMemoryFamily):
     """A head with two settings: C, and whether features are L2-normalised first, both chosen on validation."""
 
     prefer = (("l2", "min"), ("C", "min"))
@@ -75,6 +75,7 @@ def test_a_family_with_its_own_settings_trains_records_and_refits_through_the_pr
     monkeypatch.setitem(families._FAMILIES, "logreg", ScalingChosenFamily())
     head = train_head(direction_store, HeadConfig(head="logreg"))
     assert head.settings["l2"] == 1  # chosen on validation, with the C chosen beside it
+    assert isinstance(head.estimator.named_steps["scale"], Normalizer)  # and refitted with those settings
     assert head.val_accuracy == max(p["val_accuracy"] for p in head.sweep) and head.val_accuracy > 0.9
     assert head.summary()["settings"] == head.settings and head.C == head.settings["C"]
     again = load_head(head.save(tmp_path / "h.skops"))

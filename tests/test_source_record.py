@@ -131,7 +131,7 @@ def test_a_schema_1_folder_store_falls_back_to_its_recorded_folder(tmp_path):
 def test_the_evaluate_stage_scores_baseline_and_hybrid_on_a_csv_manifest_store(tmp_path):
     """The DVC stage script itself, in a project of its own whose params.yaml names a CSV manifest as the data."""
     from featurestore.heads.reports import write_head_report
-    from featurestore.transfer.best import deploy_best
+    from featurestore.transfer.best import run_challenger_stage, run_verdict_stage
 
     project = tmp_path / "project"
     (project / "pipelines").mkdir(parents=True)
@@ -150,12 +150,16 @@ def test_the_evaluate_stage_scores_baseline_and_hybrid_on_a_csv_manifest_store(t
     extract(manifest, store)
     head = train_head(store, head_config())
     head_path = head.save(project / "data" / "heads" / "minilm_l6__logreg.skops")
-    reports, finetune = project / "data" / "reports", project / "data" / "finetune"
+    data = project / "data"
+    reports, challengers = data / "reports", data / "challengers" / "minilm_l6"
     write_head_report(head, FeatureStore(store), reports)
-    added = deploy_best("minilm_l6", manifest, finetune / "minilm_l6", {"logreg": head_path}, {})
-    assert added["baseline"] and added["hybrid"]
+    for kind in ("baseline", "hybrid"):  # the pipeline's challenger stages, on the manifest the store records
+        assert run_challenger_stage(kind, "minilm_l6", store, challengers / kind)["fitted"]
+    run_verdict_stage([head_path], None, [challengers / "baseline", challengers / "hybrid"],
+                      data / "verdict" / "minilm_l6")
     result = subprocess.run([sys.executable, str(project / "pipelines" / "evaluate.py"), "--reports", reports,
-                             "--finetune", finetune], capture_output=True, text=True)
+                             "--finetune-heads", data / "finetune_heads", "--challengers", data / "challengers",
+                             "--verdicts", data / "verdict"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((reports / "metrics.json").read_text())
     assert {"minilm_l6__logreg", "minilm_l6__tfidf_logreg", "minilm_l6__hybrid"} <= set(metrics)

@@ -235,11 +235,11 @@ def test_finetuned_tv_backbone_is_adopted_and_exported_through_its_entry(mobilen
     stage.mkdir()
     finetune(head, fashion_folder_master, stage / "weights.pth", replace(CONFIG, epochs=1), weights=mobilenet_weights,
              device="cpu", progress=False)
-    adopt_finetuned("tv:mobilenet_v2", stage, fashion_folder_master, {"logreg": HEAD},
-                    {"image_size": SIZE, "crop_pct": 1.0, "workers": 0})
+    store = adopt_finetuned("tv:mobilenet_v2", stage, fashion_folder_master,
+                            {"image_size": SIZE, "crop_pct": 1.0, "workers": 0})
     assert json.loads((stage / "backbone.json").read_text()) == {
         "name": "tv:mobilenet_v2_ft", "base": "tv:mobilenet_v2", "weights": "weights.pth"}
-    head_path = stage / "heads" / "tv:mobilenet_v2_ft__logreg.skops"
+    head_path = train_head(store, HEAD).save(stage / "heads" / "tv:mobilenet_v2_ft__logreg.skops")
     assert load_head(head_path).fingerprint["backbone"] == "tv:mobilenet_v2_ft"
     result = subprocess.run(
         [sys.executable, "-m", "featurestore.cli", "export", "--head", str(head_path), "--out",

@@ -42,13 +42,15 @@ class Record:
 class Source:
     """A scanned data set: records in a stable order, the class names that labels index, and the files
     that cannot be used at all (``unusable``: ``[{path, reason}]``, e.g. names that are not UTF-8).
-    ``manifest``: the manifest file it was read from (None: the folder tree ``root``)."""
+    ``manifest``: the manifest file it was read from (None: the folder tree ``root``). ``split_rule``: the
+    val/test splits made for it (``splits.SplitRule.to_dict()``; None: its own splits)."""
 
     root: Path
     class_names: list[str]
     records: list[Record]
     unusable: list[dict] = field(default_factory=list)
     manifest: Path | None = None
+    split_rule: dict | None = None
 
     @property
     def splits(self) -> list[str]:
@@ -224,7 +226,8 @@ def read_manifest(manifest: Path) -> Source:
 
 
 def scan_source(data: str | Path) -> Source:
-    """A folder tree (a directory) or a CSV manifest (a ``.csv`` file)."""
+    """A folder tree (a directory) or a CSV manifest (a ``.csv`` file). (``splits.scan_with_splits`` also makes
+    the val/test splits a store records.)"""
     data = Path(data)
     if not data.exists():
         raise DataError(f"{data}: data folder or manifest not found")
@@ -257,6 +260,13 @@ def nested_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     order = np.random.default_rng(seed).permutation(len(labels))
     picked = [order[labels[order] == cls][:per_class] for cls in np.unique(labels)]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def budget_shortfall(labels: np.ndarray, per_class: int) -> dict[int, int]:
+    """Classes (label → items it has) with fewer than ``per_class`` items in labels (N,) int: where a label budget
+    is capped, since :func:`nested_subset` then takes all of them."""
+    classes, counts = np.unique(np.asarray(labels), return_counts=True)
+    return {int(c): int(n) for c, n in zip(classes, counts, strict=True) if n < per_class}
 
 
 def rows_for_ids(available: np.ndarray, wanted: np.ndarray, where: str) -> np.ndarray:

@@ -37,7 +37,8 @@ from ..errors import ExportError
 from ..heads.estimators import fold_scaler
 from ..heads.head import TrainedHead, load_head
 from ..heads.scaling import FeatureScaler
-from ..utils.atomic import atomic_path, write_text_atomic
+from ..utils.atomic import atomic_path
+from ..utils.timings import write_json
 from .predict import FLOAT32_SHA256_KEY, PRECISION_KEY, VARIANT_NAMES, OnnxClassifier, file_sha256, variant_path
 
 MAX_PROBABILITY_DIFF = 1e-4
@@ -623,7 +624,7 @@ def export_onnx(head: TrainedHead | str | Path, out: str | Path, backbone: str |
                                               calibration_rows)
         problems += [problem] if problem else []
     report["seconds"] = round(time.perf_counter() - started, 2)
-    write_text_atomic(Path(str(out) + ".report.json"), json.dumps(report, indent=2) + "\n")
+    write_json(Path(str(out) + ".report.json"), report)  # timings routed: its seconds go to the timings folder
     if problems:
         raise ExportError("; ".join(problems))
     return report

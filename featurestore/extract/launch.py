@@ -7,7 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..configs import Tokenization
-from ..data.sources import Source, scan_source
+from ..data.sources import Source
+from ..data.splits import make_splits, scan_with_splits
 from ..encode.backbones import (
     DEFAULT_BACKBONE,
     FeatureModel,
@@ -43,7 +44,7 @@ def extract_features(data: str | Path | Source, out: str | Path, backbone: str =
     """
     options = ExtractOptions.of(options, **keywords)
     spec = None if model is not None else get_spec(backbone)  # an unknown name fails before any file is read
-    source = data if isinstance(data, Source) else scan_source(data)
+    source = make_splits(data, options.splits) if isinstance(data, Source) else scan_with_splits(data, options.splits)
     options = replace(options, device=options.torch_device())  # resolved once: every layer below runs on it
     if spec is not None and spec.kind == "text":
         encoder = text_encoder(spec, options)

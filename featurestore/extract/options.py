@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..configs import ON_DUPLICATE_CHOICES, ON_ERROR_CHOICES, Tokenization
+from ..configs import ON_DUPLICATE_CHOICES, ON_ERROR_CHOICES, SplitRule, Tokenization
 from ..store.hdf5 import DTYPES
 from ..utils.devices import resolve_device
 from ..utils.validation import check_choice, check_range
@@ -23,7 +23,8 @@ class ExtractOptions:
     ``engine`` ``auto``, ``torch`` or ``onnxruntime``; ``dtype`` the store's (float32 or float16). ``on_error``
     (``skip``/``fail``) decides what an item that cannot be read or decoded does, ``on_duplicate``
     (``warn``/``error``/``keep``) what identical files in two splits or under two labels do. ``wait=False`` fails at
-    once when another process holds the store; ``progress`` shows progress bars.
+    once when another process holds the store; ``progress`` shows progress bars. ``splits``: the val/test splits to
+    make for data that lacks them (:class:`~featurestore.data.splits.SplitRule`, recorded in the store).
     """
 
     weights: str | Path | None = None
@@ -39,6 +40,7 @@ class ExtractOptions:
     wait: bool = True
     progress: bool = True
     tokenization: Tokenization | None = None
+    splits: SplitRule | None = None
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, DTYPES)

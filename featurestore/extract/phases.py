@@ -371,9 +371,10 @@ def source_record(source: Source, out: Path) -> dict:
     clones and moves of the whole project)."""
     origin = source.manifest if source.manifest is not None else source.root
     path = Path(os.path.relpath(Path(origin).resolve(), out.parent.resolve())).as_posix()
+    made = {"splits": source.split_rule} if source.split_rule else {}
     if source.manifest is None:
-        return {"kind": "folder", "path": path, "sha256": None}
-    return {"kind": "manifest", "path": path, "sha256": content_id(source.manifest)}
+        return {"kind": "folder", "path": path, "sha256": None, **made}
+    return {"kind": "manifest", "path": path, "sha256": content_id(source.manifest), **made}
 
 
 def assemble_store(plan: ExtractionPlan, encoder: Encoder, new: dict[str, np.ndarray], failures: dict[str, str],

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
 from ..errors import FeaturestoreError
-from .estimators import build_estimator, grid_report, sweep_c
+from .estimators import build_estimator, fit_estimator, grid_report, sweep_c
 from .selection import Fitted, HeadFamily
 from .streaming import train_streaming_head
 
@@ -45,15 +45,23 @@ class InMemoryFamily(HeadFamily):
         check_two_classes(store, y)
         sweep = self.sweep(config, X, y, Xv, yv, progress)
         settings = self.choose(sweep)
+        estimator = self.refit(config, settings, np.concatenate([X, Xv]), np.concatenate([y, yv]))
+        return Fitted(estimator, settings, sweep, len(y) + len(yv), self.report(config, sweep))
+
+    def refit(self, config, settings: dict, X: np.ndarray, y: np.ndarray):
+        """The head at the chosen ``settings``, fitted on train+val rows X (N, D) float32, y (N,) int."""
         estimator = self.build(config, settings)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            estimator.fit(np.concatenate([X, Xv]), np.concatenate([y, yv]))
-        return Fitted(estimator, settings, sweep, len(y) + len(yv), self.report(config, sweep))
+            return estimator.fit(X, y)
 
 
 class CSweptFamily(InMemoryFamily):
-    """Scaler + linear or kernel classifier, its C chosen on validation."""
+    """Scaler + linear or kernel classifier, its C chosen on validation, refitted by ``estimators.fit_estimator``
+    (small problems on one BLAS thread; linear_svm's calibration folds by its sweep's solver)."""
+
+    def refit(self, config, settings, X, y):
+        return fit_estimator(config, settings["C"], X, y)
 
     def sweep(self, config, X, y, Xv, yv, progress):
         return sweep_c(config, X, y, Xv, yv, progress=progress)

@@ -61,6 +61,9 @@ class TrainedHead(EstimatorModel):
     # The settings its family chose on validation (selection.py), e.g. {"C": 0.01}; heads saved before the
     # protocol recorded it have C alone.
     settings: dict = field(default_factory=dict)
+    # The head experiment's own name (train-head --name, or its file's name): two heads of one kind with other
+    # settings are two rows of a comparison, not one overwriting the other. None: the head's kind.
+    experiment: str | None = None
 
     def __post_init__(self) -> None:
         if not self.settings:
@@ -80,8 +83,13 @@ class TrainedHead(EstimatorModel):
         return str(self.fingerprint.get("backbone", "unknown"))
 
     @property
+    def label(self) -> str:
+        """The head's name within its backbone: its experiment name, else its kind (``logreg``)."""
+        return self.experiment or self.config.head
+
+    @property
     def name(self) -> str:
-        return f"{self.backbone}__{self.config.head}"
+        return f"{self.backbone}__{self.label}"
 
     @property
     def classes(self) -> np.ndarray:
@@ -144,7 +152,8 @@ class TrainedHead(EstimatorModel):
 
             c_grid = grid_report(self.config, self.sweep)
         return {
-            "name": self.name, "head": self.config.head, "backbone": self.backbone, "C": self.C,
+            "name": self.name, "head": self.config.head, "experiment": self.experiment, "backbone": self.backbone,
+            "C": self.C,
             "settings": self.settings,
             "normalize": self.config.normalize, "feature_dim": self.feature_dim,
             "fingerprint_hash": self.fingerprint_hash, "train_seconds": round(self.train_seconds, 3),

@@ -12,7 +12,10 @@ A model file is a skops archive of one dict::
 shape kept bit for bit). Loading never runs code from the file: every type skops does not trust by default must be
 on :data:`TRUSTED_TYPES`. Writing is atomic and byte-reproducible: the archive is rewritten with skops's object ids
 renumbered in order, its entries sorted and stamped 1980-01-01 00:00, so the same model saved twice gives the same
-bytes (and DVC does not rerun what reads it).
+bytes (and DVC does not rerun what reads it). When timings are routed (a DVC stage, ``utils.timings``), the seconds
+in its metadata (``train_seconds``, each sweep point's ``seconds``) are left out of the file too (a number at the top
+level kept as 0.0) and written beside it in the timings folder, ``<timings>/<path>.json``: the same fit saved by two
+runs is the same file. A model loads the same with or without them.
 
 Older files still load: heads (``{"format": 2, "metadata", "estimator"}``), baselines and hybrid heads
 (``{"format": "featurestore-baseline" | "featurestore-hybrid", ...}``), and, only with ``trust_pickle``, the
@@ -35,6 +38,7 @@ import numpy as np
 
 from ..errors import HeadFileError
 from ..utils.atomic import atomic_path
+from ..utils.timings import split_timings, timings_path, write_timings
 
 log = logging.getLogger("featurestore")
 
@@ -120,17 +124,32 @@ class EstimatorModel:
 
 def save_model(model: SavableModel, path: str | Path) -> Path:
     """Write ``model`` (anything with ``to_model_document()``) to ``path`` as a model file, atomically and
-    byte-reproducibly. Returns ``path``."""
+    byte-reproducibly; timings routed, its metadata's timings beside it in the timings folder (see the module's
+    docstring; ``model`` itself keeps them). Returns ``path``."""
     import skops.io as sio
 
     path = Path(path)
     document = model.to_model_document()
+    mirror = timings_path(path, suffix=".json")
+    metadata = document.metadata
+    if mirror is not None:
+        metadata, timings = stable_metadata(metadata)
+        write_timings(mirror, timings, sort_keys=True)
     archive = sio.dumps({"format": MODEL_FORMAT, "version": MODEL_VERSION, "kind": document.kind,
-                         "metadata": json.dumps(document.metadata, sort_keys=True), "estimator": document.estimator,
+                         "metadata": json.dumps(metadata, sort_keys=True), "estimator": document.estimator,
                          "tensors": dict(document.tensors)})
     with atomic_path(path) as tmp:
         tmp.write_bytes(canonical_archive(archive))
     return path
+
+
+def stable_metadata(metadata: dict) -> tuple[dict, dict]:
+    """``(metadata without its timings, the timings)`` (``utils.timings.split_timings``); a number at the top level
+    (``train_seconds``) stays as 0.0, so that a model class whose field has no default still loads."""
+    stable, timings = split_timings(metadata)
+    stable.update({key: 0.0 for key, value in timings.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    return stable, timings
 
 
 def model_kind(path: str | Path) -> str | None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.sources import Record, Source, record_content_id, scan_source
+from ..data.sources import Record, Source, record_content_id
+from ..data.splits import scan_with_splits
 from ..errors import FeaturestoreError
 from ..store.hdf5 import FeatureStore
 
@@ -37,8 +38,15 @@ def match_records(source: Source, store: FeatureStore, split: str, rows: np.ndar
     return records
 
 
+def store_source(store: FeatureStore, data: str | Path | None = None) -> Source:
+    """The source behind a store, scanned where it records (``data`` instead when given), with the val/test splits
+    its extraction made for it made again (``data.splits``)."""
+    made = (store.source_record or {}).get("splits")
+    return scan_with_splits(store.source(data), made)
+
+
 def store_records(store: FeatureStore, split: str, data: str | Path | None = None,
                   rows: np.ndarray | None = None) -> list[Record]:
     """The records behind ``rows`` (default all) of ``split``, in row order, from the store's recorded source
     (:meth:`FeatureStore.source`; ``data`` instead when given), checked as :func:`match_records` checks them."""
-    return match_records(scan_source(store.source(data)), store, split, rows)
+    return match_records(store_source(store, data), store, split, rows)

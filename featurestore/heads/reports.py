@@ -8,20 +8,22 @@ Files written under ``out`` per head (the DVC ``evaluate_head@<backbone>-<head>`
     figures/<name>_confusion.png    row-normalised confusion matrix with counts
     figures/<name>_sweep.png        validation accuracy against C, chosen C marked
 
-summary.py gathers the heads' metrics into metrics.json and comparison.md.
+summary.py gathers the heads' metrics into metrics.json and comparison.md. The JSON goes through
+``utils.timings.write_json``: in a DVC stage its ``train_seconds`` go to the timings folder, not into the output.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
 
-from ..errors import LeakError, StoreError
+from ..errors import FeaturestoreError, LeakError, StoreError
 from ..store.hdf5 import FeatureStore
+from ..utils.timings import write_json
 from .head import TrainedHead
 from .summary import write_summary
 
@@ -56,9 +58,11 @@ def evaluate_head(head: TrainedHead, store: FeatureStore, split: str = "test",
         raise StoreError(f"{store.path}: split {split!r} is empty: nothing to evaluate")
     proba = np.concatenate([head.predict_proba(X) for X, _ in store.iter_chunks(split)])  # one chunk in memory
     metrics, predicted = classification_metrics(y, proba, {
-        "backbone": head.backbone, "head": head.config.head, "split": split})
+        "backbone": head.backbone, "head": head.label, "split": split})
     metrics.update({
         "C": head.C,
+        "settings": head.settings,  # chosen on validation
+        "config": {k: v for k, v in asdict(head.config).items() if k != "n_jobs"},  # what the experiment set
         "normalize": head.config.normalize,
         "train_seconds": round(head.train_seconds, 3),
         "n_train": head.n_train,
@@ -188,14 +192,23 @@ def write_head_report(head: TrainedHead, store: FeatureStore, out: str | Path, s
     plot_confusion(y, predicted, names, f"{head.name} on {split} (top-1 {metrics['top1']:.3f})",
                    out / "figures" / f"{head.name}_confusion.png")
     plot_sweep(head, out / "figures" / f"{head.name}_sweep.png")
-    (out / "heads" / f"{head.name}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_json(out / "heads" / f"{head.name}.json", metrics, sort_keys=True)
     return metrics
 
 
 def write_reports(heads: list[TrainedHead], stores: dict[str, FeatureStore], out: str | Path,
                   split: str = "test", allow_overlap: bool = False) -> dict[str, dict]:
     """Evaluate each head on the store it was trained on (``stores`` maps backbone → store), write
-    every head's files and the summary under ``out``; returns the metrics by ``<backbone>__<head>``."""
+    every head's files and the summary under ``out``; returns the metrics by head name. Two heads of one name are
+    an error (one report would overwrite the other): name head experiments (``train-head --name``)."""
+    names: dict[str, int] = {}
+    for head in heads:
+        names[head.name] = names.get(head.name, 0) + 1
+    twice = sorted(name for name, count in names.items() if count > 1)
+    if twice:
+        raise FeaturestoreError(f"{len(twice)} head name(s) given more than once ({', '.join(twice)}): each head's "
+                                f"report would overwrite the other's; give each experiment its own name "
+                                f"(train-head --name, or a file name of its own)")
     results = {head.name: write_head_report(head, stores[head.backbone], out, split, allow_overlap)
                for head in heads}
     write_summary(results, out)

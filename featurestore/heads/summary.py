@@ -1,46 +1,69 @@
 """Every evaluated head in one place: data/reports/metrics.json and a markdown comparison table.
 
 Reads and writes JSON only (no scikit-learn), so gathering the per-head reports after a head
-experiment costs a fraction of a second.
+experiment costs a fraction of a second. In a DVC stage (timings routed, ``utils.timings``) metrics.json and
+comparison.md hold no seconds: the table with its ``train s`` column goes to the timings folder.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 from pathlib import Path
 
+from ..configs import HeadConfig
 from ..errors import FeaturestoreError
+from ..utils.timings import read_json, timings_path, write_json, write_text_routed
 
 
-def comparison_table(results: dict[str, dict]) -> str:
-    """Markdown table of every backbone × head, best top-1 first."""
-    lines = [
-        "| backbone | head | top-1 | top-5 | mean per-class acc. | macro-F1 | n | C | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+def settings_cell(metrics: dict) -> str:
+    """What sets a model apart in a comparison: the settings chosen on validation (``C=0.01``) and every setting its
+    experiment gave that is not its kind's default (``normalize=l2``); C alone for models that record no more."""
+    chosen = metrics.get("settings") or {"C": metrics["C"]}
+    parts = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in chosen.items()]
+    config = metrics.get("config")
+    if config:
+        defaults = asdict(HeadConfig(head=config["head"]))
+        parts += [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items()
+                  if k not in ("head", "seed") and defaults.get(k) != v]
+    return ", ".join(parts)
+
+
+def comparison_table(results: dict[str, dict], seconds: bool = True) -> str:
+    """Markdown table of every backbone × head, best top-1 first; ``settings`` (:func:`settings_cell`); ``seconds``:
+    with the ``train s`` column (a model whose metrics lack ``train_seconds`` shows –)."""
+    columns = ["backbone", "head", "top-1", "top-5", "mean per-class acc.", "macro-F1", "n", "settings"] + (
+        ["train s"] if seconds else [])
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for m in sorted(results.values(), key=lambda m: -m["top1"]):
         top5 = "–" if m["top5"] is None else f"{m['top5']:.4f}"
-        lines.append(
-            f"| {m['backbone']} | {m['head']} | {m['top1']:.4f} | {top5} | {m['mean_per_class_accuracy']:.4f} | "
-            f"{m['macro_f1']:.4f} | {m['n']} | {m['C']:.3g} | {m['train_seconds']:.2f} |"
-        )
+        cells = [m["backbone"], m["head"], f"{m['top1']:.4f}", top5, f"{m['mean_per_class_accuracy']:.4f}",
+                 f"{m['macro_f1']:.4f}", str(m["n"]), settings_cell(m)]
+        if seconds:
+            cells.append("–" if m.get("train_seconds") is None else f"{m['train_seconds']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def read_head_metrics(out: str | Path, names: list[str]) -> dict[str, dict]:
-    """The metrics that reports.write_head_report saved under ``out``/heads for each ``<backbone>__<head>``."""
+    """The metrics that reports.write_head_report saved under ``out``/heads for each ``<backbone>__<head>``
+    (with their routed timings, when there are some: ``utils.timings.read_json``)."""
     results = {}
     for name in names:
         path = Path(out) / "heads" / f"{name}.json"
         if not path.is_file():
             raise FeaturestoreError(f"{path}: no evaluation of head {name} (run its evaluate_head stage first)")
-        results[name] = json.loads(path.read_text())
+        results[name] = read_json(path)
     return results
 
 
-def write_summary(results: dict[str, dict], out: str | Path) -> None:
-    """``out``/metrics.json (metrics by head name) and ``out``/comparison.md."""
+def write_summary(results: dict[str, dict], out: str | Path, appendix: str = "") -> None:
+    """``out``/metrics.json (metrics by head name) and ``out``/comparison.md (the table, then ``appendix``, a
+    markdown section, after a blank line). Timings routed: both without seconds, the table with them in the
+    timings folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    (out / "comparison.md").write_text(comparison_table(results))
+    write_json(out / "metrics.json", results, sort_keys=True)
+    tail = "\n" + appendix if appendix else ""
+    whole = comparison_table(results) + tail
+    stable = comparison_table(results, seconds=False) + tail if timings_path(out / "comparison.md") else whole
+    write_text_routed(out / "comparison.md", stable, whole)

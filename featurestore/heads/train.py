@@ -40,7 +40,8 @@ def _train_head(features: str | Path | FeatureStore, config: HeadConfig, progres
     for split in ("train", "val"):
         if split not in store.splits:
             raise StoreError(f"{store.path}: a head needs 'train' and 'val' splits (its settings are chosen on val); "
-                             f"found {store.splits}")
+                             f"found {store.splits}: extract with --val-fraction (and --test-fraction) to draw them "
+                             f"from the data, stratified and seeded")
     started = time.perf_counter()
     fitted = family_of(config.head).train(store, config, progress)
     head = TrainedHead.fitted_on(store, fitted.estimator, config, fitted.settings.get("C", float("nan")),

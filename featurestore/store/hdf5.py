@@ -17,9 +17,10 @@ complete file. Writers take the store's lock (locking.py) for the whole extracti
 
 ``source`` says where the items came from, so that every reader rebuilds its records from the same place:
 ``{"kind": "folder" | "manifest", "path": <the folder or the manifest file, relative to the store's folder, POSIX>,
-"sha256": <hex SHA-256 of the manifest's bytes, or null for a folder>}``. The path is relative only (as the rows'
-paths are): a store and its data moved or cloned together still find each other, and a file written on two machines
-is the same file.
+"sha256": <hex SHA-256 of the manifest's bytes, or null for a folder>, "splits": <optional: the val/test splits made
+for data that lacked them, {"val_fraction", "test_fraction", "seed"} (data/splits.py)>}``. The path is relative
+only (as the rows' paths are): a store and its data moved or cloned together still find each other, and a file
+written on two machines is the same file.
 
 Migration. Layout 1 (releases before the source record) had ``source_root`` (the data folder, relative to the
 store's folder) instead of ``source``; such a file is still read, as a folder source at ``source_root`` (a store of
@@ -142,7 +143,9 @@ def store_writer(
                  "skipped": json.dumps(skipped or []), "duplicates": json.dumps(duplicates or []),
                  "feature_shape": json.dumps(shape)}
         if source is not None:
-            attrs["source"] = json.dumps({"kind": source["kind"], "path": source["path"], "sha256": source["sha256"]})
+            made = {"splits": source["splits"]} if source.get("splits") else {}
+            attrs["source"] = json.dumps({"kind": source["kind"], "path": source["path"], "sha256": source["sha256"],
+                                          **made}, sort_keys=True)
         handle.attrs.update(attrs)
         itemsize = np.dtype(dtype).itemsize
         for split, n in split_rows.items():

@@ -20,10 +20,13 @@ loss is the least that counts) is named in a warning, logged and kept in ``deplo
 What is deployed is what export ships: ``deployed`` names the model's file and its SHA-256, and
 ``deploy.deployment.deployed_model`` returns exactly that file (:func:`deployed_record` is the small record the DVC
 export stage depends on). :func:`verdict` computes it from model files, for notebooks and ``featurestore verdict``;
-the fine-tune stage calls it through :func:`deploy_best`, after fitting the baseline and the hybrid head.
+the DVC pipeline's ``verdict@<backbone>`` stage calls it through :func:`run_verdict_stage`, over the cache-only heads,
+the heads on the fine-tuned backbone (stage ``train_head_ft``) and the baseline and hybrid head
+(:func:`run_challenger_stage`, stages ``baseline`` and ``hybrid``), each a stage of its own, so that a change to one
+candidate reruns only that candidate and the verdict.
 
 ``deployed`` (schema :data:`VERDICT_SCHEMA`): ``schema``, ``rule``, ``alpha``, ``model`` (the deployed model's kind:
-``"encoder"``, ``"baseline"`` or ``"hybrid"``), ``name``, ``file`` (relative to the decision's folder when written by a
+``"encoder"``, ``"baseline"`` or ``"hybrid"``), ``name``, ``file`` (relative to the verdict's folder when written by a
 stage), ``sha256``, ``val_accuracy``, ``incumbent``, ``incumbent_val``, ``best_encoder`` and ``best_encoder_val`` (the
 encoder head with the highest validation figure), ``baseline`` and ``baseline_val``, ``n`` (validation items),
 ``test`` (the rule's figures: ``candidate``, ``candidates``, ``gain``, ``fixes``, ``breaks``, ``p_value``, ``beats``,
@@ -42,6 +45,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import FeaturestoreError
+from ..utils.validation import check_choice
 from .stats import ALPHA, beats_incumbent
 
 if TYPE_CHECKING:
@@ -210,7 +215,6 @@ def load_model_file(path: str | Path) -> tuple[str, object]:
 
 
 def _store_of(model, path: Path) -> FeatureStore:
-    from ..errors import FeaturestoreError
     from ..store.hdf5 import FeatureStore
 
     if not Path(model.store_path).is_file():
@@ -255,7 +259,6 @@ def verdict(models: Sequence[str | Path], incumbent: str | None = None, data: st
 
     Notebook: ``verdict(["data/heads/x__logreg.skops", "data/heads/x__linear_svm.skops"])["deployed"]["name"]``."""
     from ..data.sources import content_id
-    from ..errors import FeaturestoreError
 
     loaded: dict[str, tuple[str, object, Path]] = {}
     for path in map(Path, models):
@@ -296,56 +299,104 @@ def deployed_record(deployed: Mapping) -> dict:
 
 def write_verdict(result: Mapping, out: str | Path) -> Path:
     """``out`` (a verdict's JSON) and, beside it, :data:`DEPLOYED_FILE` (:func:`deployed_record`). Returns ``out``."""
-    from ..utils.atomic import write_text_atomic
+    from ..utils.timings import write_json
 
     out = Path(out)
-    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
-    write_text_atomic(out.parent / DEPLOYED_FILE, json.dumps(deployed_record(result["deployed"]), indent=2) + "\n")
+    write_json(out, result)  # in a DVC stage its seconds (the candidates' train_seconds) go to the timings folder
+    write_json(out.parent / DEPLOYED_FILE, deployed_record(result["deployed"]))
     return out
 
 
-def deploy_best(backbone: str, data: str | Path, out: str | Path, cache_only: Mapping[str, str | Path],
-                decision: Mapping, baseline: bool = True, hybrid: bool = True) -> dict:
-    """Fit the baseline (and the hybrid head) on the store of the cache-only heads, save them under ``out``
-    (``baseline.skops``, ``hybrid.skops``), and give the :func:`verdict` over them, every cache-only head and, when
-    the fine-tune decision kept the fine-tuned backbone, every head on it (``out/heads``). The incumbent is the first
-    cache-only head's counterpart on the chosen backbone. Returns the keys it adds to ``decision.json``: ``baseline``,
-    ``hybrid`` (each its summary and file), ``candidates`` and ``deployed``. ``data``: the folder or manifest the store
-    was extracted from (see :meth:`FeatureStore.source`)."""
+CHALLENGERS = ("baseline", "hybrid")
+STATUS_FILE = "status.json"  # what a challenger or fine-tuned-head stage did, also when it made no model
+VERDICT_FILE = "verdict.json"
+
+
+def write_status(out: Path, status: Mapping) -> None:
+    """``out/status.json``: what a stage that may make no model did (its folder is then still a DVC output)."""
+    from ..utils.atomic import write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
+
+
+def run_challenger_stage(kind: str, backbone: str, store_path: str | Path, out: str | Path,
+                         data: str | Path | None = None, enabled: bool = True) -> dict:
+    """Fit one challenger of the verdict without an encoder (``kind``: ``baseline``, TF-IDF for texts or raw pixels
+    for images + logistic regression; or ``hybrid``, texts only: [w x embedding, TF-IDF] + logistic regression) on the
+    items of ``store_path``'s train split, its settings chosen on val, into ``out/<kind>.skops``; ``out/status.json``
+    says what was done (``fitted`` and why not: disabled, or a hybrid head of images). ``data``: where the store's
+    items are (default its recorded source). Returns the status."""
     from ..heads.baseline import fit_baseline
-    from ..heads.head import load_head
     from ..heads.records import store_records
     from ..store.hdf5 import FeatureStore
 
+    check_choice("challenger", kind, CHALLENGERS)
     out = Path(out)
-    files = [Path(p) for p in cache_only.values() if Path(p).is_file()]
-    if not files:
-        return {}
-    first = load_head(files[0])
-    incumbent = first.name
-    if decision.get("chosen") == "finetuned":
-        tuned = sorted((out / "heads").glob("*.skops"))
-        files += tuned
-        incumbent = f"{backbone}_ft__{first.config.head}"
-    store = FeatureStore(first.store_path)
+    model_file = out / (BASELINE_FILE if kind == "baseline" else HYBRID_FILE)
+    model_file.unlink(missing_ok=True)
+    store = FeatureStore(store_path)
     text = store.fingerprint.get("kind") == "text"
-    added = {}
-    if baseline or (hybrid and text):
-        records = {split: store_records(store, split, data) for split in ("train", "val")}
-    if baseline:
+    status = {"kind": kind, "backbone": backbone, "fitted": False}
+    if not enabled:
+        write_status(out, {**status, "reason": f"deploy.{kind} is off"})
+        return status
+    if kind == "hybrid" and not text:
+        write_status(out, {**status, "reason": "the hybrid head reads texts: not for an image store"})
+        return status
+    records = {split: store_records(store, split, data) for split in ("train", "val")}
+    if kind == "baseline":
         model = fit_baseline("tfidf" if text else "pixels", records["train"], records["val"], store.class_names,
                              backbone, store.fingerprint_hash, store_path=str(store.path))
-        model.save(out / BASELINE_FILE)
-        added["baseline"] = {**model.summary(), "file": BASELINE_FILE}
-        files.append(out / BASELINE_FILE)
-    if hybrid and text:
+    else:
         from ..heads.hybrid import fit_hybrid
 
         model = fit_hybrid(store, records["train"], records["val"], backbone)
-        model.save(out / HYBRID_FILE)
-        added["hybrid"] = {**model.summary(), "file": HYBRID_FILE}
-        files.append(out / HYBRID_FILE)
-    added.update(verdict(files, incumbent, data, relative_to=out,
-                         records={str(store.path): records} if baseline or (hybrid and text) else None))
-    log.info(added["deployed"]["reason"])
-    return added
+    model.save(model_file)
+    status = {**status, "fitted": True, "file": model_file.name, "name": model.name}
+    write_status(out, status)
+    return status
+
+
+def verdict_candidates(heads: Sequence[str | Path], finetune_dir: str | Path | None,
+                       challengers: Sequence[str | Path]) -> tuple[list[Path], str | None]:
+    """The model files a data set's verdict weighs and its incumbent's name: the cache-only heads (the first is
+    the incumbent), the heads on the fine-tuned backbone when the fine-tune decision (``finetune_dir/decision.json``)
+    kept it (each in its folder of ``challengers``, with the incumbent's counterpart as incumbent), and the fitted
+    baseline and hybrid head found in ``challengers`` (folders written by :func:`run_challenger_stage` and the
+    fine-tuned heads' stage)."""
+    from ..heads.head import load_head
+    from ..heads.model_file import model_kind
+
+    files = [Path(p) for p in heads if Path(p).is_file()]
+    if not files:
+        return [], None
+    first = load_head(files[0])
+    incumbent = first.name
+    decision_file = Path(finetune_dir) / "decision.json" if finetune_dir is not None else None
+    finetuned = (decision_file is not None and decision_file.is_file()
+                 and json.loads(decision_file.read_text()).get("chosen") == "finetuned")
+    for folder in map(Path, challengers):
+        for path in sorted(folder.glob("*.skops")):
+            kind = model_kind(path)
+            if kind == "head" and not finetuned:
+                continue  # a head on a fine-tuned store the decision since dropped
+            files.append(path)
+            if kind == "head" and finetuned and path.stem == f"{first.backbone}_ft__{first.config.head}":
+                incumbent = path.stem
+    return files, incumbent
+
+
+def run_verdict_stage(heads: Sequence[str | Path], finetune_dir: str | Path | None,
+                      challengers: Sequence[str | Path], out: str | Path, data: str | Path | None = None) -> dict:
+    """The verdict stage of one data set: :func:`verdict` over :func:`verdict_candidates`, written to
+    ``out/verdict.json`` with ``out/deployed.json`` beside it (the record its export ships). Returns the verdict."""
+    out = Path(out)
+    files, incumbent = verdict_candidates(heads, finetune_dir, challengers)
+    if not files:
+        raise FeaturestoreError(f"no head files among {', '.join(map(str, heads))}: nothing to give a verdict on")
+    out.mkdir(parents=True, exist_ok=True)
+    result = verdict(files, incumbent, data, relative_to=out)
+    write_verdict(result, out / VERDICT_FILE)
+    log.info(result["deployed"]["reason"])
+    return result

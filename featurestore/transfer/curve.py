@@ -20,13 +20,14 @@ For each budget (labels per class, nested subsets of the train split), scored on
 Test accuracy and training wall-clock go to ``curve.json``, a CSV for ``dvc plots`` and two PNGs. The trunk
 cache is built once for all budgets (its seconds are reported apart, with the feature extraction they
 share the cost of); the probes' seconds do not count the one-off feature extraction either. A text fine-tune
-counts its own pass of the lower layers over its documents.
+counts its own pass of the lower layers over its documents. In a DVC stage (timings routed, ``utils.timings``) the
+seconds, the CSV's seconds column and the seconds figure go to the timings folder instead.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import shutil
 import tempfile
 import time
@@ -38,13 +39,14 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ..configs import CURVE_DEFAULTS, CURVE_METHODS, DEFAULT_CURVE_METHODS, TEXT_CURVE_METHODS, CurveOptions, HeadConfig
 from ..configs import CURVE_HEAD as CURVE_HEAD  # re-exported: benchmarks/text_search.py imports it from here
-from ..data.sources import ids_digest, scan_source
+from ..data.sources import ids_digest
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, choose_c, sweep_c
 from ..heads.head import TrainedHead
+from ..heads.records import store_source
 from ..heads.reports import check_no_overlap
 from ..store.hdf5 import FeatureStore
-from ..utils.atomic import write_text_atomic
+from ..utils.timings import timings_path, write_json, write_text_routed
 from .probe import probe_rows, records_for, split_rows
 
 METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
@@ -97,7 +99,7 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                                 f"{'texts' if text else 'images'}; choose from {', '.join(allowed)}")
     if not options.allow_overlap:
         check_no_overlap(store, "test")
-    source = scan_source(data)
+    source = store_source(store, data)
     seed, device = options.finetune.seed, options.device
     evaluation = {split: records_for(source, split_rows(store, split), store) for split in ("val", "test")}
     work = Path(tempfile.mkdtemp(prefix=".curve-", dir=out))
@@ -164,15 +166,27 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
     return result
 
 
+CSV_COLUMNS = ("method", "labels_per_class", "test_accuracy")
+
+
 def write_curve(result: dict, out: Path) -> None:
-    """``out``/curve.json, curve.csv (method, labels_per_class, test_accuracy, seconds) and the two PNGs."""
+    """``out``/curve.json, curve.csv (method, labels_per_class, test_accuracy, seconds) and the two PNGs. Timings
+    routed: curve.json without its seconds, curve.csv without its seconds column and curve_seconds.png, each of
+    those whole in the timings folder (``utils.timings``)."""
     points = result["points"]
-    write_text_atomic(out / "curve.json", json.dumps(result, indent=2) + "\n")
-    with open(out / "curve.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["method", "labels_per_class", "test_accuracy", "seconds"])
-        writer.writeheader()
-        writer.writerows({k: p[k] for k in writer.fieldnames} for p in points)
+    write_json(out / "curve.json", result)
+    write_text_routed(out / "curve.csv", _csv_text(points, CSV_COLUMNS), _csv_text(points, CSV_COLUMNS + ("seconds",)))
     plot_curves(points, out)
+
+
+def _csv_text(points: list[dict], columns: tuple[str, ...]) -> str:
+    """The points' ``columns`` as CSV (a header row, then one row per point; a point without a column leaves it
+    empty)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: p.get(k) for k in columns} for p in points)
+    return buffer.getvalue()
 
 
 def merge_curves(earlier: dict, added: dict) -> dict:
@@ -191,7 +205,7 @@ def merge_curves(earlier: dict, added: dict) -> dict:
                     key=lambda p: (p["labels_per_class"], order[p["method"]]))
     finetuned = "probe_finetune" in methods
     return {**earlier, "points": points, "finetune": (added if finetuned else earlier)["finetune"],
-            "trunk_cache_seconds": (added if finetuned else earlier)["trunk_cache_seconds"],
+            "trunk_cache_seconds": (added if finetuned else earlier).get("trunk_cache_seconds", 0.0),
             "scratch": (added if "scratch" in methods else earlier)["scratch"],
             **({"small_cnn": added["small_cnn"]} if "small_cnn" in methods else {}),
             **({"setfit": added["setfit"]} if "setfit" in methods else {})}
@@ -202,18 +216,23 @@ STYLES = {"scratch": ("o", "-"), "small_cnn": ("D", "-."), "pixels": ("x", ":"),
 
 
 def plot_curves(points: list[dict], out: Path) -> None:
-    """curve_labels.png (test accuracy vs labels per class) and curve_seconds.png (vs training seconds)."""
+    """curve_labels.png (test accuracy vs labels per class) and curve_seconds.png (vs training seconds; in the
+    timings folder when timings are routed, and only of the points that have seconds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    for x_key, name, label in (("labels_per_class", "curve_labels.png", "labels per class"),
-                               ("seconds", "curve_seconds.png", "training wall-clock (s)")):
+    seconds_figure = timings_path(out / "curve_seconds.png")
+    if seconds_figure is not None:  # an earlier run's, beside the outputs: it would pass for one
+        (out / "curve_seconds.png").unlink(missing_ok=True)
+        seconds_figure.parent.mkdir(parents=True, exist_ok=True)
+    for x_key, path, label in (("labels_per_class", out / "curve_labels.png", "labels per class"),
+                               ("seconds", seconds_figure or out / "curve_seconds.png", "training wall-clock (s)")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for method in METHODS:  # distinct markers and dashes: curves can coincide
-            series = sorted((p[x_key], p["test_accuracy"]) for p in points if p["method"] == method)
+            series = sorted((p[x_key], p["test_accuracy"]) for p in points if p["method"] == method and x_key in p)
             if series:
                 marker, line = STYLES[method]
                 ax.plot(*zip(*series, strict=True), marker=marker, linestyle=line, label=method.replace("_", " "))
@@ -227,7 +246,7 @@ def plot_curves(points: list[dict], out: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
 
 
@@ -241,6 +260,7 @@ def accuracy_table(points: list[dict]) -> str:
         cells = []
         for m in methods:
             p = next((p for p in points if p["labels_per_class"] == b and p["method"] == m), None)
-            cells.append("–" if p is None else f"{p['test_accuracy']:.4f} ({p['seconds']:.0f} s)")
+            spent = f" ({p['seconds']:.0f} s)" if p is not None and "seconds" in p else ""
+            cells.append("–" if p is None else f"{p['test_accuracy']:.4f}{spent}")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

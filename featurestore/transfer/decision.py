@@ -12,11 +12,9 @@
    half of the images (the same swap for every epoch of an image) and takes the maximum gain over the epochs
    again, so the selection of the epoch is repeated inside the test. Kept when p < ``ALPHA`` = 0.05.
 4. If chosen, the fine-tuned weights become backbone ``<backbone>_ft`` (its checkpoint hash in every
-   fingerprint), its store is extracted and its heads trained.
-5. The verdict (``best.py``): which model the data set deploys. The incumbent is the head fine-tuning starts from, on
-   the fine-tuned backbone when it was kept; every other head (on either backbone), the baseline and the hybrid head
-   challenge it under the same rule (``best.deploy_best``). ``decision["deployed"]`` names the model, its file and
-   its SHA-256, and ``deployed.json`` beside it is the record the export stage ships.
+   fingerprint) and its store is extracted. Its heads are trained by stages of their own (``train_head_ft``), and
+   the verdict over every candidate (``best.run_verdict_stage``) is a stage of its own too, so that a head's settings
+   rerun neither the fine-tune nor each other.
 
 Why this rule (issue 17). Until then the rule was the lower bound of an 80% paired bootstrap interval of the best
 epoch's gain > 0: the best of up to 12 epochs and the probe, judged on the images it was picked on. It kept a
@@ -56,11 +54,9 @@ the epoch is, and the method of the best candidate is the one kept when the test
 
 Everything lands in ``out`` (the DVC stage's ``data/finetune/<backbone>/``): ``decision.json``, and when fine-tuning ran
 ``weights.pth`` (SetFit's in ``setfit.pth`` until chosen), ``trunk.h5`` (the cache, kept for the next run), and if
-chosen ``backbone.json``, ``features.h5`` and ``heads/``; ``deployed.json`` always. ``decision.json``: mode, plateau
-verdict, whether fine-tuning ran and why, and when it ran ``choice`` (chosen, method, rule, reason, val_probe,
-val_finetuned, gain: the gain, best epoch, p-value, alpha, fixes, breaks, disagreements, n, epochs tested); then the
-verdict (``best.py``): ``baseline``, ``hybrid`` (the models fitted beside the heads: TF-IDF or raw pixels + logistic
-regression, and for texts the hybrid head), ``candidates`` and ``deployed``, the model export ships.
+chosen ``backbone.json`` and ``features.h5``. ``decision.json``: mode, plateau verdict, whether fine-tuning ran and
+why, and when it ran ``choice`` (chosen, method, rule, reason, val_probe, val_finetuned, gain: the gain, best epoch,
+p-value, alpha, fixes, breaks, disagreements, n, epochs tested).
 """
 
 from __future__ import annotations
@@ -71,25 +67,21 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..configs import FINETUNE_METHODS, FINETUNE_MODES, FinetuneStageOptions
+from ..configs import FINETUNE_METHODS, FINETUNE_MODES, FinetuneStageOptions, HeadConfig
 from ..data.sources import ids_digest
 from ..errors import FeaturestoreError
-from ..utils.atomic import write_text_atomic
+from ..utils.timings import write_json
 from ..utils.validation import check_choice
 from .stats import ALPHA, beats_incumbent
-
-if TYPE_CHECKING:  # the stage skips fine-tuning more often than not: scikit-learn loads only where it is needed
-    from ..heads.head import TrainedHead
 
 log = logging.getLogger("featurestore")
 
 RULE = "max_gain"  # stats.beats_incumbent (max_gain_test at ALPHA); chosen by benchmarks/decision_rule.py (above)
 STALE = ("decision.json", "deployed.json", "backbone.json", "weights.pth", "setfit.pth", "features.h5", "heads",
-         "baseline.skops", "hybrid.skops")
+         "baseline.skops", "hybrid.skops")  # the last four: what the stage wrote before its heads and verdict moved
 
 
 def should_finetune(mode: str, plateau: dict) -> tuple[bool, str]:
@@ -205,22 +197,17 @@ def choose_among(results: Mapping[str, object], alpha: float = ALPHA, seed: int 
 
 
 def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, out: str | Path, plateau: dict,
-                       options: FinetuneStageOptions = FinetuneStageOptions(),
-                       cache_only_heads: Mapping[str, str | Path] | None = None, progress: bool = False) -> dict:
-    """Decide, fine-tune, choose, and (if chosen) register ``<backbone>_ft``, extract its store and train
-    ``options.heads`` on it; then give the verdict (``best.deploy_best``). Writes ``decision.json`` and
-    ``deployed.json``, and returns the former's content.
+                       options: FinetuneStageOptions = FinetuneStageOptions(), progress: bool = False) -> dict:
+    """Decide, fine-tune, choose, and (if chosen) register ``<backbone>_ft`` and extract its store. Writes
+    ``decision.json`` and returns its content. (Its heads and the verdict are stages of their own:
+    ``train_head_ft`` and ``best.run_verdict_stage``.)
 
     ``head_path``: the cache-only logistic-regression head fine-tuning starts from. ``plateau``: the plateau stage's
-    verdict. ``cache_only_heads``: head name → the cache-only head file of that name (default: ``head_path`` as
-    ``logreg``), in order: the first is the verdict's incumbent (on the fine-tuned backbone when it was kept), the
-    others and the heads on the fine-tuned backbone challenge it.
-
-    ``options`` (:class:`~featurestore.configs.FinetuneStageOptions`): ``methods`` run and compete
+    verdict. ``options`` (:class:`~featurestore.configs.FinetuneStageOptions`): ``methods`` run and compete
     (:func:`choose_among`; texts may add ``setfit``, its weights in ``setfit.pth`` until chosen);
     ``decision["results"]`` then holds each one's result, ``decision["result"]`` the chosen method's (else the
-    first's). ``baseline`` and ``hybrid`` (texts) fit those challengers too; the model deployed is named in
-    ``decision["deployed"]``. ``weights``: where an image fine-tune starts (default the registry's weights).
+    first's). ``weights``: where an image fine-tune starts (default the registry's weights); ``extract``: how the
+    fine-tuned store is extracted.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,16 +254,8 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
         if decision["chosen"] == "finetuned" and decision["choice"]["method"] == "setfit":
             (out / "setfit.pth").replace(out / "weights.pth")  # what <backbone>_ft loads
         if decision["chosen"] == "finetuned":
-            adopt_finetuned(backbone, out, data, options.heads, options.extract, progress)
-    from .best import deploy_best, write_verdict
-
-    cache_only = dict(cache_only_heads) if cache_only_heads is not None else {"logreg": head_path}
-    decision.update(deploy_best(backbone, data, out, cache_only, decision, baseline=options.baseline,
-                                hybrid=options.hybrid))
-    if "deployed" in decision:  # decision.json, and deployed.json beside it: the record export ships
-        write_verdict(decision, out / "decision.json")
-    else:
-        write_text_atomic(out / "decision.json", json.dumps(decision, indent=2) + "\n")
+            adopt_finetuned(backbone, out, data, options.extract, progress)
+    write_json(out / "decision.json", decision)  # its seconds go to the timings folder in a DVC stage
     return decision
 
 
@@ -289,20 +268,38 @@ def _result_summary(result) -> dict:
     return summary
 
 
-def adopt_finetuned(backbone: str, out: Path, data: str | Path, heads: dict, extract_options: dict,
-                    progress: bool = False) -> dict[str, TrainedHead]:
-    """Register the fine-tuned weights as ``<backbone>_ft``, extract its store, train and save its heads;
-    returns them by head name."""
+def adopt_finetuned(backbone: str, out: Path, data: str | Path, extract_options: dict,
+                    progress: bool = False) -> Path:
+    """Register the fine-tuned weights as ``<backbone>_ft`` (its entry beside them, where loaders of its heads look)
+    and extract its store ``out/features.h5`` with ``extract_options``; returns the store's path."""
     from ..encode.backbones import register_finetuned, write_entry
     from ..extract.launch import extract_features
-    from ..heads.train import train_head
 
     name = f"{backbone}_ft"
-    write_entry(out, name, backbone, "weights.pth")  # beside its store: where loaders of its heads look
+    write_entry(out, name, backbone, "weights.pth")
     register_finetuned(name, backbone, out / "weights.pth")
     extract_features(data, out / "features.h5", name, progress=progress, **extract_options)
-    trained = {}
-    for head_name, head_config in heads.items():
-        trained[head_name] = train_head(out / "features.h5", head_config)
-        trained[head_name].save(out / "heads" / f"{name}__{head_name}.skops")
-    return trained
+    return out / "features.h5"
+
+
+def train_finetuned_head(backbone: str, config: HeadConfig, finetune_dir: str | Path, out: str | Path) -> dict:
+    """The ``train_head_ft`` stage: ``config``'s head on the fine-tuned store ``finetune_dir/features.h5`` when the
+    decision there kept the fine-tuned backbone, saved as ``out/<backbone>_ft__<head>.skops`` (older ones removed);
+    ``out/status.json`` says what was done either way. Returns the status."""
+    from ..heads.train import train_head
+    from .best import write_status
+
+    finetune_dir, out = Path(finetune_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.skops"):
+        old.unlink()
+    decision = json.loads((finetune_dir / "decision.json").read_text())
+    status = {"backbone": f"{backbone}_ft", "head": config.head, "trained": False}
+    if decision.get("chosen") == "finetuned":
+        head = train_head(finetune_dir / "features.h5", config)
+        head.save(out / f"{head.name}.skops")
+        status.update(trained=True, file=f"{head.name}.skops", name=head.name)
+    else:
+        status["reason"] = f"the finetune stage kept the probe ({decision.get('reason')})"
+    write_status(out, status)
+    return status

@@ -41,6 +41,7 @@ from ..encode.backbones.weights import file_sha256
 from ..encode.preprocess import Preprocessing
 from ..errors import FeaturestoreError
 from ..heads.head import TrainedHead
+from ..heads.records import store_source
 from ..utils.devices import resolve_device
 from .augment import ViewRecipe
 from .probe import (
@@ -327,8 +328,8 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
     spec = head_spec(head)
     split = finetunable(spec)
     torch_device = resolve_device(device)
-    source = scan_source(data)
     rows = finetune_rows(head, train_per_class, config.seed)  # the probe's rows, by content id
+    source = store_source(rows.store, data)
     network, weights_path = base_network(head, weights, spec)
     preprocessing = Preprocessing.from_dict(head.fingerprint["preprocessing"])
     cache_path, cache_seconds = None, 0.0

@@ -20,7 +20,6 @@ split's size (logged and in the verdict's ``warning``).
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ from ..data.sources import nested_subset
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, choose_c, sweep_c
 from ..store.hdf5 import FeatureStore
-from ..utils.atomic import write_text_atomic
+from ..utils.timings import write_json
 from .stats import paired_gain
 
 log = logging.getLogger("featurestore")
@@ -158,6 +157,6 @@ def detect_plateau(store: str | Path | FeatureStore, rule: PlateauRule = Plateau
     result = {"store": str(store.path), "rule": asdict(rule), **verdict(curve, correct, rule), "curve": curve}
     if out is not None:
         out = Path(out)
-        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
         plot_curve(curve, f"{store.fingerprint['backbone']}: cache-only learning curve", out.with_suffix(".png"))
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..configs import FinetuneConfig
-from ..data.sources import Record, Source, nested_subset
+from ..data.sources import Record, Source, budget_shortfall, nested_subset
 from ..encode.backbones import Spec, get_spec
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, fold_scaler
@@ -26,6 +27,8 @@ from ..heads.head import TrainedHead
 from ..heads.records import match_records
 from ..store.hdf5 import FeatureStore
 from .training import TrainResult
+
+log = logging.getLogger("featurestore")
 
 
 def head_spec(head: TrainedHead) -> Spec:
@@ -123,6 +126,11 @@ def probe_rows(labels: np.ndarray, train_per_class: int | None, seed: int) -> np
     decode has no row."""
     if train_per_class is None:
         return np.arange(len(labels), dtype=np.int64)
+    short = budget_shortfall(labels, train_per_class)
+    if short:
+        log.warning("a budget of %d labels per class is capped: %d class(es) have fewer train items (%s), all of "
+                    "which are used", train_per_class, len(short),
+                    ", ".join(f"class {c}: {n}" for c, n in sorted(short.items())))
     return nested_subset(np.asarray(labels), train_per_class, seed).astype(np.int64)
 
 

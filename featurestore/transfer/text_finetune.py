@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from ..configs import FinetuneConfig, Tokenization
-from ..data.sources import Record, scan_source
+from ..data.sources import Record
 from ..encode.backbones import load_text_backbone
 from ..encode.backbones.text_models import TextFeatureModel
 from ..encode.texts import Tokenizer, item_text
 from ..errors import FeaturestoreError, WeightsMismatchError
 from ..heads.head import TrainedHead
+from ..heads.records import store_source
 from ..utils.devices import resolve_device
 from ..utils.validation import check_range
 from .finetune import Tuning, active_blocks, finetune_options, layer_lr, tune
@@ -187,8 +188,8 @@ def text_run(head: TrainedHead, data: str | Path, unfreeze_blocks: int, train_pe
     fp = head.fingerprint
     if fp.get("kind") != "text":
         raise FeaturestoreError(f"{head.name} is not a text head")
-    source = scan_source(data)
     rows = finetune_rows(head, train_per_class, seed)  # the probe's rows, by content id
+    source = store_source(rows.store, data)
     records = {name: records_for(source, chosen, rows.store) for name, chosen in rows.splits().items()}
     model = load_text_backbone(head_spec(head))
     if model.weights_sha256 != fp["weights_sha256"]:
