@@ -48,7 +48,7 @@ curves: repro
 	$(IMAGE_CURVE)
 	$(TEXT_CURVE)
 
-# The text curve, its from-scratch encoder included: this one runs on a CPU (see the README for its time).
+# The text curve, its from-scratch encoder included: this one runs on a CPU (see docs/curves.md and docs/texts.md for its time).
 curves-texts: repro
 	$(TEXT_CURVE)
 

@@ -5,7 +5,7 @@ Notebook entry points::
     from featurestore import FeatureStore, extract_features, load_backbone, train_head, HeadConfig
 
 The layers, from the bottom: ``errors``, ``utils``, ``configs``, ``data`` | ``store``, ``encode``,
-``extract`` | ``heads``, ``transfer`` | ``deploy``, ``commands``, ``cli`` (README, "Architecture").
+``extract`` | ``heads``, ``transfer`` | ``deploy``, ``commands``, ``cli`` (docs/architecture.md).
 """
 
 __version__ = "0.1.0"

@@ -39,7 +39,7 @@ def option(default, help: str, choices: tuple | None = None):
 
 
 # The sweep and solver defaults of each head: a field of HeadConfig left at None takes its head's value here, so an
-# explicit value always wins. sgd_logreg's are its own, measured (README "Past one machine", benchmarks/heads.py
+# explicit value always wins. sgd_logreg's are its own, measured (docs/scale.md, benchmarks/heads.py
 # --sgd-passes, Lite0 features of 2,000-8,000 Fashion-MNIST images): each of its passes reads the whole store, and
 # its validation accuracy (averaged SGD) levels off after about 5 passes over 8,000 rows (0.874; in-memory logreg
 # 0.880) where the in-memory solvers need hundreds of iterations; it is flat within noise from C = 0.1 to 10 (the
@@ -106,7 +106,7 @@ FINETUNE_SOURCES = ("cache", "images")
 class FinetuneConfig:
     """Hyper-parameters of one fine-tuning run (all part of the checkpoint's identity).
 
-    Defaults chosen by a search on the validation split of the default data (README, "Fine-tuning").
+    Defaults chosen by a search on the validation split of the default data (docs/fine-tuning.md).
     """
 
     unfreeze_blocks: int = option(6, "top MBConv blocks that train (with the head convolution and classifier)")
@@ -135,7 +135,7 @@ class FinetuneConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-# The defaults of each modality, chosen on validation (README "Fine-tuning" and "Texts"): the code's, the CLI's
+# The defaults of each modality, chosen on validation (docs/fine-tuning.md and docs/texts.md): the code's, the CLI's
 # and params.yaml's (a test keeps the three equal).
 FINETUNE_DEFAULTS = {
     "image": FinetuneConfig(),
@@ -189,7 +189,7 @@ class SetFitConfig:
 
 
 # Chosen on validation on BBC News at 5 labels/topic (25 train articles, 250 val; the probe: val 0.928), one epoch of
-# 1,000 pairs each, seed 0 (README "Texts"): top 2 layers at lr 2e-5 0.936, at 1e-4 0.936; top 4 at 2e-5 **0.952**,
+# 1,000 pairs each, seed 0 (docs/texts.md): top 2 layers at lr 2e-5 0.936, at 1e-4 0.936; top 4 at 2e-5 **0.952**,
 # at 1e-4 0.948 (seed 1: 0.940), at 1e-4 with 64-pair steps 0.936, at 3e-4 with 64-pair steps 0.932; all 6 at 2e-5
 # 0.940 (twice the time). At 2 labels/topic (val probe 0.748): top 2 at 2e-5 0.796, at 1e-4 0.824. max_pairs bounds an
 # epoch from 10 labels/topic on (2 × 20 rounds × 50 texts); a pair cost 0.1-0.2 s on these shared 2 cores.
@@ -218,7 +218,7 @@ class SmallCNNConfig:
     """The small from-scratch image network (``transfer/small_cnn.py``): conv blocks at the data's own resolution,
     trained for ``rounds`` validation rounds (each whole epochs of at least ``round_images`` images) on a warmup +
     cosine schedule, once per learning rate of ``lrs``; the rate and round with the best validation accuracy are
-    kept. Defaults chosen on validation on Fashion-MNIST (README "Baselines and learning curves")."""
+    kept. Defaults chosen on validation on Fashion-MNIST (docs/curves.md)."""
 
     lrs: tuple[float, ...] = option((1e-3, 3e-3, 1e-2), "AdamW learning rates tried; the best on validation is kept")
     image_size: int = option(28, "input size in pixels (grayscale; Fashion-MNIST's own 28)")

@@ -62,8 +62,9 @@ def test_nothing_outside_the_package_reaches_a_private_name_inside_it(path):
 
 
 def readme_references() -> list[str]:
-    """Every ``from featurestore… import a, b`` in the README's code, and every dotted ``featurestore.x.Name``."""
-    text = (ROOT / "README.md").read_text()
+    """Every ``from featurestore… import a, b`` in the README's and the docs/ pages' code, and every dotted
+    ``featurestore.x.Name``."""
+    text = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     found = []
     for module, names in re.findall(r"from (featurestore[\w.]*) import ([\w, ]+)", text):
         found += [f"{module}:{name.strip()}" for name in names.split(",") if name.strip()]
