@@ -47,11 +47,12 @@ class ReadParams(dict):
     def __getitem__(self, key):
         return self._wrap(key, super().__getitem__(key))
 
-    def get(self, key, default=None):
-        if key in self:
-            return self._wrap(key, super().__getitem__(key))
+    def __contains__(self, key) -> bool:
         _READ.add(f"{self.prefix}.{key}")  # asking whether it is there is a read: adding it changes the result
-        return default
+        return super().__contains__(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
 
     def __iter__(self):
         _READ.add(self.prefix)

@@ -49,7 +49,7 @@ class InMemoryFamily(HeadFamily):
         return Fitted(estimator, settings, sweep, len(y) + len(yv), self.report(config, sweep))
 
     def refit(self, config, settings: dict, X: np.ndarray, y: np.ndarray):
-        """The head at the chosen ``settings``, fitted on train+val rows X (N, D) float32, y (N,) int."""
+        """:meth:`build` at ``settings``, fitted on X (N, D) float32, y (N,) int, convergence warnings quiet."""
         estimator = self.build(config, settings)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)

@@ -85,7 +85,8 @@ class HeadFamily:
 
     ``prefer``: the tie-break among equal validation accuracies (:func:`choose_point`). Subclasses implement
     :meth:`train`; :meth:`build` makes an unfitted estimator at given settings (used to refit on train alone,
-    e.g. for the verdict's per-item answers), and :meth:`refits` says whether that is possible."""
+    e.g. for the verdict's per-item answers), :meth:`refit` fits it, and :meth:`refits` says whether that is
+    possible."""
 
     prefer: tuple[tuple[str, str], ...] = (("C", "min"),)
 
@@ -97,6 +98,11 @@ class HeadFamily:
         return True
 
     def build(self, config, settings: dict):
+        raise NotImplementedError
+
+    def refit(self, config, settings: dict, X, y):
+        """The head at ``settings``, fitted on rows X (N, D) float32, y (N,) int (train+val for the head itself,
+        train alone for the verdict's answers)."""
         raise NotImplementedError
 
     def choose(self, sweep: Sequence[dict]) -> dict:

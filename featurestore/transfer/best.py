@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,8 +181,6 @@ def train_only_val_predictions(head: TrainedHead, store: FeatureStore) -> dict[s
     train and scored them on val, and that accuracy (a float) is returned instead; so is it for a head that cannot
     be refitted on train alone (a calibrated head with fewer train items of a class than calibration folds).
     """
-    from sklearn.exceptions import ConvergenceWarning
-
     from ..heads.families import family_of
 
     head.check_store(store)
@@ -193,11 +190,8 @@ def train_only_val_predictions(head: TrainedHead, store: FeatureStore) -> dict[s
         return swept
     X, y, _ = store.load("train", dtype=np.float32)
     Xv, _, ids = store.load("val", dtype=np.float32)
-    estimator = family.build(head.config, head.settings)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            estimator.fit(X, y)
+    try:  # the family's own refit, as the head itself was refitted on train+val
+        estimator = family.refit(head.config, head.settings, X, y)
     except ValueError as exc:  # a calibrated head whose train split alone has fewer items per class than folds
         log.warning("%s: not refitted on the train split alone (%s): its sweep's validation accuracy stands", head.name,
                     exc)
