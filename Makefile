@@ -39,10 +39,10 @@ repro: install data
 # `curves` a GPU job (4,000 steps per budget at 1.25 s a step on this 2-core CPU: about 7 hours for five budgets);
 # curves-cpu runs every other method, the small CNN from scratch included (about 30 minutes here, the small CNN's five
 # budgets 11 of them), and curves-texts the whole text curve.
-IMAGE_CURVE := $(BIN)/python pipelines/curve.py efficientnet_lite0 --params configs/curve-images.yaml \
-	--features data/features/efficientnet_lite0.h5 --data data/prepared --out docs/curves/efficientnet_lite0
-TEXT_CURVE := $(BIN)/python pipelines/curve.py minilm_l6 --params configs/curve-texts.yaml \
-	--features data/features/minilm_l6.h5 --data data/prepared_text --out docs/curves/minilm_l6
+IMAGE_CURVE := $(BIN)/python pipelines/curve.py fashion_mnist --params configs/curve-images.yaml \
+	--features data/features/fashion_mnist.h5 --data data/prepared --out docs/curves/efficientnet_lite0
+TEXT_CURVE := $(BIN)/python pipelines/curve.py bbc_news --params configs/curve-texts.yaml \
+	--features data/features/bbc_news.h5 --data data/prepared_text --out docs/curves/minilm_l6
 
 curves: repro
 	$(IMAGE_CURVE)

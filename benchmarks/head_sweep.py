@@ -2,7 +2,7 @@
 
     python benchmarks/head_sweep.py [STORE ...] [--heads logreg linear_svm] [--repeats 2]
 
-STORE defaults to ``data/features/efficientnet_lite0.h5`` and ``data/features/minilm_l6.h5`` (what ``make repro``
+STORE defaults to ``data/features/fashion_mnist.h5`` and ``data/features/bbc_news.h5`` (what ``make repro``
 builds); the heads take params.yaml's ``train_head`` settings. For each store and head it prints the seconds of one
 ``train_head`` call (best of ``--repeats``, the two formulations interleaved in this process, so that a machine
 shared with other jobs slows both alike), split into the sweep and the refit on train+val, their ratio (before /
@@ -48,7 +48,7 @@ from featurestore.heads.train import train_head
 from featurestore.store.hdf5 import FeatureStore
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_STORES = [ROOT / "data/features/efficientnet_lite0.h5", ROOT / "data/features/minilm_l6.h5"]
+DEFAULT_STORES = [ROOT / "data/features/fashion_mnist.h5", ROOT / "data/features/bbc_news.h5"]
 TARGET_SECONDS = {"logreg": 1.0, "linear_svm": 5.0}  # on the image store
 MAX_ACCURACY_CHANGE = 0.005
 BEFORE_IN_PROCESS_LOGREG_MAX_VALUES = 5_000_000  # rows x features: before, only logreg's small sweeps ran in-process

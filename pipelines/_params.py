@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import yaml
 
+# The featurestore package beside this script, before an installed one: a queued `dvc exp run` runs the stages in a
+# temporary copy of the project, whose code (perhaps edited by the experiment) is what must run, not the editable
+# install's. Stage scripts import this module before featurestore.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.chdir(Path(__file__).resolve().parent.parent)
 ROOT = Path(".")
 os.environ.setdefault("FEATURESTORE_TIMINGS", "timings")  # featurestore.utils.timings.TIMINGS_VARIABLE
@@ -73,7 +78,6 @@ class ReadParams(dict):
 
 def _log_reads() -> None:
     import json
-    import sys
 
     with open(os.environ[READ_LOG_VARIABLE], "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"cmd": " ".join(["python", *sys.argv]), "keys": sorted(_READ)}) + "\n")
@@ -95,8 +99,28 @@ def load_params(section: str, params: Path = ROOT / "params.yaml"):
     return value
 
 
+def store_entry(store: str) -> dict:
+    """``stores.<store>``: the store's data set folder (``data``, under data/) and ``backbone``."""
+    entry = load_params("stores").get(store)
+    if not isinstance(entry, dict) or "backbone" not in entry or "data" not in entry:
+        raise SystemExit(f"params.yaml: stores.{store} must be {{data: <folder under data/>, backbone: <name>}}")
+    return entry
+
+
+def store_settings(section: str, store: str) -> dict:
+    """The settings ``section`` (extract, plateau, finetune, curve) gives ``store``: its backbone's entry
+    (``<section>.<backbone>``), overridden key by key by the store's own (``stores.<store>.<section>``)."""
+    entry = store_entry(store)
+    backbone = entry["backbone"]
+    settings = load_params(section).get(backbone)
+    if settings is None:
+        raise SystemExit(f"params.yaml: no {section} settings for backbone {backbone} (store {store}): add "
+                         f"{section}.{backbone}")
+    return {**settings, **(entry.get(section) or {})}
+
+
 def stage_arguments(doc: str, positional: tuple[str, ...], paths: dict[str, str]) -> argparse.Namespace:
-    """The stage's arguments: ``positional`` names (a backbone, a head) and ``--<path>`` options, all required."""
+    """The stage's arguments: ``positional`` names (a store, a head) and ``--<path>`` options, all required."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     for name in positional:
         parser.add_argument(name)

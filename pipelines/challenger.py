@@ -1,4 +1,4 @@
-"""DVC stages `baseline@<backbone>` and `hybrid@<backbone>`: a challenger of the verdict fitted without the encoder
+"""DVC stages `baseline@<store>` and `hybrid@<store>`: a challenger of the verdict fitted without the encoder
 (baseline: TF-IDF for texts, raw pixels for images, + logistic regression) or beside it (hybrid, texts: [w x
 embedding, TF-IDF] + logistic regression), on the items of the store's train split, its settings chosen on val →
 OUT/<kind>.skops and OUT/status.json (featurestore.transfer.best.run_challenger_stage). ``deploy.<kind>`` turns it
@@ -13,8 +13,8 @@ from featurestore.utils.console import setup_logging
 
 if __name__ == "__main__":
     setup_logging()
-    args = stage_arguments(__doc__, ("kind", "backbone"), {"features": "the backbone's feature store",
-                                                          "data": "the prepared data set", "out": "the stage's folder"})
+    args = stage_arguments(__doc__, ("kind", "store"), {"features": "the store's feature store",
+                                                       "data": "the prepared data set", "out": "the stage's folder"})
     enabled = bool((load_params("deploy") or {}).get(args.kind, True))
-    status = run_challenger_stage(args.kind, args.backbone, args.features, args.out, args.data, enabled)
+    status = run_challenger_stage(args.kind, args.store, args.features, args.out, args.data, enabled)
     print(json.dumps(status))

@@ -1,10 +1,11 @@
-"""DVC stage `curve@<backbone>`: the baselines, the linear probe and probe-then-fine-tune per label budget → OUT.
+"""DVC stage `curve@<store>`: the baselines, the linear probe and probe-then-fine-tune per label budget → OUT.
 
 It reads the cache and the data, not the trained heads: each budget's probe is trained here (its scaling is
 `curve.<backbone>.probe_normalize`), so a head experiment does not retrain the baselines. Fine-tuning uses the
-`finetune.<backbone>` settings, the from-scratch baseline `curve.<backbone>.scratch`.
+`finetune.<backbone>` settings, the from-scratch baseline `curve.<backbone>.scratch` (the store's backbone's
+sections, each overridden by the store's own: `stores.<store>.curve`, `stores.<store>.finetune`).
 
-    python pipelines/curve.py <backbone> --features FILE.h5 --data DIR --out DIR [--params FILE] [--methods M ...]
+    python pipelines/curve.py <store> --features FILE.h5 --data DIR --out DIR [--params FILE] [--methods M ...]
 
 With ``--params`` it runs a named configuration instead (configs/curve-*.yaml, `make curves`): the same sections,
 read from FILE; ``--methods`` keeps only those of its methods (`make curves-cpu`: every method but the
@@ -21,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import yaml
-from _params import load_params
+from _params import store_entry, store_settings
 
 from featurestore.configs import CurveOptions
 from featurestore.transfer.curve import accuracy_table, merge_curves, run_curve, write_curve
@@ -30,7 +31,7 @@ from featurestore.utils.console import setup_logging
 if __name__ == "__main__":
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("backbone")
+    parser.add_argument("store", help="the store's name (params.yaml `stores`): its backbone's settings")
     parser.add_argument("--features", type=Path, required=True, help="the feature store of DATA")
     parser.add_argument("--data", type=Path, required=True, help="the data set (train, val and test splits)")
     parser.add_argument("--out", type=Path, required=True, help="the curve's folder")
@@ -40,15 +41,15 @@ if __name__ == "__main__":
                         help="add these methods' points to OUT/curve.json, replacing theirs, keeping the others")
     args = parser.parse_args()
     named = yaml.safe_load(args.params.read_text()) if args.params else {}
-    options = CurveOptions.from_params(named.get("curve") or load_params("curve")[args.backbone],
-                                       named.get("finetune") or load_params("finetune")[args.backbone],
-                                       load_params("extract").get(args.backbone, {}))
+    options = CurveOptions.from_params(named.get("curve") or store_settings("curve", args.store),
+                                       named.get("finetune") or store_settings("finetune", args.store),
+                                       store_settings("extract", args.store))
     if args.methods:
         options = replace(options, methods=tuple(m for m in options.methods or () if m in args.methods))
     earlier = None
     if args.merge and (args.out / "curve.json").is_file():
         earlier = json.loads((args.out / "curve.json").read_text())
-        planned = {"backbone": args.backbone, "budgets": list(options.budgets), "points": [],
+        planned = {"backbone": store_entry(args.store)["backbone"], "budgets": list(options.budgets), "points": [],
                    "trunk_cache_seconds": 0.0, **options.recorded()}
         merge_curves(earlier, planned)  # a curve that cannot be merged fails before the run, not after it
     merging = earlier is not None
@@ -58,3 +59,5 @@ if __name__ == "__main__":
         result = merge_curves(earlier, result)
         write_curve(result, args.out)
     print(accuracy_table(result["points"]), end="")
+    for budget, short in result.get("capped_budgets", {}).items():
+        print(f"budget {budget} per class is capped: " + ", ".join(f"{c} has {n}" for c, n in short.items()))

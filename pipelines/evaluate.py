@@ -1,11 +1,11 @@
 """DVC stage `evaluate`: every head of params.yaml, the heads on the fine-tuned backbones and the challengers of each
 verdict, in REPORTS/metrics.json and comparison.md; and, per data set, the model deployed (the best on validation,
-VERDICTS/<backbone>/verdict.json "deployed") with the figures it was chosen on.
+VERDICTS/<store>/verdict.json "deployed") with the figures it was chosen on.
 
 The frozen heads were evaluated by their own `evaluate_head` stages (this stage only reads their JSON); the heads on
-a fine-tuned backbone (FINETUNE_HEADS/<backbone>__<head>/<backbone>_ft__<head>.skops, their store the one they
-record, FINETUNE/<backbone>/features.h5) are evaluated here, into REPORTS/finetuned/, and so are the baselines and
-hybrid heads (CHALLENGERS/<backbone>/{baseline,hybrid}/*.skops) on the test split of their data set, read from the
+a fine-tuned backbone (FINETUNE_HEADS/<store>/<head>/<store>_ft__<head>.skops, their store the one they
+record, FINETUNE/<store>/features.h5) are evaluated here, into REPORTS/finetuned/, and so are the baselines and
+hybrid heads (CHALLENGERS/<store>/{baseline,hybrid}/*.skops) on the test split of their data set, read from the
 folder or manifest the store records as its source (each item checked against its content id), into
 REPORTS/finetuned/heads/<name>.json.
 """
@@ -21,14 +21,14 @@ if __name__ == "__main__":
     args = stage_arguments(__doc__, (), {"reports": "the reports folder",
                                          "finetune_heads": "the fine-tuned heads' stages' folder",
                                          "challengers": "the challengers' folder", "verdicts": "the verdicts' folder"})
-    backbones = list(load_params("stores"))
+    stores = list(load_params("stores"))
     heads = load_params("train_head")["heads"]
     split = load_params("evaluate")["split"]
-    results = read_head_metrics(args.reports, [f"{b}__{h}" for b in backbones for h in heads])
+    results = read_head_metrics(args.reports, [f"{s}__{h}" for s in stores for h in heads])
     finetuned_out = args.reports / "finetuned"
     finetuned_out.mkdir(parents=True, exist_ok=True)
-    finetuned = [p for b in backbones for h in heads
-                 for p in sorted((args.finetune_heads / f"{b}__{h}").glob("*.skops"))]
+    finetuned = [p for s in stores for h in heads
+                 for p in sorted((args.finetune_heads / s / h).glob("*.skops"))]
     if finetuned:  # frozen vs fine-tuned side by side
         from featurestore.heads import load_head, write_head_report
         from featurestore.store import FeatureStore
@@ -37,11 +37,11 @@ if __name__ == "__main__":
             head = load_head(path)
             results[head.name] = write_head_report(head, FeatureStore(head.store_path), finetuned_out, split=split)
     verdicts = {}
-    for backbone in backbones:
-        verdict = args.verdicts / backbone / "verdict.json"
+    for name in stores:
+        verdict = args.verdicts / name / "verdict.json"
         if verdict.is_file():
-            verdicts[backbone] = json.loads(verdict.read_text())
-        raw_models = sorted((args.challengers / backbone).glob("*/*.skops"))
+            verdicts[name] = json.loads(verdict.read_text())
+        raw_models = sorted((args.challengers / name).glob("*/*.skops"))
         if raw_models:  # the models without an encoder (or beside it), on the same test split
             from featurestore.heads.baseline import evaluate_model
             from featurestore.heads.model_file import load_model

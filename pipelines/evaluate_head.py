@@ -1,4 +1,4 @@
-"""DVC stage `evaluate_head@<backbone>-<head>`: one head on the test split → its files under OUT."""
+"""DVC stage `evaluate_head@<store>-<head>`: one head on the test split → its files under OUT."""
 
 import json
 
@@ -8,7 +8,7 @@ from featurestore.heads import load_head, write_head_report
 from featurestore.store import FeatureStore
 
 if __name__ == "__main__":
-    args = stage_arguments(__doc__, ("backbone", "head"), {"head_file": "the head", "features": "its feature store",
+    args = stage_arguments(__doc__, ("store", "head"), {"head_file": "the head", "features": "its feature store",
                                                           "out": "the reports folder"})
     metrics = write_head_report(load_head(args.head_file), FeatureStore(args.features), args.out,
                                 split=load_params("evaluate")["split"])

@@ -6,7 +6,7 @@ local checkpoint (``extract.<backbone>.weights``, a tv: backbone's file) exports
 
 from pathlib import Path
 
-from _params import load_params, stage_arguments
+from _params import stage_arguments, store_settings
 
 from featurestore.data.sources import content_id as file_sha256
 from featurestore.deploy import deployed_model, export_model
@@ -28,8 +28,7 @@ if __name__ == "__main__":
     setup_logging()
     args = stage_arguments(__doc__, ("name",), {"deployed": "the verdict's deployed.json", "out": "the ONNX file"})
     source = deployed_model(args.deployed)
-    backbone = load_params("export")[args.name]["backbone"]
-    weights = load_params("extract").get(backbone, {}).get("weights")
+    weights = store_settings("extract", args.name).get("weights")
     report = export_model(source, args.out, weights=extracted_from(source, weights))
     print(f"{args.name}.onnx ships {report['name']} ({report['kind']}, {source}): max probability difference "
           f"{report['check']['max_probability_diff']:.2e}, labels equal {report['check']['labels_equal']}")

@@ -1,22 +1,24 @@
-"""DVC stage `extract@<backbone>`: its data set → its feature store (+ a summary JSON of what the run did).
-
-Image backbones take `extract.<backbone>`'s image settings, text backbones its tokenization.
+"""DVC stage `extract@<store>`: the store's data set → its feature store, with its backbone's settings
+(`extract.<backbone>`, overridden by `stores.<store>.extract`): an image backbone's image settings, a text backbone's
+tokenization. What the run did (extracted / reused / skipped, seconds) goes to the timings folder, beside no output:
+it depends on what was there before, not on the inputs.
 """
 
 from dataclasses import asdict
 
-from _params import load_params, stage_arguments
+from _params import stage_arguments, store_entry, store_settings
 
 from featurestore.configs import extract_options
 from featurestore.extract import ExtractOptions, extract_features
 from featurestore.utils.console import setup_logging
-from featurestore.utils.timings import write_json
+from featurestore.utils.timings import timings_path, write_json
 
 if __name__ == "__main__":
     setup_logging()
-    args = stage_arguments(__doc__, ("backbone",), {"data": "the prepared data set", "out": "the feature store",
-                                                     "summary": "what the run did (JSON)"})
-    options = ExtractOptions(**extract_options(load_params("extract")[args.backbone]))
-    summary = extract_features(args.data, args.out, args.backbone, options=options)
-    write_json(args.summary, asdict(summary), sort_keys=True, indent=None)  # its seconds: in timings/
+    args = stage_arguments(__doc__, ("store",), {"data": "the prepared data set", "out": "the feature store"})
+    options = ExtractOptions(**extract_options(store_settings("extract", args.store)))
+    summary = extract_features(args.data, args.out, store_entry(args.store)["backbone"], options=options)
+    record = timings_path(args.out, ".summary.json")
+    if record is not None:
+        write_json(record, asdict(summary), sort_keys=True, indent=None)
     print(summary.to_json())

@@ -1,4 +1,4 @@
-"""DVC stage `finetune@<backbone>`: fine-tune when it pays (featurestore.transfer.decision.run_finetune_stage).
+"""DVC stage `finetune@<store>`: fine-tune when it pays (featurestore.transfer.decision.run_finetune_stage).
 
 Reads the plateau verdict and the logreg head (the starting classifier); writes OUT (decision.json, and when
 fine-tuning ran its weights and trunk cache; when the fine-tuned network won, its registry entry and store
@@ -9,7 +9,7 @@ settings are ``finetune.<backbone>.setfit``). The heads on the fine-tuned store 
 
 import json
 
-from _params import load_params, stage_arguments
+from _params import stage_arguments, store_entry, store_settings
 
 from featurestore.configs import FinetuneStageOptions
 from featurestore.transfer.decision import run_finetune_stage
@@ -17,11 +17,12 @@ from featurestore.utils.console import setup_logging
 
 if __name__ == "__main__":
     setup_logging()
-    args = stage_arguments(__doc__, ("backbone",), {
+    args = stage_arguments(__doc__, ("store",), {
         "data": "the prepared data set", "head": "the logreg head (the starting classifier)",
         "plateau": "the plateau verdict", "out": "the stage's folder"})
-    options = FinetuneStageOptions.from_params(load_params("finetune")[args.backbone],
-                                               load_params("extract")[args.backbone])
-    decision = run_finetune_stage(args.backbone, args.head, args.data, args.out, json.loads(args.plateau.read_text()),
+    options = FinetuneStageOptions.from_params(store_settings("finetune", args.store),
+                                               store_settings("extract", args.store))
+    plateau = json.loads(args.plateau.read_text())
+    decision = run_finetune_stage(store_entry(args.store)["backbone"], args.head, args.data, args.out, plateau,
                                   options)
     print(json.dumps({k: decision[k] for k in ("mode", "plateaued", "finetuned", "chosen", "reason")}))

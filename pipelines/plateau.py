@@ -1,18 +1,18 @@
-"""DVC stage `plateau@<backbone>`: has the cache-only head stopped improving with more labels?
+"""DVC stage `plateau@<store>`: has the cache-only head stopped improving with more labels?
 
 The feature store → OUT (curve + verdict with its interval, read by the finetune stage) and a PNG beside it. It
-depends on the cache and `plateau.<backbone>` only, so a head experiment does not redo it.
+depends on the cache and its backbone's `plateau.<backbone>` only, so a head experiment does not redo it.
 """
 
 import json
 
-from _params import load_params, stage_arguments
+from _params import stage_arguments, store_settings
 
 from featurestore.transfer.plateau import PlateauRule, detect_plateau
 
 if __name__ == "__main__":
-    args = stage_arguments(__doc__, ("backbone",), {"features": "the feature store", "out": "the verdict (JSON)"})
-    rule = load_params("plateau")[args.backbone]
+    args = stage_arguments(__doc__, ("store",), {"features": "the feature store", "out": "the verdict (JSON)"})
+    rule = store_settings("plateau", args.store)
     result = detect_plateau(args.features,
                             PlateauRule(tuple(rule["budgets"]), rule["min_gain"], rule["level"], rule["seed"]),
                             out=args.out)

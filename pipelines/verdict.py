@@ -1,7 +1,7 @@
-"""DVC stage `verdict@<backbone>`: which model the data set deploys (featurestore.transfer.best.run_verdict_stage):
-the best on validation among the cache-only heads (HEADS/<backbone>__<head>.skops, the first listed in
+"""DVC stage `verdict@<store>`: which model the data set deploys (featurestore.transfer.best.run_verdict_stage):
+the best on validation among the cache-only heads (HEADS/<head>.skops, the first listed in
 ``train_head.heads`` the incumbent), the heads on the fine-tuned backbone when the finetune stage kept it
-(FINETUNE_HEADS/<backbone>__<head>/), and the baseline and hybrid head (CHALLENGERS/<kind>/), by the one noise-aware
+(FINETUNE_HEADS/<head>/), and the baseline and hybrid head (CHALLENGERS/<kind>/), by the one noise-aware
 rule. Writes OUT/verdict.json and OUT/deployed.json (name, kind, file, SHA-256: what the export stage ships)."""
 
 from _params import load_params, stage_arguments
@@ -11,13 +11,13 @@ from featurestore.utils.console import setup_logging
 
 if __name__ == "__main__":
     setup_logging()
-    args = stage_arguments(__doc__, ("backbone",), {
+    args = stage_arguments(__doc__, ("store",), {
         "heads": "the cache-only heads' folder", "finetune": "the finetune stage's folder",
         "finetune_heads": "the folder of the fine-tuned heads' stages", "challengers": "the challengers' folder",
         "data": "the prepared data set", "out": "the stage's folder"})
     names = load_params("train_head")["heads"]
-    heads = [args.heads / f"{args.backbone}__{name}.skops" for name in names]
-    challengers = [args.finetune_heads / f"{args.backbone}__{name}" for name in names]
+    heads = [args.heads / f"{name}.skops" for name in names]
+    challengers = [args.finetune_heads / name for name in names]
     challengers += [args.challengers / kind for kind in CHALLENGERS]
     result = run_verdict_stage(heads, args.finetune, challengers, args.out, args.data)
     print(result["deployed"]["reason"])

@@ -4,6 +4,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -49,8 +50,14 @@ def test_the_curve_refuses_a_test_split_that_shares_images_with_train(fashion_fo
     options = CurveOptions(budgets=[1], methods=("linear_probe",), finetune=FAST)
     with pytest.raises(LeakError, match="also appear in train/val"):
         run_curve(store, fashion_folder, tmp_path / "curve", options)
-    allowed = run_curve(store, fashion_folder, tmp_path / "curve", replace(options, allow_overlap=True))
+    allowed = run_curve(store, fashion_folder, tmp_path / "curve", replace(options, budgets=[1, 500],
+                                                                           allow_overlap=True))
     assert allowed["points"][0]["method"] == "linear_probe"
+    # A budget past what the train split holds is said aloud: every class is short of 500, none of 1.
+    counts = dict(zip(*np.unique(FeatureStore(store).labels("train"), return_counts=True), strict=True))
+    names = FeatureStore(store).class_names
+    assert allowed["capped_budgets"] == {"500": {names[c]: int(n) for c, n in sorted(counts.items())}}
+    assert [p["capped"] for p in allowed["points"]] == [False, True]
 
 
 def test_curve_options_resolve_a_params_section_once():

@@ -265,7 +265,7 @@ def finetuned_heads_then_verdict(backbone: str, cache_only: dict, finetune_dir, 
     folders = []
     for name, config in HEADS.items():
         folder = root / "finetune_heads" / f"{backbone}__{name}"
-        train_finetuned_head(backbone, config, finetune_dir, folder)
+        train_finetuned_head(config, finetune_dir, folder)
         folders.append(folder)
     return run_verdict_stage(list(cache_only.values()), finetune_dir, folders, root / "verdict" / backbone, data)
 

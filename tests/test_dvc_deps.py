@@ -4,6 +4,9 @@ A stage whose code or params can change without DVC noticing would silently keep
 
 import ast
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,7 +94,11 @@ def closure(script: Path) -> set[Path]:
 
 
 def params_sections(script: Path) -> set[str]:
-    return set(re.findall(r'load_params\("([^"]+)"\)', script.read_text()))
+    """The params sections a stage script reads: ``load_params("x")``, and ``store_settings("x", store)`` (which
+    reads ``stores`` too, as ``store_entry`` does)."""
+    text = script.read_text()
+    sections = set(re.findall(r'load_params\("([^"]+)"\)', text)) | set(re.findall(r'store_settings\("([^"]+)"', text))
+    return sections | ({"stores"} if re.search(r"\bstore_(settings|entry)\(", text) else set())
 
 
 def stages() -> list[tuple[str, dict]]:
@@ -126,10 +133,34 @@ def test_the_closure_follows_imports_inside_functions_through_modules_and_lazy_r
     assert {Path("featurestore/heads/train.py"), Path("featurestore/heads/streaming.py")} <= heads
 
 
-def test_every_store_has_its_sections_and_every_export_a_store():
+def test_every_store_names_its_data_and_a_backbone_with_sections():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    stores = params["stores"]
-    for section in ("extract", "plateau", "finetune", "curve"):
-        assert set(params[section]) == set(stores), f"params {section} must have one sub-section per store"
-    for entry in params["export"].values():  # one entry per data set: its verdict says which model it ships
-        assert stores[entry["backbone"]] == entry["data"] and "head" not in entry
+    assert "export" not in params  # every store is exported: data/export/<store>.onnx
+    for name, entry in params["stores"].items():
+        assert set(entry) >= {"data", "backbone"}, f"stores.{name} must name its data and backbone"
+        for section in ("extract", "plateau", "finetune", "curve"):
+            assert entry["backbone"] in params[section], f"params {section} has no entry for {entry['backbone']}"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "pipelines").glob("*.py") if p.name != "_params.py"))
+def test_every_stage_imports_the_featurestore_of_its_own_workspace(script):
+    """A queued `dvc exp run` runs the stages in a temporary copy of the project: each stage script imports
+    _params (which puts its project first on sys.path) before featurestore, so the copy's code runs, not the
+    editable install's."""
+    lines = (ROOT / "pipelines" / script).read_text().splitlines()
+    first = {kind: next(i for i, line in enumerate(lines) if re.match(pattern, line))
+             for kind, pattern in (("params", r"from _params import"), ("package", r"(from|import) featurestore"))}
+    assert first["params"] < first["package"]
+
+
+def test_a_stage_in_a_copy_of_the_project_imports_the_copys_package(tmp_path):
+    copy = tmp_path / "project"
+    (copy / "pipelines").mkdir(parents=True)
+    shutil.copy(ROOT / "pipelines" / "_params.py", copy / "pipelines")
+    (copy / "featurestore").mkdir()
+    (copy / "featurestore" / "__init__.py").write_text("WHERE = 'the copy'\n")
+    (copy / "pipelines" / "probe.py").write_text("import _params  # noqa: F401\nimport featurestore\n"
+                                                 "print(featurestore.WHERE)\n")
+    result = subprocess.run([sys.executable, str(copy / "pipelines" / "probe.py")], capture_output=True, text=True,
+                            check=True, cwd=tmp_path)
+    assert result.stdout.strip() == "the copy"

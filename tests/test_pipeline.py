@@ -36,7 +36,7 @@ def project(tmp_path) -> Path:
     params["extract"]["minilm_l6"].update(max_length=32, long_documents="chunk-mean", stride=8, max_windows=2)
     params["train_head"]["heads"] = ["logreg", "linear_svm"]
     params["train_head"]["sweep"].update(c_points=6, c_min=1e-3, c_max=1e2, n_jobs=1)
-    for backbone in params["stores"]:
+    for backbone in ("efficientnet_lite0", "minilm_l6"):
         params["plateau"][backbone]["budgets"] = [1, 2]
         params["finetune"][backbone].update(mode="always", unfreeze_blocks=1, epochs=1, batch_size=8, workers=0)
         params["curve"][backbone].update(budgets=[1, 2])
@@ -48,7 +48,7 @@ def project(tmp_path) -> Path:
     return copy
 
 
-DATA_SETS = {"efficientnet_lite0": "fashion_mnist", "minilm_l6": "bbc_news"}  # params.yaml's export entries
+STORES = ("fashion_mnist", "bbc_news")  # params.yaml: Fashion-MNIST on efficientnet_lite0, BBC News on minilm_l6
 
 
 def dvc(project: Path, *args: str, **env_extra: str) -> str:
@@ -81,15 +81,14 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     assert len(reads.read_text().splitlines()) == len(re.findall(r"Running stage", first))
     assert undeclared_params_reads(project, reads) == {}
     stages = set(re.findall(r"Running stage '([^']+)'", first))
-    for backbone in ("efficientnet_lite0", "minilm_l6"):
-        for stage in ("extract", "plateau", "finetune", "curve", "baseline", "hybrid", "verdict"):
-            assert f"{stage}@{backbone}" in stages
-        assert {f"train_head@{backbone}-logreg", f"evaluate_head@{backbone}-linear_svm",
-                f"train_head_ft@{backbone}-linear_svm", f"export@{DATA_SETS[backbone]}",
-                f"predict@{DATA_SETS[backbone]}"} <= stages
+    for name in STORES:
+        for stage in ("extract", "plateau", "finetune", "curve", "baseline", "hybrid", "verdict", "export", "predict"):
+            assert f"{stage}@{name}" in stages
+        assert {f"train_head@{name}-logreg", f"evaluate_head@{name}-linear_svm",
+                f"train_head_ft@{name}-linear_svm"} <= stages
     assert {"prepare", "prepare_text", "evaluate"} <= stages
-    stores = {b: project / "data" / "features" / f"{b}.h5" for b in ("efficientnet_lite0", "minilm_l6")}
-    images, texts = FeatureStore(stores["efficientnet_lite0"]), FeatureStore(stores["minilm_l6"])
+    stores = {name: project / "data" / "features" / f"{name}.h5" for name in STORES}
+    images, texts = FeatureStore(stores["fashion_mnist"]), FeatureStore(stores["bbc_news"])
     assert {split: len(images.paths(split)) for split in images.splits} == {"train": 20, "val": 10, "test": 10}
     assert images.fingerprint["preprocessing"]["image_size"] == 32
     assert texts.fingerprint["kind"] == "text" and texts.fingerprint["tokenization"]["long_documents"] == "chunk-mean"
@@ -101,47 +100,51 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     assert {b: path.stat().st_mtime_ns for b, path in stores.items()} == mtimes
     # a stage run again on the same inputs writes the same bytes (its seconds go to the git-ignored timings/)
     lock = (project / "dvc.lock").read_bytes()
-    dvc(project, "repro", "-f", "-s", "train_head@minilm_l6-logreg", "evaluate_head@minilm_l6-logreg")
+    dvc(project, "repro", "-f", "-s", "train_head@bbc_news-logreg", "evaluate_head@bbc_news-logreg")
     assert (project / "dvc.lock").read_bytes() == lock
-    timings = json.loads((project / "timings" / "data" / "heads" / "minilm_l6__logreg.skops.json").read_text())
+    timings = json.loads((project / "timings" / "data" / "heads" / "bbc_news" / "logreg.skops.json").read_text())
     assert timings["train_seconds"] > 0 and all(point["seconds"] >= 0 for point in timings["sweep"])
 
     metrics = json.loads((project / "data" / "reports" / "metrics.json").read_text())
-    assert {"efficientnet_lite0__logreg", "efficientnet_lite0__linear_svm", "minilm_l6__logreg",
-            "minilm_l6__linear_svm"} <= set(metrics)
-    for backbone in ("efficientnet_lite0", "minilm_l6"):
-        decision = json.loads((project / "data" / "finetune" / backbone / "decision.json").read_text())
-        if backbone == "minilm_l6":
+    assert {"fashion_mnist__logreg", "fashion_mnist__linear_svm", "bbc_news__logreg",
+            "bbc_news__linear_svm"} <= set(metrics)
+    # what each extraction did goes beside no output (it depends on what was there before): a queued experiment's
+    # workspace, which DVC checks out from its cache, finds the stage unchanged
+    assert json.loads((project / "timings" / "data" / "features" / "fashion_mnist.h5.summary.json").read_text())[
+        "extracted"] == 40
+    for name in STORES:
+        decision = json.loads((project / "data" / "finetune" / name / "decision.json").read_text())
+        if name == "bbc_news":
             assert not decision["finetuned"] and decision["chosen"] == "probe"
         else:
             assert decision["finetuned"] and decision["reason"] == "mode is always"
             assert decision["chosen"] == decision["choice"]["chosen"] and "gain" in decision["choice"]
-        verdict = json.loads((project / "data" / "verdict" / backbone / "verdict.json").read_text())
-        incumbent = f"{backbone}_ft__logreg" if decision["chosen"] == "finetuned" else f"{backbone}__logreg"
+        verdict = json.loads((project / "data" / "verdict" / name / "verdict.json").read_text())
+        incumbent = f"{name}_ft__logreg" if decision["chosen"] == "finetuned" else f"{name}__logreg"
         assert verdict["deployed"]["incumbent"] == incumbent
         # the default deploy section fits the baseline for both, and the hybrid head for texts only
         kinds = {candidate["kind"] for candidate in verdict["candidates"].values()}
-        assert kinds == ({"encoder", "baseline", "hybrid"} if backbone == "minilm_l6" else {"encoder", "baseline"})
+        assert kinds == ({"encoder", "baseline", "hybrid"} if name == "bbc_news" else {"encoder", "baseline"})
         deployed = verdict["deployed"]["name"]
         assert deployed in metrics  # the deployed model is evaluated, and its exported model is that very model
-        report = json.loads((project / "data" / "export" / f"{DATA_SETS[backbone]}.onnx.report.json").read_text())
+        report = json.loads((project / "data" / "export" / f"{name}.onnx.report.json").read_text())
         assert report["name"] == deployed
-        predicted = json.loads((project / "data" / "predictions" / f"{DATA_SETS[backbone]}.json").read_text())
+        predicted = json.loads((project / "data" / "predictions" / f"{name}.json").read_text())
         assert predicted["predicted"] == metrics[deployed]["n"]
         assert predicted["accuracy"] == pytest.approx(metrics[deployed]["top1"])
-    curve = json.loads((project / "data" / "reports" / "curve" / "minilm_l6" / "curve.json").read_text())
+    curve = json.loads((project / "data" / "reports" / "curve" / "bbc_news" / "curve.json").read_text())
     assert {p["method"] for p in curve["points"]} == {"tfidf", "linear_probe"}
-    image_curve = json.loads((project / "data" / "reports" / "curve" / "efficientnet_lite0" / "curve.json").read_text())
+    image_curve = json.loads((project / "data" / "reports" / "curve" / "fashion_mnist" / "curve.json").read_text())
     assert {p["method"] for p in image_curve["points"]} == {"pixels", "linear_probe", "probe_finetune"}
-    assert (project / "data" / "reports" / "figures" / "minilm_l6__logreg_confusion.png").is_file()
+    assert (project / "data" / "reports" / "figures" / "bbc_news__logreg_confusion.png").is_file()
     # metrics and reports name files relative to the project: `dvc metrics diff` between clones is not noise
     for report in (project / "data").rglob("*.json"):
         if "finetune" not in report.parts:
             assert str(project) not in report.read_text() and str(ROOT) not in report.read_text(), report
-    assert json.loads((project / "data" / "plateau" / "efficientnet_lite0.json").read_text())["store"] == \
-        "data/features/efficientnet_lite0.h5"
+    assert json.loads((project / "data" / "plateau" / "fashion_mnist.json").read_text())["store"] == \
+        "data/features/fashion_mnist.h5"
 
-    records = {b: (project / "data" / "verdict" / b / "deployed.json").read_text() for b in DATA_SETS}
+    records = {name: (project / "data" / "verdict" / name / "deployed.json").read_text() for name in STORES}
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train_head"]["linear_svm"]["max_iter"] = 400
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -151,29 +154,30 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     # export (and its predictions) only where the model the verdict deploys changed: no fine-tune, baseline,
     # hybrid, plateau, curve or extraction, and not the other head
     expected = {"evaluate"}
-    for backbone, name in DATA_SETS.items():
-        expected |= {f"train_head@{backbone}-linear_svm", f"evaluate_head@{backbone}-linear_svm",
-                     f"train_head_ft@{backbone}-linear_svm", f"verdict@{backbone}"}
-        if (project / "data" / "verdict" / backbone / "deployed.json").read_text() != records[backbone]:
+    for name in STORES:
+        expected |= {f"train_head@{name}-linear_svm", f"evaluate_head@{name}-linear_svm",
+                     f"train_head_ft@{name}-linear_svm", f"verdict@{name}"}
+        if (project / "data" / "verdict" / name / "deployed.json").read_text() != records[name]:
             expected |= {f"export@{name}", f"predict@{name}"}
     assert ran == expected
     assert {b: path.stat().st_mtime_ns for b, path in stores.items()} == mtimes  # no item decoded, caches intact
-    assert load_head(project / "data" / "heads" / "minilm_l6__linear_svm.skops").config.max_iter == 400
+    assert load_head(project / "data" / "heads" / "bbc_news" / "linear_svm.skops").config.max_iter == 400
 
     params["extract"]["efficientnet_lite0"]["dtype"] = "float16"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = next(line for line in dvc(project, "status", "--json").splitlines() if line.startswith("{"))
     changed = set(json.loads(status))  # what the next repro would run first
-    assert "extract@efficientnet_lite0" in changed
-    assert not any(stage in changed for stage in ("prepare", "prepare_text", "extract@minilm_l6",
-                                                  "train_head@minilm_l6-logreg"))  # the other store is untouched
+    assert "extract@fashion_mnist" in changed
+    assert not any(stage in changed for stage in ("prepare", "prepare_text", "extract@bbc_news",
+                                                  "train_head@bbc_news-logreg"))  # the other store is untouched
 
 
-def test_a_tv_backbone_from_a_local_checkpoint_runs_through_the_stages(project):
-    """A user's own torchvision backbone as one more store: `stores` names tv:mobilenet_v2, its extract section
-    points at the local checkpoint (torchvision's MobileNetV2 file, copied into the project). Extraction, the
-    fine-tune stage (from that checkpoint), the curve's probe_finetune and the export of its cache-only head all
-    take the file; nothing is downloaded."""
+def test_a_second_data_set_is_one_stores_entry(project):
+    """A user's own data as one more entry of `stores`, beside the default ones and touching none of their stages:
+    one on a backbone with settings already (its own image size, overriding the backbone's), and one on a user's own
+    torchvision backbone, whose extract section points at the local checkpoint (torchvision's MobileNetV2 file,
+    copied into the project). Extraction, the fine-tune stage (from that checkpoint), the curve's probe_finetune and
+    the export of its cache-only head all take the file; nothing is downloaded."""
     from featurestore.encode.backbones.torchvision_models import packaged_checkpoint
     from featurestore.encode.backbones.weights import file_sha256
 
@@ -181,27 +185,35 @@ def test_a_tv_backbone_from_a_local_checkpoint_runs_through_the_stages(project):
     (project / "models").mkdir()
     shutil.copy(packaged_checkpoint("mobilenet_v2"), project / "models" / "mobilenet_v2.pth")
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["stores"] = {backbone: "prepared"}  # alone: the fine-tune stage reads every store's heads
+    params["stores"]["small_images"] = {"data": "prepared", "backbone": "efficientnet_lite0",
+                                        "extract": {"image_size": 24}}
+    params["stores"]["own_images"] = {"data": "prepared", "backbone": backbone}
     params["extract"][backbone] = {**params["extract"]["efficientnet_lite0"], "weights": "models/mobilenet_v2.pth"}
     for section in ("plateau", "finetune", "curve"):
         params[section][backbone] = dict(params[section]["efficientnet_lite0"])
     params["curve"][backbone]["methods"] = ["linear_probe", "probe_finetune"]
-    params["export"] = {"own_images": {"backbone": backbone, "data": "prepared"}}
     params["deploy"]["baseline"] = False  # the encoder's head is the one exported (a baseline may win on 20 images)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    log = dvc(project, "repro", f"finetune@{backbone}", f"curve@{backbone}", "export@own_images")
+    log = dvc(project, "repro", "evaluate_head@small_images-logreg", "finetune@own_images", "curve@own_images",
+              "export@own_images")
     ran = set(re.findall(r"Running stage '([^']+)'", log))
-    assert {f"extract@{backbone}", f"finetune@{backbone}", f"curve@{backbone}", "export@own_images"} <= ran
-    assert not any("efficientnet_lite0" in stage or "minilm_l6" in stage or stage == "prepare_text" for stage in ran)
-    store = FeatureStore(project / "data" / "features" / f"{backbone}.h5")
+    assert {"extract@small_images", "train_head@small_images-logreg", "extract@own_images", "finetune@own_images",
+            "curve@own_images", "export@own_images"} <= ran
+    assert not any(name in stage for name in STORES for stage in ran) and "prepare_text" not in ran
+    small = FeatureStore(project / "data" / "features" / "small_images.h5")
+    assert small.fingerprint["backbone"] == "efficientnet_lite0"
+    assert small.fingerprint["preprocessing"]["image_size"] == 24  # the store's own setting over its backbone's 32
+    assert json.loads((project / "data" / "reports" / "heads" / "small_images__logreg.json").read_text())["n"] == 10
+    store = FeatureStore(project / "data" / "features" / "own_images.h5")
     assert store.fingerprint["backbone"] == backbone
     assert store.fingerprint["weights_sha256"] == file_sha256(project / "models" / "mobilenet_v2.pth")
-    decision = json.loads((project / "data" / "finetune" / backbone / "decision.json").read_text())
+    decision = json.loads((project / "data" / "finetune" / "own_images" / "decision.json").read_text())
     assert decision["finetuned"] and decision["result"]["epochs_run"] == 1
-    assert (project / "data" / "finetune" / backbone / "weights.pth").is_file() or decision["chosen"] == "probe"
-    curve = json.loads((project / "data" / "reports" / "curve" / backbone / "curve.json").read_text())
+    assert (project / "data" / "finetune" / "own_images" / "weights.pth").is_file() or decision["chosen"] == "probe"
+    curve = json.loads((project / "data" / "reports" / "curve" / "own_images" / "curve.json").read_text())
     assert {p["method"] for p in curve["points"]} == {"linear_probe", "probe_finetune"}
     report = json.loads((project / "data" / "export" / "own_images.onnx.report.json").read_text())
-    verdict = json.loads((project / "data" / "verdict" / backbone / "verdict.json").read_text())
+    verdict = json.loads((project / "data" / "verdict" / "own_images" / "verdict.json").read_text())
     assert report["check"]["labels_equal"] and report["name"] == verdict["deployed"]["name"]
+    assert report["name"].startswith("own_images")

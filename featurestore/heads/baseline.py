@@ -112,7 +112,7 @@ class BaselineModel(EstimatorModel):
 
     ``val_accuracy``: the chosen C fitted on the train rows alone, scored on the ``n_val`` validation rows (the
     figure the decision compares); the estimator itself is refitted on train+val (``n_train`` rows).
-    ``backbone``: the store (data set) the rows came from, named by its backbone as in ``params.yaml``;
+    ``backbone``: the name of the store (data set) the rows came from, as ``params.yaml``'s ``stores`` names it;
     ``store_path`` and ``store_fingerprint_hash``: that store.
     """
 
@@ -135,7 +135,7 @@ class BaselineModel(EstimatorModel):
 
     @property
     def name(self) -> str:
-        """``<backbone>__tfidf_logreg`` or ``<backbone>__pixels_logreg``: its name in metrics and reports."""
+        """``<store>__tfidf_logreg`` or ``<store>__pixels_logreg``: its name in metrics and reports."""
         return f"{self.backbone}__{self.kind}_logreg"
 
     @property

@@ -64,6 +64,9 @@ class TrainedHead(EstimatorModel):
     # The head experiment's own name (train-head --name, or its file's name): two heads of one kind with other
     # settings are two rows of a comparison, not one overwriting the other. None: the head's kind.
     experiment: str | None = None
+    # The name of the store it was fitted on where one names stores per data set (the pipeline: params.yaml's
+    # `stores` key, e.g. fashion_mnist); None: its backbone names it.
+    store_name: str | None = None
 
     def __post_init__(self) -> None:
         if not self.settings:
@@ -89,7 +92,8 @@ class TrainedHead(EstimatorModel):
 
     @property
     def name(self) -> str:
-        return f"{self.backbone}__{self.label}"
+        """``<store name or backbone>__<label>``: its name in metrics, reports and file names."""
+        return f"{self.store_name or self.backbone}__{self.label}"
 
     @property
     def classes(self) -> np.ndarray:

@@ -61,7 +61,7 @@ class HybridModel(EstimatorModel):
     weight: float
     C: float
     class_names: list[str]
-    backbone: str
+    backbone: str  # the name of the store it was fitted on (params.yaml's `stores`): its models are <name>__hybrid
     feature_dim: int
     fingerprint: dict
     fingerprint_hash: str

@@ -239,7 +239,7 @@ def _source_record(attrs: dict) -> dict | None:
 class FeatureStore:
     """Read access to one feature cache file.
 
-    >>> store = FeatureStore("data/features/efficientnet_lite0.h5")
+    >>> store = FeatureStore("data/features/fashion_mnist.h5")
     >>> X, y, ids = store.load("train")   # (N, D) float32, (N,) int64, (N,) str
 
     Every read opens the file anew, so a store replaced by a rerun is read whole, old or new, never mixed

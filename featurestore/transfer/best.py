@@ -314,13 +314,14 @@ def write_status(out: Path, status: Mapping) -> None:
     write_text_atomic(out / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
 
 
-def run_challenger_stage(kind: str, backbone: str, store_path: str | Path, out: str | Path,
+def run_challenger_stage(kind: str, name: str, store_path: str | Path, out: str | Path,
                          data: str | Path | None = None, enabled: bool = True) -> dict:
     """Fit one challenger of the verdict without an encoder (``kind``: ``baseline``, TF-IDF for texts or raw pixels
     for images + logistic regression; or ``hybrid``, texts only: [w x embedding, TF-IDF] + logistic regression) on the
     items of ``store_path``'s train split, its settings chosen on val, into ``out/<kind>.skops``; ``out/status.json``
     says what was done (``fitted`` and why not: disabled, or a hybrid head of images). ``data``: where the store's
-    items are (default its recorded source). Returns the status."""
+    items are (default its recorded source); ``name``: the store's (its models are ``<name>__<kind>``, e.g.
+    ``fashion_mnist__pixels_logreg``). Returns the status."""
     from ..heads.baseline import fit_baseline
     from ..heads.records import store_records
     from ..store.hdf5 import FeatureStore
@@ -331,7 +332,7 @@ def run_challenger_stage(kind: str, backbone: str, store_path: str | Path, out: 
     model_file.unlink(missing_ok=True)
     store = FeatureStore(store_path)
     text = store.fingerprint.get("kind") == "text"
-    status = {"kind": kind, "backbone": backbone, "fitted": False}
+    status = {"kind": kind, "store": name, "fitted": False}
     if not enabled:
         write_status(out, {**status, "reason": f"deploy.{kind} is off"})
         return status
@@ -341,11 +342,11 @@ def run_challenger_stage(kind: str, backbone: str, store_path: str | Path, out: 
     records = {split: store_records(store, split, data) for split in ("train", "val")}
     if kind == "baseline":
         model = fit_baseline("tfidf" if text else "pixels", records["train"], records["val"], store.class_names,
-                             backbone, store.fingerprint_hash, store_path=str(store.path))
+                             name, store.fingerprint_hash, store_path=str(store.path))
     else:
         from ..heads.hybrid import fit_hybrid
 
-        model = fit_hybrid(store, records["train"], records["val"], backbone)
+        model = fit_hybrid(store, records["train"], records["val"], name)
     model.save(model_file)
     status = {**status, "fitted": True, "file": model_file.name, "name": model.name}
     write_status(out, status)
@@ -376,7 +377,7 @@ def verdict_candidates(heads: Sequence[str | Path], finetune_dir: str | Path | N
             if kind == "head" and not finetuned:
                 continue  # a head on a fine-tuned store the decision since dropped
             files.append(path)
-            if kind == "head" and finetuned and path.stem == f"{first.backbone}_ft__{first.config.head}":
+            if kind == "head" and finetuned and path.stem == f"{first.store_name or first.backbone}_ft__{first.label}":
                 incumbent = path.stem
     return files, incumbent
 

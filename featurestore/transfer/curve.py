@@ -39,7 +39,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ..configs import CURVE_DEFAULTS, CURVE_METHODS, DEFAULT_CURVE_METHODS, TEXT_CURVE_METHODS, CurveOptions, HeadConfig
 from ..configs import CURVE_HEAD as CURVE_HEAD  # re-exported: benchmarks/text_search.py imports it from here
-from ..data.sources import ids_digest
+from ..data.sources import budget_shortfall, ids_digest
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, choose_c, sweep_c
 from ..heads.head import TrainedHead
@@ -69,6 +69,18 @@ def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(X[rows], y[rows])
     return probe, C, float(probe.score(Xt, yt)), time.perf_counter() - started, rows
+
+
+def capped_budgets(labels: np.ndarray, class_names: list[str], budgets) -> dict[str, dict[str, int]]:
+    """The budgets (labels per class) that a class of the train split cannot fill, with each such class's item
+    count: ``{"50": {"sandal": 37}}`` from train labels (N,) int. A capped point trains on all of that class's items,
+    so its x is not what it says: the curve records it (``capped_budgets``, and ``capped`` on each point)."""
+    capped = {}
+    for budget in budgets:
+        short = budget_shortfall(labels, int(budget))
+        if short:
+            capped[str(budget)] = {class_names[c]: n for c, n in sorted(short.items())}
+    return capped
 
 
 def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Path,
@@ -102,13 +114,14 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
     source = store_source(store, data)
     seed, device = options.finetune.seed, options.device
     evaluation = {split: records_for(source, split_rows(store, split), store) for split in ("val", "test")}
+    capped = capped_budgets(store.labels("train"), store.class_names, options.budgets)
     work = Path(tempfile.mkdtemp(prefix=".curve-", dir=out))
     points, cache_seconds = [], 0.0
     try:
         for budget in options.budgets:
             probe, C, probe_test, probe_seconds, rows = fit_probe(store, budget, seed, options.probe)
             train = split_rows(store, "train", rows)
-            base = {"labels_per_class": budget, "n_train": int(len(rows))}
+            base = {"labels_per_class": budget, "n_train": int(len(rows)), "capped": str(budget) in capped}
             # Every method of a budget trains on the probe's rows (by content id), not on a folder listing.
             chosen = {"train": records_for(source, train, store), **evaluation}
             for name, baseline in (("pixels", pixel_logreg), ("tfidf", tfidf_logreg)):
@@ -161,7 +174,7 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
         shutil.rmtree(work, ignore_errors=True)
     # budgets as given (a list): a merge compares them with an earlier curve.json's
     result = {"backbone": store.fingerprint["backbone"], "budgets": list(options.budgets), "points": points,
-              "trunk_cache_seconds": round(cache_seconds, 2), **options.recorded()}
+              "capped_budgets": capped, "trunk_cache_seconds": round(cache_seconds, 2), **options.recorded()}
     write_curve(result, out)
     return result
 
@@ -206,6 +219,7 @@ def merge_curves(earlier: dict, added: dict) -> dict:
     finetuned = "probe_finetune" in methods
     return {**earlier, "points": points, "finetune": (added if finetuned else earlier)["finetune"],
             "trunk_cache_seconds": (added if finetuned else earlier).get("trunk_cache_seconds", 0.0),
+            "capped_budgets": added.get("capped_budgets", earlier.get("capped_budgets", {})),
             "scratch": (added if "scratch" in methods else earlier)["scratch"],
             **({"small_cnn": added["small_cnn"]} if "small_cnn" in methods else {}),
             **({"setfit": added["setfit"]} if "setfit" in methods else {})}

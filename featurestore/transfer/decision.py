@@ -282,9 +282,11 @@ def adopt_finetuned(backbone: str, out: Path, data: str | Path, extract_options:
     return out / "features.h5"
 
 
-def train_finetuned_head(backbone: str, config: HeadConfig, finetune_dir: str | Path, out: str | Path) -> dict:
+def train_finetuned_head(config: HeadConfig, finetune_dir: str | Path, out: str | Path,
+                         store_name: str | None = None) -> dict:
     """The ``train_head_ft`` stage: ``config``'s head on the fine-tuned store ``finetune_dir/features.h5`` when the
-    decision there kept the fine-tuned backbone, saved as ``out/<backbone>_ft__<head>.skops`` (older ones removed);
+    decision there kept the fine-tuned backbone, saved as ``out/<name>.skops`` (older ones removed), its name
+    ``<store_name>_ft__<head>`` (``store_name``: the cache-only store's name), else ``<backbone>_ft__<head>``;
     ``out/status.json`` says what was done either way. Returns the status."""
     from ..heads.train import train_head
     from .best import write_status
@@ -294,9 +296,11 @@ def train_finetuned_head(backbone: str, config: HeadConfig, finetune_dir: str | 
     for old in out.glob("*.skops"):
         old.unlink()
     decision = json.loads((finetune_dir / "decision.json").read_text())
-    status = {"backbone": f"{backbone}_ft", "head": config.head, "trained": False}
+    status = {"head": config.head, "trained": False}
     if decision.get("chosen") == "finetuned":
         head = train_head(finetune_dir / "features.h5", config)
+        head.store_name = f"{store_name}_ft" if store_name else None
+        status["backbone"] = head.backbone
         head.save(out / f"{head.name}.skops")
         status.update(trained=True, file=f"{head.name}.skops", name=head.name)
     else:
