@@ -11,7 +11,7 @@ from _params import stage_arguments, store_entry, store_settings
 from featurestore.configs import extract_options
 from featurestore.extract import ExtractOptions, extract_features
 from featurestore.utils.console import setup_logging
-from featurestore.utils.timings import timings_path, write_json
+from featurestore.utils.timings import timings_path, write_timings
 
 if __name__ == "__main__":
     setup_logging()
@@ -19,6 +19,6 @@ if __name__ == "__main__":
     options = ExtractOptions(**extract_options(store_settings("extract", args.store)))
     summary = extract_features(args.data, args.out, store_entry(args.store)["backbone"], options=options)
     record = timings_path(args.out, ".summary.json")
-    if record is not None:
-        write_json(record, asdict(summary), sort_keys=True, indent=None)
+    if record is not None:  # the whole record, seconds included: the timings folder is no DVC output
+        write_timings(record, asdict(summary), sort_keys=True)
     print(summary.to_json())
