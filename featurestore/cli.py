@@ -15,10 +15,12 @@ from dataclasses import MISSING, fields
 from . import __version__, commands
 from .configs import (
     ALL_CURVE_METHODS,
+    CHALLENGERS,
     DEFAULT_CURVE_METHODS,
     ENGINE_CHOICES,
     FINETUNE_DEFAULTS,
     FINETUNE_METHODS,
+    HEADS,
     LONG_DOCUMENT_MODES,
     MIN_IMAGE_SIZE,
     NORMALIZATIONS,
@@ -222,14 +224,23 @@ def _verify_parser(sub) -> None:
 
 def _train_head_parser(sub) -> None:
     p = sub.add_parser("train-head", help="train a scikit-learn head on a feature cache, C chosen on val",
-                       description="Sweep C on train→val, refit the best C on train+val, save the head (skops).")
+                       description="Sweep C on train→val, refit the best C on train+val, save the head (skops). "
+                                   "--head baseline (TF-IDF or raw pixels + logistic regression) and hybrid (texts: "
+                                   "[w x embedding, TF-IDF] + logistic regression) fit the verdict's challengers on "
+                                   "the store's items, which `verdict` weighs and `export` ships like any head.")
     p.add_argument("--features", required=True, help="an HDF5 store with train and val splits")
     p.add_argument("--out", required=True, help="where to write HEAD.skops")
+    p.add_argument("--head", default="logreg", choices=(*HEADS, *CHALLENGERS),
+                   help="the head: multinomial logistic regression, linear SVM, RBF SVM, logistic regression by SGD "
+                        "streamed from the store; or a challenger without the encoder (baseline) or beside it "
+                        "(hybrid, texts) (default logreg)")
+    p.add_argument("--data", help="baseline and hybrid: the data the store was extracted from (default: where the "
+                                  "store records)")
     p.add_argument("--name", help="this head experiment's name in reports and verdicts (<backbone>__<name>); "
                                   "default: the file's name, without a leading <backbone>__")
     p.add_argument("--scheduler", help="a Dask scheduler (tcp://host:port) to run the C sweep on; default: "
                                        "$DASK_SCHEDULER_ADDRESS, else local")
-    add_config_options(p, HeadConfig)
+    add_config_options(p, HeadConfig, skip=("head",))
     add_output_options(p)
     p.set_defaults(func=commands.cmd_train_head)
 

@@ -12,6 +12,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from .errors import BadValueError
+
 
 def config_from_args(config_class, args: argparse.Namespace):
     """A config dataclass built from the options that cli.add_config_options made of its fields."""
@@ -216,9 +218,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train_head(args: argparse.Namespace) -> int:
-    from .configs import HeadConfig
+    from .configs import CHALLENGERS, HeadConfig
     from .heads.train import train_head
 
+    if args.head in CHALLENGERS:
+        return train_challenger(args)
+    if args.data:
+        raise BadValueError("--data is for --head baseline or hybrid (they read the items; a head reads the store)")
     config = config_from_args(HeadConfig, args)
     head = train_head(args.features, config, progress=not args.no_progress, scheduler=args.scheduler)
     head.experiment = experiment_name(args.name, Path(args.out), head.backbone, config.head)
@@ -232,9 +238,26 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_challenger(args: argparse.Namespace) -> int:
+    """``train-head --head baseline | hybrid``: the verdict's challenger fitted on the store's items (settings chosen
+    on val, refitted on train+val), saved as a model file that ``verdict`` weighs and ``export`` ships."""
+    from .transfer.best import fit_challenger
+
+    if args.name:
+        raise BadValueError(f"--name names encoder heads; a {args.head} model is named after its store's backbone")
+    model = fit_challenger(args.head, args.features, data=args.data)
+    model.save(args.out)
+    summary = {"out": str(args.out), "name": model.name, "kind": args.head, "C": model.C,
+               "val_accuracy": model.val_accuracy, "n_train": model.n_train, "n_val": model.n_val}
+    print(json.dumps(summary) if args.json else
+          f"{args.out}: {model.name}, C={model.C:.3g} (validation accuracy {model.val_accuracy:.4f} on "
+          f"{model.n_val} items when fitted on train alone), refitted on {model.n_train} train+val items")
+    return 0
+
+
 def experiment_name(given: str | None, out: Path, backbone: str, kind: str) -> str | None:
     """A head experiment's name: ``--name``, else its file's name (without a leading ``<backbone>__``); None when
-    that is just its kind (the pipeline's ``<backbone>__<head>.skops``)."""
+    that is just its kind (the pipeline's ``data/heads/<store>/<head>.skops``)."""
     name = given or out.name.removesuffix(".skops").removeprefix(f"{backbone}__")
     return None if name == kind else name
 

@@ -16,6 +16,8 @@ from .errors import BadValueError, FeaturestoreError
 from .utils.validation import check_choice, check_range
 
 HEADS = ("logreg", "linear_svm", "svm_rbf", "sgd_logreg")
+# The verdict's models fitted on a store's items without (or beside) its encoder: `train-head --head` fits them too.
+CHALLENGERS = ("baseline", "hybrid")
 NORMALIZATIONS = ("standard", "l2", "none")
 ENGINE_CHOICES = ("auto", "torch", "onnxruntime")
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")

@@ -62,6 +62,36 @@ def test_the_hybrid_head_is_deployed_only_when_it_beats_the_encoder_and_the_base
     assert best_on_validation(ENCODER, {"demo__hybrid": {**hybrid["demo__hybrid"], "val": 0.92}})["model"] == "encoder"
 
 
+@pytest.mark.slow
+def test_the_cli_fits_every_candidate_the_pipeline_weighs_and_picks_what_it_would_deploy(coded, tmp_path, capsys):
+    """Where word counts win (the coded corpus), a command-line user reaches the model the pipeline deploys:
+    `train-head --head baseline` and `--head hybrid` fit the challengers the pipeline's stages fit (the same
+    models), `verdict` weighs them beside the head and deploys the baseline, and `export` ships it."""
+    from featurestore.cli import main
+    from featurestore.heads.model_file import load_model
+
+    root, data, store, head = coded
+    files = {kind: tmp_path / f"{kind}.skops" for kind in ("baseline", "hybrid")}
+    for kind, path in files.items():
+        assert main(["train-head", "--features", str(store.path), "--head", kind, "--out", str(path), "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert printed["kind"] == kind and printed["name"] == load_model(path).name
+    staged = challengers_then_verdict(head, data, tmp_path / "stages")
+    for kind, path in files.items():  # the stage's model and the command's are the same fit
+        model, from_stage = load_model(path), load_model(tmp_path / "stages" / "challengers" / kind / f"{kind}.skops")
+        assert (model.name, model.C, model.val_accuracy) == (from_stage.name, from_stage.C, from_stage.val_accuracy)
+    assert main(["verdict", str(head), str(files["baseline"]), str(files["hybrid"]), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["candidates"]) == {"minilm_l6__logreg", "minilm_l6__tfidf_logreg", "minilm_l6__hybrid"}
+    assert result["deployed"]["name"] == staged["deployed"]["name"] == "minilm_l6__tfidf_logreg"
+    assert main(["export", "--head", str(files["baseline"]), "--out", str(tmp_path / "model.onnx"), "--json"]) == 0
+    assert read_model_metadata(tmp_path / "model.onnx")["featurestore_model"] == "minilm_l6__tfidf_logreg"
+    # a hybrid head needs texts, and --data and --name are refused where they mean nothing
+    assert main(["train-head", "--features", str(store.path), "--head", "logreg", "--data", str(data),
+                 "--out", str(tmp_path / "x.skops")]) == 2
+    assert "--data is for --head baseline or hybrid" in capsys.readouterr().err
+
+
 # -- a corpus where word counts separate the classes and the encoder cannot -------------------------------------
 
 CODES = ("qzv", "xkb", "wjf")  # the label is which code word a document carries; its topic says nothing

@@ -42,7 +42,7 @@ def test_two_experiments_of_one_head_are_two_rows_with_their_settings(store, tmp
     assert metrics["synthetic__logreg_l2"]["config"]["normalize"] == "l2"
     assert set(metrics["synthetic__logreg_l2"]["settings"]) == {"C"}
     row = next(line for line in table.splitlines() if "| logreg_l2 |" in line)
-    assert "normalize=l2" in row and "C=" in row
+    assert "normalize=l2" in row and "C=" in row and row.startswith("| synthetic__logreg_l2 |")  # the model's name
     assert "normalize" not in next(line for line in table.splitlines() if "| a_logreg |" in line)
 
 

@@ -290,3 +290,23 @@ def test_a_pickled_head_loads_only_when_trusted(tmp_path):
     joblib.dump({"not": "a head"}, tmp_path / "dict.joblib")
     with pytest.raises(HeadFileError, match="holds a dict, not a featurestore head"):
         load_head(tmp_path / "dict.joblib", trust_pickle=True)
+
+
+def test_skops_is_imported_without_torch_and_trusts_the_same_estimators():
+    """A stage that reads a head does not pay for importing torch (skops walks every scikit-learn package at
+    import); the estimators skops trusts are the same as after a plain import."""
+    import subprocess
+    import sys
+
+    listing = ("import json, sys; from skops.io._trusted_types import SKLEARN_ESTIMATOR_TYPE_NAMES as names; "
+               "print(json.dumps({'names': sorted(names), 'torch': 'torch' in sys.modules}))")
+    runs = {}
+    for how, first in (("ours", "from featurestore.heads.model_file import skops_io; skops_io(); "), ("plain", "")):
+        out = subprocess.run([sys.executable, "-c", first + listing], capture_output=True, text=True, check=True)
+        runs[how] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs["ours"]["names"] == runs["plain"]["names"] and len(runs["ours"]["names"]) > 100
+    assert runs["ours"]["torch"] is False and runs["plain"]["torch"] is True
+    later = ("from featurestore.heads.model_file import skops_io; skops_io(); "
+             "import sklearn.externals.array_api_compat.torch; import sys; print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", later], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"  # importable again afterwards

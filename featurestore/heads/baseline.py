@@ -248,10 +248,10 @@ def evaluate_model(model, store: FeatureStore, records: list, split: str = "test
         raise FeaturestoreError(f"{store.path}: {len(records)} records given for the {len(y)} rows of split {split!r}")
     if model.MODEL_KIND == "hybrid":  # texts and their embeddings (heads.hybrid, which imports this module)
         proba = model.predict_proba(read_texts(records), store.load(split, dtype=np.float32)[0])
-        head, backbone = "hybrid", model.backbone
+        head, backbone = "hybrid", str(model.fingerprint.get("backbone", "unknown"))  # + TF-IDF
     else:
         proba = model.predict_proba(read_texts(records) if model.kind == "tfidf" else decode_pixels(records))
-        head, backbone = f"{model.kind}_logreg", f"none ({model.kind}, {model.backbone}'s data)"
+        head, backbone = f"{model.kind}_logreg", f"none ({model.kind})"
     metrics, _ = classification_metrics(y, proba, {"backbone": backbone, "head": head, "split": split})
     metrics.update(C=model.C, train_seconds=round(model.train_seconds, 3), n_train=model.n_train,
                    val_accuracy=model.val_accuracy)

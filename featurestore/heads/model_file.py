@@ -122,11 +122,34 @@ class EstimatorModel:
         return cls(estimator=document.estimator, **document.metadata)
 
 
+# An array-API namespace of scikit-learn's that imports torch and holds no estimator (see skops_io).
+_TORCH_NAMESPACE = "sklearn.externals.array_api_compat.torch"
+
+
+def skops_io():
+    """``skops.io``, imported without importing torch. At import, skops trusts every scikit-learn estimator
+    (``sklearn.utils.all_estimators``), which walks and imports every scikit-learn package, ``_TORCH_NAMESPACE``
+    among them, and so torch: 2.5 of the 5 s a DVC stage that reads a head spent starting on the 2-core reference
+    machine, in every one of them. The walk skips a package that cannot be imported, so that one is marked so for
+    the import alone (the trusted list comes out the same, tests/test_model_file.py) and importable again after."""
+    if "skops.io" in sys.modules or "torch" in sys.modules:
+        import skops.io
+
+        return skops.io
+    sys.modules.setdefault(_TORCH_NAMESPACE, None)
+    try:
+        import skops.io
+    finally:
+        if sys.modules.get(_TORCH_NAMESPACE, False) is None:
+            del sys.modules[_TORCH_NAMESPACE]
+    return skops.io
+
+
 def save_model(model: SavableModel, path: str | Path) -> Path:
     """Write ``model`` (anything with ``to_model_document()``) to ``path`` as a model file, atomically and
     byte-reproducibly; timings routed, its metadata's timings beside it in the timings folder (see the module's
     docstring; ``model`` itself keeps them). Returns ``path``."""
-    import skops.io as sio
+    sio = skops_io()
 
     path = Path(path)
     document = model.to_model_document()
@@ -179,7 +202,7 @@ def load_model(path: str | Path, trust_pickle: bool = False, kind: str | None = 
     """Read a model file (see the module's docstring) and return the model it holds; ``kind``: refuse any other
     kind. Raises :class:`HeadFileError` naming the file and the problem: missing, corrupt, another format, kind or
     a newer version, untrusted types inside, or a pickle without ``trust_pickle``."""
-    import skops.io as sio
+    sio = skops_io()
 
     path = Path(path)
     if not path.is_file():

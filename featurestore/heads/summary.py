@@ -29,14 +29,15 @@ def settings_cell(metrics: dict) -> str:
 
 
 def comparison_table(results: dict[str, dict], seconds: bool = True) -> str:
-    """Markdown table of every backbone × head, best top-1 first; ``settings`` (:func:`settings_cell`); ``seconds``:
-    with the ``train s`` column (a model whose metrics lack ``train_seconds`` shows –)."""
-    columns = ["backbone", "head", "top-1", "top-5", "mean per-class acc.", "macro-F1", "n", "settings"] + (
+    """Markdown table of every model (``results``: metrics by model name), best top-1 first (ties by name);
+    ``settings`` (:func:`settings_cell`); ``seconds``: with the ``train s`` column (a model whose metrics lack
+    ``train_seconds`` shows –)."""
+    columns = ["model", "backbone", "head", "top-1", "top-5", "mean per-class acc.", "macro-F1", "n", "settings"] + (
         ["train s"] if seconds else [])
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for m in sorted(results.values(), key=lambda m: -m["top1"]):
+    for name, m in sorted(results.items(), key=lambda item: (-item[1]["top1"], item[0])):
         top5 = "–" if m["top5"] is None else f"{m['top5']:.4f}"
-        cells = [m["backbone"], m["head"], f"{m['top1']:.4f}", top5, f"{m['mean_per_class_accuracy']:.4f}",
+        cells = [name, m["backbone"], m["head"], f"{m['top1']:.4f}", top5, f"{m['mean_per_class_accuracy']:.4f}",
                  f"{m['macro_f1']:.4f}", str(m["n"]), settings_cell(m)]
         if seconds:
             cells.append("–" if m.get("train_seconds") is None else f"{m['train_seconds']:.2f}")
@@ -45,8 +46,8 @@ def comparison_table(results: dict[str, dict], seconds: bool = True) -> str:
 
 
 def read_head_metrics(out: str | Path, names: list[str]) -> dict[str, dict]:
-    """The metrics that reports.write_head_report saved under ``out``/heads for each ``<backbone>__<head>``
-    (with their routed timings, when there are some: ``utils.timings.read_json``)."""
+    """The metrics that reports.write_head_report saved under ``out``/heads for each head name (``<store>__<head>``
+    in the pipeline), with their routed timings when there are some (``utils.timings.read_json``)."""
     results = {}
     for name in names:
         path = Path(out) / "heads" / f"{name}.json"

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..configs import CHALLENGERS
 from ..errors import FeaturestoreError
 from ..utils.validation import check_choice
 from .stats import ALPHA, beats_incumbent
@@ -301,7 +302,6 @@ def write_verdict(result: Mapping, out: str | Path) -> Path:
     return out
 
 
-CHALLENGERS = ("baseline", "hybrid")
 STATUS_FILE = "status.json"  # what a challenger or fine-tuned-head stage did, also when it made no model
 VERDICT_FILE = "verdict.json"
 
@@ -314,39 +314,53 @@ def write_status(out: Path, status: Mapping) -> None:
     write_text_atomic(out / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
 
 
-def run_challenger_stage(kind: str, name: str, store_path: str | Path, out: str | Path,
-                         data: str | Path | None = None, enabled: bool = True) -> dict:
-    """Fit one challenger of the verdict without an encoder (``kind``: ``baseline``, TF-IDF for texts or raw pixels
-    for images + logistic regression; or ``hybrid``, texts only: [w x embedding, TF-IDF] + logistic regression) on the
-    items of ``store_path``'s train split, its settings chosen on val, into ``out/<kind>.skops``; ``out/status.json``
-    says what was done (``fitted`` and why not: disabled, or a hybrid head of images). ``data``: where the store's
-    items are (default its recorded source); ``name``: the store's (its models are ``<name>__<kind>``, e.g.
-    ``fashion_mnist__pixels_logreg``). Returns the status."""
+def fit_challenger(kind: str, store_path: str | Path, data: str | Path | None = None, name: str | None = None):
+    """One challenger of the verdict fitted on the items of ``store_path``'s train split, its settings chosen on
+    val: ``baseline`` (TF-IDF for texts, raw pixels for images, + logistic regression) or ``hybrid`` (texts only:
+    [w x embedding, TF-IDF] + logistic regression). ``data``: where the store's items are (default its recorded
+    source); ``name``: the store's name its model is named after (``<name>__<kind>``; default the store's
+    backbone). Returns the model (:class:`~featurestore.heads.baseline.BaselineModel` or
+    :class:`~featurestore.heads.hybrid.HybridModel`); raises :class:`FeaturestoreError` for a hybrid head on
+    images."""
     from ..heads.baseline import fit_baseline
     from ..heads.records import store_records
+    from ..store.hdf5 import FeatureStore
+
+    check_choice("challenger", kind, CHALLENGERS)
+    store = FeatureStore(store_path)
+    text = store.fingerprint.get("kind") == "text"
+    if kind == "hybrid" and not text:
+        raise FeaturestoreError(f"{store.path}: the hybrid head reads texts: not for an image store")
+    name = name or str(store.fingerprint.get("backbone", "unknown"))
+    records = {split: store_records(store, split, data) for split in ("train", "val")}
+    if kind == "baseline":
+        return fit_baseline("tfidf" if text else "pixels", records["train"], records["val"], store.class_names,
+                            name, store.fingerprint_hash, store_path=str(store.path))
+    from ..heads.hybrid import fit_hybrid
+
+    return fit_hybrid(store, records["train"], records["val"], name)
+
+
+def run_challenger_stage(kind: str, name: str, store_path: str | Path, out: str | Path,
+                         data: str | Path | None = None, enabled: bool = True) -> dict:
+    """The stages ``baseline`` and ``hybrid``: :func:`fit_challenger` into ``out/<kind>.skops``, with
+    ``out/status.json`` saying what was done (``fitted`` and why not: disabled, or a hybrid head of images), so
+    that the folder is a DVC output either way. ``name``: the store's (its models are ``<name>__<kind>``, e.g.
+    ``fashion_mnist__pixels_logreg``). Returns the status."""
     from ..store.hdf5 import FeatureStore
 
     check_choice("challenger", kind, CHALLENGERS)
     out = Path(out)
     model_file = out / (BASELINE_FILE if kind == "baseline" else HYBRID_FILE)
     model_file.unlink(missing_ok=True)
-    store = FeatureStore(store_path)
-    text = store.fingerprint.get("kind") == "text"
     status = {"kind": kind, "store": name, "fitted": False}
     if not enabled:
         write_status(out, {**status, "reason": f"deploy.{kind} is off"})
         return status
-    if kind == "hybrid" and not text:
+    if kind == "hybrid" and FeatureStore(store_path).fingerprint.get("kind") != "text":
         write_status(out, {**status, "reason": "the hybrid head reads texts: not for an image store"})
         return status
-    records = {split: store_records(store, split, data) for split in ("train", "val")}
-    if kind == "baseline":
-        model = fit_baseline("tfidf" if text else "pixels", records["train"], records["val"], store.class_names,
-                             name, store.fingerprint_hash, store_path=str(store.path))
-    else:
-        from ..heads.hybrid import fit_hybrid
-
-        model = fit_hybrid(store, records["train"], records["val"], name)
+    model = fit_challenger(kind, store_path, data, name)
     model.save(model_file)
     status = {**status, "fitted": True, "file": model_file.name, "name": model.name}
     write_status(out, status)
