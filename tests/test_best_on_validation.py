@@ -84,6 +84,22 @@ def test_the_cli_fits_every_candidate_the_pipeline_weighs_and_picks_what_it_woul
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["candidates"]) == {"minilm_l6__logreg", "minilm_l6__tfidf_logreg", "minilm_l6__hybrid"}
     assert result["deployed"]["name"] == staged["deployed"]["name"] == "minilm_l6__tfidf_logreg"
+    # the challengers carry their train-only answers on validation; the verdict reads them instead of refitting,
+    # and a refit gives the same answers
+    for path in files.values():
+        model = load_model(path)
+        assert len(model.val_answers) == model.n_val
+        model.val_answers = {}
+        model.save(path.with_name(f"refit_{path.name}"))
+    refit = [str(path.with_name(f"refit_{path.name}")) for path in files.values()]
+    assert main(["verdict", str(head), *refit, "--json"]) == 0
+    refitted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    def figures(verdict: dict) -> dict:
+        return {name: {k: v for k, v in c.items() if k not in ("file", "sha256")}
+                for name, c in verdict["candidates"].items()}
+
+    assert figures(refitted) == figures(result) and refitted["deployed"]["reason"] == result["deployed"]["reason"]
     assert main(["export", "--head", str(files["baseline"]), "--out", str(tmp_path / "model.onnx"), "--json"]) == 0
     assert read_model_metadata(tmp_path / "model.onnx")["featurestore_model"] == "minilm_l6__tfidf_logreg"
     # a hybrid head needs texts, and --data and --name are refused where they mean nothing

@@ -129,6 +129,9 @@ class BaselineModel(EstimatorModel):
     store_path: str = ""
     sweep: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
+    # validation content id → right or wrong, of the chosen settings refitted on the train rows alone (what the
+    # verdict's paired test reads; transfer.best.fit_challenger fills it). Empty: the verdict refits.
+    val_answers: dict[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_choice("baseline", self.kind, BASELINE_KINDS)

@@ -71,6 +71,7 @@ class HybridModel(EstimatorModel):
     n_train: int
     sweep: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
+    val_answers: dict[str, bool] = field(default_factory=dict)  # as BaselineModel's
 
     @property
     def name(self) -> str:

@@ -235,6 +235,9 @@ def val_answers(kind: str, model, path: Path, data: str | Path | None = None,
         return val, len(ids), {i: predicted[i] == int(y) for i, y in zip(ids, labels, strict=True)}
     from ..heads.records import store_records
 
+    if getattr(model, "val_answers", None) and set(model.val_answers) == set(ids) \
+            and getattr(model, "store_fingerprint_hash", None) == store.fingerprint_hash:
+        return float(model.val_accuracy), int(model.n_val), dict(model.val_answers)  # fit_challenger made them
     records = {} if records is None else records
     if str(store.path) not in records:
         records[str(store.path)] = {split: store_records(store, split, data) for split in ("train", "val")}
@@ -334,11 +337,16 @@ def fit_challenger(kind: str, store_path: str | Path, data: str | Path | None = 
     name = name or str(store.fingerprint.get("backbone", "unknown"))
     records = {split: store_records(store, split, data) for split in ("train", "val")}
     if kind == "baseline":
-        return fit_baseline("tfidf" if text else "pixels", records["train"], records["val"], store.class_names,
-                            name, store.fingerprint_hash, store_path=str(store.path))
-    from ..heads.hybrid import fit_hybrid
+        model = fit_baseline("tfidf" if text else "pixels", records["train"], records["val"], store.class_names,
+                             name, store.fingerprint_hash, store_path=str(store.path))
+    else:
+        from ..heads.hybrid import fit_hybrid
 
-    return fit_hybrid(store, records["train"], records["val"], name)
+        model = fit_hybrid(store, records["train"], records["val"], name)
+    # the verdict's per-item answers, made once here rather than by every verdict that weighs it
+    model.val_answers = dict(zip(store.ids("val").tolist(), train_only_val_correct(model, store, records).tolist(),
+                                 strict=True))
+    return model
 
 
 def run_challenger_stage(kind: str, name: str, store_path: str | Path, out: str | Path,
