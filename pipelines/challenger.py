@@ -1,8 +1,9 @@
 """DVC stages `baseline@<store>` and `hybrid@<store>`: a challenger of the verdict fitted without the encoder
 (baseline: TF-IDF for texts, raw pixels for images, + logistic regression) or beside it (hybrid, texts: [w x
 embedding, TF-IDF] + logistic regression), on the items of the store's train split, its settings chosen on val →
-OUT/<kind>.skops and OUT/status.json (featurestore.transfer.best.run_challenger_stage). ``deploy.<kind>`` turns it
-off (the status then says so, and the verdict weighs the heads alone)."""
+OUT/<kind>.skops, its metrics on `evaluate.split` (OUT/metrics.json) and OUT/status.json
+(featurestore.transfer.best.run_challenger_stage). ``deploy.<kind>`` turns it off (the status then says so, and the
+verdict weighs the heads alone)."""
 
 import json
 
@@ -16,5 +17,6 @@ if __name__ == "__main__":
     args = stage_arguments(__doc__, ("kind", "store"), {"features": "the store's feature store",
                                                        "data": "the prepared data set", "out": "the stage's folder"})
     enabled = bool((load_params("deploy") or {}).get(args.kind, True))
-    status = run_challenger_stage(args.kind, args.store, args.features, args.out, args.data, enabled)
+    status = run_challenger_stage(args.kind, args.store, args.features, args.out, args.data, enabled,
+                                  split=load_params("evaluate")["split"])
     print(json.dumps(status))

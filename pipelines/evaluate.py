@@ -4,18 +4,37 @@ VERDICTS/<store>/verdict.json "deployed") with the figures it was chosen on.
 
 The frozen heads were evaluated by their own `evaluate_head` stages (this stage only reads their JSON); the heads on
 a fine-tuned backbone (FINETUNE_HEADS/<store>/<head>/<store>_ft__<head>.skops, their store the one they
-record, FINETUNE/<store>/features.h5) are evaluated here, into REPORTS/finetuned/, and so are the baselines and
-hybrid heads (CHALLENGERS/<store>/{baseline,hybrid}/*.skops) on the test split of their data set, read from the
-folder or manifest the store records as its source (each item checked against its content id), into
-REPORTS/finetuned/heads/<name>.json.
+record, FINETUNE/<store>/features.h5) are evaluated here, into REPORTS/finetuned/; the baselines and hybrid heads
+(CHALLENGERS/<store>/{baseline,hybrid}/) were evaluated by their own stages (metrics.json beside each model), and
+their metrics are gathered into REPORTS/finetuned/heads/<name>.json.
 """
 
 import json
+from pathlib import Path
 
 from _params import load_params, stage_arguments
 
 from featurestore.heads.summary import comparison_table, read_head_metrics, write_summary
-from featurestore.utils.timings import write_json
+from featurestore.utils.timings import read_json, write_json
+
+
+def challenger_metrics(path: Path, split: str) -> dict:
+    """A challenger's metrics on ``split``: those its stage wrote beside it (``metrics.json``), else evaluated here
+    (on the store it was fitted on, which must be that version)."""
+    written = path.parent / "metrics.json"
+    if written.is_file() and json.loads(written.read_text()).get("split") == split:
+        return read_json(written)
+    from featurestore.heads.baseline import evaluate_model
+    from featurestore.heads.model_file import load_model
+    from featurestore.heads.records import store_records
+    from featurestore.store import FeatureStore
+
+    model = load_model(path)
+    store = FeatureStore(model.store_path)
+    if store.fingerprint_hash != model.store_fingerprint_hash:
+        raise SystemExit(f"{path}: fitted on another version of {store.path}: run its stage again")
+    return evaluate_model(model, store, store_records(store, split), split)
+
 
 if __name__ == "__main__":
     args = stage_arguments(__doc__, (), {"reports": "the reports folder",
@@ -41,20 +60,11 @@ if __name__ == "__main__":
         verdict = args.verdicts / name / "verdict.json"
         if verdict.is_file():
             verdicts[name] = json.loads(verdict.read_text())
-        raw_models = sorted((args.challengers / name).glob("*/*.skops"))
-        if raw_models:  # the models without an encoder (or beside it), on the same test split
-            from featurestore.heads.baseline import evaluate_model
-            from featurestore.heads.model_file import load_model
-            from featurestore.heads.records import store_records
-            from featurestore.store import FeatureStore
-
-            for path in raw_models:
-                model = load_model(path)
-                store = FeatureStore(model.store_path)
-                if store.fingerprint_hash != model.store_fingerprint_hash:
-                    raise SystemExit(f"{path}: fitted on another version of {store.path}: run its stage again")
-                results[model.name] = metrics = evaluate_model(model, store, store_records(store, split), split)
-                write_json(finetuned_out / "heads" / f"{model.name}.json", metrics)
+        for folder in sorted(p for p in (args.challengers / name).glob("*") if (p / "status.json").is_file()):
+            status = json.loads((folder / "status.json").read_text())
+            if status.get("fitted"):  # a model without an encoder (or beside it), on the same split
+                results[status["name"]] = metrics = challenger_metrics(folder / status["file"], split)
+                write_json(finetuned_out / "heads" / f"{status['name']}.json", metrics)
     from featurestore.heads.reports import deployment_table
 
     section = deployment_table(verdicts)

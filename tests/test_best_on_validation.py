@@ -21,6 +21,8 @@ from featurestore.extract import extract_features
 from featurestore.heads import train_head
 from featurestore.heads.baseline import decode_pixels, evaluate_model, fit_baseline, load_baseline, read_texts
 from featurestore.heads.head import load_head
+from featurestore.heads.model_file import load_model
+from featurestore.heads.records import store_records
 from featurestore.heads.reports import deployment_table
 from featurestore.transfer.best import best_on_validation, run_challenger_stage, run_verdict_stage
 from featurestore.transfer.probe import records_for, split_rows
@@ -68,7 +70,6 @@ def test_the_cli_fits_every_candidate_the_pipeline_weighs_and_picks_what_it_woul
     `train-head --head baseline` and `--head hybrid` fit the challengers the pipeline's stages fit (the same
     models), `verdict` weighs them beside the head and deploys the baseline, and `export` ships it."""
     from featurestore.cli import main
-    from featurestore.heads.model_file import load_model
 
     root, data, store, head = coded
     files = {kind: tmp_path / f"{kind}.skops" for kind in ("baseline", "hybrid")}
@@ -136,7 +137,7 @@ def challengers_then_verdict(head, data, root, kinds=("baseline", "hybrid")) -> 
     over one cache-only head, with no fine-tuned backbone."""
     store = load_head(head).store_path
     for kind in kinds:
-        run_challenger_stage(kind, "minilm_l6", store, root / "challengers" / kind, data)
+        run_challenger_stage(kind, "minilm_l6", store, root / "challengers" / kind, data, split="test")
     return run_verdict_stage([head], None, [root / "challengers" / kind for kind in kinds],
                              root / "verdict" / "minilm_l6", data)
 
@@ -158,6 +159,12 @@ def test_the_baseline_wins_on_validation_is_named_deployed_exported_and_predicte
     out = tmp_path / "verdict" / "minilm_l6"
     written = challengers_then_verdict(head, data, tmp_path)
     assert json.loads((tmp_path / "challengers" / "hybrid" / "status.json").read_text())["fitted"]
+    # each challenger stage evaluates its model on the evaluation split, as evaluate_head does for a head
+    for kind in ("baseline", "hybrid"):
+        folder = tmp_path / "challengers" / kind
+        model = load_model(folder / f"{kind}.skops")
+        assert json.loads((folder / "metrics.json").read_text()) == \
+            evaluate_model(model, store, store_records(store, "test", data), "test")
     assert written["candidates"]["minilm_l6__hybrid"]["kind"] == "hybrid"  # a candidate; at a tie the baseline wins
     assert written == json.loads((out / "verdict.json").read_text())
     deployed = written["deployed"]

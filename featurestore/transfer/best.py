@@ -305,6 +305,7 @@ def write_verdict(result: Mapping, out: str | Path) -> Path:
     return out
 
 
+SPLIT_METRICS = "metrics.json"  # a challenger's metrics on the evaluation split, beside its model file
 STATUS_FILE = "status.json"  # what a challenger or fine-tuned-head stage did, also when it made no model
 VERDICT_FILE = "verdict.json"
 
@@ -350,11 +351,13 @@ def fit_challenger(kind: str, store_path: str | Path, data: str | Path | None = 
 
 
 def run_challenger_stage(kind: str, name: str, store_path: str | Path, out: str | Path,
-                         data: str | Path | None = None, enabled: bool = True) -> dict:
+                         data: str | Path | None = None, enabled: bool = True, split: str | None = None) -> dict:
     """The stages ``baseline`` and ``hybrid``: :func:`fit_challenger` into ``out/<kind>.skops``, with
     ``out/status.json`` saying what was done (``fitted`` and why not: disabled, or a hybrid head of images), so
     that the folder is a DVC output either way. ``name``: the store's (its models are ``<name>__<kind>``, e.g.
-    ``fashion_mnist__pixels_logreg``). Returns the status."""
+    ``fashion_mnist__pixels_logreg``). ``split``: also evaluate the model on that split of the store (when it has
+    one) into ``out/<SPLIT_METRICS>`` (``heads.baseline.evaluate_model``'s metrics), as ``evaluate_head`` does for
+    a head, so that the summary of a head experiment does not evaluate it again. Returns the status."""
     from ..store.hdf5 import FeatureStore
 
     check_choice("challenger", kind, CHALLENGERS)
@@ -371,6 +374,16 @@ def run_challenger_stage(kind: str, name: str, store_path: str | Path, out: str 
     model = fit_challenger(kind, store_path, data, name)
     model.save(model_file)
     status = {**status, "fitted": True, "file": model_file.name, "name": model.name}
+    (out / SPLIT_METRICS).unlink(missing_ok=True)
+    store = FeatureStore(store_path)
+    if split is not None and split in store.splits:
+        from ..heads.baseline import evaluate_model
+        from ..heads.records import store_records
+        from ..utils.timings import write_json
+
+        write_json(out / SPLIT_METRICS, evaluate_model(model, store, store_records(store, split, data), split),
+                   sort_keys=True)
+        status["evaluated_on"] = split
     write_status(out, status)
     return status
 
