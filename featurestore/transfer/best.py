@@ -363,19 +363,19 @@ def run_challenger_stage(kind: str, name: str, store_path: str | Path, out: str 
     check_choice("challenger", kind, CHALLENGERS)
     out = Path(out)
     model_file = out / (BASELINE_FILE if kind == "baseline" else HYBRID_FILE)
-    model_file.unlink(missing_ok=True)
+    for earlier in (model_file, out / SPLIT_METRICS):
+        earlier.unlink(missing_ok=True)
     status = {"kind": kind, "store": name, "fitted": False}
     if not enabled:
         write_status(out, {**status, "reason": f"deploy.{kind} is off"})
         return status
-    if kind == "hybrid" and FeatureStore(store_path).fingerprint.get("kind") != "text":
+    store = FeatureStore(store_path)
+    if kind == "hybrid" and store.fingerprint.get("kind") != "text":
         write_status(out, {**status, "reason": "the hybrid head reads texts: not for an image store"})
         return status
     model = fit_challenger(kind, store_path, data, name)
     model.save(model_file)
     status = {**status, "fitted": True, "file": model_file.name, "name": model.name}
-    (out / SPLIT_METRICS).unlink(missing_ok=True)
-    store = FeatureStore(store_path)
     if split is not None and split in store.splits:
         from ..heads.baseline import evaluate_model
         from ..heads.records import store_records
