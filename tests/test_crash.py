@@ -161,16 +161,21 @@ def test_kill_during_the_final_rename_keeps_the_old_store_and_the_rerun_finishes
 def test_kill_while_the_background_journal_writes_loses_only_unwritten_rows(fashion_folder, tmp_path):
     """The default journal: a thread writes a part every second (or 4,096 rows). Killed after its first part,
     the rerun resumes exactly the rows the parts on disk hold and computes only the others."""
-    for source in sorted(fashion_folder.rglob("*.png")):  # 80 images: several seconds at 224 px, eager torch
-        ImageOps.flip(load_rgb(source)).convert("L").save(source.with_name("flip_" + source.name))
+    for source in sorted(fashion_folder.rglob("*.png")):  # 160 images: ~5 s at 224 px, eager torch, one thread
+        image = load_rgb(source)
+        for name, variant in (("flip", ImageOps.flip), ("mirror", ImageOps.mirror),
+                              ("both", lambda im: ImageOps.flip(ImageOps.mirror(im)))):
+            variant(image).convert("L").save(source.with_name(f"{name}_{source.name}"))
     out = tmp_path / "features.h5"
-    start_and_kill_after_parts(fashion_folder, out, min_parts=1, env=os.environ)
+    # One thread: on an idle machine two threads extract 80 images within the journal's first second, and the
+    # first part would hold every row.
+    start_and_kill_after_parts(fashion_folder, out, min_parts=1, env={**os.environ, "OMP_NUM_THREADS": "1"})
     journaled = set()
     for part in parts(out):
         with np.load(part) as data:
             journaled |= set(data["ids"].astype(str))
-    assert 0 < len(journaled) < 80 and not out.exists()
+    assert 0 < len(journaled) < 160 and not out.exists()
     summary = json.loads(subprocess.run(cli(fashion_folder, out, "--json"), check=True, capture_output=True,
                                         text=True).stdout)
-    assert summary["resumed"] == len(journaled) and summary["extracted"] == 80 - len(journaled)
-    assert len(store_rows(out)[1]) == 80 and not parts(out)
+    assert summary["resumed"] == len(journaled) and summary["extracted"] == 160 - len(journaled)
+    assert len(store_rows(out)[1]) == 160 and not parts(out)

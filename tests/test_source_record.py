@@ -154,7 +154,7 @@ def test_the_evaluate_stage_scores_baseline_and_hybrid_on_a_csv_manifest_store(t
     reports, challengers = data / "reports", data / "challengers" / "minilm_l6"
     write_head_report(head, FeatureStore(store), reports)
     for kind in ("baseline", "hybrid"):  # the pipeline's challenger stages, on the manifest the store records
-        assert run_challenger_stage(kind, "minilm_l6", store, challengers / kind)["fitted"]
+        assert run_challenger_stage(kind, "minilm_l6", store, challengers / kind, split="test")["fitted"]
     run_verdict_stage([head_path], None, [challengers / "baseline", challengers / "hybrid"],
                       data / "verdict" / "minilm_l6")
     result = subprocess.run([sys.executable, str(project / "pipelines" / "evaluate.py"), "--reports", reports,
