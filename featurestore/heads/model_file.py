@@ -9,8 +9,9 @@ A model file is a skops archive of one dict::
      "tensors": {name: numpy array}}
 
 ``tensors`` holds weights as numpy arrays (a torch state dict through :func:`state_dict_to_tensors`, dtype and
-shape kept bit for bit). Loading never runs code from the file: every type skops does not trust by default must be
-on :data:`TRUSTED_TYPES`. Writing is atomic and byte-reproducible: the archive is rewritten with skops's object ids
+shape kept bit for bit). Loading never runs code from the file: it trusts exactly :data:`TRUSTED_TYPES` (the
+scikit-learn estimators featurestore's models are made of, and a few parts of theirs) beside skops's numpy and
+builtin types. Writing is atomic and byte-reproducible: the archive is rewritten with skops's object ids
 renumbered in order, its entries sorted and stamped 1980-01-01 00:00, so the same model saved twice gives the same
 bytes (and DVC does not rerun what reads it). When timings are routed (a DVC stage, ``utils.timings``), the seconds
 in its metadata (``train_seconds``, each sweep point's ``seconds``) are left out of the file too (a number at the top
@@ -47,8 +48,21 @@ MODEL_FORMAT = "featurestore-model"
 MODEL_VERSION = 1
 # The ``format`` of the files written before the one model file, and the kind each holds.
 LEGACY_FORMATS = {2: "head", "featurestore-baseline": "baseline", "featurestore-hybrid": "hybrid"}
-# Types skops does not trust by default but a featurestore model legitimately holds.
-TRUSTED_TYPES = (
+# The scikit-learn estimators a featurestore model is made of (every head family, the baselines, the hybrid head), by
+# the names skops records (tests/test_model_file.py checks each is a class of the installed scikit-learn).
+MODEL_ESTIMATORS = (
+    "sklearn.calibration.CalibratedClassifierCV",
+    "sklearn.feature_extraction.text.TfidfTransformer",
+    "sklearn.feature_extraction.text.TfidfVectorizer",
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.linear_model._stochastic_gradient.SGDClassifier",
+    "sklearn.pipeline.Pipeline",
+    "sklearn.preprocessing._data.Normalizer",
+    "sklearn.svm._classes.LinearSVC",
+    "sklearn.svm._classes.SVC",
+)
+# Every non-builtin, non-numpy type a featurestore model file may hold: those estimators and parts of theirs.
+TRUSTED_TYPES = MODEL_ESTIMATORS + (
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "featurestore.heads.scaling.FeatureScaler",
@@ -123,26 +137,24 @@ class EstimatorModel:
         return cls(estimator=document.estimator, **document.metadata)
 
 
-# An array-API namespace of scikit-learn's that imports torch and holds no estimator (see skops_io).
-_TORCH_NAMESPACE = "sklearn.externals.array_api_compat.torch"
-
-
 def skops_io():
-    """``skops.io``, imported without importing torch. At import, skops trusts every scikit-learn estimator
-    (``sklearn.utils.all_estimators``), which walks and imports every scikit-learn package, ``_TORCH_NAMESPACE``
-    among them, and so torch: 2.5 of the 5 s a DVC stage that reads a head spent starting on the 2-core reference
-    machine, in every one of them. The walk skips a package that cannot be imported, so that one is marked so for
-    the import alone (the trusted list comes out the same, tests/test_model_file.py) and importable again after."""
-    if "skops.io" in sys.modules or "torch" in sys.modules:
-        import skops.io
+    """``skops.io``, imported without its walk of scikit-learn. At import, skops lists every scikit-learn estimator
+    to trust by default (``sklearn.utils.all_estimators``): that imports every scikit-learn package (torch with one of
+    them), 0.9 s (3.4 s with torch) of every process that reads a model file, and every DVC stage of a head
+    experiment is one. featurestore passes its own list (:data:`TRUSTED_TYPES`) on every load, so the walk is skipped:
+    for this import alone ``all_estimators`` lists nothing. In a process where featurestore imported skops, skops's
+    own default then trusts no scikit-learn estimator: pass ``trusted=`` to ``skops.io.load`` (skops's usual way).
+    Where skops was imported first, it is used as it is (its default is wider; featurestore's list is within it)."""
+    if "skops.io" in sys.modules:
+        return sys.modules["skops.io"]
+    import sklearn.utils
 
-        return skops.io
-    sys.modules.setdefault(_TORCH_NAMESPACE, None)
+    walk = sklearn.utils.all_estimators
+    sklearn.utils.all_estimators = lambda *args, **kwargs: []
     try:
         import skops.io
     finally:
-        if sys.modules.get(_TORCH_NAMESPACE, False) is None:
-            del sys.modules[_TORCH_NAMESPACE]
+        sklearn.utils.all_estimators = walk
     return skops.io
 
 

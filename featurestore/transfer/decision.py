@@ -288,7 +288,6 @@ def train_finetuned_head(config: HeadConfig, finetune_dir: str | Path, out: str 
     decision there kept the fine-tuned backbone, saved as ``out/<name>.skops`` (older ones removed), its name
     ``<store_name>_ft__<head>`` (``store_name``: the cache-only store's name), else ``<backbone>_ft__<head>``;
     ``out/status.json`` says what was done either way. Returns the status."""
-    from ..heads.train import train_head
     from .best import write_status
 
     finetune_dir, out = Path(finetune_dir), Path(out)
@@ -298,6 +297,8 @@ def train_finetuned_head(config: HeadConfig, finetune_dir: str | Path, out: str 
     decision = json.loads((finetune_dir / "decision.json").read_text())
     status = {"head": config.head, "trained": False}
     if decision.get("chosen") == "finetuned":
+        from ..heads.train import train_head  # only here: scikit-learn's import is most of a kept probe's stage
+
         head = train_head(finetune_dir / "features.h5", config)
         head.store_name = f"{store_name}_ft" if store_name else None
         status["backbone"] = head.backbone
