@@ -34,7 +34,7 @@ The stages run with this venv first on PATH and ``PYTHONPATH=.``: each stage imp
 workspace it runs in (the clone, or a queued experiment's temporary copy), not this checkout's editable install.
 
 Targets (issue 26, on the 2-core reference machine when idle): head edit / cold at most 0.1, running exactly that
-head's train_head and evaluate_head stages, the verdicts and evaluate (no fine-tune, export or predict unless the
+head's train_head and train_head_ft stages, the verdicts and evaluate (no fine-tune, export or predict unless the
 deployed model changed); a notebook head at most 1 s for logreg and 5 s for linear_svm; a queue of 4 head
 experiments runs no extract stage.
 """

@@ -2,7 +2,7 @@
 verdict, in REPORTS/metrics.json and comparison.md; and, per data set, the model deployed (the best on validation,
 VERDICTS/<store>/verdict.json "deployed") with the figures it was chosen on.
 
-The frozen heads were evaluated by their own `evaluate_head` stages (this stage only reads their JSON); the heads on
+The frozen heads were evaluated by their own `train_head` stages (this stage only reads their JSON); the heads on
 a fine-tuned backbone (FINETUNE_HEADS/<store>/<head>/<store>_ft__<head>.skops, their store the one they
 record, FINETUNE/<store>/features.h5) are evaluated here, into REPORTS/finetuned/; the baselines and hybrid heads
 (CHALLENGERS/<store>/{baseline,hybrid}/) were evaluated by their own stages (metrics.json beside each model), and

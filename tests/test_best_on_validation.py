@@ -159,7 +159,7 @@ def test_the_baseline_wins_on_validation_is_named_deployed_exported_and_predicte
     out = tmp_path / "verdict" / "minilm_l6"
     written = challengers_then_verdict(head, data, tmp_path)
     assert json.loads((tmp_path / "challengers" / "hybrid" / "status.json").read_text())["fitted"]
-    # each challenger stage evaluates its model on the evaluation split, as evaluate_head does for a head
+    # each challenger stage evaluates its model on the evaluation split, as train_head does for a head
     for kind in ("baseline", "hybrid"):
         folder = tmp_path / "challengers" / kind
         model = load_model(folder / f"{kind}.skops")

@@ -84,8 +84,10 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     for name in STORES:
         for stage in ("extract", "plateau", "finetune", "curve", "baseline", "hybrid", "verdict", "export", "predict"):
             assert f"{stage}@{name}" in stages
-        assert {f"train_head@{name}-logreg", f"evaluate_head@{name}-linear_svm",
+        assert {f"train_head@{name}-logreg", f"train_head@{name}-linear_svm",
                 f"train_head_ft@{name}-linear_svm"} <= stages
+        # each head's stage wrote its report on the evaluation split
+        assert (project / "data" / "reports" / "heads" / f"{name}__linear_svm.json").is_file()
     assert {"prepare", "prepare_text", "evaluate"} <= stages
     stores = {name: project / "data" / "features" / f"{name}.h5" for name in STORES}
     images, texts = FeatureStore(stores["fashion_mnist"]), FeatureStore(stores["bbc_news"])
@@ -100,7 +102,7 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     assert {b: path.stat().st_mtime_ns for b, path in stores.items()} == mtimes
     # a stage run again on the same inputs writes the same bytes (its seconds go to the git-ignored timings/)
     lock = (project / "dvc.lock").read_bytes()
-    dvc(project, "repro", "-f", "-s", "train_head@bbc_news-logreg", "evaluate_head@bbc_news-logreg")
+    dvc(project, "repro", "-f", "-s", "train_head@bbc_news-logreg")
     assert (project / "dvc.lock").read_bytes() == lock
     timings = json.loads((project / "timings" / "data" / "heads" / "bbc_news" / "logreg.skops.json").read_text())
     assert timings["train_seconds"] > 0 and all(point["seconds"] >= 0 for point in timings["sweep"])
@@ -155,8 +157,7 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     # hybrid, plateau, curve or extraction, and not the other head
     expected = {"evaluate"}
     for name in STORES:
-        expected |= {f"train_head@{name}-linear_svm", f"evaluate_head@{name}-linear_svm",
-                     f"train_head_ft@{name}-linear_svm", f"verdict@{name}"}
+        expected |= {f"train_head@{name}-linear_svm", f"train_head_ft@{name}-linear_svm", f"verdict@{name}"}
         if (project / "data" / "verdict" / name / "deployed.json").read_text() != records[name]:
             expected |= {f"export@{name}", f"predict@{name}"}
     assert ran == expected
@@ -195,7 +196,7 @@ def test_a_second_data_set_is_one_stores_entry(project):
     params["deploy"]["baseline"] = False  # the encoder's head is the one exported (a baseline may win on 20 images)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    log = dvc(project, "repro", "evaluate_head@small_images-logreg", "finetune@own_images", "curve@own_images",
+    log = dvc(project, "repro", "train_head@small_images-logreg", "finetune@own_images", "curve@own_images",
               "export@own_images")
     ran = set(re.findall(r"Running stage '([^']+)'", log))
     assert {"extract@small_images", "train_head@small_images-logreg", "extract@own_images", "finetune@own_images",

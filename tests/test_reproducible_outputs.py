@@ -152,7 +152,7 @@ def test_the_stage_scripts_route_to_the_variable_this_module_reads():
     assert "/timings/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
-# A real stage run twice writes the same bytes: tests/test_pipeline.py reruns train_head and evaluate_head with
+# A real stage run twice writes the same bytes: tests/test_pipeline.py reruns train_head (with its report) with
 # `dvc repro -f` and finds dvc.lock (the hash of every output) unchanged, and the head's seconds in timings/.
 
 

@@ -1,6 +1,6 @@
 """Evaluation of one head on a held-out split: metrics, confusion matrix, C-sweep curve.
 
-Files written under ``out`` per head (the DVC ``evaluate_head@<backbone>-<head>`` stage's outputs)::
+Files written under ``out`` per head (outputs of the DVC ``train_head@<store>-<head>`` stage)::
 
     heads/<name>.json               {top1, top5, mean_per_class_accuracy, macro_f1, n, C, ...}
     confusion/<name>.csv            one row per test image: actual,predicted (for `dvc plots`)

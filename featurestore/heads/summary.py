@@ -52,7 +52,7 @@ def read_head_metrics(out: str | Path, names: list[str]) -> dict[str, dict]:
     for name in names:
         path = Path(out) / "heads" / f"{name}.json"
         if not path.is_file():
-            raise FeaturestoreError(f"{path}: no evaluation of head {name} (run its evaluate_head stage first)")
+            raise FeaturestoreError(f"{path}: no evaluation of head {name} (run its train_head stage first)")
         results[name] = read_json(path)
     return results
 

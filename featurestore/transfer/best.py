@@ -356,8 +356,8 @@ def run_challenger_stage(kind: str, name: str, store_path: str | Path, out: str 
     ``out/status.json`` saying what was done (``fitted`` and why not: disabled, or a hybrid head of images), so
     that the folder is a DVC output either way. ``name``: the store's (its models are ``<name>__<kind>``, e.g.
     ``fashion_mnist__pixels_logreg``). ``split``: also evaluate the model on that split of the store (when it has
-    one) into ``out/<SPLIT_METRICS>`` (``heads.baseline.evaluate_model``'s metrics), as ``evaluate_head`` does for
-    a head, so that the summary of a head experiment does not evaluate it again. Returns the status."""
+    one) into ``out/<SPLIT_METRICS>`` (``heads.baseline.evaluate_model``'s metrics), as ``train_head``'s stage does
+    for a head, so that the summary of a head experiment does not evaluate it again. Returns the status."""
     from ..store.hdf5 import FeatureStore
 
     check_choice("challenger", kind, CHALLENGERS)
