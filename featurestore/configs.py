@@ -132,6 +132,11 @@ class FinetuneConfig:
     cache_dtype: str = option("float16", "stored dtype of the trunk cache", STORE_DTYPES)
     seed: int = option(0, "random seed")
     workers: int = option(1, "DataLoader processes that decode images")
+    max_grad_norm: float = option(1.0, "each step's gradients are clipped to this norm (0: not clipped)")
+    backoffs: int = option(4, "a diverged epoch is undone and run again at half the learning rate, at most this "
+                              "many times (0: never)")
+    probe_scale_floor: float = option(0.1, "the starting probe standardises each feature by at least this × the "
+                                           "median feature's standard deviation (0: plain standardisation)")
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -432,3 +432,51 @@ def test_the_cpu_optimisers_are_torchs_default_adamw(probe):
     for optimizer in (optimizer_for(top, CONFIG), text_optimizer(text_top, CONFIG)):
         assert isinstance(optimizer, torch.optim.AdamW)
         assert optimizer.defaults["fused"] is None and optimizer.defaults["foreach"] is None
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, lite0_small):
+    """Far from ImageNet: scikit-learn's 8×8 scans of handwritten digits (bundled with it), upscaled to 32-px grey
+    PNGs, 10 classes × (30 train, 20 val, 5 test); the real EfficientNet-Lite0 at 64 px and its logreg head."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits") / "images"
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    for label in range(10):
+        chosen = iter(rng.permutation(np.flatnonzero(digits.target == label)))
+        for split, count in (("train", 30), ("val", 20), ("test", 5)):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True)
+            for _ in range(count):
+                index = next(chosen)
+                pixels = (digits.images[index] / 16 * 255).astype(np.uint8)
+                Image.fromarray(pixels).resize((32, 32), Image.BILINEAR).save(folder / f"{index}.png")
+    store = root.parent / "lite0.h5"
+    extract_features(root, store, model=lite0_small, workers=0, progress=False)
+    return train_head(store, HeadConfig(head="logreg", c_min=1e-3, c_max=1e1, c_points=5, n_jobs=1)), root
+
+
+def test_a_rate_ten_times_too_high_backs_off_and_still_beats_the_probe(digits, tmp_path):
+    """Issue 27: the default recipe at ten times its rate, on digits. Without the guards (gradient clipping, a
+    diverged epoch undone and rerun at half the rate, the starting probe's σ floored) every epoch is at chance;
+    with them an epoch ≥ 1 beats the probe on validation, every epoch's loss is finite and the last below the
+    first, and the result lists the epochs undone."""
+    import math
+
+    head, root = digits
+    config = FinetuneConfig(head_lr=1e-2, epochs=8, patience=None, workers=0)
+    result = finetune(head, root, tmp_path / "guarded.pth", config, device="cpu", progress=False,
+                      cache=tmp_path / "trunk.h5")
+    losses = [epoch["train_loss"] for epoch in result.history]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert result.best_epoch >= 1 and result.best_val_accuracy > result.start_val_accuracy
+    assert result.diverged_rounds and all(r["why"] for r in result.diverged_rounds)
+    assert result.history[-1]["lr_scale"] == 0.5 ** len(result.diverged_rounds)
+
+    unguarded = finetune(head, root, tmp_path / "unguarded.pth",
+                         replace(config, backoffs=0, max_grad_norm=0.0, probe_scale_floor=0.0), device="cpu",
+                         progress=False, cache=tmp_path / "trunk.h5")
+    assert unguarded.best_epoch == 0 and not unguarded.diverged_rounds
+    assert max(epoch["val_accuracy"] for epoch in unguarded.history) <= 0.15  # chance, for 10 classes

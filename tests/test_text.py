@@ -222,9 +222,11 @@ def test_text_fine_tuning_starts_as_the_probe(text_store, bbc, tmp_path):
     # MiniLM's float-noise dimensions are not scaled up (scaling.py): the first epoch moves the probe, it
     # does not knock it to chance (it fell from 0.9 to 0.2 when the scaler divided them by 1e-33).
     assert result.history[0]["val_accuracy"] >= result.start_val_accuracy - 0.1
-    # A run that only got worse keeps epoch 0 whole, classifier included: its test accuracy is the probe's.
+    # A run that only got worse keeps epoch 0 whole, classifier included: its test accuracy is the probe's (no
+    # back-offs, so that the wrecked epoch is kept in the history rather than undone).
     wrecked = finetune_text(head, bbc, tmp_path / "wrecked.pth", FinetuneConfig(
-        unfreeze_blocks=1, epochs=1, batch_size=8, head_lr=10.0, warmup_epochs=0), device="cpu", progress=False)
+        unfreeze_blocks=1, epochs=1, batch_size=8, head_lr=10.0, warmup_epochs=0, backoffs=0), device="cpu",
+        progress=False)
     Xt, yt, _ = store.load("test")
     assert wrecked.best_val_accuracy == wrecked.start_val_accuracy
     assert wrecked.history[0]["val_accuracy"] < wrecked.start_val_accuracy

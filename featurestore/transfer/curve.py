@@ -47,7 +47,7 @@ from ..heads.records import store_source
 from ..heads.reports import check_no_overlap
 from ..store.hdf5 import FeatureStore
 from ..utils.timings import timings_path, write_json, write_text_routed
-from .probe import probe_rows, records_for, split_rows
+from .probe import probe_rows, records_for, split_rows, train_only_probe
 
 METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
 # as run_curve appends them
@@ -136,8 +136,10 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                                "seconds": round(probe_seconds, 2), "C": C, "train_ids": probe_ids})
             if "probe_finetune" in methods:
                 head = TrainedHead.fitted_on(store, probe, options.probe, C, n_train=base["n_train"])
+                # The fine-tune's starting probe, on the same rows at the same C, as `finetune` builds its own.
+                start = train_only_probe(head, rows, options.finetune.probe_scale_floor)
                 shared = {"device": device, "progress": progress, "checkpoint_dir": work / f"ft_{budget}",
-                          "train_per_class": budget, "probe": probe}
+                          "train_per_class": budget, "probe": start}
                 result = (finetune_text(head, data, work / f"ft_{budget}.pth", options.finetune, **shared) if text
                           else finetune(head, data, work / f"ft_{budget}.pth", options.finetune,
                                         cache=work / "trunk.h5", weights=options.weights, **shared))

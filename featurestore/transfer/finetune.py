@@ -50,7 +50,6 @@ from .probe import (
     ProbeClassifier,
     finetune_rows,
     head_spec,
-    probe_weights,
     records_for,
     run_identity,
     train_only_probe,
@@ -122,8 +121,24 @@ def build_model(head: TrainedHead, config: FinetuneConfig, probe=None,
 
 def set_classifier(network: nn.Module, split: BlockSplit, classifier: nn.Module) -> None:
     """Put ``classifier`` in place of ``network``'s final linear layer (``split.classifier``)."""
-    parent, _, leaf = split.classifier.rpartition(".")
-    setattr(network.get_submodule(parent) if parent else network, leaf, classifier)
+    _replace(network, split.classifier, classifier)
+
+
+def _replace(network: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(network.get_submodule(parent) if parent else network, leaf, module)
+
+
+def take_feature_dropout(network: nn.Module, split: BlockSplit) -> float:
+    """Replace the dropout layers of ``network``'s head (its ``split.head`` entries and their children: Lite's
+    ``_dropout``, torchvision's ``classifier[0]``) with identities; returns their rate (0.0 when there are none),
+    which the probe classifier then applies around the features' mean (:class:`probe.ProbeClassifier`)."""
+    found = {f"{entry}.{child}" if child else entry: layer.p
+             for entry in split.head if isinstance(entry, str)
+             for child, layer in network.get_submodule(entry).named_modules() if isinstance(layer, nn.Dropout)}
+    for name in found:
+        _replace(network, name, nn.Identity())
+    return max(found.values(), default=0.0)
 
 
 def prepare_top(network: nn.Module, head: TrainedHead, config: FinetuneConfig, probe=None,
@@ -131,8 +146,9 @@ def prepare_top(network: nn.Module, head: TrainedHead, config: FinetuneConfig, p
     """``network`` (cut by ``split``, default EfficientNet-Lite's) with the probe as classifier and only the layers
     ``config`` unfreezes trainable; returns the trainable top and the names of the parameters that may train."""
     split = split_of(network, split)
-    estimator = probe if probe is not None else train_only_probe(head)
-    set_classifier(network, split, ProbeClassifier(*probe_weights(estimator, len(head.class_names))))
+    estimator = probe if probe is not None else train_only_probe(head, scale_floor=config.probe_scale_floor)
+    dropout = take_feature_dropout(network, split)
+    set_classifier(network, split, ProbeClassifier.of_probe(estimator, len(head.class_names), dropout))
     first = first_trainable_block(network, config.unfreeze_blocks, split)
     top = UpperBlocks(network, first, split=split)
     roles = _Roles(top)
@@ -302,12 +318,14 @@ def tune(parts: Tuning, source: BatchSource, options: TrainOptions, head: Traine
 
 def finetune_options(config: FinetuneConfig, source: BatchSource, device: torch.device, on_epoch, progress: bool,
                      desc: str, unit: str) -> TrainOptions:
-    """:func:`training.train`'s options for a fine-tune with ``config`` on ``source``: its epochs, batch size and
-    patience, and the warmup of ``warmup_epochs`` epochs of steps."""
+    """:func:`training.train`'s options for a fine-tune with ``config`` on ``source``: its epochs,
+    batch size and patience, the warmup of ``warmup_epochs`` epochs of steps, the gradient clipping and the
+    back-offs from a diverged epoch."""
     steps_per_epoch = -(-source.n_train // config.batch_size)
     return TrainOptions(epochs=config.epochs, batch_size=config.batch_size, patience=config.patience, device=device,
                         warmup_steps=round(config.warmup_epochs * steps_per_epoch), on_epoch=on_epoch,
-                        progress=progress, desc=desc, unit=unit)
+                        max_grad_norm=config.max_grad_norm or None, backoffs=config.backoffs, progress=progress,
+                        desc=desc, unit=unit)
 
 
 def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(),
@@ -351,8 +369,9 @@ def finetune(head: TrainedHead, data: str | Path, out: str | Path, config: Finet
                                shape=activation_shape(network, first, preprocessing.image_size, split),
                                recipe=ViewRecipe(config.crop_scale_min) if config.views else None,
                                workers=config.workers, seed=config.seed)
-    top, _ = prepare_top(network, head, config, probe if probe is not None else train_only_probe(head, rows.train.rows),
-                         split)
+    if probe is None:
+        probe = train_only_probe(head, rows.train.rows, config.probe_scale_floor)
+    top, _ = prepare_top(network, head, config, probe, split)
     top.to(torch_device)
     parts = Tuning(
         top, network.get_submodule(split.classifier).state_dict(), optimizer_for(top, config), network.state_dict,

@@ -37,13 +37,18 @@ def head_spec(head: TrainedHead) -> Spec:
     return get_spec(head.backbone, search=(Path(head.store_path).parent,))
 
 
-def train_only_probe(head: TrainedHead, rows: np.ndarray | None = None):
+def train_only_probe(head: TrainedHead, rows: np.ndarray | None = None, scale_floor: float = 0.0):
     """The head's pipeline refitted at its chosen C on the train split alone (``rows`` of it; default all).
 
     The saved head was refitted on train+val; starting from it would make the validation split, which early
-    stopping watches, part of the starting point's training data.
+    stopping watches, part of the starting point's training data. ``scale_floor`` > 0 (a standardised head):
+    each feature is divided by at least ``scale_floor`` × the median feature's standard deviation. Folded into
+    raw features, a standardised probe's weight on a feature of tiny spread is huge (305 of EfficientNet-Lite0's
+    1,280 features have σ below 1e-3 of the largest; on upscaled digits the probe put 68 on one with σ ≈ 1e-4), and
+    the first update of the blocks below, moving that feature by far more than its σ, sent the logits to infinity.
     """
     from sklearn.exceptions import ConvergenceWarning
+    from sklearn.preprocessing import StandardScaler
 
     if head.config.head != "logreg":
         raise FeaturestoreError(f"fine-tuning starts from a logreg head; {head.name} is {head.config.head}")
@@ -53,9 +58,15 @@ def train_only_probe(head: TrainedHead, rows: np.ndarray | None = None):
     if rows is not None:
         X, y = X[rows], y[rows]
     estimator = build_estimator(head.config, head.C)
+    scaler = estimator.named_steps["scale"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return estimator.fit(X, y)
+        if scale_floor <= 0 or not isinstance(scaler, StandardScaler):
+            return estimator.fit(X, y)
+        scaler.fit(X)
+        scaler.scale_ = np.maximum(scaler.scale_, scale_floor * np.median(scaler.scale_))
+        estimator.named_steps["classify"].fit(scaler.transform(X), y)
+        return estimator
 
 
 def probe_weights(estimator, n_classes: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -75,20 +86,44 @@ def probe_weights(estimator, n_classes: int) -> tuple[np.ndarray, np.ndarray, bo
     return weight, bias, l2
 
 
-class ProbeClassifier(nn.Module):
-    """The linear probe as the network's ``_fc``: optional L2 normalisation, then ``linear``."""
+def probe_center(estimator, dim: int) -> np.ndarray:
+    """The mean (D,) float64 a fitted probe pipeline's scaler subtracts (zeros for an L2 or no scaler)."""
+    scaler = estimator.named_steps["scale"]
+    return np.asarray(getattr(scaler, "mean_", None) if getattr(scaler, "with_mean", False) else np.zeros(dim),
+                      dtype=np.float64)
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray, l2_normalize: bool):
+
+class ProbeClassifier(nn.Module):
+    """The linear probe as the network's classifier: optional L2 normalisation, then ``linear`` (the probe with its
+    scaler folded in). ``dropout`` (the rate of the network's own dropout before its classifier, which
+    :func:`finetune.prepare_top` moves here) drops features around ``center`` (the scaler's mean): dropping a raw
+    feature moves it by its mean, which a standardised probe multiplies by 1/σ, so that with the network's dropout
+    left in place a fine-tune started from train-mode logits far from the probe's (epoch 1's loss above a uniform
+    guess's on upscaled digits). In eval mode the classifier is exactly the probe."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, l2_normalize: bool, center: np.ndarray | None = None,
+                 dropout: float = 0.0):
         super().__init__()
         self.l2_normalize = l2_normalize
         self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        self.dropout = nn.Dropout(dropout)
+        center = np.zeros(weight.shape[1]) if center is None else center
+        self.register_buffer("center", torch.tensor(center, dtype=torch.float32))
         with torch.no_grad():
             self.linear.weight.copy_(torch.tensor(weight, dtype=torch.float32))
             self.linear.bias.copy_(torch.tensor(bias, dtype=torch.float32))
 
+    @classmethod
+    def of_probe(cls, estimator, n_classes: int, dropout: float = 0.0) -> ProbeClassifier:
+        """The classifier of a fitted probe pipeline (:func:`probe_weights`) over ``n_classes``."""
+        weight, bias, l2 = probe_weights(estimator, n_classes)
+        return cls(weight, bias, l2, None if l2 else probe_center(estimator, weight.shape[1]), dropout)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.l2_normalize:
             features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.dropout.p:
+            features = self.center + self.dropout(features - self.center)
         return self.linear(features)
 
 

@@ -41,7 +41,7 @@ from ..heads.estimators import build_estimator
 from ..heads.head import TrainedHead
 from ..utils.devices import resolve_device
 from .finetune import Tuning, tune
-from .probe import FinetuneResult, ProbeClassifier, probe_weights, train_only_probe
+from .probe import FinetuneResult, ProbeClassifier, train_only_probe
 from .text_finetune import CachedHidden, TextTop, text_run
 from .training import TrainOptions, adamw, to_device
 
@@ -224,7 +224,7 @@ def setfit_text(head: TrainedHead, data: str | Path, out: str | Path, config: Se
         return float(np.mean(kept.predict(embed(top, test.eval_batches("test"))) == test.labels["test"]))
 
     parts = Tuning(
-        top, ProbeClassifier(*probe_weights(estimator, len(head.class_names))).state_dict(),
+        top, ProbeClassifier.of_probe(estimator, len(head.class_names)).state_dict(),
         adamw([{"params": trainable, "lr": config.lr}], config.weight_decay),
         weights_of=lambda: {k: v for k, v in model.encoder.state_dict().items() if _trainable_key(k, first)},
         restore=lambda best: model.encoder.load_state_dict(best, strict=False),

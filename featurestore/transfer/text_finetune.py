@@ -39,7 +39,6 @@ from .probe import (
     ProbeClassifier,
     finetune_rows,
     head_spec,
-    probe_weights,
     records_for,
     train_only_probe,
 )
@@ -214,8 +213,8 @@ def finetune_text(head: TrainedHead, data: str | Path, out: str | Path, config: 
     cache = CachedHidden(model, tokenizer, {"train": records["train"], "val": records["val"]}, first, torch_device,
                          seed=config.seed)
     cache_seconds = time.perf_counter() - started  # this run's own: the lower layers, once per document
-    estimator = probe if probe is not None else train_only_probe(head, rows.train.rows)
-    classifier = ProbeClassifier(*probe_weights(estimator, len(head.class_names)))
+    estimator = probe if probe is not None else train_only_probe(head, rows.train.rows, config.probe_scale_floor)
+    classifier = ProbeClassifier.of_probe(estimator, len(head.class_names))
     model.requires_grad_(False)
     for layer in model.encoder.encoder.layer[first:]:
         layer.requires_grad_(True)

@@ -269,6 +269,9 @@ class TrainResult:
     best_val_predictions: list[int] = field(default_factory=list)
     epoch_val_predictions: list[list[int]] = field(default_factory=list)  # every round's, in order
     best_epoch: int = 0  # 0: the starting weights
+    # Rounds that diverged and were run again at a lower rate: {"epoch", "train_loss", "val_accuracy", "lr_scale"
+    # (the rate's scale it ran at), "why"}.
+    diverged_rounds: list[dict] = field(default_factory=list)
 
 
 def checkpoint_folder(out: Path, checkpoint_dir: str | Path | None) -> Path:
@@ -333,6 +336,12 @@ class TrainOptions:
     int64, val labels (M,) int64, extra fields for the round's history) scores the starting point (round 0) and
     every round; default: the top's argmax on the source's val batches. ``desc`` and ``unit`` label the progress
     bar (``unit``: what one training example is: img, text, pair).
+
+    ``max_grad_norm`` clips each step's gradients (all trainable parameters together) to that norm. With
+    ``backoffs`` > 0 a round that diverged (:func:`diverged`: its loss not finite, or risen to ``DIVERGED_RISE`` ×
+    the lowest before it while validation did not improve, or its validation accuracy collapsed) is undone
+    (weights, optimiser, schedule) and run again at ``BACKOFF_FACTOR`` × the learning rate, at most ``backoffs``
+    times in a run; after that the run stops, keeping the best round so far. The result lists the rounds undone.
     """
 
     epochs: int
@@ -344,6 +353,8 @@ class TrainOptions:
     max_steps: int | None = None
     round_steps: int | None = None
     warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    backoffs: int = 0
     on_epoch: Callable[[int], None] = _no_setup
     loss: Callable[[nn.Module, object, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] = \
         classification_loss
@@ -373,11 +384,22 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
     started = time.perf_counter()
     steps_per_epoch = o.round_steps or math.ceil(source.n_train / o.batch_size)
     total_steps = min(o.epochs * steps_per_epoch, o.max_steps or o.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(o.warmup_steps, total_steps))
+    state = {"epoch": 0, "steps": 0, "best": -1.0, "best_trained": -1.0, "bad_epochs": 0, "history": [],
+             "best_state": None, "epoch_predictions": [], "best_epoch": 0, "lr_scale": 1.0, "diverged": []}
+    schedule = warmup_cosine(o.warmup_steps, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) * state["lr_scale"])
     device, amp = o.device, o.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    state = {"epoch": 0, "steps": 0, "best": -1.0, "best_trained": -1.0, "bad_epochs": 0, "history": [],
-             "best_state": None, "epoch_predictions": [], "best_epoch": 0}
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def save_checkpoint() -> None:
+        if o.checkpoint is not None:
+            payload = {"run": o.run_key, "model": top.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
+                       **rng_states(device), "state": state}
+            # From a GPU: one wait for every tensor's copy instead of torch.save's one per tensor.
+            save_atomic(o.checkpoint, host_copy(payload, device) if device.type == "cuda" else payload)
+
     resumed_from = _resume(o.checkpoint, o.run_key, top, optimizer, scheduler, scaler, state)
     if state["epoch"] == 0:
         predicted, truth, _ = evaluate(0)
@@ -390,6 +412,7 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
     while not stopped_early and state["epoch"] < o.epochs and state["steps"] < total_steps:
         epoch = state["epoch"] + 1
         o.on_epoch(epoch)
+        round_start = _snapshot(top, optimizer, scheduler, scaler, state, device) if o.backoffs else None
         # The step's loss and hits stay on the device, read once after the round: a step never waits for the GPU.
         losses: list[torch.Tensor] = []  # one float32 () per step
         correct, seen, counted = torch.zeros((), dtype=torch.int64, device=device), 0, False
@@ -402,6 +425,9 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
                     loss, hits = o.loss(top, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if o.max_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(parameters, o.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -417,9 +443,27 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
         train_loss, hits = _read_round(losses, correct)
         predicted, truth, extra = evaluate(epoch)
         val_accuracy = float(np.mean(predicted == truth))
+        why = diverged(train_loss, val_accuracy, state) if round_start is not None else None
+        if why is not None:
+            state["diverged"].append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_accuracy,
+                                      "lr_scale": state["lr_scale"], "why": why})
+            _restore(round_start, top, optimizer, scheduler, scaler, state)
+            if len(state["diverged"]) > o.backoffs:
+                log.warning("%s epoch %d diverged (%s) after %d back-offs: stopping with the best epoch so far",
+                            o.desc, epoch, why, o.backoffs)
+                stopped_early = state["stopped"] = True
+                break
+            state["lr_scale"] *= BACKOFF_FACTOR
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base * schedule(scheduler.last_epoch) * state["lr_scale"]
+            log.warning("%s epoch %d diverged (%s): undone, run again at %.3g × the learning rate", o.desc, epoch,
+                        why, state["lr_scale"])
+            save_checkpoint()
+            continue
         accuracy_field = {"train_accuracy": hits / max(seen, 1)} if counted else {}
+        rate_field = {"lr_scale": state["lr_scale"]} if state["lr_scale"] != 1.0 else {}
         state["history"].append({"epoch": epoch, "steps": state["steps"], "train_loss": train_loss, **accuracy_field,
-                                 "val_accuracy": val_accuracy, **extra,
+                                 "val_accuracy": val_accuracy, **extra, **rate_field,
                                  "seconds": round(time.perf_counter() - epoch_started, 3)})
         # Patience asks whether training still improves, so it is counted against the best trained round, not
         # the starting point: fine-tuning often dips below the probe for a few epochs before it climbs past it.
@@ -434,12 +478,7 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
         state["epoch"] = epoch
         # Decided before the checkpoint is written, so that a run killed after this epoch stops here too.
         stopped_early = state["stopped"] = o.patience is not None and state["bad_epochs"] >= o.patience
-        if o.checkpoint is not None:
-            payload = {"run": o.run_key, "model": top.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
-                       **rng_states(device), "state": state}
-            # From a GPU: one wait for every tensor's copy instead of torch.save's one per tensor.
-            save_atomic(o.checkpoint, host_copy(payload, device) if device.type == "cuda" else payload)
+        save_checkpoint()
         log.info("%s epoch %d: train loss %.4f, val accuracy %.4f", o.desc, epoch, train_loss, val_accuracy)
     result = TrainResult(
         best_val_accuracy=state["best"], start_val_accuracy=state["start_val_accuracy"], epochs_run=state["epoch"],
@@ -447,9 +486,50 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
         seconds=round(time.perf_counter() - started, 2), resumed_from_epoch=resumed_from,
         val_labels=state["val_labels"], start_val_predictions=state["start_predictions"],
         best_val_predictions=state["best_predictions"], epoch_val_predictions=state["epoch_predictions"],
-        best_epoch=state["best_epoch"],
+        best_epoch=state["best_epoch"], diverged_rounds=list(state["diverged"]),
     )
     return result, state["best_state"]
+
+
+# A round whose train loss rose to this many times the lowest round's before it, while its validation accuracy did
+# not improve, diverged: with a decaying rate a healthy run's loss does not climb by half.
+DIVERGED_RISE = 1.5
+# A round whose validation accuracy fell below this share of the start's collapsed: a dip of a few points before a
+# climb is common when fine-tuning, a fall by half is not.
+COLLAPSED_SHARE = 0.5
+# Each back-off multiplies the learning rate by this.
+BACKOFF_FACTOR = 0.5
+
+
+def diverged(train_loss: float, val_accuracy: float, state: dict) -> str | None:
+    """Why a round with ``train_loss`` and ``val_accuracy`` diverged, given the run's ``state`` (its history of
+    earlier rounds, the start's and their best validation accuracy); None when it did not. The loss is compared
+    with earlier rounds' only: the starting probe's loss, without dropout and on the rows it was fitted on, is not
+    a round's."""
+    if not math.isfinite(train_loss):
+        return "its train loss is not finite"
+    start = state["start_val_accuracy"]
+    if val_accuracy < COLLAPSED_SHARE * start:
+        return f"its validation accuracy {val_accuracy:.3g} fell below {COLLAPSED_SHARE} × the start's ({start:.3g})"
+    lowest = min((entry["train_loss"] for entry in state["history"]), default=math.inf)
+    if train_loss > DIVERGED_RISE * lowest and val_accuracy <= state["best_trained"]:
+        return (f"its train loss {train_loss:.3g} rose above {DIVERGED_RISE} × the lowest before it ({lowest:.3g}) "
+                f"and validation did not improve")
+    return None
+
+
+def _snapshot(top: nn.Module, optimizer, scheduler, scaler, state: dict, device: torch.device) -> dict:
+    """What undoing a round restores: the top's weights, the optimiser's and schedule's state, and the step count."""
+    return {"model": host_copy(top.state_dict(), device), "optimizer": host_copy(optimizer.state_dict(), device),
+            "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "steps": state["steps"]}
+
+
+def _restore(snapshot: dict, top: nn.Module, optimizer, scheduler, scaler, state: dict) -> None:
+    top.load_state_dict(snapshot["model"])
+    optimizer.load_state_dict(snapshot["optimizer"])
+    scheduler.load_state_dict(snapshot["scheduler"])
+    scaler.load_state_dict(snapshot["grad_scaler"])
+    state["steps"] = snapshot["steps"]
 
 
 def _read_round(losses: list[torch.Tensor], correct: torch.Tensor) -> tuple[float, int]:
