@@ -387,6 +387,28 @@ def _curve_parser(sub) -> None:
     p.set_defaults(func=commands.cmd_curve)
 
 
+def _audit_parser(sub) -> None:
+    from .audit.run import DEFAULT_FOLDS, DEFAULT_K
+
+    p = sub.add_parser("audit", help="label issues, near-duplicates, outliers and a 2-D map of a feature store",
+                       description="Build one cosine neighbour graph over every row of the store; rank every labelled "
+                                   "item by how likely its label is wrong (out-of-fold logistic regression and the "
+                                   "neighbours' vote, ranked with cleanlab); list near-duplicate pairs within and "
+                                   "across splits and outliers; draw a UMAP map. Writes label_issues.csv, "
+                                   "near_duplicates.csv, outliers.csv, summary.json and map.png; a rerun on an "
+                                   "unchanged store reuses them.")
+    p.add_argument("--features", required=True, help="an HDF5 store with a train split (images or texts)")
+    p.add_argument("--out", required=True, help="the folder to write the audit into")
+    p.add_argument("--k", type=int_at_least(1), default=DEFAULT_K,
+                   help=f"neighbours per item in the graph (default {DEFAULT_K})")
+    p.add_argument("--folds", type=int_at_least(2), default=DEFAULT_FOLDS,
+                   help=f"stratified folds of the out-of-fold head (fewer where a class has fewer items; default "
+                        f"{DEFAULT_FOLDS})")
+    p.add_argument("--force", action="store_true", help="recompute even if the store has not changed")
+    add_output_options(p, progress=False)
+    p.set_defaults(func=commands.cmd_audit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurestore", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"featurestore {__version__}")
@@ -399,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_backbones)
 
     for add in (_prepare_parser, _prepare_text_parser, _extract_parser, _verify_parser, _train_head_parser,
-                _evaluate_parser, _verdict_parser, _export_parser, _predict_parser, _finetune_parser, _curve_parser):
+                _evaluate_parser, _verdict_parser, _export_parser, _predict_parser, _finetune_parser, _curve_parser,
+                _audit_parser):
         add(sub)
 
     p = sub.add_parser("info", help="describe a feature store", description="Print a feature store's metadata.")

@@ -432,3 +432,19 @@ def cmd_curve(args: argparse.Namespace) -> int:
     result = run_curve(store, args.data, args.out, options, progress=not args.no_progress)
     print(json.dumps(result) if args.json else accuracy_table(result["points"]), end="" if not args.json else "\n")
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_store
+
+    summary = audit_store(args.features, args.out, k=args.k, folds=args.folds, force=args.force)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    issues, duplicates, graph = summary["label_issues"], summary["near_duplicates"], summary["graph"]
+    print(f"{args.out}: {'reused (store unchanged), ' if summary['reused'] else ''}{issues['flagged']} of "
+          f"{issues['ranked']} labels flagged as issues, {duplicates['pairs']} near-duplicate pairs "
+          f"({duplicates['cross_split']} across splits) at similarity >= {duplicates['threshold']:g}; graph "
+          f"{graph['kind']}, k={graph['k']}, recall {graph['recall']:.3f} (fingerprint "
+          f"{summary['key']['fingerprint_hash']})")
+    return 0
