@@ -96,10 +96,11 @@ def probe_center(estimator, dim: int) -> np.ndarray:
 class ProbeClassifier(nn.Module):
     """The linear probe as the network's classifier: optional L2 normalisation, then ``linear`` (the probe with its
     scaler folded in). ``dropout`` (the rate of the network's own dropout before its classifier, which
-    :func:`finetune.prepare_top` moves here) drops features around ``center`` (the scaler's mean): dropping a raw
-    feature moves it by its mean, which a standardised probe multiplies by 1/σ, so that with the network's dropout
-    left in place a fine-tune started from train-mode logits far from the probe's (epoch 1's loss above a uniform
-    guess's on upscaled digits). In eval mode the classifier is exactly the probe."""
+    :func:`finetune.prepare_top` moves here) drops features around ``center`` (the scaler's mean), as dropout on
+    the standardised features the probe was fitted on would: dropping a raw feature to zero moves it by its mean,
+    which a standardised probe multiplies by 1/σ. (On the upscaled digits the move changed the fine-tune little;
+    the σ floor and the back-offs did the rest, docs/fine-tuning.md.) In eval mode the classifier is exactly the
+    probe."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, l2_normalize: bool, center: np.ndarray | None = None,
                  dropout: float = 0.0):

@@ -394,9 +394,8 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
 
     def save_checkpoint() -> None:
         if o.checkpoint is not None:
-            payload = {"run": o.run_key, "model": top.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
-                       **rng_states(device), "state": state}
+            payload = {"run": o.run_key, **_run_state(top, optimizer, scheduler, scaler), **rng_states(device),
+                       "state": state}
             # From a GPU: one wait for every tensor's copy instead of torch.save's one per tensor.
             save_atomic(o.checkpoint, host_copy(payload, device) if device.type == "cuda" else payload)
 
@@ -412,7 +411,9 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
     while not stopped_early and state["epoch"] < o.epochs and state["steps"] < total_steps:
         epoch = state["epoch"] + 1
         o.on_epoch(epoch)
-        round_start = _snapshot(top, optimizer, scheduler, scaler, state, device) if o.backoffs else None
+        # What undoing this round restores (copied: the live objects move on): weights, optimiser, schedule, steps.
+        round_start = ({**host_copy(_run_state(top, optimizer, scheduler, scaler), device), "steps": state["steps"]}
+                       if o.backoffs else None)
         # The step's loss and hits stay on the device, read once after the round: a step never waits for the GPU.
         losses: list[torch.Tensor] = []  # one float32 () per step
         correct, seen, counted = torch.zeros((), dtype=torch.int64, device=device), 0, False
@@ -447,7 +448,8 @@ def train(top: nn.Module, weights_of: Callable[[], dict], optimizer: torch.optim
         if why is not None:
             state["diverged"].append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_accuracy,
                                       "lr_scale": state["lr_scale"], "why": why})
-            _restore(round_start, top, optimizer, scheduler, scaler, state)
+            _load_run_state(round_start, top, optimizer, scheduler, scaler)
+            state["steps"] = round_start["steps"]
             if len(state["diverged"]) > o.backoffs:
                 log.warning("%s epoch %d diverged (%s) after %d back-offs: stopping with the best epoch so far",
                             o.desc, epoch, why, o.backoffs)
@@ -518,18 +520,19 @@ def diverged(train_loss: float, val_accuracy: float, state: dict) -> str | None:
     return None
 
 
-def _snapshot(top: nn.Module, optimizer, scheduler, scaler, state: dict, device: torch.device) -> dict:
-    """What undoing a round restores: the top's weights, the optimiser's and schedule's state, and the step count."""
-    return {"model": host_copy(top.state_dict(), device), "optimizer": host_copy(optimizer.state_dict(), device),
-            "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "steps": state["steps"]}
+def _run_state(top: nn.Module, optimizer, scheduler, scaler) -> dict:
+    """The state a run continues from (live references, not copies): the top's weights, the optimiser's, the
+    schedule's and the GradScaler's state. A checkpoint holds it; undoing a round restores a copy of it."""
+    return {"model": top.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "grad_scaler": scaler.state_dict()}
 
 
-def _restore(snapshot: dict, top: nn.Module, optimizer, scheduler, scaler, state: dict) -> None:
-    top.load_state_dict(snapshot["model"])
-    optimizer.load_state_dict(snapshot["optimizer"])
-    scheduler.load_state_dict(snapshot["scheduler"])
-    scaler.load_state_dict(snapshot["grad_scaler"])
-    state["steps"] = snapshot["steps"]
+def _load_run_state(saved: dict, top: nn.Module, optimizer, scheduler, scaler) -> None:
+    """The reverse of :func:`_run_state`."""
+    top.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["grad_scaler"])
 
 
 def _read_round(losses: list[torch.Tensor], correct: torch.Tensor) -> tuple[float, int]:
@@ -564,10 +567,7 @@ def _resume(checkpoint: Path | None, run_key: str, top: nn.Module, optimizer, sc
         log.warning("%s belongs to another run (config, head, probe, data or precision differ); starting over",
                     checkpoint)
         return 0
-    top.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    scaler.load_state_dict(saved["grad_scaler"])
+    _load_run_state(saved, top, optimizer, scheduler, scaler)
     torch.set_rng_state(saved["torch_rng"])
     if "cuda_rng" in saved and torch.cuda.is_available():  # dropout masks on the GPU come from these
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
