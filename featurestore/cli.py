@@ -193,6 +193,9 @@ def _extract_parser(sub) -> None:
                         "of each class's items into val (stratified, seeded, recorded in the store)")
     p.add_argument("--test-fraction", type=float, default=0.0, help="the same for a missing test split")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the val/test draw")
+    p.add_argument("--exclude", metavar="CSV", help="a corrections file (columns path[,label]: an empty label leaves "
+                   "the item out, a class name relabels it), e.g. from `featurestore audit`; applied before the store "
+                   "is written and recorded in it, nothing re-encoded")
     p.add_argument("--no-wait", action="store_true",
                    help="fail at once, naming the holder's pid, if another process is writing this store")
     p.add_argument("--nproc", type=int_at_least(1), default=1,
@@ -232,7 +235,8 @@ def _train_head_parser(sub) -> None:
     p.add_argument("--out", required=True, help="where to write HEAD.skops")
     p.add_argument("--head", default="logreg", choices=(*HEADS, *CHALLENGERS),
                    help="the head: multinomial logistic regression, linear SVM, RBF SVM, logistic regression by SGD "
-                        "streamed from the store; or a challenger without the encoder (baseline) or beside it "
+                        "streamed from the store, a vote of the k nearest train rows by cosine (knn; k and the "
+                        "temperature chosen on val); or a challenger without the encoder (baseline) or beside it "
                         "(hybrid, texts) (default logreg)")
     p.add_argument("--data", help="baseline and hybrid: the data the store was extracted from (default: where the "
                                   "store records)")
@@ -240,6 +244,9 @@ def _train_head_parser(sub) -> None:
                                   "default: the file's name, without a leading <backbone>__")
     p.add_argument("--scheduler", help="a Dask scheduler (tcp://host:port) to run the C sweep on; default: "
                                        "$DASK_SCHEDULER_ADDRESS, else local")
+    p.add_argument("--exclude", metavar="CSV", help="a corrections file (columns path[,label]): train on the store "
+                   "without the items it leaves out and with the labels it gives (the store is untouched; the head "
+                   "records the file's SHA-256)")
     add_config_options(p, HeadConfig, skip=("head",))
     add_output_options(p)
     p.set_defaults(func=commands.cmd_train_head)
@@ -255,6 +262,11 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--allow-overlap", action="store_true",
                    help="score a split that shares images with train/val (refused by default: a leak)")
+    p.add_argument("--refuse-near-duplicates", action="store_true",
+                   help="refuse to score a split holding near-duplicates of train/val items (resized, cropped or "
+                        "re-encoded images; texts with a sentence changed); by default one warning line names them")
+    p.add_argument("--exclude", metavar="CSV", help="read the stores through this corrections file (as train-head "
+                   "--exclude): its items left out and relabelled in the split scored too")
     add_trust_pickle(p)
     add_output_options(p, progress=False)
     p.set_defaults(func=commands.cmd_evaluate)
@@ -404,6 +416,9 @@ def _audit_parser(sub) -> None:
     p.add_argument("--folds", type=int_at_least(2), default=DEFAULT_FOLDS,
                    help=f"stratified folds of the out-of-fold head (fewer where a class has fewer items; default "
                         f"{DEFAULT_FOLDS})")
+    p.add_argument("--head", choices=[h for h in HEADS if h != "sgd_logreg"], default="logreg",
+                   help="the head whose out-of-fold probabilities judge the labels (default logreg; its settings are "
+                        "chosen once, by its own protocol)")
     p.add_argument("--force", action="store_true", help="recompute even if the store has not changed")
     add_output_options(p, progress=False)
     p.set_defaults(func=commands.cmd_audit)

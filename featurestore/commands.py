@@ -126,6 +126,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         tokenization=text_tokenization(args),
         splits=SplitRule(args.val_fraction, args.test_fraction, args.split_seed),
+        exclude=args.exclude,
     )
     summary = extract_features(args.data, args.out, args.backbone, options=options)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports for the group
@@ -220,32 +221,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_train_head(args: argparse.Namespace) -> int:
     from .configs import CHALLENGERS, HeadConfig
     from .heads.train import train_head
+    from .store.corrections import open_store
 
     if args.head in CHALLENGERS:
         return train_challenger(args)
     if args.data:
         raise BadValueError("--data is for --head baseline or hybrid (they read the items; a head reads the store)")
     config = config_from_args(HeadConfig, args)
-    head = train_head(args.features, config, progress=not args.no_progress, scheduler=args.scheduler)
+    head = train_head(open_store(args.features, args.exclude), config, progress=not args.no_progress,
+                      scheduler=args.scheduler)
     head.experiment = experiment_name(args.name, Path(args.out), head.backbone, config.head)
     head.save(args.out)
     summary = {**head.summary(), "out": str(args.out)}
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{args.out}: {head.name}, C={head.C:.3g} (best validation accuracy {summary['best_val_accuracy']:.4f} "
-              f"over {len(head.sweep)} values of C), trained in {head.train_seconds:.1f} s")
+        chosen = ", ".join(f"{key}={value:.3g}" for key, value in head.settings.items())
+        print(f"{args.out}: {head.name}, {chosen} (best validation accuracy {summary['best_val_accuracy']:.4f} "
+              f"over {len(head.sweep)} settings), trained in {head.train_seconds:.1f} s")
     return 0
 
 
 def train_challenger(args: argparse.Namespace) -> int:
     """``train-head --head baseline | hybrid``: the verdict's challenger fitted on the store's items (settings chosen
     on val, refitted on train+val), saved as a model file that ``verdict`` weighs and ``export`` ships."""
+    from .store.corrections import open_store
     from .transfer.best import fit_challenger
 
     if args.name:
         raise BadValueError(f"--name names encoder heads; a {args.head} model is named after its store's backbone")
-    model = fit_challenger(args.head, args.features, data=args.data)
+    model = fit_challenger(args.head, open_store(args.features, args.exclude), data=args.data)
     model.save(args.out)
     summary = {"out": str(args.out), "name": model.name, "kind": args.head, "C": model.C,
                "val_accuracy": model.val_accuracy, "n_train": model.n_train, "n_val": model.n_val}
@@ -266,19 +271,55 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .heads.head import load_head
     from .heads.reports import write_reports
     from .heads.summary import comparison_table
+    from .store.corrections import open_store
     from .store.hdf5 import FeatureStore
 
     heads = [load_head(path, trust_pickle=args.trust_pickle) for path in args.heads]
     stores: dict[str, FeatureStore] = {}
     for path in args.features or []:
-        store = FeatureStore(path)
+        store = open_store(path, args.exclude)
         stores[store.fingerprint["backbone"]] = store
     for head in heads:
         if head.backbone not in stores:
-            stores[head.backbone] = FeatureStore(head.store_path)
+            stores[head.backbone] = open_store(head.store_path, args.exclude)
+        warn_if_corrected_apart(head, stores[head.backbone])
+    for backbone in dict.fromkeys(head.backbone for head in heads):  # the stores scored, each once
+        check_near_duplicates(stores[backbone], args.split, refuse=args.refuse_near_duplicates)
     results = write_reports(heads, stores, args.out, split=args.split, allow_overlap=args.allow_overlap)
     print(json.dumps(results, indent=2) if args.json else comparison_table(results), end="")
     return 0
+
+
+def warn_if_corrected_apart(head, store) -> None:
+    """One warning line when ``head`` was trained through a corrections file (``train-head --exclude``) other than
+    the one ``store`` is read through: the items it left out or relabelled count as they are in the store."""
+    trained = (head.corrections or {}).get("sha256")
+    read = (store.corrections_record or {}).get("sha256")
+    if trained and trained != read:
+        import logging
+
+        logging.getLogger("featurestore").warning(
+            "head %s was trained through the corrections file %s (sha256 %s…), but %s is read %s: pass --exclude with "
+            "that file to score it on the corrected items", head.name, head.corrections["file"], trained[:12],
+            store.path, "through another" if read else "as written")
+
+
+def check_near_duplicates(store, split: str, refuse: bool = False) -> None:
+    """One warning line when items of ``split`` are near-duplicates of train/val items of ``store`` (resized,
+    cropped or re-encoded images, texts with a sentence changed: ``audit.duplicates.find_leaks``); with ``refuse``,
+    a :class:`LeakError` instead. Identical items are ``--allow-overlap``'s concern, not this one's."""
+    import logging
+
+    from .audit.duplicates import find_leaks
+    from .errors import LeakError
+
+    leaks = find_leaks(store, split)
+    if not leaks.rows:
+        return
+    if refuse:
+        raise LeakError(f"{store.path}: {leaks.line()}. Remove them from {split}, or drop --refuse-near-duplicates")
+    logging.getLogger("featurestore").warning("%s: %s (scored anyway; --refuse-near-duplicates refuses)", store.path,
+                                              leaks.line())
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -437,7 +478,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit_store
 
-    summary = audit_store(args.features, args.out, k=args.k, folds=args.folds, force=args.force)
+    summary = audit_store(args.features, args.out, k=args.k, folds=args.folds, force=args.force, head=args.head)
     if args.json:
         print(json.dumps(summary))
         return 0

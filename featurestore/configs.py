@@ -15,7 +15,7 @@ import numpy as np
 from .errors import BadValueError, FeaturestoreError
 from .utils.validation import check_choice, check_range
 
-HEADS = ("logreg", "linear_svm", "svm_rbf", "sgd_logreg")
+HEADS = ("logreg", "linear_svm", "svm_rbf", "sgd_logreg", "knn")
 # The verdict's models fitted on a store's items without (or beside) its encoder: `train-head --head` fits them too.
 CHALLENGERS = ("baseline", "hybrid")
 NORMALIZATIONS = ("standard", "l2", "none")
@@ -25,8 +25,8 @@ STORE_DTYPES = ("float32", "float16")
 ON_ERROR_CHOICES = ("skip", "fail")
 ON_DUPLICATE_CHOICES = ("warn", "error", "keep")
 FINETUNE_MODES = ("auto", "always", "never")
-CURVE_METHODS = ("scratch", "small_cnn", "pixels", "linear_probe", "probe_finetune")
-TEXT_CURVE_METHODS = ("tfidf", "linear_probe", "probe_finetune", "setfit", "scratch")
+CURVE_METHODS = ("scratch", "small_cnn", "pixels", "linear_probe", "knn", "probe_finetune")
+TEXT_CURVE_METHODS = ("tfidf", "linear_probe", "knn", "probe_finetune", "setfit", "scratch")
 ALL_CURVE_METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
 # What a curve runs unless told otherwise: everything but the from-scratch network, which takes hours on a CPU.
 DEFAULT_CURVE_METHODS = {"image": ("pixels", "linear_probe", "probe_finetune"),
@@ -68,8 +68,10 @@ class HeadConfig:
     numbers and an explicit value always wins.
     """
 
-    head: str = option("logreg", "the head: multinomial logistic regression, linear SVM, RBF SVM, or logistic "
-                                 "regression by SGD streamed from the store (memory independent of its size)", HEADS)
+    head: str = option("logreg", "the head: multinomial logistic regression, linear SVM, RBF SVM, logistic "
+                                 "regression by SGD streamed from the store (memory independent of its size), or a "
+                                 "weighted vote of the k nearest train rows by cosine (k and temperature on val)",
+                       HEADS)
     normalize: str = option("standard", "feature standardisation, L2 normalisation, or none", NORMALIZATIONS)
     c_min: float | None = option(None, f"smallest C of the sweep ({_per_head('c_min')})")
     c_max: float | None = option(None, f"largest C of the sweep ({_per_head('c_max')})")

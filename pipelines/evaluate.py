@@ -7,9 +7,14 @@ a fine-tuned backbone (FINETUNE_HEADS/<store>/<head>/<store>_ft__<head>.skops, t
 record, FINETUNE/<store>/features.h5) are evaluated here, into REPORTS/finetuned/; the baselines and hybrid heads
 (CHALLENGERS/<store>/{baseline,hybrid}/) were evaluated by their own stages (metrics.json beside each model), and
 their metrics are gathered into REPORTS/finetuned/heads/<name>.json.
+
+Near-duplicate leaks: the items of the evaluated split that each store's audit (REPORTS/audit/<store>/, the audit
+stage) found to be near-duplicates of train/val items (``featurestore.audit.duplicates``) are named in one warning
+line per store; with ``evaluate.refuse_near_duplicates: true`` the stage fails instead.
 """
 
 import json
+import sys
 from pathlib import Path
 
 from _params import load_params, stage_arguments
@@ -26,13 +31,33 @@ def challenger_metrics(path: Path, split: str) -> dict:
     return read_json(written)
 
 
+def check_leaks(audits: Path, stores: list[str], split: str, refuse: bool) -> None:
+    """One warning line per store whose audit found near-duplicates of train/val items in ``split`` (``refuse``: the
+    stage fails instead); a store not audited is named, not checked."""
+    from featurestore.audit.duplicates import audit_leaks
+    from featurestore.errors import DataError
+
+    for name in stores:
+        try:
+            leaks = audit_leaks(audits / name, split)
+        except DataError as exc:
+            print(f"WARNING: {exc}: near-duplicate leaks of {name} not checked", file=sys.stderr)
+            continue
+        if leaks.rows and refuse:
+            raise SystemExit(f"{name}: {leaks.line()} (evaluate.refuse_near_duplicates is true)")
+        if leaks.rows:
+            print(f"WARNING: {name}: {leaks.line()}", file=sys.stderr)
+
+
 if __name__ == "__main__":
     args = stage_arguments(__doc__, (), {"reports": "the reports folder",
                                          "finetune_heads": "the fine-tuned heads' stages' folder",
                                          "challengers": "the challengers' folder", "verdicts": "the verdicts' folder"})
     stores = list(load_params("stores"))
     heads = load_params("train_head")["heads"]
-    split = load_params("evaluate")["split"]
+    evaluate = load_params("evaluate")
+    split = evaluate["split"]
+    check_leaks(args.reports / "audit", stores, split, bool(evaluate.get("refuse_near_duplicates", False)))
     results = read_head_metrics(args.reports, [f"{s}__{h}" for s in stores for h in heads])
     finetuned_out = args.reports / "finetuned"
     finetuned_out.mkdir(parents=True, exist_ok=True)

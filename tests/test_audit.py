@@ -14,13 +14,18 @@ import pytest
 from PIL import Image
 
 from featurestore.audit import NEAR_DUPLICATE_SIMILARITY, audit_store, near_duplicates, neighbour_graph
-from featurestore.audit.graph import NeighbourGraph, measure_recall, unit_rows
-from featurestore.audit.labels import fold_count
+from featurestore.audit import graph as graph_module
+from featurestore.audit import labels as labels_module
+from featurestore.audit import outliers as outliers_module
+from featurestore.audit.graph import NeighbourGraph, measure_recall, rerank, unit_rows
+from featurestore.audit.labels import audit_labels, c_path, fold_count, out_of_fold_probabilities
+from featurestore.audit.projection import sample_neighbours
 from featurestore.cli import main
 from featurestore.data.prepare import prepare_fashion_mnist
 from featurestore.errors import BadValueError
 from featurestore.extract.launch import extract_features
 from featurestore.store import FeatureStore, SplitArrays, write_store
+from featurestore.store.corrections import read_corrections
 
 COLUMNS = {
     "label_issues.csv": ["path", "split", "given", "suggested", "score", "is_issue"],
@@ -97,6 +102,110 @@ def test_a_class_with_fewer_items_than_folds_reduces_them_and_one_with_a_single_
         fold_count(np.array([0] * 9 + [1] * 9 + [2]), names, 5)
 
 
+def clustered(rows: int, dim: int, clusters: int = 8, seed: int = 1,
+              latent: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, dim) float32 rows around ``clusters`` random centres, and each row's cluster (N,) int64; with
+    ``latent``, the rows vary about their centre in that many directions only."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, clusters, rows)
+    spread = 0.3 * rng.normal(size=(rows, dim))
+    if latent is not None:
+        spread = 0.3 * rng.normal(size=(rows, latent)) @ rng.normal(size=(latent, dim)) / np.sqrt(latent)
+    return (rng.normal(size=(clusters, dim))[labels] + spread).astype(np.float32), labels
+
+
+def test_beyond_the_exact_limit_principal_components_find_candidates_and_exact_similarities_rank_them(
+        monkeypatch, caplog):
+    monkeypatch.setattr(graph_module, "REDUCED_DIMS", 10)  # the 48-d rows are searched on 10 components
+    X, _ = clustered(600, 48, latent=4)
+    graph = neighbour_graph(X, k=10, exact_max_rows=100, recall_queries=200)
+    units = unit_rows(X)
+    assert graph.kind == "hnsw" and 0.95 <= graph.recall <= 1.0 and "all 48 dimensions" not in caplog.text
+    assert (graph.indices >= 0).all() and not (graph.indices == np.arange(600)[:, None]).any()
+    exact = np.einsum("nd,nkd->nk", units, units[graph.indices])
+    np.testing.assert_allclose(graph.similarities, exact, atol=1e-5)  # exact cosine, not the components'
+    assert (np.diff(graph.similarities, axis=1) <= 1e-6).all()
+
+
+def test_a_graph_on_too_few_components_is_rebuilt_on_all_dimensions(monkeypatch, caplog):
+    monkeypatch.setattr(graph_module, "REDUCED_DIMS", 8)  # rows spread alike in all 48 directions
+    X, _ = clustered(600, 48)
+    with caplog.at_level("WARNING", logger="featurestore"):
+        graph = neighbour_graph(X, k=10, exact_max_rows=100, recall_queries=200)
+    assert "on 8 principal components, below 0.95: searching all 48 dimensions" in caplog.text
+    assert graph.recall >= 0.95
+
+
+def test_reranking_leaves_out_the_row_itself_and_missing_candidates():
+    units = unit_rows(np.array([[1, 0], [1, 0.1], [1, 1], [0, 1]], np.float32))
+    candidates = np.array([[0, 2, 1, -1], [3, 1, -1, -1], [2, 3, 0, 1], [-1, -1, -1, 3]])
+    indices, similarities = rerank(units, candidates, 3)
+    assert indices.tolist() == [[1, 2, -1], [3, -1, -1], [1, 3, 0], [-1, -1, -1]]  # 3 and 0 tie: candidate order
+    assert indices.dtype == np.int64 and similarities.dtype == np.float32
+    np.testing.assert_allclose(similarities[0], [units[0] @ units[1], units[0] @ units[2], -1.0], rtol=1e-6)
+    assert (similarities[indices < 0] == -1.0).all()
+
+
+def test_rows_normalised_in_place_are_the_array_itself_with_the_same_values():
+    X = np.random.default_rng(2).normal(size=(50, 6)).astype(np.float32)
+    X[3] = 0
+    copied = unit_rows(X)
+    assert copied is not X
+    assert unit_rows(X, in_place=True) is X
+    np.testing.assert_array_equal(X, copied)
+    assert (X[3] == 0).all()
+
+
+def test_class_similarity_taken_in_blocks_is_the_cosine_to_the_class_centroid(monkeypatch):
+    monkeypatch.setattr(outliers_module, "BLOCK_ROWS", 7)
+    X, labels = clustered(50, 6, clusters=3)
+    units = unit_rows(X)
+    centroids = np.stack([units[labels == c].sum(axis=0) for c in range(3)]).astype(np.float64)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    np.testing.assert_allclose(outliers_module.class_similarity(units, labels),
+                               np.einsum("nd,nd->n", units, centroids[labels]), atol=1e-6)
+
+
+def test_the_c_path_stops_past_the_best_c_with_the_probabilities_of_the_whole_path():
+    X, labels = clustered(150, 12, clusters=3, seed=4)
+    X += np.random.default_rng(5).normal(scale=1.5, size=X.shape).astype(np.float32)  # not separable: C matters
+    grid = labels_module.C_GRID
+    whole, whole_losses = c_path(X, labels, 3, 3, grid, patience=None)
+    stopped, losses = c_path(X, labels, 3, 3, grid, patience=2)
+    best = min(whole_losses, key=lambda C: (round(whole_losses[C], 12), C))
+    assert list(stopped) == list(grid[:grid.index(best) + 3]) and len(stopped) < len(grid)  # the best, two more
+    assert all(np.array_equal(stopped[C], whole[C]) and losses[C] == whole_losses[C] for C in stopped)
+    per_fold = out_of_fold_probabilities(X, labels, 3, 3, grid)  # fold after fold: the same numbers
+    assert all(np.array_equal(per_fold[C], whole[C]) for C in grid)
+
+
+def test_beyond_fit_max_rows_each_fold_fits_a_sample_and_predicts_all_its_held_out_rows(monkeypatch):
+    from featurestore.heads.estimators import PathClassifier
+
+    fitted = []
+    fit = PathClassifier.fit
+    monkeypatch.setattr(PathClassifier, "fit", lambda self, X, y: fitted.append(len(y)) or fit(self, X, y))
+    monkeypatch.setattr(labels_module, "PREDICT_ROWS", 16)
+    X, labels = clustered(300, 10, clusters=3, seed=6)
+    probabilities = out_of_fold_probabilities(X, labels, 3, 5, (1.0,), fit_max_rows=90)[1.0]
+    assert fitted == [90] * 5
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
+    assert (probabilities.argmax(axis=1) == labels).mean() > 0.95
+
+
+@pytest.mark.parametrize("exact_rows", [4_096, 10])
+def test_the_map_is_given_each_rows_neighbours_itself_first(monkeypatch, exact_rows):
+    import featurestore.audit.projection as projection
+
+    monkeypatch.setattr(projection, "EXACT_MAP_ROWS", exact_rows)  # 10: the approximate search
+    X, _ = clustered(80, 16)
+    indices, distances = sample_neighbours(X, 6)
+    graph = neighbour_graph(X, 5)
+    assert indices.shape == distances.shape == (80, 6) and distances.dtype == np.float32
+    assert (indices[:, 0] == np.arange(80)).all() and (distances[:, 0] == 0).all()
+    np.testing.assert_allclose(distances[:, 1:], 1 - graph.similarities, atol=1e-5)
+
+
 # --- the command's errors ------------------------------------------------------------------------------------------
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -151,7 +260,7 @@ def audited(tmp_path_factory, lite0_small):
                 y[row] = names.index(given)
                 flipped[paths[row]] = (true, given)
         splits[split] = SplitArrays(X, y, list(ids), list(paths))
-    noisy = write_store(root / "noisy.h5", store.fingerprint, names, splits)
+    noisy = write_store(root / "noisy.h5", store.fingerprint, names, splits, source=store.source_record)
     summary = audit_store(noisy, root / "out")
     return {"root": root, "store": noisy, "clean": root / "clean.h5", "out": root / "out", "summary": summary,
             "flipped": flipped, "original": f"train/Coat/{original.name}", "copy": "test/Coat/copy.png"}
@@ -207,7 +316,8 @@ def test_the_files_have_exactly_their_columns_and_every_item(audited):
     assert summary["graph"] == {"kind": "exact", "k": 20, "recall": 1.0}
     assert summary["near_duplicates"]["threshold"] == NEAR_DUPLICATE_SIMILARITY["image"]
     assert summary["rows"] == {split: store.count(split) for split in store.splits}
-    assert set(summary["seconds"]) == {"load", "graph", "label_issues", "near_duplicates", "outliers", "map"}
+    assert set(summary["seconds"]) == {"load", "graph", "label_issues", "near_duplicates", "outliers", "map",
+                                       "pages"}
     assert summary["reused"] is False
     assert (audited["out"] / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -260,3 +370,40 @@ def test_a_text_store_is_audited_like_an_image_store(tmp_path):
     assert any({r["path"], r["duplicate_path"]} == {f"train/sports/{original.name}", "test/sports/copy.txt"}
                for r in rows)
     assert summary["label_issues"]["ranked"] == sum(summary["rows"].values())
+
+
+@pytest.mark.slow
+def test_the_audit_suggests_corrections_and_shows_the_items(audited):
+    """What to act on is a corrections file (relabel the flagged issues, leave the leaked test copy out); the map page
+    shows every mapped item on hover and the gallery the most likely issues."""
+    header, rows = read_csv(audited["out"] / "suggested_corrections.csv")
+    assert header == ["path", "label", "reason"]
+    suggested = {r["path"]: r["label"] for r in rows}
+    assert suggested.get(audited["copy"]) == ""  # the test side of the train/test pair: left out
+    relabelled = {path: true for path, (true, _) in audited["flipped"].items() if suggested.get(path) == true}
+    assert relabelled  # at least one planted flip is suggested back to its true class
+    read_corrections(audited["out"] / "suggested_corrections.csv")  # a valid corrections file as written
+    page = (audited["out"] / "map.html").read_text(encoding="utf-8")
+    assert audited["copy"] in page and "data:image/png;base64," in page and "<svg" in page
+    assert page.count("<circle") == sum(audited["summary"]["rows"].values())
+    assert (audited["out"] / "label_issues.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["knn", "linear_svm"])
+def test_another_head_judges_the_labels_at_settings_chosen_once(audited, head):
+    """`audit --head`: any in-memory head's out-of-fold probabilities rank the labels; the planted flips stay among
+    the most likely issues, and the head and its chosen settings are recorded."""
+    store = FeatureStore(audited["store"])
+    X = np.concatenate([store.load(split, np.float32)[0] for split in store.splits])
+    labels = np.concatenate([store.labels(split) for split in store.splits])
+    paths = np.concatenate([store.paths(split) for split in store.splits])
+    graph = neighbour_graph(unit_rows(X.copy()), 20)
+    issues = audit_labels(X, labels, graph, store.class_names, head=head)
+    assert issues.head == head and issues.settings and issues.log_losses == {}
+    assert set(issues.settings) == ({"k", "temperature"} if head == "knn" else {"C"})
+    top = set(paths[issues.order[:10]].tolist())
+    assert sum(path in top for path in audited["flipped"]) >= 2
+    with pytest.raises(BadValueError, match="streams from the store"):
+        audit_labels(X, labels, graph, store.class_names, head="sgd_logreg")

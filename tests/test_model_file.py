@@ -311,6 +311,10 @@ def test_the_trusted_estimators_are_classes_of_this_scikit_learn():
 
 def _fitted(config: HeadConfig) -> Pipeline:
     """``config``'s estimator fitted on random features; sgd_logreg's as the streamed fit assembles it."""
+    if config.head == "knn":
+        from featurestore.heads.knn import KNNClassifier
+
+        return KNNClassifier(k=3).fit(*_features())
     if config.head != "sgd_logreg":
         return build_estimator(config, 0.5).fit(*_features())
     from sklearn.linear_model import SGDClassifier

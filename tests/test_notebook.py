@@ -19,6 +19,7 @@ def test_head_experiments_notebook_executes(fashion_folder_master, lite0_small, 
     store = tmp_path / "tiny.h5"
     extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
     monkeypatch.setenv("FEATURESTORE_STORE", str(store))
+    monkeypatch.setenv("FEATURESTORE_AUDIT", str(tmp_path / "audit"))
     prepare_bbc_news(tmp_path / "bbc", labels_per_class=3, val_per_class=2, test_per_class=2, seed=2)
     extract_features(tmp_path / "bbc", tmp_path / "text.h5", "minilm_l6", tokenization=Tokenization(max_length=64),
                      workers=0, progress=False)
@@ -33,6 +34,9 @@ def test_head_experiments_notebook_executes(fashion_folder_master, lite0_small, 
     text = "".join(out.get("text", "") for out in outputs)
     assert "best C =" in text and "efficientnet_lite0" in text
     markdown = [out["data"]["text/markdown"] for out in outputs if "text/markdown" in out.get("data", {})]
-    assert any("| efficientnet_lite0 | logreg |" in table for table in markdown)
+    assert any("| efficientnet_lite0 | logreg |" in table and "| efficientnet_lite0 | knn |" in table
+               for table in markdown)
+    assert "labels flagged;" in text and (tmp_path / "audit" / "label_issues.csv").is_file()
+    assert any("| path | given | suggested | score |" in table for table in markdown)
     assert any("| MiniLM probe |" in table and "| TF-IDF + logistic regression |" in table for table in markdown)
-    assert sum("image/png" in out.get("data", {}) for out in outputs) >= 2  # the sweep and the confusion matrix
+    assert sum("image/png" in out.get("data", {}) for out in outputs) >= 3  # sweep, confusion matrix, label issues

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def project(tmp_path) -> Path:
     copy = tmp_path / "project"
     copy.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "pipelines", "featurestore", ".dvc"):
+    for name in ("dvc.yaml", "params.yaml", "pipelines", "featurestore", "configs", ".dvc"):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
@@ -82,12 +82,16 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     assert undeclared_params_reads(project, reads) == {}
     stages = set(re.findall(r"Running stage '([^']+)'", first))
     for name in STORES:
-        for stage in ("extract", "plateau", "finetune", "curve", "baseline", "hybrid", "verdict", "export", "predict"):
+        for stage in ("extract", "audit", "plateau", "finetune", "curve", "baseline", "hybrid", "verdict", "export",
+                      "predict"):
             assert f"{stage}@{name}" in stages
         assert {f"train_head@{name}-logreg", f"train_head@{name}-linear_svm",
                 f"train_head_ft@{name}-linear_svm"} <= stages
         # each head's stage wrote its report on the evaluation split
         assert (project / "data" / "reports" / "heads" / f"{name}__linear_svm.json").is_file()
+        audit = json.loads((project / "data" / "reports" / "audit" / f"{name}.json").read_text())
+        assert audit["label_issues"]["ranked"] == sum(audit["rows"].values())
+        assert (project / "data" / "reports" / "audit" / name / "suggested_corrections.csv").is_file()
     assert {"prepare", "prepare_text", "evaluate"} <= stages
     stores = {name: project / "data" / "features" / f"{name}.h5" for name in STORES}
     images, texts = FeatureStore(stores["fashion_mnist"]), FeatureStore(stores["bbc_news"])
@@ -137,7 +141,7 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     curve = json.loads((project / "data" / "reports" / "curve" / "bbc_news" / "curve.json").read_text())
     assert {p["method"] for p in curve["points"]} == {"tfidf", "linear_probe"}
     image_curve = json.loads((project / "data" / "reports" / "curve" / "fashion_mnist" / "curve.json").read_text())
-    assert {p["method"] for p in image_curve["points"]} == {"pixels", "linear_probe", "probe_finetune"}
+    assert {p["method"] for p in image_curve["points"]} == {"pixels", "linear_probe", "knn", "probe_finetune"}
     assert (project / "data" / "reports" / "figures" / "bbc_news__logreg_confusion.png").is_file()
     # metrics and reports name files relative to the project: `dvc metrics diff` between clones is not noise
     for report in (project / "data").rglob("*.json"):
@@ -171,6 +175,18 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     assert "extract@fashion_mnist" in changed
     assert not any(stage in changed for stage in ("prepare", "prepare_text", "extract@bbc_news",
                                                   "train_head@bbc_news-logreg"))  # the other store is untouched
+
+    # acting on an audit: a store's corrections file, applied by its extract stage, nothing re-encoded
+    texts_before = FeatureStore(stores["bbc_news"])
+    dropped = str(texts_before.paths("train")[0])
+    (project / "configs" / "corrections" / "bbc_news.csv").write_text(f"path,label\n{dropped},\n")
+    dvc(project, "repro", "-s", "extract@bbc_news")
+    texts = FeatureStore(stores["bbc_news"])
+    assert dropped not in texts.paths("train") and texts.count("train") == texts_before.count("train") - 1
+    assert texts.source_record["corrections"]["dropped"] == 1
+    summary = json.loads((project / "timings" / "data" / "features" / "bbc_news.h5.summary.json").read_text())
+    assert summary["extracted"] == 0 and summary["reused"] == texts.count("train") + texts.count("val") + \
+        texts.count("test")
 
 
 def test_a_second_data_set_is_one_stores_entry(project):

@@ -95,5 +95,5 @@ def test_a_head_saved_before_the_protocol_has_its_c_as_its_settings(direction_st
 
 
 def test_an_unknown_head_family_is_one_clear_line():
-    with pytest.raises(FeaturestoreError, match="no head family 'knn'"):
-        families.family_of("knn")
+    with pytest.raises(FeaturestoreError, match="no head family 'multi_layer'"):
+        families.family_of("multi_layer")

@@ -1,7 +1,9 @@
 """A data audit over a feature store: one neighbour graph (:mod:`.graph`), label issues ranked with cleanlab
-(:mod:`.labels`), near-duplicates within and across splits (:mod:`.duplicates`), outliers (:mod:`.outliers`), a 2-D
-map (:mod:`.projection`), the files other tools read (:mod:`.reports`), and the front door :func:`audit_store`
-(:mod:`.run`), keyed to the store's rows (:mod:`.rows`).
+(:mod:`.labels`), near-duplicates within and across splits (:mod:`.duplicates`: edited image copies by their pixels,
+:mod:`.copies`; texts by shared word 5-grams, :mod:`.texts`), outliers (:mod:`.outliers`), a 2-D map
+(:mod:`.projection`) and its HTML page (:mod:`.page`), the most likely issues shown (:mod:`.gallery`), the files
+other tools read (:mod:`.reports`), and the front door :func:`audit_store` (:mod:`.run`), keyed to the store's rows
+(:mod:`.rows`).
 """
 
 from ..utils.lazy import lazy_exports
@@ -10,6 +12,9 @@ from ..utils.lazy import lazy_exports
 _HOMES = {
     "NEAR_DUPLICATE_SIMILARITY": "duplicates",
     "near_duplicates": "duplicates",
+    "store_near_duplicates": "duplicates",
+    "find_leaks": "duplicates",
+    "audit_leaks": "duplicates",
     "threshold_for": "duplicates",
     "NeighbourGraph": "graph",
     "neighbour_graph": "graph",

@@ -12,6 +12,8 @@ import numpy as np
 
 from .graph import NeighbourGraph
 
+BLOCK_ROWS = 4_096
+
 
 def neighbour_similarity(graph: NeighbourGraph) -> np.ndarray:
     """(N,) float64 mean similarity of each row to its neighbours in the graph (0 for a row with none)."""
@@ -21,15 +23,24 @@ def neighbour_similarity(graph: NeighbourGraph) -> np.ndarray:
 
 
 def class_similarity(units: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(N,) float64 cosine similarity of each unit row (N, D) to the centroid of its class (``labels`` (N,) int)."""
+    """(N,) float64 cosine similarity of each unit row (N, D) to the centroid of its class (``labels`` (N,) int).
+    The sums and products are taken :data:`BLOCK_ROWS` rows at a time: no (N, D) float64 array."""
     from scipy import sparse
 
     classes, inverse = np.unique(labels, return_inverse=True)
-    members = sparse.csr_matrix((np.ones(len(labels)), (inverse, np.arange(len(labels)))),
-                                shape=(len(classes), len(labels)))
-    centroids = np.asarray(members @ units, dtype=np.float64)  # (C, D) sums of each class's rows
+    centroids = np.zeros((len(classes), units.shape[1]))  # (C, D) float64 sums of each class's rows
+    for start in range(0, len(labels), BLOCK_ROWS):
+        block = inverse[start:start + BLOCK_ROWS]
+        members = sparse.csr_matrix((np.ones(len(block)), (block, np.arange(len(block)))),
+                                    shape=(len(classes), len(block)))
+        centroids += members @ units[start:start + BLOCK_ROWS].astype(np.float64)
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), np.finfo(np.float64).tiny)
-    return np.einsum("nd,nd->n", units, centroids[inverse].astype(units.dtype), dtype=np.float64)
+    centroids = centroids.astype(units.dtype)
+    similarity = np.empty(len(labels))
+    for start in range(0, len(labels), BLOCK_ROWS):
+        block = slice(start, start + BLOCK_ROWS)
+        similarity[block] = np.einsum("nd,nd->n", units[block], centroids[inverse[block]], dtype=np.float64)
+    return similarity
 
 
 def outlier_scores(graph: NeighbourGraph, units: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -43,7 +43,8 @@ class Source:
     """A scanned data set: records in a stable order, the class names that labels index, and the files
     that cannot be used at all (``unusable``: ``[{path, reason}]``, e.g. names that are not UTF-8).
     ``manifest``: the manifest file it was read from (None: the folder tree ``root``). ``split_rule``: the
-    val/test splits made for it (``splits.SplitRule.to_dict()``; None: its own splits)."""
+    val/test splits made for it (``splits.SplitRule.to_dict()``; None: its own splits). ``corrections``: what a
+    corrections file dropped and relabelled in it (``extract.launch.corrected_source``)."""
 
     root: Path
     class_names: list[str]
@@ -51,6 +52,7 @@ class Source:
     unusable: list[dict] = field(default_factory=list)
     manifest: Path | None = None
     split_rule: dict | None = None
+    corrections: dict | None = None  # Corrections.record of what extract --exclude applied (None: none)
 
     @property
     def splits(self) -> list[str]:
@@ -288,3 +290,4 @@ def rows_for_ids(available: np.ndarray, wanted: np.ndarray, where: str) -> np.nd
 def ids_digest(ids) -> str:
     """A short SHA-256 of content ids in order: what a curve point trained on (probe and fine-tune must agree)."""
     return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+

@@ -3,9 +3,9 @@
 The backbone's graph is the one extraction already exported and cached (engines.py, text_engines.py), so
 an export after a head change costs no new trace of the network. The head's graph is appended behind it:
 linear heads (logreg, linear SVM) are written here as plain operators (Gemm, Softmax/Sigmoid,
-ArgMax) with the scaler folded into the weights, which every execution provider runs; the RBF SVM
-is converted by skl2onnx. Every export is checked against the Python pipeline (torch backbone +
-scikit-learn head) before it is kept.
+ArgMax) with the scaler folded into the weights, which every execution provider runs; so is the kNN head, its train
+rows inside the graph up to a stated size (``knn_export.py``); the RBF SVM is converted by skl2onnx. Every export is
+checked against the Python pipeline (torch backbone + scikit-learn head) before it is kept.
 
 Two variants may be written beside ``model.onnx``, each a normal featurestore model (same inputs, outputs and
 metadata) checked before it is kept: ``model.fp16.onnx`` (``float16=True``: the encoder in float16, the head in
@@ -39,6 +39,7 @@ from ..heads.head import TrainedHead, load_head
 from ..heads.scaling import FeatureScaler
 from ..utils.atomic import atomic_path
 from ..utils.timings import write_json
+from .knn_export import knn_head_graph
 from .predict import FLOAT32_SHA256_KEY, PRECISION_KEY, VARIANT_NAMES, OnnxClassifier, file_sha256, variant_path
 
 MAX_PROBABILITY_DIFF = 1e-4
@@ -202,6 +203,16 @@ def skl2onnx_head_graph(head: TrainedHead) -> onnx.ModelProto:
             options={id(head.estimator.named_steps["classify"]): {"zipmap": False}},
             target_opset={"": ONNX_OPSET, "ai.onnx.ml": 3},
         )
+
+
+def head_graph_of(head: TrainedHead) -> onnx.ModelProto:
+    """The head's graph, ``head_features`` (N, D) → probabilities over the classes it saw, label: plain operators for
+    the linear heads and the kNN head, skl2onnx for the RBF SVM."""
+    if head.config.head in ("logreg", "linear_svm", "sgd_logreg"):
+        return linear_head_graph(linear_head_params(head), head.feature_dim)
+    if head.config.head == "knn":
+        return knn_head_graph(head, HEAD_INPUT, ONNX_OPSET, HEAD_IR_VERSION)
+    return skl2onnx_head_graph(head)
 
 
 def backbone_for(head: TrainedHead, backbone: str | None = None, weights: str | Path | None = None) -> FeatureModel:
@@ -579,15 +590,16 @@ def export_onnx(head: TrainedHead | str | Path, out: str | Path, backbone: str |
     check_choice("quantize", quantize, QUANTIZE_CHOICES)
     started = time.perf_counter()
     head = head if isinstance(head, TrainedHead) else load_head(head, trust_pickle=trust_pickle)
+    if quantize == "int8" and head.config.head == "knn":
+        # its graph holds the train+val rows: every val item finds itself, so val cannot judge the int8 graph
+        raise ExportError(f"head {head.name}: --quantize int8 is judged on the val split, which a kNN head holds "
+                          f"(refitted on train+val); export it in float32 (or --float16)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # the head first: a kNN head too large to ship is refused before the encoder is loaded
+    head_graph = spread_to_classes(head_graph_of(head), head.classes, len(head.class_names))
     text = head.fingerprint.get("kind") == "text"
     parts = text_parts(head) if text else image_parts(head, backbone, weights, sample_images)
-    if head.config.head in ("logreg", "linear_svm", "sgd_logreg"):
-        head_graph = linear_head_graph(linear_head_params(head), head.feature_dim)
-    else:
-        head_graph = skl2onnx_head_graph(head)
-    head_graph = spread_to_classes(head_graph, head.classes, len(head.class_names))
     float16_head = copy_model(head_graph)  # combine() changes the head it is given
     graph = combine(parts.graph, head_graph)
     metadata = {

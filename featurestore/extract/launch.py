@@ -20,6 +20,7 @@ from ..encode.backbones import (
 from ..encode.encoders import ImageEncoder
 from ..encode.texts import TextEncoder
 from ..errors import DataError
+from ..store.corrections import Corrections, read_corrections
 from .distributed import extract_distributed, torchrun_group
 from .options import ExtractOptions
 from .phases import ExtractSummary, extract_with
@@ -45,6 +46,8 @@ def extract_features(data: str | Path | Source, out: str | Path, backbone: str =
     options = ExtractOptions.of(options, **keywords)
     spec = None if model is not None else get_spec(backbone)  # an unknown name fails before any file is read
     source = make_splits(data, options.splits) if isinstance(data, Source) else scan_with_splits(data, options.splits)
+    if options.exclude is not None:  # after the split draw, so that dropping items moves no other item's split
+        source = corrected_source(source, read_corrections(options.exclude))
     options = replace(options, device=options.torch_device())  # resolved once: every layer below runs on it
     if spec is not None and spec.kind == "text":
         encoder = text_encoder(spec, options)
@@ -68,3 +71,21 @@ def text_encoder(spec: TextBackboneSpec, options: ExtractOptions) -> TextEncoder
         raise DataError(f"{spec.name} is a text backbone: {', '.join(given)} apply to image backbones only")
     return TextEncoder(load_text_backbone(spec, options.weights), options.tokenization or Tokenization(),
                        options.dtype, options.engine)
+
+
+def corrected_source(source: Source, corrections: Corrections) -> Source:
+    """``source`` without the items ``corrections`` drops and with the labels it gives (``store.corrections``),
+    matched by relative path; what was applied is recorded as ``source.corrections``. Raises :class:`DataError` when
+    no path of the file is an item of the source, :class:`BadValueError` for a label that is not a class."""
+    corrections.check_known({record.rel_path for record in source.records}, str(source.manifest or source.root))
+    kept, relabelled = [], 0
+    for record in source.records:
+        if record.rel_path in corrections.drop:
+            continue
+        if record.rel_path in corrections.relabel:
+            label = corrections.label_index(record.rel_path, source.class_names)
+            relabelled += label != record.label
+            record = replace(record, label=label)
+        kept.append(record)
+    applied = corrections.record(len(source.records) - len(kept), relabelled)
+    return replace(source, records=kept, corrections=applied)

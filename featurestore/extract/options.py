@@ -24,7 +24,9 @@ class ExtractOptions:
     (``skip``/``fail``) decides what an item that cannot be read or decoded does, ``on_duplicate``
     (``warn``/``error``/``keep``) what identical files in two splits or under two labels do. ``wait=False`` fails at
     once when another process holds the store; ``progress`` shows progress bars. ``splits``: the val/test splits to
-    make for data that lacks them (:class:`~featurestore.data.splits.SplitRule`, recorded in the store).
+    make for data that lacks them (:class:`~featurestore.data.splits.SplitRule`, recorded in the store). ``exclude``:
+    a corrections file (:mod:`featurestore.store.corrections`) whose items are left out or relabelled before the store
+    is written (recorded in it; nothing is re-encoded).
     """
 
     weights: str | Path | None = None
@@ -41,6 +43,7 @@ class ExtractOptions:
     progress: bool = True
     tokenization: Tokenization | None = None
     splits: SplitRule | None = None
+    exclude: str | Path | None = None
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, DTYPES)

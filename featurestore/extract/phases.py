@@ -368,10 +368,12 @@ def encode(feed: PlannedItems | StreamedRecords, encoder: Encoder, journal: Extr
 def source_record(source: Source, out: Path) -> dict:
     """What a store at ``out`` extracted from ``source`` records as its ``source`` (``store/hdf5.py``): the manifest
     (with the SHA-256 of its bytes) or the folder, ``path`` relative to the store's folder (POSIX: portable across
-    clones and moves of the whole project)."""
+    clones and moves of the whole project), with the split rule and the corrections applied, if any."""
     origin = source.manifest if source.manifest is not None else source.root
     path = Path(os.path.relpath(Path(origin).resolve(), out.parent.resolve())).as_posix()
     made = {"splits": source.split_rule} if source.split_rule else {}
+    if source.corrections:
+        made["corrections"] = source.corrections
     if source.manifest is None:
         return {"kind": "folder", "path": path, "sha256": None, **made}
     return {"kind": "manifest", "path": path, "sha256": content_id(source.manifest), **made}

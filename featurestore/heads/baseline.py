@@ -132,6 +132,7 @@ class BaselineModel(EstimatorModel):
     # validation content id → right or wrong, of the chosen settings refitted on the train rows alone (what the
     # verdict's paired test reads; transfer.best.fit_challenger fills it). Empty: the verdict refits.
     val_answers: dict[str, bool] = field(default_factory=dict)
+    corrections: dict | None = None  # as TrainedHead's: what train-head --exclude changed in the store
 
     def __post_init__(self) -> None:
         check_choice("baseline", self.kind, BASELINE_KINDS)

@@ -3,9 +3,11 @@
 - ``logreg``, ``linear_svm``, ``svm_rbf``: in memory, C swept on a log grid (``estimators.sweep_c``, extended past an
   edge), the chosen C refitted on train+val; their report is the grid's (``estimators.grid_report``).
 - ``sgd_logreg``: streamed from the store (``streaming.py``), memory independent of its size; the same C protocol.
+- ``knn``: a weighted vote of the k nearest train rows by cosine (``knn.py``), k and the temperature swept together
+  from one neighbour search; the refit stores the train+val rows.
 
-A new kind of head (the issues after this one add a kNN head and a multi-layer head) subclasses ``HeadFamily`` and
-registers itself here; ``train_head``, the reports and the verdict then use it like any other.
+A new kind of head (a multi-layer head, say) subclasses ``HeadFamily`` and registers itself here; ``train_head``, the
+reports and the verdict then use it like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ..errors import FeaturestoreError
 from .estimators import build_estimator, fit_estimator, grid_report, sweep_c
+from .knn import KNNClassifier, choose_knn, knn_report, sweep_knn
 from .selection import Fitted, HeadFamily
 from .streaming import train_streaming_head
 
@@ -73,6 +76,25 @@ class CSweptFamily(InMemoryFamily):
         return grid_report(config, sweep)
 
 
+class KNNFamily(InMemoryFamily):
+    """``knn``: k and the temperature chosen together on validation (``knn.sweep_knn``, ties by ``knn.choose_knn``);
+    its report is the values swept (``knn.knn_report``)."""
+
+    prefer = ()  # ties: :meth:`choose`
+
+    def sweep(self, config, X, y, Xv, yv, progress):
+        return sweep_knn(X, y, Xv, yv, progress=progress)
+
+    def choose(self, sweep):
+        return choose_knn(sweep)
+
+    def build(self, config, settings: dict):
+        return KNNClassifier(k=int(settings["k"]), temperature=float(settings["temperature"]))
+
+    def report(self, config, sweep):
+        return knn_report(sweep)
+
+
 class StreamedFamily(HeadFamily):
     """``sgd_logreg``: C swept and refitted by passes over the store (never all in memory)."""
 
@@ -102,3 +124,4 @@ def family_of(head: str) -> HeadFamily:
 for _name in ("logreg", "linear_svm", "svm_rbf"):
     register_family(_name, CSweptFamily())
 register_family("sgd_logreg", StreamedFamily())
+register_family("knn", KNNFamily())

@@ -67,6 +67,9 @@ class TrainedHead(EstimatorModel):
     # The name of the store it was fitted on where one names stores per data set (the pipeline: params.yaml's
     # `stores` key, e.g. fashion_mnist); None: its backbone names it.
     store_name: str | None = None
+    # What a corrections file changed in the store it was fitted on (train-head --exclude:
+    # store.corrections.Corrections.record); None: the store as written.
+    corrections: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.settings:
@@ -79,7 +82,8 @@ class TrainedHead(EstimatorModel):
         ``details`` are the optional fields (settings, sweep, c_grid, train_seconds, n_train)."""
         return cls(estimator=estimator, config=config, C=C, class_names=store.class_names,
                    feature_dim=store.feature_dim, fingerprint_hash=store.fingerprint_hash,
-                   fingerprint=store.fingerprint, store_path=str(store.path), **details)
+                   fingerprint=store.fingerprint, store_path=str(store.path),
+                   corrections=store.corrections_record, **details)
 
     @property
     def backbone(self) -> str:
@@ -157,7 +161,7 @@ class TrainedHead(EstimatorModel):
             c_grid = grid_report(self.config, self.sweep)
         return {
             "name": self.name, "head": self.config.head, "experiment": self.experiment, "backbone": self.backbone,
-            "C": self.C,
+            "C": self.settings.get("C"),  # None for a head whose settings are not C (knn): strict JSON, no NaN
             "settings": self.settings,
             "normalize": self.config.normalize, "feature_dim": self.feature_dim,
             "fingerprint_hash": self.fingerprint_hash, "train_seconds": round(self.train_seconds, 3),

@@ -72,6 +72,7 @@ class HybridModel(EstimatorModel):
     sweep: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     val_answers: dict[str, bool] = field(default_factory=dict)  # as BaselineModel's
+    corrections: dict | None = None  # as BaselineModel's
 
     @property
     def name(self) -> str:

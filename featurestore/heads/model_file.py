@@ -66,6 +66,7 @@ TRUSTED_TYPES = MODEL_ESTIMATORS + (
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "featurestore.heads.scaling.FeatureScaler",
+    "featurestore.heads.knn.KNNClassifier",
 )
 # Where types of older files live now: their module names are in the files.
 MOVED_MODULES = {"featurestore.scaling": "featurestore.heads.scaling"}

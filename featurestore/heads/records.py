@@ -39,10 +39,21 @@ def match_records(source: Source, store: FeatureStore, split: str, rows: np.ndar
 
 
 def store_source(store: FeatureStore, data: str | Path | None = None) -> Source:
-    """The source behind a store, scanned where it records (``data`` instead when given), with the val/test splits
-    its extraction made for it made again (``data.splits``)."""
+    """The source behind a store as the store holds it: scanned where it records (``data`` instead when given), with
+    the val/test splits its extraction made for it made again (``data.splits``), restricted to the items the store
+    holds and given the store's labels. So what a corrections file left out or relabelled (``extract --exclude``,
+    ``store.corrections``) stays so for every reader of the items (fine-tuning, the fine-tuned store, the
+    baselines), and items that could not be decoded are not offered again."""
     made = (store.source_record or {}).get("splits")
-    return scan_with_splits(store.source(data), made)
+    source = scan_with_splits(store.source(data), made)
+    if source.class_names != store.class_names:
+        return source  # match_records names the mismatch
+    held = {(split, str(path)): int(label) for split in store.splits
+            for path, label in zip(store.paths(split), store.labels(split), strict=True)}
+    records = [replace(record, label=held[(record.split, record.rel_path)]) for record in source.records
+               if (record.split, record.rel_path) in held]
+    return replace(source, records=records, corrections=store.corrections_record
+                   or (store.source_record or {}).get("corrections"))
 
 
 def store_records(store: FeatureStore, split: str, data: str | Path | None = None,

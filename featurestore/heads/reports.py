@@ -4,9 +4,11 @@ Files written under ``out`` per head (outputs of the DVC ``train_head@<store>-<h
 
     heads/<name>.json               {top1, top5, mean_per_class_accuracy, macro_f1, n, C, ...}
     confusion/<name>.csv            one row per test image: actual,predicted (for `dvc plots`)
-    sweep/<name>.csv                C,log10_C,val_accuracy (for `dvc plots`)
+    sweep/<name>.csv                C,log10_C,val_accuracy (for `dvc plots`); a head whose settings are not C
+                                    (knn) its settings' columns, then val_accuracy
     figures/<name>_confusion.png    row-normalised confusion matrix with counts
-    figures/<name>_sweep.png        validation accuracy against C, chosen C marked
+    figures/<name>_sweep.png        validation accuracy against C, chosen C marked (knn: against k, a line
+                                    per temperature, the chosen pair marked)
 
 summary.py gathers the heads' metrics into metrics.json and comparison.md. The JSON goes through
 ``utils.timings.write_json``: in a DVC stage its ``train_seconds`` go to the timings folder, not into the output.
@@ -25,6 +27,7 @@ from ..errors import FeaturestoreError, LeakError, StoreError
 from ..store.hdf5 import FeatureStore
 from ..utils.timings import write_json
 from .head import TrainedHead
+from .selection import validation_accuracy
 from .summary import write_summary
 
 TUNING_SPLITS = ("train", "val")
@@ -60,7 +63,7 @@ def evaluate_head(head: TrainedHead, store: FeatureStore, split: str = "test",
     metrics, predicted = classification_metrics(y, proba, {
         "backbone": head.backbone, "head": head.label, "split": split})
     metrics.update({
-        "C": head.C,
+        "C": head.settings.get("C"),  # None for a head whose settings are not C (knn)
         "settings": head.settings,  # chosen on validation
         "config": {k: v for k, v in asdict(head.config).items() if k != "n_jobs"},  # what the experiment set
         "normalize": head.config.normalize,
@@ -150,7 +153,10 @@ def plot_confusion(y: np.ndarray, predicted: np.ndarray, class_names: list[str],
 
 
 def plot_sweep(head: TrainedHead, path: Path) -> Path:
-    """Validation accuracy against C (log scale) with the chosen C marked, saved as PNG."""
+    """Validation accuracy against C (log scale) with the chosen C marked, saved as PNG; for a head whose settings
+    are not C, :func:`plot_settings_sweep`."""
+    if "C" not in head.settings:
+        return plot_settings_sweep(head, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,15 +168,55 @@ def plot_sweep(head: TrainedHead, path: Path) -> Path:
     ax.semilogx(Cs, accuracy, marker="o", markersize=3)
     ax.axvline(head.C, color="tab:red", linestyle="--", label=f"chosen C = {head.C:.3g}")
     ax.set_xlabel("C (inverse regularisation)")
-    ax.set_ylabel("validation accuracy")
     ax.set_title(f"{head.name}: C sweep")
+    return _save_sweep_figure(fig, ax, path)
+
+
+def plot_settings_sweep(head: TrainedHead, path: Path) -> Path:
+    """Validation accuracy against the head's first setting (log scale; knn: k), one line per value of the others
+    (knn: the temperature), the chosen settings marked; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key, *others = list(head.settings)
+    lines: dict[tuple, list] = {}
+    for point in head.sweep:
+        lines.setdefault(tuple(point[key] for key in others), []).append((point[x_key], point["val_accuracy"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for rest, series in lines.items():
+        label = ", ".join(f"{key}={value:g}" for key, value in zip(others, rest, strict=True))
+        ax.semilogx(*zip(*sorted(series), strict=True), marker="o", markersize=3, label=label or None)
+    chosen = validation_accuracy(head.sweep, head.settings)
+    ax.plot([head.settings[x_key]], [chosen], marker="*", markersize=14, color="tab:red", linestyle="none",
+            label="chosen " + ", ".join(f"{key}={value:g}" for key, value in head.settings.items()))
+    ax.set_xlabel(x_key)
+    ax.set_title(f"{head.name}: settings sweep")
+    return _save_sweep_figure(fig, ax, path)
+
+
+def _save_sweep_figure(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel("validation accuracy")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def sweep_rows(head: TrainedHead) -> tuple[list[str], list[tuple]]:
+    """The sweep CSV's header and rows: ``C,log10_C,val_accuracy`` for a C sweep, else the head's settings (in
+    their order) and ``val_accuracy``."""
+    if "C" in head.settings:
+        return (["C", "log10_C", "val_accuracy"],
+                [(p["C"], round(float(np.log10(p["C"])), 4), p["val_accuracy"]) for p in head.sweep])
+    keys = list(head.settings)
+    return keys + ["val_accuracy"], [(*(p[key] for key in keys), p["val_accuracy"]) for p in head.sweep]
 
 
 def write_head_report(head: TrainedHead, store: FeatureStore, out: str | Path, split: str = "test",
@@ -185,10 +231,11 @@ def write_head_report(head: TrainedHead, store: FeatureStore, out: str | Path, s
         writer = csv.writer(handle)
         writer.writerow(["actual", "predicted"])
         writer.writerows((names[a], names[p]) for a, p in zip(y, predicted, strict=True))
+    header, rows = sweep_rows(head)
     with open(out / "sweep" / f"{head.name}.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["C", "log10_C", "val_accuracy"])
-        writer.writerows((p["C"], round(float(np.log10(p["C"])), 4), p["val_accuracy"]) for p in head.sweep)
+        writer.writerow(header)
+        writer.writerows(rows)
     plot_confusion(y, predicted, names, f"{head.name} on {split} (top-1 {metrics['top1']:.3f})",
                    out / "figures" / f"{head.name}_confusion.png")
     plot_sweep(head, out / "figures" / f"{head.name}_sweep.png")

@@ -18,9 +18,10 @@ complete file. Writers take the store's lock (locking.py) for the whole extracti
 ``source`` says where the items came from, so that every reader rebuilds its records from the same place:
 ``{"kind": "folder" | "manifest", "path": <the folder or the manifest file, relative to the store's folder, POSIX>,
 "sha256": <hex SHA-256 of the manifest's bytes, or null for a folder>, "splits": <optional: the val/test splits made
-for data that lacked them, {"val_fraction", "test_fraction", "seed"} (data/splits.py)>}``. The path is relative
-only (as the rows' paths are): a store and its data moved or cloned together still find each other, and a file
-written on two machines is the same file.
+for data that lacked them, {"val_fraction", "test_fraction", "seed"} (data/splits.py)>, "corrections": <optional: what
+a corrections file left out and relabelled, {"file", "sha256", "dropped", "relabelled"} (corrections.py)>}``. The
+path is relative only (as the rows' paths are): a store and its data moved or cloned together still find each
+other, and a file written on two machines is the same file.
 
 Migration. Layout 1 (releases before the source record) had ``source_root`` (the data folder, relative to the
 store's folder) instead of ``source``; such a file is still read, as a folder source at ``source_root`` (a store of
@@ -143,7 +144,7 @@ def store_writer(
                  "skipped": json.dumps(skipped or []), "duplicates": json.dumps(duplicates or []),
                  "feature_shape": json.dumps(shape)}
         if source is not None:
-            made = {"splits": source["splits"]} if source.get("splits") else {}
+            made = {key: source[key] for key in ("splits", "corrections") if source.get(key)}
             attrs["source"] = json.dumps({"kind": source["kind"], "path": source["path"], "sha256": source["sha256"],
                                           **made}, sort_keys=True)
         handle.attrs.update(attrs)
@@ -245,6 +246,8 @@ class FeatureStore:
     Every read opens the file anew, so a store replaced by a rerun is read whole, old or new, never mixed
     within one call; a read that fails (a file truncated on disk) raises :class:`StoreError`.
     """
+
+    corrections_record: dict | None = None  # what a corrections file changed (store.corrections.CorrectedStore)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -388,9 +391,15 @@ class FeatureStore:
         self._check_split(split)
         step = rows or (self._chunks[split] or (max(1, self._counts[split]),))[0]
         with self._reading() as handle:
-            features, labels = handle[split]["features"], handle[split]["labels"]
             for start in range(0, self._counts[split], step):
-                yield features[start:start + step], labels[start:start + step]
+                X, y = self._block(handle, split, start, min(start + step, self._counts[split]))
+                if len(y):  # a corrected store's block may have lost every row
+                    yield X, y
+
+    def _block(self, handle: h5py.File, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``start:stop`` of a split as ``(X, y)``: every chunk read goes through here (a corrected store,
+        ``corrections.CorrectedStore``, leaves its dropped rows out)."""
+        return handle[split]["features"][start:stop], handle[split]["labels"][start:stop]
 
     def source(self, data: str | Path | None = None) -> Path:
         """Where this store's items are: the folder or manifest file to scan (``data.sources.scan_source``) for the
@@ -451,12 +460,11 @@ class FeatureStore:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(pieces))
         with self._reading() as handle:
-            features = {split: handle[split]["features"] for split in names}
-            labels = {split: handle[split]["labels"] for split in names}
             for group in range(0, len(order), buffer_chunks):
                 read = [pieces[i] for i in order[group:group + buffer_chunks]]
-                X = np.concatenate([features[split][s:s + step] for split, s, step in read])
-                y = np.concatenate([labels[split][s:s + step] for split, s, step in read])
+                blocks = [self._block(handle, split, s, min(s + step, self._counts[split])) for split, s, step in read]
+                X = np.concatenate([features for features, _ in blocks])
+                y = np.concatenate([labels for _, labels in blocks])
                 mixed = rng.permutation(len(y))
                 for start in range(0, len(y), batch_rows):
                     picked = mixed[start:start + batch_rows]
@@ -474,7 +482,7 @@ class FeatureStore:
             "dtype": self.dtype,
             "class_names": self.class_names,
             "splits": {
-                name: {"count": self._counts[name], "chunk_rows": (self._chunks[name] or (None,))[0]}
+                name: {"count": self.count(name), "chunk_rows": (self._chunks[name] or (None,))[0]}
                 for name in self._splits
             },
             "skipped": self.skipped,

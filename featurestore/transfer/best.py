@@ -318,7 +318,8 @@ def write_status(out: Path, status: Mapping) -> None:
     write_text_atomic(out / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
 
 
-def fit_challenger(kind: str, store_path: str | Path, data: str | Path | None = None, name: str | None = None):
+def fit_challenger(kind: str, store_path: str | Path | FeatureStore, data: str | Path | None = None,
+                   name: str | None = None):
     """One challenger of the verdict fitted on the items of ``store_path``'s train split, its settings chosen on
     val: ``baseline`` (TF-IDF for texts, raw pixels for images, + logistic regression) or ``hybrid`` (texts only:
     [w x embedding, TF-IDF] + logistic regression). ``data``: where the store's items are (default its recorded
@@ -331,7 +332,7 @@ def fit_challenger(kind: str, store_path: str | Path, data: str | Path | None = 
     from ..store.hdf5 import FeatureStore
 
     check_choice("challenger", kind, CHALLENGERS)
-    store = FeatureStore(store_path)
+    store = store_path if isinstance(store_path, FeatureStore) else FeatureStore(store_path)
     text = store.fingerprint.get("kind") == "text"
     if kind == "hybrid" and not text:
         raise FeaturestoreError(f"{store.path}: the hybrid head reads texts: not for an image store")
@@ -344,6 +345,7 @@ def fit_challenger(kind: str, store_path: str | Path, data: str | Path | None = 
         from ..heads.hybrid import fit_hybrid
 
         model = fit_hybrid(store, records["train"], records["val"], name)
+    model.corrections = store.corrections_record
     # the verdict's per-item answers, made once here rather than by every verdict that weighs it
     model.val_answers = dict(zip(store.ids("val").tolist(), train_only_val_correct(model, store, records).tolist(),
                                  strict=True))

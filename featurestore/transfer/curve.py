@@ -11,6 +11,8 @@ For each budget (labels per class, nested subsets of the train split), scored on
   Fashion-MNIST), its learning rate chosen on val from a small grid, every rate's figures and the chosen run's
   per-round validation loss and accuracy recorded (``small_cnn.py``): the from-scratch line a CPU can afford;
 - ``linear_probe``: logistic regression on the cached features, C chosen on val;
+- ``knn``: the kNN head on the same cached features and rows (``heads.knn``: a vote of the k nearest train rows by
+  cosine, weighted by ``exp(similarity / T)``), k and T chosen on val: DINOv2's second line beside the probe;
 - ``probe_finetune``: that probe as the classifier, the top blocks fine-tuned from the trunk cache (texts:
   the top transformer layers) with the fine-tuning settings, early-stopped on val;
 - ``setfit`` (texts): from that probe, the top transformer layers tuned on pairs of the budget's texts with a
@@ -43,15 +45,19 @@ from ..data.sources import budget_shortfall, ids_digest
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, choose_c, sweep_c
 from ..heads.head import TrainedHead
+from ..heads.knn import KNNClassifier, choose_knn, sweep_knn
 from ..heads.records import store_source
 from ..heads.reports import check_no_overlap
+from ..heads.selection import validation_accuracy
 from ..store.hdf5 import FeatureStore
 from ..utils.timings import timings_path, write_json, write_text_routed
 from .probe import probe_rows, records_for, split_rows, train_only_probe
 
-METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
+# The kNN line, for either modality: a method of its own beside the probe (named in ``CurveOptions.methods``).
+KNN_METHOD = "knn"
+METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS + (KNN_METHOD,)))
 # as run_curve appends them
-POINT_ORDER = ("pixels", "tfidf", "linear_probe", "probe_finetune", "setfit", "scratch", "small_cnn")
+POINT_ORDER = ("pixels", "tfidf", "linear_probe", KNN_METHOD, "probe_finetune", "setfit", "scratch", "small_cnn")
 
 
 def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -> tuple[object, float, float, float,
@@ -69,6 +75,21 @@ def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(X[rows], y[rows])
     return probe, C, float(probe.score(Xt, yt)), time.perf_counter() - started, rows
+
+
+def knn_point(store: FeatureStore, rows: np.ndarray) -> dict:
+    """The kNN line's figures at one budget: k and T chosen on the val split (:func:`~..heads.knn.sweep_knn`) with
+    the train ``rows`` (the probe's) as neighbours, fitted on those rows alone (as the probe is), scored on test:
+    ``{"test_accuracy", "val_accuracy", "seconds", "k", "temperature"}``."""
+    X, y, _ = store.load("train", dtype=np.float32)
+    Xv, yv, _ = store.load("val", dtype=np.float32)
+    Xt, yt, _ = store.load("test", dtype=np.float32)
+    started = time.perf_counter()
+    sweep = sweep_knn(X[rows], y[rows], Xv, yv)
+    settings = choose_knn(sweep)
+    knn = KNNClassifier(**settings).fit(X[rows], y[rows])
+    return {"test_accuracy": float(knn.score(Xt, yt)), "val_accuracy": validation_accuracy(sweep, settings),
+            "seconds": round(time.perf_counter() - started, 2), **settings}
 
 
 def capped_budgets(labels: np.ndarray, class_names: list[str], budgets) -> dict[str, dict[str, int]]:
@@ -104,7 +125,7 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     text = store.fingerprint.get("kind") == "text"
-    allowed = TEXT_CURVE_METHODS if text else CURVE_METHODS
+    allowed = (*(TEXT_CURVE_METHODS if text else CURVE_METHODS), KNN_METHOD)
     methods = tuple(options.methods or DEFAULT_CURVE_METHODS["text" if text else "image"])
     if set(methods) - set(allowed):
         raise FeaturestoreError(f"methods {sorted(set(methods) - set(allowed))} do not apply to this store's "
@@ -134,6 +155,8 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                 points.append({**base, "method": "linear_probe", "test_accuracy": probe_test,
                                "val_accuracy": float(probe.score(*store.load("val", dtype=np.float32)[:2])),
                                "seconds": round(probe_seconds, 2), "C": C, "train_ids": probe_ids})
+            if KNN_METHOD in methods:
+                points.append({**base, "method": KNN_METHOD, **knn_point(store, rows), "train_ids": probe_ids})
             if "probe_finetune" in methods:
                 head = TrainedHead.fitted_on(store, probe, options.probe, C, n_train=base["n_train"])
                 # The fine-tune's starting probe, on the same rows at the same C, as `finetune` builds its own.
@@ -228,7 +251,7 @@ def merge_curves(earlier: dict, added: dict) -> dict:
 
 
 STYLES = {"scratch": ("o", "-"), "small_cnn": ("D", "-."), "pixels": ("x", ":"), "tfidf": ("x", ":"),
-          "linear_probe": ("s", "-"), "probe_finetune": ("^", "--"), "setfit": ("v", "--")}
+          "linear_probe": ("s", "-"), KNN_METHOD: ("P", "-."), "probe_finetune": ("^", "--"), "setfit": ("v", "--")}
 
 
 def plot_curves(points: list[dict], out: Path) -> None:

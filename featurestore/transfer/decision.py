@@ -73,6 +73,7 @@ import numpy as np
 from ..configs import FINETUNE_METHODS, FINETUNE_MODES, FinetuneStageOptions, HeadConfig
 from ..data.sources import ids_digest
 from ..errors import FeaturestoreError
+from ..store.hdf5 import FeatureStore
 from ..utils.timings import write_json
 from ..utils.validation import check_choice
 from .stats import ALPHA, beats_incumbent
@@ -254,7 +255,7 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
         if decision["chosen"] == "finetuned" and decision["choice"]["method"] == "setfit":
             (out / "setfit.pth").replace(out / "weights.pth")  # what <backbone>_ft loads
         if decision["chosen"] == "finetuned":
-            adopt_finetuned(backbone, out, data, options.extract, progress)
+            adopt_finetuned(backbone, out, data, options.extract, progress, store=FeatureStore(head.store_path))
     write_json(out / "decision.json", decision)  # its seconds go to the timings folder in a DVC stage
     return decision
 
@@ -269,16 +270,20 @@ def _result_summary(result) -> dict:
 
 
 def adopt_finetuned(backbone: str, out: Path, data: str | Path, extract_options: dict,
-                    progress: bool = False) -> Path:
+                    progress: bool = False, store: FeatureStore | None = None) -> Path:
     """Register the fine-tuned weights as ``<backbone>_ft`` (its entry beside them, where loaders of its heads look)
-    and extract its store ``out/features.h5`` with ``extract_options``; returns the store's path."""
+    and extract its store ``out/features.h5`` with ``extract_options`` from the items of ``store`` (the cache-only
+    store: its items and labels, corrections included, ``heads.records.store_source``; without it, all of
+    ``data``); returns the store's path."""
     from ..encode.backbones import register_finetuned, write_entry
     from ..extract.launch import extract_features
+    from ..heads.records import store_source
 
     name = f"{backbone}_ft"
     write_entry(out, name, backbone, "weights.pth")
     register_finetuned(name, backbone, out / "weights.pth")
-    extract_features(data, out / "features.h5", name, progress=progress, **extract_options)
+    items = data if store is None else store_source(store, data)
+    extract_features(items, out / "features.h5", name, progress=progress, **extract_options)
     return out / "features.h5"
 
 
