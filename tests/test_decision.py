@@ -283,7 +283,7 @@ def test_the_fine_tuned_heads_are_candidates_of_the_verdict_stage(tmp_path, cach
         result = result_with(truth, start, epochs)
         return types.SimpleNamespace(**vars(result), cache_seconds=0.0, train_ids=["a", "b"])
 
-    def adopt(backbone, out, data, extract_options, progress):
+    def adopt(backbone, out, data, extract_options, progress, store=None):
         return synthetic_store(out / "features.h5", f"{backbone}_ft", separation=3.0, seed=1)
 
     monkeypatch.setitem(sys.modules, "featurestore.transfer.finetune", types.SimpleNamespace(finetune=finetune))
