@@ -171,15 +171,15 @@ def test_the_audit_lists_the_copies_and_without_the_files_falls_back_to_the_feat
     store = FeatureStore(leaky_images["store"])
     paths = [str(p) for split in store.splits for p in store.paths(split)]
     graph = neighbour_graph(np.concatenate([store.load(s, np.float32)[0] for s in store.splits]), 20)
-    found = store_near_duplicates(store, paths, graph)
+    found = store_near_duplicates(store, graph)
     listed = {tuple(sorted((paths[a], paths[b]))) for a, b in found.pairs}
     assert found.rule == "pixels" and found.threshold == NEAR_DUPLICATE_SIMILARITY["image"]
     assert {tuple(sorted(pair)) for pair in leaky_images["planted"].items()} <= listed
 
     elsewhere = tmp_path / "moved"
     shutil.copytree(leaky_images["images"], elsewhere)
-    assert store_near_duplicates(store, paths, graph, data=elsewhere).rule == "pixels"
-    fallback = store_near_duplicates(store, paths, graph, data=tmp_path / "nowhere")
+    assert store_near_duplicates(store, graph, data=elsewhere).rule == "pixels"
+    fallback = store_near_duplicates(store, graph, data=tmp_path / "nowhere")
     assert fallback.rule == "features" and any("features' cosine" in line for line in warnings)
 
 

@@ -223,20 +223,14 @@ def feature_matches(queries: np.ndarray, references: np.ndarray, threshold: floa
     return best_matches(*feature_candidates(queries, references, 1), threshold)
 
 
-def item_files(store: FeatureStore, paths: Sequence[str], data: str | Path | None = None) -> list[Path]:
-    """The files behind the rows' ``paths`` (as the store records them): under ``data`` when given, else the store's
-    recorded source folder. Raises :class:`DataError` saying why they cannot be read (no recorded source, a folder
-    or a file missing)."""
-    folder = Path(data) if data is not None else store.source_folder()
-    if folder is None:
-        raise DataError(f"{store.path}: records no data source, so its items cannot be compared")
-    if folder.is_file():
-        folder = folder.parent  # a manifest: the rows' paths start from its folder
-    files = [folder / path for path in paths]
-    missing = next((file for file in files if not file.is_file()), None)
-    if missing is not None:
-        raise DataError(f"{missing}: not found (an item of {store.path}), so its items cannot be compared")
-    return files
+def item_files(store: FeatureStore, splits: Sequence[str], data: str | Path | None = None) -> list[Path]:
+    """The files behind the rows of ``splits`` of ``store``, split after split in row order, from its recorded source
+    (``data`` instead when given), each checked against its content id as every reader of a store's items checks them
+    (``heads.records.store_records``, as :func:`.texts.store_texts` reads documents). Raises
+    :class:`FeaturestoreError` saying why they cannot be read (no recorded source, a file missing or changed)."""
+    from ..heads.records import store_records
+
+    return [record.path for split in splits for record in store_records(store, split, data)]
 
 
 def fallback_warning(problem: Exception, kind: str) -> None:
@@ -244,17 +238,18 @@ def fallback_warning(problem: Exception, kind: str) -> None:
                 ", which finds exact copies, re-saves and upscales only" if kind == "image" else "")
 
 
-def store_near_duplicates(store: FeatureStore, paths: Sequence[str], graph: NeighbourGraph,
-                          threshold: float | None = None, data: str | Path | None = None) -> NearDuplicates:
-    """Every near-duplicate pair among the rows of ``store`` (all splits, in the store's order: ``paths`` (N,) as the
-    store records them, the rows of the features' neighbour ``graph``), by its modality's rule (module docstring):
+def store_near_duplicates(store: FeatureStore, graph: NeighbourGraph, threshold: float | None = None,
+                          data: str | Path | None = None) -> NearDuplicates:
+    """Every near-duplicate pair among the rows of ``store`` (all splits, in the store's order: the rows of the
+    features' neighbour ``graph``), by its modality's rule (module docstring):
     the items read under ``data``, else where the store records its source; where they cannot be read, the
     features' cosine (a warning says why). ``threshold``: the rule's (default: the modality's)."""
     kind = modality(store)
     limit = NEAR_DUPLICATE_SIMILARITY[kind] if threshold is None else threshold
     try:
         if kind == "image":
-            return NearDuplicates(*image_near_duplicates(item_files(store, paths, data), limit), "pixels", limit)
+            return NearDuplicates(*image_near_duplicates(item_files(store, store.splits, data), limit), "pixels",
+                                  limit)
         from .texts import store_texts
 
         texts = [text for split in store.splits for text in store_texts(store, split, data)]
@@ -305,9 +300,7 @@ def rule_matches(store: FeatureStore, split: str, references: Sequence[str], dat
     """:func:`image_matches` or :func:`text_matches` of the items of ``split`` with those of ``references``, in
     their order. Raises :class:`FeaturestoreError` when the items cannot be read."""
     if modality(store) == "image":
-        ref_paths = [p for s in references for p in store.paths(s)]
-        return image_matches(item_files(store, store.paths(split), data), item_files(store, ref_paths, data),
-                             threshold)
+        return image_matches(item_files(store, [split], data), item_files(store, references, data), threshold)
     from .texts import store_texts
 
     return text_matches(store_texts(store, split, data), [t for s in references for t in store_texts(store, s, data)],

@@ -146,7 +146,7 @@ def run_audit(store: FeatureStore, out_dir: Path, settings: dict) -> dict:
         issues.order, rows.paths, rows.splits, rows.labels, issues.suggested, issues.scores, issues.is_issue,
         rows.class_names))
     lap("label_issues")
-    found = store_near_duplicates(store, rows.paths, graph, settings["near_duplicate_similarity"])
+    found = store_near_duplicates(store, graph, settings["near_duplicate_similarity"])
     pairs, similarities = found.pairs, found.similarities
     reports.write_csv(out_dir / reports.NEAR_DUPLICATES,
                       reports.duplicate_rows(pairs, similarities, rows.paths, rows.splits))
@@ -167,14 +167,14 @@ def run_audit(store: FeatureStore, out_dir: Path, settings: dict) -> dict:
     lap("map")
     flagged = (issues.is_issue | duplicated)[sample]
     shown = np.sort(np.concatenate([sample[flagged], sample[~flagged]])[:PREVIEW_MAX_ROWS])  # the flagged first
-    previews = dict(zip(shown.tolist(), item_previews(store, rows.splits, rows.paths, shown), strict=True))
+    top = issues.order[:GALLERY_ITEMS]
+    previewed = np.union1d(shown, top)  # the items are read once, for the page and the gallery
+    previews = dict(zip(previewed.tolist(), item_previews(store, rows.splits, rows.paths, previewed), strict=True))
+    on_page = set(shown.tolist())
     write_map_page(out_dir / reports.MAP_PAGE, coordinates, rows.labels[sample], issues.suggested[sample],
                    rows.class_names, rows.splits[sample], rows.paths[sample], issues.is_issue[sample],
-                   duplicated[sample], [previews.get(row) for row in sample.tolist()], title)
-    top = issues.order[:GALLERY_ITEMS]
-    top_previews = [previews.get(row) for row in top.tolist()]
-    if any(preview is None for preview in top_previews):
-        top_previews = item_previews(store, rows.splits, rows.paths, top)
+                   duplicated[sample], [previews[row] if row in on_page else None for row in sample.tolist()], title)
+    top_previews = [previews[row] for row in top.tolist()]
     draw_gallery(top_previews, issue_captions(top, rows.paths, rows.labels, issues.suggested, rows.class_names),
                  out_dir / reports.ISSUE_GALLERY, f"{store.path.name}: the {len(top)} most likely label issues")
     lap("pages")
