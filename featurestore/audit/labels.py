@@ -241,14 +241,10 @@ def neighbour_vote(graph: NeighbourGraph, labels: np.ndarray, n_classes: int,
                    temperature: float = KNN_TEMPERATURE) -> np.ndarray:
     """(N, n_classes) float64: each row's neighbours' given labels, weighted by ``exp(similarity / temperature)``
     and normalised to sum 1 (uniform for a row with no neighbour). ``labels`` (N,) int64 of the graph's rows."""
-    indices, similarities = graph.indices, graph.similarities.astype(np.float64)
-    valid = indices >= 0
-    top = np.where(valid, similarities, -np.inf).max(axis=1, initial=-np.inf, keepdims=True)
-    weights = np.where(valid, np.exp((similarities - np.where(np.isfinite(top), top, 0)) / temperature), 0.0)
-    cells = np.arange(len(labels))[:, None] * n_classes + labels[np.where(valid, indices, 0)]
-    votes = np.bincount(cells.ravel(), weights.ravel(), minlength=len(labels) * n_classes).reshape(-1, n_classes)
-    totals = votes.sum(axis=1, keepdims=True)
-    return np.where(totals > 0, votes / np.where(totals > 0, totals, 1), 1.0 / n_classes)
+    from ..heads.knn import vote  # the kNN head's vote: one weighting for the head and the audit
+
+    valid = graph.indices >= 0
+    return vote(graph.similarities, labels[np.where(valid, graph.indices, 0)], n_classes, temperature, valid)
 
 
 def rank_label_issues(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -60,15 +60,22 @@ def nearest(similarities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1).astype(np.int64)
 
 
-def vote(values: np.ndarray, labels: np.ndarray, n_classes: int, temperature: float) -> np.ndarray:
-    """Class probabilities (N, n_classes) float64 from each query's neighbours: similarities ``values`` (N, k)
-    descending and the neighbours' ``labels`` (N, k) int in [0, n_classes). Weights ``exp((s - s_max) / T)``: the
-    shift by the nearest neighbour's similarity cancels in the normalisation and keeps small T from overflowing."""
-    weights = np.exp((values.astype(np.float64) - values[:, :1]) / temperature)
+def vote(values: np.ndarray, labels: np.ndarray, n_classes: int, temperature: float,
+         valid: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities (N, n_classes) float64 from each query's neighbours: similarities ``values`` (N, k) and
+    the neighbours' ``labels`` (N, k) int in [0, n_classes); ``valid`` (N, k) bool, the neighbours that count
+    (default all; a row with none gets the uniform vote: the audit's graph pads short lists). Weights
+    ``exp((s - s_max) / T)``: the shift by the nearest neighbour's similarity cancels in the normalisation and keeps
+    small T from overflowing."""
+    values = values.astype(np.float64)
+    valid = np.ones(values.shape, bool) if valid is None else valid
+    top = np.where(valid, values, -np.inf).max(axis=1, initial=-np.inf, keepdims=True)
+    weights = np.where(valid, np.exp((values - np.where(np.isfinite(top), top, 0)) / temperature), 0.0)
     n = len(values)
-    cells = (np.arange(n)[:, None] * n_classes + labels).ravel()
+    cells = (np.arange(n)[:, None] * n_classes + np.where(valid, labels, 0)).ravel()
     votes = np.bincount(cells, weights.ravel(), minlength=n * n_classes).reshape(n, n_classes)
-    return votes / votes.sum(axis=1, keepdims=True)
+    totals = votes.sum(axis=1, keepdims=True)
+    return np.where(totals > 0, votes / np.where(totals > 0, totals, 1), 1.0 / n_classes)
 
 
 def search(queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
