@@ -40,7 +40,8 @@ repro: install data
 # curves-cpu runs every other method, the small CNN from scratch included (about 30 minutes here, the small CNN's five
 # budgets 11 of them), and curves-texts the whole text curve.
 IMAGE_CURVE := $(BIN)/python pipelines/curve.py fashion_mnist --params configs/curve-images.yaml \
-	--features data/features/fashion_mnist.h5 --data data/prepared --out docs/curves/efficientnet_lite0
+	--features data/features/fashion_mnist.h5 --layers data/layers/fashion_mnist --data data/prepared \
+	--out docs/curves/efficientnet_lite0
 TEXT_CURVE := $(BIN)/python pipelines/curve.py bbc_news --params configs/curve-texts.yaml \
 	--features data/features/bbc_news.h5 --data data/prepared_text --out docs/curves/minilm_l6
 
@@ -55,7 +56,7 @@ curves-texts: repro
 # --merge: the methods run here replace their own points and keep the others' (the GPU's from-scratch lines).
 curves-cpu: repro
 	$(TEXT_CURVE) --methods tfidf linear_probe probe_finetune --merge
-	$(IMAGE_CURVE) --methods small_cnn pixels linear_probe probe_finetune --merge
+	$(IMAGE_CURVE) --methods small_cnn pixels linear_probe multilayer probe_finetune --merge
 
 # ruff, and the architecture's import contracts (pyproject.toml [tool.importlinter]: layers, no cycles).
 lint: install

@@ -21,6 +21,7 @@ from .configs import (
     FINETUNE_DEFAULTS,
     FINETUNE_METHODS,
     HEADS,
+    LAYER_CHOICES,
     LONG_DOCUMENT_MODES,
     MIN_IMAGE_SIZE,
     NORMALIZATIONS,
@@ -193,6 +194,10 @@ def _extract_parser(sub) -> None:
                         "of each class's items into val (stratified, seeded, recorded in the store)")
     p.add_argument("--test-fraction", type=float, default=0.0, help="the same for a missing test split")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the val/test draw")
+    p.add_argument("--layers", choices=LAYER_CHOICES, default="penultimate",
+                   help="penultimate: the features the classifier reads; all: the pooled output of every stage "
+                        "(stem, each block, head) of an image backbone, for `train-head --head multilayer` "
+                        "(a store of its own: write it beside the penultimate one, e.g. <name>.layers.h5)")
     p.add_argument("--exclude", metavar="CSV", help="a corrections file (columns path[,label]: an empty label leaves "
                    "the item out, a class name relabels it), e.g. from `featurestore audit`; applied before the store "
                    "is written and recorded in it, nothing re-encoded")
@@ -389,6 +394,8 @@ def _curve_parser(sub) -> None:
                    help="score a test split that shares items with train/val (refused by default: a leak)")
     p.add_argument("--weights", help="images, probe_finetune: the local checkpoint the store's features came from "
                                      "(a tv: or timm: backbone's file), if not the registry's")
+    p.add_argument("--layers", metavar="FILE.h5", help="method multilayer: the same items' `extract --layers all` "
+                                                       "store")
     add_config_options(p, FinetuneConfig, by_modality=FINETUNE_DEFAULTS)
     add_prefixed_options(p.add_argument_group("from-scratch baseline"), ScratchConfig, "scratch")
     add_prefixed_options(p.add_argument_group("small CNN from scratch (method small_cnn, images)"), SmallCNNConfig,

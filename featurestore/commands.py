@@ -127,6 +127,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         tokenization=text_tokenization(args),
         splits=SplitRule(args.val_fraction, args.test_fraction, args.split_seed),
         exclude=args.exclude,
+        layers=args.layers,
     )
     summary = extract_features(args.data, args.out, args.backbone, options=options)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports for the group
@@ -236,15 +237,18 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        chosen = ", ".join(f"{key}={value:.3g}" for key, value in head.settings.items())
+        from .heads.summary import shown_setting
+
+        chosen = ", ".join(f"{key}={shown_setting(value)}" for key, value in head.settings.items())
         print(f"{args.out}: {head.name}, {chosen} (best validation accuracy {summary['best_val_accuracy']:.4f} "
               f"over {len(head.sweep)} settings), trained in {head.train_seconds:.1f} s")
     return 0
 
 
 def train_challenger(args: argparse.Namespace) -> int:
-    """``train-head --head baseline | hybrid``: the verdict's challenger fitted on the store's items (settings chosen
-    on val, refitted on train+val), saved as a model file that ``verdict`` weighs and ``export`` ships."""
+    """``train-head --head baseline | hybrid | small_cnn``: the verdict's challenger fitted on the store's items
+    (settings chosen on val, refitted on train+val but for the small CNN), saved as a model file that ``verdict``
+    weighs and ``export`` ships."""
     from .store.corrections import open_store
     from .transfer.best import fit_challenger
 
@@ -252,11 +256,14 @@ def train_challenger(args: argparse.Namespace) -> int:
         raise BadValueError(f"--name names encoder heads; a {args.head} model is named after its store's backbone")
     model = fit_challenger(args.head, open_store(args.features, args.exclude), data=args.data)
     model.save(args.out)
-    summary = {"out": str(args.out), "name": model.name, "kind": args.head, "C": model.C,
+    chosen = {"lr": model.lr} if args.head == "small_cnn" else {"C": model.C}
+    summary = {"out": str(args.out), "name": model.name, "kind": args.head, **chosen,
                "val_accuracy": model.val_accuracy, "n_train": model.n_train, "n_val": model.n_val}
+    fitted = (f"trained on {model.n_train} train items (its round and rate chosen on val)" if args.head == "small_cnn"
+              else f"refitted on {model.n_train} train+val items")
     print(json.dumps(summary) if args.json else
-          f"{args.out}: {model.name}, C={model.C:.3g} (validation accuracy {model.val_accuracy:.4f} on "
-          f"{model.n_val} items when fitted on train alone), refitted on {model.n_train} train+val items")
+          f"{args.out}: {model.name}, {', '.join(f'{k}={v:.3g}' for k, v in chosen.items())} (validation accuracy "
+          f"{model.val_accuracy:.4f} on {model.n_val} items when fitted on train alone), {fitted}")
     return 0
 
 
@@ -469,9 +476,11 @@ def cmd_curve(args: argparse.Namespace) -> int:
         scratch=ScratchConfig(**{f.name: getattr(args, "scratch_" + f.name) for f in fields(ScratchConfig)}),
         probe=replace(CURVE_HEAD, normalize=args.normalize),
         small_cnn=SmallCNNConfig(**{f.name: getattr(args, "small_cnn_" + f.name) for f in fields(SmallCNNConfig)}),
-        setfit=setfit_config(args), device=args.device, allow_overlap=args.allow_overlap, weights=args.weights)
+        setfit=setfit_config(args), device=args.device, allow_overlap=args.allow_overlap, weights=args.weights,
+        layers=args.layers)
     result = run_curve(store, args.data, args.out, options, progress=not args.no_progress)
-    print(json.dumps(result) if args.json else accuracy_table(result["points"]), end="" if not args.json else "\n")
+    table = accuracy_table(result["points"], result.get("picks", []))
+    print(json.dumps(result) if args.json else table, end="" if not args.json else "\n")
     return 0
 
 

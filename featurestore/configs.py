@@ -15,18 +15,20 @@ import numpy as np
 from .errors import BadValueError, FeaturestoreError
 from .utils.validation import check_choice, check_range
 
-HEADS = ("logreg", "linear_svm", "svm_rbf", "sgd_logreg", "knn")
+HEADS = ("logreg", "linear_svm", "svm_rbf", "sgd_logreg", "knn", "multilayer")
 # The verdict's models fitted on a store's items without (or beside) its encoder: `train-head --head` fits them too.
-CHALLENGERS = ("baseline", "hybrid")
+CHALLENGERS = ("baseline", "hybrid", "small_cnn")
 NORMALIZATIONS = ("standard", "l2", "none")
 ENGINE_CHOICES = ("auto", "torch", "onnxruntime")
+LAYER_CHOICES = ("penultimate", "all")  # extract --layers: encode.backbones.layers
+KEEP_ROUNDS = ("best", "last")  # SmallCNNConfig.keep_round
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 STORE_DTYPES = ("float32", "float16")
 ON_ERROR_CHOICES = ("skip", "fail")
 ON_DUPLICATE_CHOICES = ("warn", "error", "keep")
 FINETUNE_MODES = ("auto", "always", "never")
-CURVE_METHODS = ("scratch", "small_cnn", "pixels", "linear_probe", "knn", "probe_finetune")
-TEXT_CURVE_METHODS = ("tfidf", "linear_probe", "knn", "probe_finetune", "setfit", "scratch")
+CURVE_METHODS = ("scratch", "small_cnn", "pixels", "linear_probe", "knn", "multilayer", "probe_finetune")
+TEXT_CURVE_METHODS = ("tfidf", "linear_probe", "knn", "multilayer", "probe_finetune", "setfit", "scratch")
 ALL_CURVE_METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS))
 # What a curve runs unless told otherwise: everything but the from-scratch network, which takes hours on a CPU.
 DEFAULT_CURVE_METHODS = {"image": ("pixels", "linear_probe", "probe_finetune"),
@@ -50,6 +52,8 @@ def option(default, help: str, choices: tuple | None = None):
 HEAD_SWEEP_DEFAULTS = {"c_min": 1e-6, "c_max": 1e5, "c_points": 34, "max_iter": 300}
 HEAD_DEFAULTS: dict[str, dict] = {
     "sgd_logreg": {"c_min": 1e-2, "c_max": 1e2, "c_points": 5, "max_iter": 5},
+    # per candidate set of layers (heads/multilayer.py); the per-layer weighting puts the best C inside this range
+    "multilayer": {"c_min": 1e-4, "c_max": 1e2, "c_points": 13},
 }
 
 
@@ -70,7 +74,8 @@ class HeadConfig:
 
     head: str = option("logreg", "the head: multinomial logistic regression, linear SVM, RBF SVM, logistic "
                                  "regression by SGD streamed from the store (memory independent of its size), or a "
-                                 "weighted vote of the k nearest train rows by cosine (k and temperature on val)",
+                                 "weighted vote of the k nearest train rows by cosine (k and temperature on val), or "
+                                 "logistic regression on the layers of an `extract --layers all` store chosen on val",
                        HEADS)
     normalize: str = option("standard", "feature standardisation, L2 normalisation, or none", NORMALIZATIONS)
     c_min: float | None = option(None, f"smallest C of the sweep ({_per_head('c_min')})")
@@ -100,6 +105,8 @@ class HeadConfig:
 
 # The learning curve's probe (and the plateau rule's): a coarser C grid, one sweep per budget.
 CURVE_HEAD = HeadConfig(head="logreg", c_points=12)
+# Their multilayer head (heads/multilayer.py): its own grid (HEAD_DEFAULTS), per candidate set of layers.
+CURVE_MULTILAYER = HeadConfig(head="multilayer")
 
 
 FINETUNE_SCHEDULES = ("fixed", "gradual")
@@ -243,6 +250,9 @@ class SmallCNNConfig:
     augment: bool = option(False, "random shifts (zero padding) and horizontal flips")
     shift: int = option(2, "largest random shift in pixels")
     seed: int = option(0, "random seed (initial weights, batch order, augmentation)")
+    keep_round: str = option("best", "best: each rate's best validation round is kept (the curve's line); last: its "
+                                     "last (the deployable model, train-head --head small_cnn: a validation score "
+                                     "chosen among 3 rates, not 90 rounds)", KEEP_ROUNDS)
     threads: int = option(0, "torch CPU threads while it trains (0: torch's default); on a 2-core machine shared "
                              "with other jobs one thread was 3-7× faster than two")
 
@@ -251,6 +261,7 @@ class SmallCNNConfig:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         if not self.lrs or not self.widths:
             raise BadValueError("small_cnn needs at least one learning rate and one block")
+        check_choice("keep_round", self.keep_round, KEEP_ROUNDS)
         for lr in self.lrs:
             check_range("small_cnn lr", lr, 0, low_open=True)
         for width in self.widths:
@@ -280,7 +291,9 @@ class CurveOptions:
     """Everything a learning curve (``transfer/curve.py``, ``run_curve``) is told: the label budgets (labels per
     class), the methods (None or empty: the modality's :data:`DEFAULT_CURVE_METHODS`), each method's settings,
     the device, whether a test split that shares items with train or val is scored, and the local checkpoint an
-    image store was extracted with (``weights``: where image fine-tuning starts; None: the registry's).
+    image store was extracted with (``weights``: where image fine-tuning starts; None: the registry's), and the
+    store's layer store (``layers``: the ``multilayer`` method's features, the same items extracted with
+    ``--layers all``).
 
     Built once by its caller: from the command line (``commands.cmd_curve``) or from params.yaml
     (:meth:`from_params`, ``pipelines/curve.py``)."""
@@ -295,6 +308,7 @@ class CurveOptions:
     device: str = "auto"
     allow_overlap: bool = False
     weights: str | Path | None = None
+    layers: str | Path | None = None  # the store's `extract --layers all` store: the multilayer line's features
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budgets", tuple(int(b) for b in self.budgets))  # YAML and the CLI give lists

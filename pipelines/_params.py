@@ -119,11 +119,25 @@ def store_settings(section: str, store: str) -> dict:
     return {**settings, **(entry.get(section) or {})}
 
 
-def stage_arguments(doc: str, positional: tuple[str, ...], paths: dict[str, str]) -> argparse.Namespace:
-    """The stage's arguments: ``positional`` names (a store, a head) and ``--<path>`` options, all required."""
+def stage_arguments(doc: str, positional: tuple[str, ...], paths: dict[str, str],
+                    optional: dict[str, str] | None = None) -> argparse.Namespace:
+    """The stage's arguments: ``positional`` names (a store, a head) and ``--<path>`` options, all required, and the
+    ``optional`` ``--<name>`` values (a string, None when not given)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     for name in positional:
         parser.add_argument(name)
     for name, help_text in paths.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=Path, required=True, help=help_text)
+    for name, help_text in (optional or {}).items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=help_text)
     return parser.parse_args()
+
+
+LAYER_STORE = "features.h5"  # inside data/layers/<store>/: the store's --layers all features, when it has them
+
+
+def layer_store(store: str, folder: Path) -> Path | None:
+    """The store's layer store in ``folder`` (``extract_layers``'s output), None where ``stores.<store>.layers`` is not
+    ``all`` (the folder then holds only its status.json)."""
+    path = folder / LAYER_STORE
+    return path if store_entry(store).get("layers", "penultimate") == "all" and path.is_file() else None

@@ -1,9 +1,9 @@
-"""DVC stages `baseline@<store>` and `hybrid@<store>`: a challenger of the verdict fitted without the encoder
-(baseline: TF-IDF for texts, raw pixels for images, + logistic regression) or beside it (hybrid, texts: [w x
-embedding, TF-IDF] + logistic regression), on the items of the store's train split, its settings chosen on val →
-OUT/<kind>.skops, its metrics on `evaluate.split` (OUT/metrics.json) and OUT/status.json
-(featurestore.transfer.best.run_challenger_stage). ``deploy.<kind>`` turns it off (the status then says so, and the
-verdict weighs the heads alone)."""
+"""DVC stages `baseline@<store>`, `hybrid@<store>` and `small_cnn@<store>`: a challenger of the verdict fitted
+without the encoder (baseline: TF-IDF for texts, raw pixels for images, + logistic regression; small_cnn, images: a
+small CNN from scratch) or beside it (hybrid, texts: [w x embedding, TF-IDF] + logistic regression), on the items of
+the store's train split, its settings chosen on val → OUT/<kind>.skops, its metrics on `evaluate.split`
+(OUT/metrics.json) and OUT/status.json (featurestore.transfer.best.run_challenger_stage). ``deploy.<kind>`` turns it
+off (the status then says so, and the verdict weighs the heads alone)."""
 
 import json
 

@@ -52,13 +52,18 @@ def check_leaks(audits: Path, stores: list[str], split: str, refuse: bool) -> No
 if __name__ == "__main__":
     args = stage_arguments(__doc__, (), {"reports": "the reports folder",
                                          "finetune_heads": "the fine-tuned heads' stages' folder",
-                                         "challengers": "the challengers' folder", "verdicts": "the verdicts' folder"})
+                                         "challengers": "the challengers' folder", "verdicts": "the verdicts' folder",
+                                         "multilayer": "the train_multilayer stages' folder"})
     stores = list(load_params("stores"))
     heads = load_params("train_head")["heads"]
     evaluate = load_params("evaluate")
     split = evaluate["split"]
     check_leaks(args.reports / "audit", stores, split, bool(evaluate.get("refuse_near_duplicates", False)))
     results = read_head_metrics(args.reports, [f"{s}__{h}" for s in stores for h in heads])
+    for name in stores:  # the train_multilayer stages' heads, where a store keeps its layers
+        report = args.multilayer / name / "heads" / f"{name}__multilayer.json"
+        if report.is_file():
+            results[f"{name}__multilayer"] = json.loads(report.read_text())
     finetuned_out = args.reports / "finetuned"
     finetuned_out.mkdir(parents=True, exist_ok=True)
     finetuned = [p for s in stores for h in heads

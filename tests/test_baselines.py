@@ -88,9 +88,12 @@ def test_scratch_starts_from_random_weights_and_trains_every_layer(fashion_folde
 
 @pytest.mark.slow
 def test_the_curve_trains_every_image_method_per_budget(fashion_folder_master, tmp_path, lite0_small):
-    store = tmp_path / "f.h5"
+    store, layers = tmp_path / "f.h5", tmp_path / "f.layers.h5"
     extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
+    extract_features(fashion_folder_master, layers, layers="all", image_size=lite0_small.preprocessing.image_size,
+                     crop_pct=1.0, workers=0, progress=False)  # the multilayer line's store
     options = CurveOptions(budgets=[1, 2], methods=CURVE_METHODS,  # the default leaves the from-scratch networks out
+                           layers=layers,
                            finetune=FinetuneConfig(unfreeze_blocks=1, epochs=1, batch_size=8, workers=0),
                            scratch=ScratchConfig(steps=4, image_size=32, batch_size=8, workers=0), device="cpu",
                            small_cnn=SmallCNNConfig(lrs=(3e-3,), widths=(8,), hidden=16, rounds=2, round_images=20,

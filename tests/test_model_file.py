@@ -315,6 +315,12 @@ def _fitted(config: HeadConfig) -> Pipeline:
         from featurestore.heads.knn import KNNClassifier
 
         return KNNClassifier(k=3).fit(*_features())
+    if config.head == "multilayer":  # two layers' columns, each scaled by its width
+        from featurestore.heads.multilayer import build_multilayer
+
+        X, y = _features()
+        half = X.shape[1] // 2
+        return build_multilayer([["stem", 0, half], ["head", half, X.shape[1] - half]], 0.5, 100).fit(X, y)
     if config.head != "sgd_logreg":
         return build_estimator(config, 0.5).fit(*_features())
     from sklearn.linear_model import SGDClassifier

@@ -82,8 +82,8 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     assert undeclared_params_reads(project, reads) == {}
     stages = set(re.findall(r"Running stage '([^']+)'", first))
     for name in STORES:
-        for stage in ("extract", "audit", "plateau", "finetune", "curve", "baseline", "hybrid", "verdict", "export",
-                      "predict"):
+        for stage in ("extract", "extract_layers", "audit", "train_multilayer", "plateau", "finetune", "curve",
+                      "baseline", "hybrid", "small_cnn", "verdict", "export", "predict"):
             assert f"{stage}@{name}" in stages
         assert {f"train_head@{name}-logreg", f"train_head@{name}-linear_svm",
                 f"train_head_ft@{name}-linear_svm"} <= stages
@@ -141,7 +141,18 @@ def test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun
     curve = json.loads((project / "data" / "reports" / "curve" / "bbc_news" / "curve.json").read_text())
     assert {p["method"] for p in curve["points"]} == {"tfidf", "linear_probe"}
     image_curve = json.loads((project / "data" / "reports" / "curve" / "fashion_mnist" / "curve.json").read_text())
-    assert {p["method"] for p in image_curve["points"]} == {"pixels", "linear_probe", "knn", "probe_finetune"}
+    assert {p["method"] for p in image_curve["points"]} == {"pixels", "linear_probe", "knn", "multilayer",
+                                                           "probe_finetune"}
+    assert [p["labels_per_class"] for p in image_curve["picks"]] == [1, 2]
+    # the image store keeps its layers (stores.fashion_mnist.layers: all), the text store none: a status says so
+    assert sorted(p.name for p in (project / "data" / "layers" / "fashion_mnist").iterdir()) == [
+        "features.h5", "status.json"]
+    assert [p.name for p in (project / "data" / "layers" / "bbc_news").iterdir()] == ["status.json"]
+    assert not (project / "data" / "multilayer" / "bbc_news" / "multilayer.skops").exists()
+    image_verdict = json.loads((project / "data" / "verdict" / "fashion_mnist" / "verdict.json").read_text())
+    assert image_verdict["candidates"]["fashion_mnist__multilayer"]["kind"] == "encoder"
+    plateau = json.loads((project / "data" / "plateau" / "fashion_mnist.json").read_text())
+    assert set(plateau["curves"]) == {"linear_probe", "multilayer"} and plateau["line"] in plateau["curves"]
     assert (project / "data" / "reports" / "figures" / "bbc_news__logreg_confusion.png").is_file()
     # metrics and reports name files relative to the project: `dvc metrics diff` between clones is not noise
     for report in (project / "data").rglob("*.json"):

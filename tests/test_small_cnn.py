@@ -159,6 +159,8 @@ def test_the_curve_records_the_line_with_its_convergence_evidence(fashion_folder
     assert saved["points"] == result["points"] and saved["small_cnn"]["lrs"] == [1e-3, 3e-3]
     points = {(p["labels_per_class"], p["method"]): p for p in saved["points"]}
     assert set(points) == {(b, m) for b in (1, 2) for m in ("linear_probe", "small_cnn")}
+    # the pick per budget: the transfer line best on val, here the one transfer line run
+    assert [(p["labels_per_class"], p["picked"]) for p in saved["picks"]] == [(1, "linear_probe"), (2, "linear_probe")]
     for budget in (1, 2):
         point, probe = points[(budget, "small_cnn")], points[(budget, "linear_probe")]
         assert point["train_ids"] == probe["train_ids"] and point["n_train"] == 10 * budget  # the probe's images
@@ -199,3 +201,52 @@ def test_the_curve_command_refuses_small_cnn_on_a_text_store(tmp_path):
                              capture_output=True, text=True)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1 and "small_cnn" in lines[0] and "texts" in lines[0], lines
+
+
+def test_the_small_cnn_is_a_candidate_saved_exported_and_predicted_like_any_model(fashion_folder_master, tmp_path,
+                                                                                 lite0_small):
+    """Where it ran, the small CNN is a model file the verdict weighs and export ships: fitted on the store's rows
+    (each rate's last round, as the pipeline's stage keeps it), its val answers its own, its graph equal to Python."""
+    from featurestore import FeatureStore
+    from featurestore.deploy.deployment import export_model
+    from featurestore.deploy.predict import predict
+    from featurestore.extract.launch import extract_features
+    from featurestore.heads.baseline import decode_pixels
+    from featurestore.heads.model_file import load_model, model_kind
+    from featurestore.heads.train import train_head
+    from featurestore.transfer.best import fit_challenger, verdict
+
+    store = tmp_path / "f.h5"
+    extract_features(fashion_folder_master, store, model=lite0_small, workers=0, progress=False)
+    config = SmallCNNConfig(**{**vars(TINY), "keep_round": "last"})
+    model = fit_challenger("small_cnn", store, small_cnn=config, name="demo")
+    assert model.name == "demo__small_cnn" and model.n_train == 20 and model.n_val == 10
+    assert set(model.val_answers) == set(FeatureStore(store).ids("val").tolist())
+    assert model.val_accuracy == np.mean(list(model.val_answers.values()))
+    model.save(tmp_path / "cnn.skops")
+    assert model_kind(tmp_path / "cnn.skops") == "small_cnn"
+    loaded = load_model(tmp_path / "cnn.skops")
+    test = [r for r in scan_source(fashion_folder_master).records if r.split == "test"]
+    images = decode_pixels(test)
+    np.testing.assert_array_equal(loaded.predict_proba(images), model.predict_proba(images))
+    report = export_model(tmp_path / "cnn.skops", tmp_path / "cnn.onnx")
+    assert report["kind"] == "small_cnn" and report["check"]["labels_equal"]
+    assert report["check"]["max_probability_diff"] < 1e-4
+    summary = predict(tmp_path / "cnn.onnx", fashion_folder_master, tmp_path / "p.csv", split="test", progress=False,
+                      workers=0)
+    assert summary.accuracy == pytest.approx(float(np.mean(model.predict(images) == [r.label for r in test])))
+    head = train_head(store)
+    head.save(tmp_path / "logreg.skops")
+    result = verdict([tmp_path / "logreg.skops", tmp_path / "cnn.skops"])
+    assert result["candidates"]["demo__small_cnn"]["kind"] == "small_cnn"
+    assert result["candidates"]["demo__small_cnn"]["val"] == model.val_accuracy
+
+
+def test_keep_round_last_keeps_the_last_rounds_weights(fashion50):
+    source = scan_source(fashion50)
+    train, val = (grey_pixels(split(source, name), 28) for name in ("train", "val"))
+    network, run = fit_small_cnn(train, val, 10, 3e-3, SmallCNNConfig(**{**vars(TINY), "keep_round": "last"}))
+    assert run.best_round == TINY.rounds
+    assert evaluate(network, *val)[1] == run.history[-1]["val_accuracy"]
+    with pytest.raises(BadValueError, match="keep_round"):
+        SmallCNNConfig(keep_round="first")

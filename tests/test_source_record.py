@@ -159,7 +159,8 @@ def test_the_evaluate_stage_scores_baseline_and_hybrid_on_a_csv_manifest_store(t
                       data / "verdict" / "minilm_l6")
     result = subprocess.run([sys.executable, str(project / "pipelines" / "evaluate.py"), "--reports", reports,
                              "--finetune-heads", data / "finetune_heads", "--challengers", data / "challengers",
-                             "--verdicts", data / "verdict"], capture_output=True, text=True)
+                             "--verdicts", data / "verdict", "--multilayer", data / "multilayer"],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((reports / "metrics.json").read_text())
     assert {"minilm_l6__logreg", "minilm_l6__tfidf_logreg", "minilm_l6__hybrid"} <= set(metrics)

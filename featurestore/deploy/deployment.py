@@ -40,16 +40,18 @@ def deployed_model(record: str | Path) -> Path:
 
 def export_model(path: str | Path, out: str | Path, **options) -> dict:
     """Export whatever deployable model ``path`` holds: a baseline (``baseline_export.export_baseline_onnx``), a
-    hybrid head (``hybrid_export.export_hybrid_onnx``) or a head (``export.export_onnx``, which takes ``options``). The
-    baselines and the hybrid head take no options: their graphs have no encoder to quantise or halve."""
+    hybrid head (``hybrid_export.export_hybrid_onnx``), a small CNN (``cnn_export.export_small_cnn_onnx``) or a head
+    (``export.export_onnx``, which takes ``options``). The others take no options: their graphs have no pretrained
+    encoder to quantise or halve."""
     import inspect
 
     from ..heads.baseline import BASELINE_FORMAT, model_format
+    from ..heads.cnn import SMALL_CNN_FORMAT
     from ..heads.hybrid import HYBRID_FORMAT
     from .export import export_onnx
 
     kind = model_format(path)
-    if kind in (BASELINE_FORMAT, HYBRID_FORMAT):
+    if kind in (BASELINE_FORMAT, HYBRID_FORMAT, SMALL_CNN_FORMAT):
         defaults = {k: p.default for k, p in inspect.signature(export_onnx).parameters.items()}
         unsupported = sorted(k for k, v in options.items() if v != defaults.get(k))
         if unsupported:
@@ -59,6 +61,10 @@ def export_model(path: str | Path, out: str | Path, **options) -> dict:
             from .baseline_export import export_baseline_onnx
 
             return export_baseline_onnx(path, out)
+        if kind == SMALL_CNN_FORMAT:
+            from .cnn_export import export_small_cnn_onnx
+
+            return export_small_cnn_onnx(path, out)
         from .hybrid_export import export_hybrid_onnx
 
         return export_hybrid_onnx(path, out)

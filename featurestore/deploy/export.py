@@ -114,9 +114,9 @@ def linear_head_params(head: TrainedHead) -> LinearHeadParams:
     calibrated SVM the fold's one calibrator ``p1 = sigmoid(-(a·d + b))``, ``p0 = 1 - p1``, folded into the rows.
     """
     classify = head.estimator.named_steps["classify"]
-    if head.config.head in ("logreg", "sgd_logreg"):
+    if head.config.head in ("logreg", "sgd_logreg", "multilayer"):
         params = logreg_params(head.estimator)
-        if head.config.head == "logreg" or classify.coef_.shape[0] == 1:
+        if head.config.head in ("logreg", "multilayer") or classify.coef_.shape[0] == 1:
             return params
         k = params.weight.shape[1]  # sgd one-vs-rest: sigmoid(d) per class, normalised (a = -1, b = 0)
         return replace(params, calibration=(-np.ones((1, k)), np.zeros((1, k))))
@@ -208,8 +208,9 @@ def skl2onnx_head_graph(head: TrainedHead) -> onnx.ModelProto:
 def head_graph_of(head: TrainedHead) -> onnx.ModelProto:
     """The head's graph, ``head_features`` (N, D) → probabilities over the classes it saw, label: plain operators for
     the linear heads and the kNN head, skl2onnx for the RBF SVM."""
-    if head.config.head in ("logreg", "linear_svm", "sgd_logreg"):
-        return linear_head_graph(linear_head_params(head), head.feature_dim)
+    if head.config.head in ("logreg", "linear_svm", "sgd_logreg", "multilayer"):
+        params = linear_head_params(head)  # multilayer: on the chosen layers' columns only (the graph emits those)
+        return linear_head_graph(params, params.weight.shape[-1])
     if head.config.head == "knn":
         return knn_head_graph(head, HEAD_INPUT, ONNX_OPSET, HEAD_IR_VERSION)
     return skl2onnx_head_graph(head)
@@ -226,7 +227,8 @@ def backbone_for(head: TrainedHead, backbone: str | None = None, weights: str | 
     pre = fp["preprocessing"]
     spec = get_spec(backbone or fp["backbone"], search=(Path(head.store_path).parent,))
     checkpoint = recorded_weights(spec, fp["weights_sha256"], weights, built=f"head {head.name}")
-    model = load_backbone(spec, weights=checkpoint, image_size=pre["image_size"], crop_pct=pre["crop_pct"])
+    model = load_backbone(spec, weights=checkpoint, image_size=pre["image_size"], crop_pct=pre["crop_pct"],
+                          layers=[name for name, _ in fp["layers"]] if "layers" in fp else None)
     current = fingerprint_for(model, fp.get("dtype", "float32"), fp.get("compute") == "autocast-float16")
     changed = [key for key in changed_keys(fp, current) if key not in ("backbone",)]
     if changed or model.feature_dim != head.feature_dim:
@@ -235,6 +237,26 @@ def backbone_for(head: TrainedHead, backbone: str | None = None, weights: str | 
             f"({', '.join(changed) or 'feature width'} changed since extraction): re-extract and retrain the head"
         )
     return model.cpu().to(memory_format=torch.contiguous_format)
+
+
+def chosen_layers(model) -> list[str] | None:
+    """The layers a multilayer head chose (its ``settings["layers"]`` names, in column order); None for any other
+    model (a head of another kind, the hybrid head)."""
+    config = getattr(model, "config", None)
+    if config is None or config.head != "multilayer":
+        return None
+    return [entry[0] for entry in model.settings["layers"]]
+
+
+def graph_backbone(head: TrainedHead, model: FeatureModel) -> FeatureModel:
+    """The encoder the exported graph runs: ``model`` (:func:`backbone_for`'s), or for a multilayer head the same
+    network emitting exactly the layers the head chose, in its columns' order (``settings["layers"]``)."""
+    if not chosen_layers(head):
+        return model
+    pre = model.preprocessing
+    chosen = load_backbone(get_spec(model.name), weights=model.weights_path, image_size=pre.image_size,
+                           crop_pct=pre.crop_pct, layers=chosen_layers(head))
+    return chosen.cpu().to(memory_format=torch.contiguous_format)
 
 
 def spread_to_classes(head_graph: onnx.ModelProto, classes: np.ndarray, n_classes: int) -> onnx.ModelProto:
@@ -327,9 +349,9 @@ def image_parts(head: TrainedHead, backbone: str | None, weights: str | Path | N
                 sample_images: np.ndarray | None) -> EncoderParts:
     model = backbone_for(head, backbone, weights)
     images = sample_images if sample_images is not None else _sample_images(model.preprocessing.image_size)
-    with torch.inference_mode():
+    with torch.inference_mode():  # the store's features (every layer of a multi-layer store): the head's input
         features = model(torch.from_numpy(images)).numpy()
-    return EncoderParts(onnx.load(str(cached_feature_graph(model))), {"images": images}, features,
+    return EncoderParts(onnx.load(str(cached_feature_graph(graph_backbone(head, model)))), {"images": images}, features,
                         {"featurestore_modality": "image",
                          "featurestore_preprocessing": json.dumps(model.preprocessing.as_dict(), sort_keys=True)})
 
@@ -352,20 +374,22 @@ def text_parts(head: TrainedHead) -> EncoderParts:
     from ..encode.backbones import load_text_backbone
     from ..encode.fingerprint import changed_keys
     from ..encode.text_engines import cached_text_graph
-    from ..encode.texts import TextEncoder
+    from ..encode.text_layers import LayeredTextFeatureModel, sentence_encoder
 
     fp = head.fingerprint
     model = load_text_backbone(get_spec(fp["backbone"], search=(Path(head.store_path).parent,)))
     tokenization = Tokenization(**fp["tokenization"])
-    encoder = TextEncoder(model, tokenization, fp.get("dtype", "float32"))
+    encoder = sentence_encoder(model, tokenization, fp.get("dtype", "float32"),
+                               layers=[name for name, _ in fp["layers"]] if "layers" in fp else None)
     changed = changed_keys(fp, encoder.fingerprint())
     if changed:
         raise ExportError(f"text backbone {model.name} would not reproduce the features head {head.name} was trained "
                           f"on ({', '.join(changed)} changed since extraction): re-extract and retrain the head")
     ids, mask, _ = encoder.tokenizer(list(SAMPLE_TEXTS))
-    with torch.inference_mode():
-        features = model(ids, mask).numpy()
-    return EncoderParts(onnx.load(str(cached_text_graph(model))), {"input_ids": ids.numpy(),
+    with torch.inference_mode():  # the store's features (every layer of a multi-layer store): the head's input
+        features = encoder.model(ids, mask).numpy()
+    graph_model = LayeredTextFeatureModel(model, chosen_layers(head)) if chosen_layers(head) else encoder.model
+    return EncoderParts(onnx.load(str(cached_text_graph(graph_model))), {"input_ids": ids.numpy(),
                                                                   "attention_mask": mask.numpy()}, features,
                         {"featurestore_modality": "text",
                          "featurestore_tokenization": json.dumps(tokenization.as_dict(), sort_keys=True),

@@ -139,9 +139,12 @@ def graph_key(model: torch.nn.Module, identity: list[str], code: tuple[str, ...]
 
 
 def onnx_path_for(model: FeatureModel) -> Path:
-    """Where the cache keeps ``model``'s graph: keyed by name, weights hash, preprocessing, width and
+    """Where the cache keeps ``model``'s graph: keyed by name, weights hash, preprocessing, width (and the layers of
+    a multi-layer model) and
     :func:`graph_provenance` (with the common feature path and this module as code)."""
     identity = [model.name, model.weights_sha256, model.preprocessing.as_json(), str(model.feature_dim)]
+    if getattr(model, "layers", None):  # a LayeredFeatureModel: which layers it emits
+        identity.append(json.dumps(model.layers))
     digest = graph_key(model, identity, COMMON_FEATURE_MODULES + (__name__,))
     return cache_dir() / f"{model.name.replace(':', '_')}-{model.preprocessing.image_size}px-{digest}.onnx"
 

@@ -25,9 +25,13 @@ log = logging.getLogger("featurestore")
 
 
 def text_graph_path(model: TextFeatureModel) -> Path:
-    """Where the cache keeps ``model``'s graph: keyed by name, weights hash, width and ``engines.graph_provenance``
+    """Where the cache keeps ``model``'s graph: keyed by name, weights hash, width (and the layers of a multi-layer
+    model) and ``engines.graph_provenance``
     (with this module as code)."""
-    digest = graph_key(model, [model.name, model.weights_sha256, str(model.feature_dim)], (__name__,))
+    identity = [model.name, model.weights_sha256, str(model.feature_dim)]
+    if getattr(model, "layers", None):  # a LayeredTextFeatureModel: which layers it emits
+        identity.append(str(list(model.layers)))
+    digest = graph_key(model, identity, (__name__,))
     return cache_dir() / f"{model.name}-text-{digest}.onnx"
 
 

@@ -18,6 +18,7 @@ from ..encode.backbones import (
     load_text_backbone,
 )
 from ..encode.encoders import ImageEncoder
+from ..encode.text_layers import sentence_encoder
 from ..encode.texts import TextEncoder
 from ..errors import DataError
 from ..store.corrections import Corrections, read_corrections
@@ -55,7 +56,7 @@ def extract_features(data: str | Path | Source, out: str | Path, backbone: str =
         if options.tokenization is not None:
             raise DataError(f"{backbone} is an image backbone: text tokenization options do not apply to it")
         model = model or load_backbone(spec, weights=options.weights, image_size=options.image_size,
-                                       crop_pct=options.crop_pct)
+                                       crop_pct=options.crop_pct, layers=options.layers)
         encoder = ImageEncoder(model, options.dtype, options.device, options.engine)
     group = torchrun_group()
     if group is not None:  # launched by torchrun: this rank's share (None off rank 0)
@@ -69,8 +70,8 @@ def text_encoder(spec: TextBackboneSpec, options: ExtractOptions) -> TextEncoder
     given = [name for name in ("image_size", "crop_pct") if getattr(options, name) is not None]
     if given:
         raise DataError(f"{spec.name} is a text backbone: {', '.join(given)} apply to image backbones only")
-    return TextEncoder(load_text_backbone(spec, options.weights), options.tokenization or Tokenization(),
-                       options.dtype, options.engine)
+    return sentence_encoder(load_text_backbone(spec, options.weights), options.tokenization or Tokenization(),
+                            options.dtype, options.engine, options.layers)
 
 
 def corrected_source(source: Source, corrections: Corrections) -> Source:

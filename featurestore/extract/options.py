@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..configs import ON_DUPLICATE_CHOICES, ON_ERROR_CHOICES, SplitRule, Tokenization
+from ..configs import LAYER_CHOICES, ON_DUPLICATE_CHOICES, ON_ERROR_CHOICES, SplitRule, Tokenization
 from ..store.hdf5 import DTYPES
 from ..utils.devices import resolve_device
 from ..utils.validation import check_choice, check_range
@@ -26,7 +26,9 @@ class ExtractOptions:
     once when another process holds the store; ``progress`` shows progress bars. ``splits``: the val/test splits to
     make for data that lacks them (:class:`~featurestore.data.splits.SplitRule`, recorded in the store). ``exclude``:
     a corrections file (:mod:`featurestore.store.corrections`) whose items are left out or relabelled before the store
-    is written (recorded in it; nothing is re-encoded).
+    is written (recorded in it; nothing is re-encoded). ``layers``: ``penultimate`` (the features the classifier
+    reads) or ``all`` (the pooled output of every stage of an image backbone,
+    :mod:`featurestore.encode.backbones.layers`; a store of its own, recorded in its fingerprint).
     """
 
     weights: str | Path | None = None
@@ -44,11 +46,13 @@ class ExtractOptions:
     tokenization: Tokenization | None = None
     splits: SplitRule | None = None
     exclude: str | Path | None = None
+    layers: str = "penultimate"
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
         check_choice("on_duplicate", self.on_duplicate, ON_DUPLICATE_CHOICES)
+        check_choice("layers", self.layers, LAYER_CHOICES)
         check_range("batch_size", self.batch_size, 1)
         if self.workers is not None:
             check_range("workers", self.workers, 0)

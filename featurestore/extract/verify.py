@@ -29,7 +29,7 @@ from ..encode.backbones import get_spec, load_backbone, load_text_backbone
 from ..encode.backbones.loading import recorded_weights
 from ..encode.encoders import Encoder, ImageEncoder, Item
 from ..encode.fingerprint import changed_keys
-from ..encode.texts import TextEncoder
+from ..encode.text_layers import sentence_encoder
 from ..errors import WeightsMismatchError
 from ..store.hdf5 import FeatureStore
 from ..utils.console import progress_bar
@@ -118,7 +118,8 @@ def encoder_of(store: FeatureStore, weights: str | Path | None, device, engine: 
     if fp.get("kind") != "text":
         pre = fp["preprocessing"]
         checkpoint = recorded_weights(spec, fp["weights_sha256"], weights, built=f"store {store.path}")
-        model = load_backbone(spec, weights=checkpoint, image_size=pre["image_size"], crop_pct=pre["crop_pct"])
+        model = load_backbone(spec, weights=checkpoint, image_size=pre["image_size"], crop_pct=pre["crop_pct"],
+                              layers=[name for name, _ in fp["layers"]] if "layers" in fp else None)
         return ImageEncoder(model, fp["dtype"], device, engine)
     model = load_text_backbone(spec, weights)
     if model.weights_sha256 != fp["weights_sha256"]:
@@ -126,7 +127,8 @@ def encoder_of(store: FeatureStore, weights: str | Path | None, device, engine: 
             f"{weights or spec.weights_file or spec.model_dir()}: not the weights {store.path} was extracted with "
             f"(sha256 {fp['weights_sha256'][:12]}…); pass --weights with that checkpoint"
         )
-    return TextEncoder(model, Tokenization(**fp["tokenization"]), fp["dtype"], engine)
+    return sentence_encoder(model, Tokenization(**fp["tokenization"]), fp["dtype"], engine,
+                            [name for name, _ in fp["layers"]] if "layers" in fp else None)
 
 
 def verify_store(store: str | Path | FeatureStore, data: str | Path | None = None, sample: int = 32, seed: int = 0,

@@ -240,10 +240,11 @@ def fit_baseline(kind: str, train: Sequence, val: Sequence, class_names: list[st
 
 
 def evaluate_model(model, store: FeatureStore, records: list, split: str = "test") -> dict:
-    """Metrics (as :func:`evaluate_head`'s, ``head`` naming the model) of a baseline (``heads.baseline``) or hybrid
-    head (``heads.hybrid``) on ``split`` of ``store``: ``records`` are that split's rows in the store's order (the
-    raw texts or images; the hybrid head also reads the store's embeddings). Refuses a split shared with train/val.
-    Here rather than in ``reports.py``, which the per-head evaluation imports without decoding anything."""
+    """Metrics (as :func:`evaluate_head`'s, ``head`` naming the model) of a baseline (``heads.baseline``), hybrid
+    head (``heads.hybrid``) or small CNN (``heads.cnn``) on ``split`` of ``store``: ``records`` are that
+    split's rows in the store's order (the raw texts or images; the hybrid head also reads the store's embeddings).
+    Refuses a split shared with train/val. Here rather than in ``reports.py``, which the per-head evaluation imports
+    without decoding anything."""
     from .reports import check_no_overlap, classification_metrics
 
     check_no_overlap(store, split)
@@ -253,10 +254,13 @@ def evaluate_model(model, store: FeatureStore, records: list, split: str = "test
     if model.MODEL_KIND == "hybrid":  # texts and their embeddings (heads.hybrid, which imports this module)
         proba = model.predict_proba(read_texts(records), store.load(split, dtype=np.float32)[0])
         head, backbone = "hybrid", str(model.fingerprint.get("backbone", "unknown"))  # + TF-IDF
-    else:
-        proba = model.predict_proba(read_texts(records) if model.kind == "tfidf" else decode_pixels(records))
-        head, backbone = f"{model.kind}_logreg", f"none ({model.kind})"
+    else:  # a baseline, or a small CNN from scratch (heads.cnn), which reads the same decoded images
+        inputs = read_texts(records) if model.kind == "tfidf" else \
+            decode_pixels(records, getattr(model, "image_size", PIXEL_SIZE))
+        proba = model.predict_proba(inputs)
+        head = "small_cnn" if model.kind == "small_cnn" else f"{model.kind}_logreg"
+        backbone = f"none ({model.kind})"
     metrics, _ = classification_metrics(y, proba, {"backbone": backbone, "head": head, "split": split})
-    metrics.update(C=model.C, train_seconds=round(model.train_seconds, 3), n_train=model.n_train,
+    metrics.update(C=getattr(model, "C", None), train_seconds=round(model.train_seconds, 3), n_train=model.n_train,
                    val_accuracy=model.val_accuracy)
     return metrics

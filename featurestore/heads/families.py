@@ -6,8 +6,11 @@
 - ``knn``: a weighted vote of the k nearest train rows by cosine (``knn.py``), k and the temperature swept together
   from one neighbour search; the refit stores the train+val rows.
 
-A new kind of head (a multi-layer head, say) subclasses ``HeadFamily`` and registers itself here; ``train_head``, the
-reports and the verdict then use it like any other.
+- ``multilayer``: logistic regression on several layers of a ``--layers all`` store (``multilayer.py``), the layers
+  and C chosen together on validation.
+
+A new kind of head subclasses ``HeadFamily`` and registers itself here; ``train_head``, the reports and the verdict
+then use it like any other.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 from ..errors import FeaturestoreError
 from .estimators import build_estimator, fit_estimator, grid_report, sweep_c
 from .knn import KNNClassifier, choose_knn, knn_report, sweep_knn
+from .multilayer import build_multilayer, choose_layers, fit_multilayer, layer_table, sweep_layers
 from .selection import Fitted, HeadFamily
 from .streaming import train_streaming_head
 
@@ -95,6 +99,31 @@ class KNNFamily(InMemoryFamily):
         return knn_report(sweep)
 
 
+class MultiLayerFamily(InMemoryFamily):
+    """``multilayer``: logistic regression on layers of a ``--layers all`` store, the layers and C chosen together
+    on validation (``multilayer.sweep_layers``; ties to the fewest columns, then the smallest C); its report is each
+    layer's val accuracy alone, the ranking behind ``top4``."""
+
+    def train(self, store, config, progress: bool = False) -> Fitted:
+        table = layer_table(store.fingerprint, str(store.path))
+        X, y, _ = store.load("train", dtype=np.float32)
+        Xv, yv, _ = store.load("val", dtype=np.float32)
+        check_two_classes(store, y)
+        sweep, solo = sweep_layers(config, table, X, y, Xv, yv, progress)
+        settings = choose_layers(sweep)
+        estimator = self.refit(config, settings, np.concatenate([X, Xv]), np.concatenate([y, yv]))
+        return Fitted(estimator, settings, sweep, len(y) + len(yv), {"solo_val_accuracy": solo})
+
+    def choose(self, sweep):
+        return choose_layers(sweep)
+
+    def build(self, config, settings: dict):
+        return build_multilayer(settings["layers"], float(settings["C"]), int(config.max_iter), config.seed)
+
+    def refit(self, config, settings, X, y):
+        return fit_multilayer(config, settings, X, y)
+
+
 class StreamedFamily(HeadFamily):
     """``sgd_logreg``: C swept and refitted by passes over the store (never all in memory)."""
 
@@ -125,3 +154,4 @@ for _name in ("logreg", "linear_svm", "svm_rbf"):
     register_family(_name, CSweptFamily())
 register_family("sgd_logreg", StreamedFamily())
 register_family("knn", KNNFamily())
+register_family("multilayer", MultiLayerFamily())

@@ -67,6 +67,8 @@ TRUSTED_TYPES = MODEL_ESTIMATORS + (
     "sklearn.calibration._SigmoidCalibration",
     "featurestore.heads.scaling.FeatureScaler",
     "featurestore.heads.knn.KNNClassifier",
+    "featurestore.heads.multilayer.LayerColumns",
+    "featurestore.heads.multilayer.LayerScaler",
 )
 # Where types of older files live now: their module names are in the files.
 MOVED_MODULES = {"featurestore.scaling": "featurestore.heads.scaling"}
@@ -97,7 +99,8 @@ class SavableModel(Protocol):
 # Where each kind's class lives ("module:Class"), imported on first use: those modules import this one.
 _KINDS: dict[str, str | type] = {"head": "featurestore.heads.head:TrainedHead",
                                  "baseline": "featurestore.heads.baseline:BaselineModel",
-                                 "hybrid": "featurestore.heads.hybrid:HybridModel"}
+                                 "hybrid": "featurestore.heads.hybrid:HybridModel",
+                                 "small_cnn": "featurestore.heads.cnn:SmallCNNModel"}
 
 
 def register_kind(kind: str, cls: type) -> None:

@@ -15,11 +15,19 @@ from ..errors import FeaturestoreError
 from ..utils.timings import read_json, timings_path, write_json, write_text_routed
 
 
+def shown_setting(value) -> str:
+    """A chosen setting as a person reads it: a float to 3 digits, a multilayer head's layers ([[name, first column,
+    width], …]) by name (``block08+block10``), anything else as it is."""
+    if isinstance(value, list) and all(isinstance(entry, list) and entry for entry in value):
+        return "+".join(str(entry[0]) for entry in value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def settings_cell(metrics: dict) -> str:
     """What sets a model apart in a comparison: the settings chosen on validation (``C=0.01``) and every setting its
     experiment gave that is not its kind's default (``normalize=l2``); C alone for models that record no more."""
     chosen = metrics.get("settings") or {"C": metrics["C"]}
-    parts = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in chosen.items()]
+    parts = [f"{k}={shown_setting(v)}" for k, v in chosen.items()]
     config = metrics.get("config")
     if config:
         defaults = asdict(HeadConfig(head=config["head"]))

@@ -15,15 +15,18 @@ For each budget (labels per class, nested subsets of the train split), scored on
   cosine, weighted by ``exp(similarity / T)``), k and T chosen on val: DINOv2's second line beside the probe;
 - ``probe_finetune``: that probe as the classifier, the top blocks fine-tuned from the trunk cache (texts:
   the top transformer layers) with the fine-tuning settings, early-stopped on val;
+- ``multilayer``: the multilayer head (``heads.multilayer``) on the same rows of the store's layer store
+  (``CurveOptions.layers``, ``extract --layers all``), its layers and C chosen on val;
 - ``setfit`` (texts): from that probe, the top transformer layers tuned on pairs of the budget's texts with a
   cosine-similarity loss, then the probe refitted on the tuned embeddings, C on val (``setfit.py``,
   ``SetFitConfig``); its best epoch on val is kept, the probe itself when none beats it.
 
-Test accuracy and training wall-clock go to ``curve.json``, a CSV for ``dvc plots`` and two PNGs. The trunk
-cache is built once for all budgets (its seconds are reported apart, with the feature extraction they
-share the cost of); the probes' seconds do not count the one-off feature extraction either. A text fine-tune
-counts its own pass of the lower layers over its documents. In a DVC stage (timings routed, ``utils.timings``) the
-seconds, the CSV's seconds column and the seconds figure go to the timings folder instead.
+Per budget, ``picks`` names the transfer line (probe, multilayer head or fine-tune) best on validation, as the
+verdict would choose, with its test accuracy. Test accuracy and training wall-clock go to ``curve.json``, a CSV for
+``dvc plots`` and two PNGs. The trunk cache is built once for all budgets (its seconds are reported apart, with the
+feature extraction they share the cost of); the probes' seconds do not count the one-off feature extraction either.
+A text fine-tune counts its own pass of the lower layers over its documents. In a DVC stage (timings routed,
+``utils.timings``) the seconds, the CSV's seconds column and the seconds figure go to the timings folder instead.
 """
 
 from __future__ import annotations
@@ -39,13 +42,22 @@ from pathlib import Path
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from ..configs import CURVE_DEFAULTS, CURVE_METHODS, DEFAULT_CURVE_METHODS, TEXT_CURVE_METHODS, CurveOptions, HeadConfig
+from ..configs import (
+    CURVE_DEFAULTS,
+    CURVE_METHODS,
+    CURVE_MULTILAYER,
+    DEFAULT_CURVE_METHODS,
+    TEXT_CURVE_METHODS,
+    CurveOptions,
+    HeadConfig,
+)
 from ..configs import CURVE_HEAD as CURVE_HEAD  # re-exported: benchmarks/text_search.py imports it from here
 from ..data.sources import budget_shortfall, ids_digest
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, choose_c, sweep_c
 from ..heads.head import TrainedHead
 from ..heads.knn import KNNClassifier, choose_knn, sweep_knn
+from ..heads.multilayer import fit_on_val, layer_table, rows_by_id
 from ..heads.records import store_source
 from ..heads.reports import check_no_overlap
 from ..heads.selection import validation_accuracy
@@ -55,9 +67,13 @@ from .probe import probe_rows, records_for, split_rows, train_only_probe
 
 # The kNN line, for either modality: a method of its own beside the probe (named in ``CurveOptions.methods``).
 KNN_METHOD = "knn"
-METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS + (KNN_METHOD,)))
+MULTILAYER_METHOD = "multilayer"  # the multilayer head on the store's layer store (CurveOptions.layers)
+PICK_METHOD = "pick"  # not a method run: per budget, the transfer line best on val (transfer_picks)
+PICKED_LINES = ("linear_probe", MULTILAYER_METHOD, "probe_finetune")
+METHODS = tuple(dict.fromkeys(CURVE_METHODS + TEXT_CURVE_METHODS + (KNN_METHOD, PICK_METHOD)))
 # as run_curve appends them
-POINT_ORDER = ("pixels", "tfidf", "linear_probe", KNN_METHOD, "probe_finetune", "setfit", "scratch", "small_cnn")
+POINT_ORDER = ("pixels", "tfidf", "linear_probe", KNN_METHOD, MULTILAYER_METHOD, "probe_finetune", "setfit", "scratch",
+               "small_cnn", PICK_METHOD)
 
 
 def fit_probe(store: FeatureStore, budget: int, seed: int, config: HeadConfig) -> tuple[object, float, float, float,
@@ -90,6 +106,39 @@ def knn_point(store: FeatureStore, rows: np.ndarray) -> dict:
     knn = KNNClassifier(**settings).fit(X[rows], y[rows])
     return {"test_accuracy": float(knn.score(Xt, yt)), "val_accuracy": validation_accuracy(sweep, settings),
             "seconds": round(time.perf_counter() - started, 2), **settings}
+
+
+def multilayer_point(store: FeatureStore, layers: FeatureStore, rows: np.ndarray) -> dict:
+    """The multilayer head's figures at one budget, on ``store``'s train ``rows`` (the probe's) read from its layer
+    store ``layers`` by content id: layers and C chosen on val (``heads.multilayer.fit_on_val``), fitted on those rows
+    alone, scored on test: ``{"test_accuracy", "val_accuracy", "seconds", "C", "layers"}``."""
+    table = layer_table(layers.fingerprint, str(layers.path))
+    X, y, ids = store.load("train", dtype=np.float32)
+    split = {name: store.load(name, dtype=np.float32) for name in ("val", "test")}
+    Xv, Xt = (rows_by_id(layers, name, split[name][2]) for name in ("val", "test"))
+    started = time.perf_counter()
+    model, settings = fit_on_val(CURVE_MULTILAYER, table, rows_by_id(layers, "train", ids[rows]), y[rows], Xv,
+                                 split["val"][1])
+    return {"test_accuracy": float(model.score(Xt, split["test"][1])),
+            "val_accuracy": float(model.score(Xv, split["val"][1])), "seconds": round(time.perf_counter() - started, 2),
+            "C": settings["C"], "layers": settings["selection"]}
+
+
+def transfer_picks(points: list[dict]) -> list[dict]:
+    """Per budget, the transfer line with the best validation accuracy among the linear probe, the multilayer head
+    and probe-then-fine-tune (ties: that order, the cheaper first), as the verdict would choose on val: curve.json's
+    ``picks``, points of method ``pick`` naming the line (``picked``) with its test accuracy (plotted, and a column
+    of :func:`accuracy_table`)."""
+    picks = []
+    for budget in sorted({p["labels_per_class"] for p in points}):
+        lines = [p for p in points if p["labels_per_class"] == budget and p["method"] in PICKED_LINES]
+        if lines:
+            best = max(lines, key=lambda p: (p.get("val_accuracy", p.get("best_val_accuracy", -1.0)),
+                                             -PICKED_LINES.index(p["method"])))
+            picks.append({"labels_per_class": budget, "n_train": best.get("n_train"), "capped": best.get("capped"),
+                          "method": PICK_METHOD, "picked": best["method"], "test_accuracy": best["test_accuracy"],
+                          "val_accuracy": best.get("val_accuracy", best.get("best_val_accuracy"))})
+    return picks
 
 
 def capped_budgets(labels: np.ndarray, class_names: list[str], budgets) -> dict[str, dict[str, int]]:
@@ -130,6 +179,12 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
     if set(methods) - set(allowed):
         raise FeaturestoreError(f"methods {sorted(set(methods) - set(allowed))} do not apply to this store's "
                                 f"{'texts' if text else 'images'}; choose from {', '.join(allowed)}")
+    layers = None
+    if MULTILAYER_METHOD in methods:
+        if options.layers is None:
+            raise FeaturestoreError("the multilayer line needs the store's layer store (extract --layers all): pass "
+                                    "--layers (curve.layers), or leave multilayer out of the methods")
+        layers = FeatureStore(options.layers)
     if not options.allow_overlap:
         check_no_overlap(store, "test")
     source = store_source(store, data)
@@ -157,6 +212,9 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
                                "seconds": round(probe_seconds, 2), "C": C, "train_ids": probe_ids})
             if KNN_METHOD in methods:
                 points.append({**base, "method": KNN_METHOD, **knn_point(store, rows), "train_ids": probe_ids})
+            if MULTILAYER_METHOD in methods:
+                points.append({**base, "method": MULTILAYER_METHOD, **multilayer_point(store, layers, rows),
+                               "train_ids": probe_ids})
             if "probe_finetune" in methods:
                 head = TrainedHead.fitted_on(store, probe, options.probe, C, n_train=base["n_train"])
                 # The fine-tune's starting probe, on the same rows at the same C, as `finetune` builds its own.
@@ -199,6 +257,7 @@ def run_curve(store: str | Path | FeatureStore, data: str | Path, out: str | Pat
         shutil.rmtree(work, ignore_errors=True)
     # budgets as given (a list): a merge compares them with an earlier curve.json's
     result = {"backbone": store.fingerprint["backbone"], "budgets": list(options.budgets), "points": points,
+              "picks": transfer_picks(points),
               "capped_budgets": capped, "trunk_cache_seconds": round(cache_seconds, 2), **options.recorded()}
     write_curve(result, out)
     return result
@@ -214,7 +273,7 @@ def write_curve(result: dict, out: Path) -> None:
     points = result["points"]
     write_json(out / "curve.json", result)
     write_text_routed(out / "curve.csv", _csv_text(points, CSV_COLUMNS), _csv_text(points, CSV_COLUMNS + ("seconds",)))
-    plot_curves(points, out)
+    plot_curves(points + result.get("picks", []), out)
 
 
 def _csv_text(points: list[dict], columns: tuple[str, ...]) -> str:
@@ -242,7 +301,8 @@ def merge_curves(earlier: dict, added: dict) -> dict:
     points = sorted([p for p in earlier["points"] if p["method"] not in methods] + added["points"],
                     key=lambda p: (p["labels_per_class"], order[p["method"]]))
     finetuned = "probe_finetune" in methods
-    return {**earlier, "points": points, "finetune": (added if finetuned else earlier)["finetune"],
+    return {**earlier, "points": points, "picks": transfer_picks(points),
+            "finetune": (added if finetuned else earlier)["finetune"],
             "trunk_cache_seconds": (added if finetuned else earlier).get("trunk_cache_seconds", 0.0),
             "capped_budgets": added.get("capped_budgets", earlier.get("capped_budgets", {})),
             "scratch": (added if "scratch" in methods else earlier)["scratch"],
@@ -251,7 +311,8 @@ def merge_curves(earlier: dict, added: dict) -> dict:
 
 
 STYLES = {"scratch": ("o", "-"), "small_cnn": ("D", "-."), "pixels": ("x", ":"), "tfidf": ("x", ":"),
-          "linear_probe": ("s", "-"), KNN_METHOD: ("P", "-."), "probe_finetune": ("^", "--"), "setfit": ("v", "--")}
+          "linear_probe": ("s", "-"), KNN_METHOD: ("P", "-."), MULTILAYER_METHOD: ("*", "-"),
+          "probe_finetune": ("^", "--"), "setfit": ("v", "--"), PICK_METHOD: ("o", ":")}
 
 
 def plot_curves(points: list[dict], out: Path) -> None:
@@ -289,8 +350,10 @@ def plot_curves(points: list[dict], out: Path) -> None:
         plt.close(fig)
 
 
-def accuracy_table(points: list[dict]) -> str:
-    """Markdown: one row per budget, one column per method: test accuracy (seconds)."""
+def accuracy_table(points: list[dict], picks: list[dict] = ()) -> str:
+    """Markdown: one row per budget, one column per method: test accuracy (seconds); with ``picks`` (curve.json's)
+    a last column, the transfer line best on val (its name)."""
+    points = list(points) + list(picks)
     budgets = sorted({p["labels_per_class"] for p in points})
     methods = [m for m in METHODS if any(p["method"] == m for p in points)]
     lines = ["| labels/class | " + " | ".join(m.replace("_", " ") for m in methods) + " |",
@@ -300,6 +363,7 @@ def accuracy_table(points: list[dict]) -> str:
         for m in methods:
             p = next((p for p in points if p["labels_per_class"] == b and p["method"] == m), None)
             spent = f" ({p['seconds']:.0f} s)" if p is not None and "seconds" in p else ""
+            spent = f" ({p['picked'].replace('_', ' ')})" if p is not None and "picked" in p else spent
             cells.append("–" if p is None else f"{p['test_accuracy']:.4f}{spent}")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

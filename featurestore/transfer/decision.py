@@ -217,8 +217,11 @@ def run_finetune_stage(backbone: str, head_path: str | Path, data: str | Path, o
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     config, methods, device = options.config, options.methods, options.device
     run, why = should_finetune(options.mode, plateau)
+    # Fine-tuning starts from the penultimate layer's probe whichever cache-only head leads (a multilayer head's lower
+    # layers are below the blocks that train); the verdict then weighs the fine-tuned heads against every head.
     decision = {"mode": options.mode, "plateaued": plateau["plateaued"], "finetuned": run, "reason": why,
-                "chosen": "probe", "config": asdict(config), "methods": list(methods)}
+                "chosen": "probe", "config": asdict(config), "methods": list(methods),
+                "starts_from": Path(head_path).as_posix(), "plateau_line": plateau.get("line", "linear_probe")}
     if "setfit" in methods:
         decision["setfit"] = asdict(options.setfit)
     if run:
@@ -293,7 +296,7 @@ def train_finetuned_head(config: HeadConfig, finetune_dir: str | Path, out: str 
     decision there kept the fine-tuned backbone, saved as ``out/<name>.skops`` (older ones removed), its name
     ``<store_name>_ft__<head>`` (``store_name``: the cache-only store's name), else ``<backbone>_ft__<head>``;
     ``out/status.json`` says what was done either way. Returns the status."""
-    from .best import write_status
+    from ..utils.atomic import write_status
 
     finetune_dir, out = Path(finetune_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,14 +23,16 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from ..configs import CURVE_HEAD, HeadConfig
+from ..configs import CURVE_HEAD, CURVE_MULTILAYER, HeadConfig
 from ..data.sources import nested_subset
 from ..errors import FeaturestoreError
 from ..heads.estimators import build_estimator, choose_c, sweep_c
+from ..heads.multilayer import fit_on_val, layer_table, rows_by_id
 from ..store.hdf5 import FeatureStore
 from ..utils.timings import write_json
 from .stats import paired_gain
@@ -45,30 +47,46 @@ class PlateauRule:
     seed: int = 0
 
 
-def learning_curve(store: FeatureStore, rule: PlateauRule, head: HeadConfig) -> tuple[list[dict], list[np.ndarray]]:
+def fit_probe(head: HeadConfig, X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray) -> tuple[object, dict]:
+    """The linear probe at the C chosen on (Xv, yv), fitted on (X, y): (estimator, {"C"})."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    C = choose_c(sweep_c(head, X, y, Xv, yv))
+    probe = build_estimator(head, C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return probe.fit(X, y), {"C": C}
+
+
+def learning_curve(store: FeatureStore, rule: PlateauRule, head: HeadConfig,
+                   layers: FeatureStore | None = None) -> tuple[list[dict], list[np.ndarray]]:
     """``[{labels_per_class, n_train, val_accuracy, C}]`` for every budget the train split can fill, and for
-    each the per-image correctness on val, (N_val,) bool.
+    each the per-image correctness on val, (N_val,) bool: the linear probe's, or with ``layers`` (the store's
+    ``--layers all`` store) the multilayer head's on the same rows (``heads.multilayer.fit_on_val``, its points also
+    naming the layers chosen).
 
     Features are read as float32 whatever the store holds (a float16 store is converted as it is read), as
     ``train_head`` does: the scaler and the solvers then see the same numbers for the rule as for the head."""
-    from sklearn.exceptions import ConvergenceWarning
-
-    X, y, _ = store.load("train", dtype=np.float32)
-    Xv, yv, _ = store.load("val", dtype=np.float32)
+    X, y, ids = store.load("train", dtype=np.float32)
+    Xv, yv, val_ids = store.load("val", dtype=np.float32)
+    fit = partial(fit_probe, head)
+    if layers is not None:
+        table = layer_table(layers.fingerprint, str(layers.path))
+        X, Xv = rows_by_id(layers, "train", ids), rows_by_id(layers, "val", val_ids)
+        fit = partial(fit_on_val, CURVE_MULTILAYER, table)
     smallest_class = int(np.bincount(y).min())
     curve, correct = [], []
     for budget in sorted(set(rule.budgets)):
         if budget > smallest_class:
             continue
         rows = nested_subset(y, budget, rule.seed)
-        C = choose_c(sweep_c(head, X[rows], y[rows], Xv, yv))
-        probe = build_estimator(head, C)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            probe.fit(X[rows], y[rows])
-        right = probe.predict(Xv) == yv
-        curve.append({"labels_per_class": budget, "n_train": int(len(rows)), "val_accuracy": float(right.mean()),
-                      "C": C})
+        model, settings = fit(X[rows], y[rows], Xv, yv)
+        right = model.predict(Xv) == yv
+        point = {"labels_per_class": budget, "n_train": int(len(rows)), "val_accuracy": float(right.mean()),
+                 "C": settings["C"]}
+        if "selection" in settings:
+            point["layers"] = settings["selection"]
+        curve.append(point)
         correct.append(right)
     if len(curve) < 2:
         raise FeaturestoreError(
@@ -130,16 +148,20 @@ def verdict(curve: list[dict], correct: list[np.ndarray], rule: PlateauRule) -> 
     }
 
 
-def plot_curve(curve: list[dict], title: str, path: Path) -> Path:
+def plot_curve(curves: dict[str, list[dict]], title: str, path: Path) -> Path:
+    """Validation accuracy against labels per class, one line per cache-only head (``{name: curve}``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogx([p["labels_per_class"] for p in curve], [p["val_accuracy"] for p in curve], marker="o")
+    for name, curve in curves.items():
+        ax.semilogx([p["labels_per_class"] for p in curve], [p["val_accuracy"] for p in curve], marker="o",
+                    label=name.replace("_", " "))
+    ax.legend()
     ax.set_xlabel("labels per class")
-    ax.set_ylabel("validation accuracy (linear probe)")
+    ax.set_ylabel("validation accuracy")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -150,13 +172,25 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> Path:
 
 
 def detect_plateau(store: str | Path | FeatureStore, rule: PlateauRule = PlateauRule(),
-                   head: HeadConfig = CURVE_HEAD, out: str | Path | None = None) -> dict:
-    """The curve and its verdict; written as JSON to ``out`` (with a PNG beside it) when given."""
+                   head: HeadConfig = CURVE_HEAD, out: str | Path | None = None,
+                   layers: str | Path | FeatureStore | None = None) -> dict:
+    """The curve and its verdict; written as JSON to ``out`` (with a PNG beside it) when given.
+
+    With ``layers`` (the store's ``--layers all`` store) the multilayer head's curve is drawn too, and the rule judges
+    the line of the better cache-only head: the one with the higher validation accuracy at the largest budget (ties:
+    the probe). ``line`` names it, ``curves`` holds both."""
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    curve, correct = learning_curve(store, rule, head)
-    result = {"store": str(store.path), "rule": asdict(rule), **verdict(curve, correct, rule), "curve": curve}
+    curves = {"linear_probe": learning_curve(store, rule, head)}
+    if layers is not None:
+        layers = layers if isinstance(layers, FeatureStore) else FeatureStore(layers)
+        curves["multilayer"] = learning_curve(store, rule, head, layers)
+    line = max(curves, key=lambda name: (curves[name][0][-1]["val_accuracy"], name == "linear_probe"))
+    curve, correct = curves[line]
+    result = {"store": str(store.path), "rule": asdict(rule), **verdict(curve, correct, rule), "line": line,
+              "curve": curve, "curves": {name: points for name, (points, _) in curves.items()}}
     if out is not None:
         out = Path(out)
         write_json(out, result)
-        plot_curve(curve, f"{store.fingerprint['backbone']}: cache-only learning curve", out.with_suffix(".png"))
+        plot_curve(result["curves"], f"{store.fingerprint['backbone']}: cache-only learning curve",
+                   out.with_suffix(".png"))
     return result

@@ -8,9 +8,11 @@ learning rate of ``SmallCNNConfig.lrs`` the network trains from the same random 
 whole epochs (at least ``round_images`` images a round, so a round is about the same number of steps at every
 label budget), with AdamW, a warmup over the first 5% of the steps and a cosine to zero (random shifts and flips
 with ``augment``: on Fashion-MNIST's validation split they did not pay); after each round the validation loss and
-accuracy are recorded. Each run keeps its best validation round (highest accuracy, then lowest loss); the learning
-rate whose kept round is best by the same rule is the one scored on test.
-Whether each run converged is judged as for the ``scratch`` line (:func:`.baselines.convergence`).
+accuracy are recorded. Each run keeps its best validation round (highest accuracy, then lowest loss; or its last,
+``keep_round``); the learning rate whose kept round is best by the same rule is the one scored on test. Whether each
+run converged is judged as for the ``scratch`` line (:func:`.baselines.convergence`). The network itself
+(:class:`~featurestore.heads.cnn.SmallCNN`) and the deployable model it becomes (:func:`fit_small_cnn_model`, each
+rate's last round kept) live in ``heads.cnn``.
 """
 
 from __future__ import annotations
@@ -29,46 +31,13 @@ from torch.nn import functional
 from ..configs import SMALL_CNN_DEFAULTS, SmallCNNConfig
 from ..data.sources import Record, Source, ids_digest, record_content_id, scan_source
 from ..errors import FeaturestoreError, ImageDecodeError
+from ..heads.cnn import SmallCNN, SmallCNNModel
 from ..utils.console import progress_bar
 from ..utils.devices import resolve_device
 from .baselines import _records, convergence, pixel_features
 from .training import adamw, host_copy, warmup_cosine
 
 EVAL_BATCH = 500
-
-
-class SmallCNN(nn.Module):
-    """Pixels (B, 1, S, S) float32 in [0, 1] → logits (B, K) float32.
-
-    The input is standardised by ``mean`` and ``std`` (buffers: the train subset's), then per width ``w`` of
-    ``widths`` a block of ``convs`` 3×3 conv-BN-ReLU layers of ``w`` channels and a 2× max-pool; then either
-    (``hidden`` > 0) the flattened maps → dropout → ``hidden`` units, ReLU → dropout → classifier, or (``hidden``
-    0) global average pooling → dropout → classifier. The defaults (widths 32, 64; one conv each; 128 hidden
-    units) at 28 px: 421,738 parameters, most of them in the hidden layer (7 × 7 × 64 → 128)."""
-
-    def __init__(self, classes: int, widths: tuple[int, ...] = (32, 64), convs: int = 1, hidden: int = 128,
-                 dropout: float = 0.3, image_size: int = 28, mean: float = 0.0, std: float = 1.0):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(float(mean)))
-        self.register_buffer("std", torch.tensor(float(std)))
-        layers: list[nn.Module] = []
-        channels = 1
-        for width in widths:
-            for _ in range(convs):
-                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                           nn.ReLU(inplace=True)]
-                channels = width
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        side = image_size >> len(widths)
-        head: list[nn.Module] = (
-            [nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * side * side, hidden), nn.ReLU(inplace=True),
-             nn.Dropout(dropout), nn.Linear(hidden, classes)] if hidden
-            else [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, classes)])
-        self.classifier = nn.Sequential(*head)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features((pixels - self.mean) / self.std))
 
 
 def augment(pixels: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -206,7 +175,8 @@ def _fit(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torc
                             "train_loss": round(sum(losses) / seen, 5), "train_accuracy": round(hits / seen, 5),
                             "val_loss": round(val_loss, 5), "val_accuracy": val_accuracy,
                             "seconds": round(time.perf_counter() - round_started, 3)})
-            if better((val_accuracy, val_loss), best):
+            last = round_ == config.rounds
+            if better((val_accuracy, val_loss), best) if config.keep_round == "best" else last:
                 best, best_round = (val_accuracy, val_loss), round_
                 best_state = host_copy(network.state_dict(), device)
             bar.update(1)
@@ -253,6 +223,19 @@ def grey_pixels(records: list[Record], size: int) -> tuple[torch.Tensor, torch.T
             torch.from_numpy(np.array([r.label for r in records], dtype=np.int64)))
 
 
+def search_rate(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], classes: int,
+                config: SmallCNNConfig, device: torch.device, progress: bool = False) -> tuple[SmallCNN, list]:
+    """A run per learning rate of ``config.lrs`` (:func:`fit_small_cnn`); the network of the rate best on val
+    (:func:`choose_rate`, at its kept round) and every run."""
+    runs, kept = [], None
+    for lr in config.lrs:
+        network, run = fit_small_cnn(train, val, classes, lr, config, device, progress)
+        runs.append(run)
+        if choose_rate(runs) == len(runs) - 1:
+            kept = network
+    return kept, runs
+
+
 def train_small_cnn(data: str | Path | Source, config: SmallCNNConfig = SMALL_CNN_DEFAULTS, device: str = "auto",
                     train_per_class: int | None = None, progress: bool = False,
                     chosen: dict[str, list[Record]] | None = None) -> SmallCNNResult:
@@ -265,13 +248,7 @@ def train_small_cnn(data: str | Path | Source, config: SmallCNNConfig = SMALL_CN
     torch_device = resolve_device(device)
     train = grey_pixels(train_records, config.image_size)
     val = grey_pixels(evaluation["val"], config.image_size)
-    classes = len(source.class_names)
-    runs, kept = [], None
-    for lr in config.lrs:
-        network, run = fit_small_cnn(train, val, classes, lr, config, torch_device, progress)
-        runs.append(run)
-        if choose_rate(runs) == len(runs) - 1:
-            kept = network
+    kept, runs = search_rate(train, val, len(source.class_names), config, torch_device, progress)
     test = None
     if evaluation["test"]:
         pixels, labels = grey_pixels(evaluation["test"], config.image_size)
@@ -295,3 +272,30 @@ def small_cnn_point(data: str | Path | Source, config: SmallCNNConfig, device: s
             "best_round": run.best_round, "best_epoch": run.best_epoch, "rounds_run": run.rounds_run,
             "epochs_run": run.epochs_run, "steps": run.steps, "converged": run.converged, "history": run.history,
             "train_ids": result.train_ids}
+
+
+def fit_small_cnn_model(records: dict[str, list], class_names: list[str], name: str,
+                        config: SmallCNNConfig = SMALL_CNN_DEFAULTS, device: str = "cpu", progress: bool = False,
+                        store_fingerprint_hash: str = "", store_path: str = "",
+                        val_ids: list[str] | None = None) -> SmallCNNModel:
+    """Train the small CNN on ``records["train"]`` (images), the rate and round chosen on ``records["val"]``; a text
+    or an undecodable item is refused in one line. ``val_ids``: the val records' content ids (for ``val_answers``)."""
+    started = time.perf_counter()
+    if not records["train"] or not records["val"]:
+        raise FeaturestoreError("the small CNN needs train and val images")
+    train = grey_pixels(records["train"], config.image_size)
+    val = grey_pixels(records["val"], config.image_size)
+    network, runs = search_rate(train, val, len(class_names), config, resolve_device(device), progress)
+    network = network.cpu().eval()
+    with torch.inference_mode():
+        right = (network(val[0]).argmax(1) == val[1]).numpy()
+    best = runs[choose_rate(runs)]
+    architecture = {"classes": len(class_names), "widths": list(config.widths), "convs": config.convs,
+                    "hidden": config.hidden, "dropout": config.dropout, "image_size": config.image_size,
+                    "mean": float(network.mean), "std": float(network.std)}
+    return SmallCNNModel(
+        architecture=architecture, weights={k: v.numpy().copy() for k, v in network.state_dict().items()},
+        class_names=list(class_names), backbone=name, val_accuracy=float(right.mean()), n_val=len(right),
+        n_train=len(train[1]), lr=float(best.lr), store_fingerprint_hash=store_fingerprint_hash,
+        store_path=store_path, train_seconds=time.perf_counter() - started, config=asdict(config),
+        val_answers=dict(zip(val_ids, right.tolist(), strict=True)) if val_ids is not None else {})

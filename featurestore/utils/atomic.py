@@ -75,6 +75,19 @@ def write_text_atomic(target: str | Path, text: str) -> Path:
     return Path(target)
 
 
+STATUS_FILE = "status.json"  # what a stage that may make no model or store did (its folder is still a DVC output)
+
+
+def write_status(out: str | Path, status: dict) -> Path:
+    """``out/status.json``: what a stage that may make no model did, as sorted, indented JSON (its folder is then
+    still a DVC output)."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(out / STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
+
+
 def temp_files_of(target: Path) -> list[Path]:
     """Temporary files that writers of ``target`` left beside it (e.g. after ``kill -9``)."""
     return sorted(target.parent.glob(f".{target.name}.*{TEMP_SUFFIX}"))

@@ -4,11 +4,13 @@ the frozen sentence encoder. Each takes an entry (resolved once per command) or 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
 
 from ...errors import BadValueError, UnknownBackboneError, WeightsMismatchError, WeightsUnavailableError
+from .layers import LayeredFeatureModel, LayerTaps, chosen_layers
 from .model import BackboneSpec, FeatureModel
 from .registry import DEFAULT_BACKBONE, Spec, get_spec
 from .text_models import OFFLINE, TOKENIZER_FILES, TextBackboneSpec, TextFeatureModel, files_sha256
@@ -85,11 +87,14 @@ def load_backbone(
     weights: str | Path | None = None,
     image_size: int | None = None,
     crop_pct: float | None = None,
+    layers: str | Sequence[str] | None = None,
 ) -> FeatureModel:
     """A frozen :class:`FeatureModel` on the CPU.
 
     ``weights`` replaces the default pretrained weights with a local checkpoint;
-    ``image_size``/``crop_pct`` override the backbone's native preprocessing.
+    ``image_size``/``crop_pct`` override the backbone's native preprocessing. ``layers`` (None or ``penultimate``:
+    the penultimate features) ``all`` or layer names gives a :class:`~.layers.LayeredFeatureModel` emitting the
+    pooled output of those layers (see :mod:`.layers`).
     """
     spec = _spec(backbone)
     native = spec.preprocessing.image_size if spec.kind == "image" else None
@@ -100,10 +105,14 @@ def load_backbone(
     parent_name, _, leaf = spec.classifier.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, nn.Identity())
+    preprocessing = spec.preprocessing.with_overrides(image_size, crop_pct)
+    if layers is not None and layers != "penultimate":
+        taps = LayerTaps(model, spec.blocks, chosen_layers(spec, model, layers))
+        return LayeredFeatureModel(taps, preprocessing, spec.name, str(path), file_sha256(path), spec.code_modules)
     return FeatureModel(
         trunk=model,
         feature_dim=spec.feature_dim,
-        preprocessing=spec.preprocessing.with_overrides(image_size, crop_pct),
+        preprocessing=preprocessing,
         name=spec.name,
         weights_path=str(path),
         weights_sha256=file_sha256(path),
