@@ -13,12 +13,8 @@ from pathlib import Path
 
 from _params import LAYER_STORE, stage_arguments, store_entry, store_settings
 
-from featurestore.configs import extract_options
-from featurestore.extract import ExtractOptions, extract_features
-from featurestore.store.locking import lock_path
 from featurestore.utils.atomic import write_status
 from featurestore.utils.console import setup_logging
-from featurestore.utils.timings import timings_path, write_timings
 
 CORRECTIONS = Path("configs/corrections")  # <store>.csv: what to leave out or relabel (configs/corrections/README.md)
 
@@ -36,6 +32,12 @@ if __name__ == "__main__":
                                     "reason": f"stores.{args.store}.layers is {setting}: no layer store"})
             raise SystemExit(0)
         layers = "all"
+    # imported here: a store that keeps no layers only writes its status, without importing torch (3 s)
+    from featurestore.configs import extract_options
+    from featurestore.extract import ExtractOptions, extract_features
+    from featurestore.store.locking import lock_path
+    from featurestore.utils.timings import timings_path, write_timings
+
     corrections = CORRECTIONS / f"{args.store}.csv"
     options = ExtractOptions(**extract_options(store_settings("extract", args.store)),
                              exclude=corrections if corrections.is_file() else None, layers=layers)

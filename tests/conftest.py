@@ -94,3 +94,42 @@ def cached_view_images(head, folder: Path, config, view: int) -> torch.Tensor:
              for r in train]
     views = ViewImages(items, pre, ViewRecipe(config.crop_scale_min), config.seed)
     return torch.stack([views[i][1] for i in range(len(items))])
+
+
+# The longest tests, with their seconds in a `make test` on the 2-core reference machine (`--durations`, measured
+# beside another job): each xdist worker of `--dist worksteal` receives a contiguous share of the collection, so
+# these go to the front of the shares, the longest first to the least loaded (longest-processing-time first), and no
+# worker ends the run on a long test alone while the other waits.
+LONGEST = {
+    "tests/test_pipeline.py::test_dvc_repro_builds_both_data_sets_then_does_nothing_and_head_params_rerun_only_heads":
+        428,
+    "tests/test_finetune.py::test_a_rate_ten_times_too_high_backs_off_and_still_beats_the_probe": 178,
+    "tests/test_gpu_benchmark.py::test_the_gpu_benchmark_runs_every_section_in_its_cpu_smoke_mode": 142,
+    "tests/test_pipeline.py::test_a_second_data_set_is_one_stores_entry": 127,
+    "tests/test_text.py::test_the_text_encoder_from_scratch_fits_its_training_articles": 76,
+    "tests/test_tv_finetune.py::test_finetune_cli_trains_a_tv_backbone_from_its_local_checkpoint": 63,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker: the :data:`LONGEST` tests at the front of the workers' shares (the scheduler's own split:
+    share i takes ``remaining // (workers - i)`` of the items in order), each given to the share with the fewest
+    seconds so far; every other test keeps its order. Every worker computes the same order."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 0)
+    if workers < 2:
+        return
+    long = sorted((item for item in items if item.nodeid in LONGEST), key=lambda item: -LONGEST[item.nodeid])
+    rest = [item for item in items if item.nodeid not in LONGEST]
+    shares, load = [[] for _ in range(workers)], [0] * workers
+    for item in long:
+        least = load.index(min(load))
+        shares[least].append(item)
+        load[least] += LONGEST[item.nodeid]
+    ordered, remaining = [], len(items)
+    for index, share in enumerate(shares):
+        size = remaining // (workers - index)
+        filler = max(0, size - len(share))
+        ordered += share + rest[:filler]
+        rest = rest[filler:]
+        remaining -= len(share) + filler
+    items[:] = ordered + rest
